@@ -1,0 +1,166 @@
+// Lightning-attention decode: one token for each of B requests, fp32 state updated in place in a slot pool.
+//   S[slot,h] = gamma_h * S[slot,h] + k^T v        (S: [d_k, d_v] fp32)
+//   o         = (d^-1/2 q) S                       (uses the updated state)
+// Optional prologue: per-head RMSNorm of q and k (fp32) and NeoX partial RoPE on the first rotary_dim dims.
+//
+// Memory-bound: each request moves its d*d*4 state bytes in and out once. A block owns (request, head, 64 state
+// columns); a warp reads two full 256-byte row segments per load, and every thread keeps D/16 independent 16-byte
+// loads in flight before the first use. No allocation, no host sync: capturable in a CUDA graph.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "common.cuh"
+
+namespace ringlinear {
+
+constexpr int kDecodeCols = 64;      // state columns per block
+constexpr int kDecodeThreads = 256;  // 16 threads per row (16 x float4 = 64 cols), 16 rows per pass
+
+struct DecodeArgs {
+  const void* q; const void* k; const void* v;
+  int64_t q_sb, q_sh, k_sb, k_sh, v_sb, v_sh;  // element strides of [B, H, d] (last dim contiguous)
+  float* state; int64_t num_slots;
+  const int64_t* slots;     // [B]; < 0: padding row (output zeros, state untouched); >= num_slots: output NaN
+  const float* gamma;       // [H]
+  float* out;               // [B, H, d] fp32 contiguous
+  int H; float scale;
+  const float* q_norm_w; const float* k_norm_w; float eps;   // fused prologue (may be null)
+  const int64_t* positions; const float* inv_freq; int rot_half;  // rot_half = rotary_dim / 2 (0: no RoPE)
+};
+
+template <int D, bool FUSE, typename in_t>
+__global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(DecodeArgs a) {
+  constexpr int PASSES = D / 16;
+  __shared__ float sq[D], sk[D], sv[kDecodeCols];
+  __shared__ float red[kDecodeThreads / 32][kDecodeCols];
+
+  const int col0 = blockIdx.x * kDecodeCols;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+  float* out = a.out + ((int64_t)b * a.H + h) * D + col0;
+
+  const int64_t slot = a.slots[b];
+  if (slot < 0 || slot >= a.num_slots) {
+    if (tid < kDecodeCols) out[tid] = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
+    return;
+  }
+
+  const in_t* q = static_cast<const in_t*>(a.q) + b * a.q_sb + h * a.q_sh;
+  const in_t* k = static_cast<const in_t*>(a.k) + b * a.k_sb + h * a.k_sh;
+  const in_t* v = static_cast<const in_t*>(a.v) + b * a.v_sb + h * a.v_sh;
+  for (int i = tid; i < D; i += kDecodeThreads) { sq[i] = to_float(q[i]); sk[i] = to_float(k[i]); }
+  if (tid < kDecodeCols) sv[tid] = to_float(v[col0 + tid]);
+
+  // Issue the state loads before the prologue so their latency overlaps it.
+  const int c4 = tid & 15, r0 = tid >> 4;
+  float* S = a.state + ((int64_t)slot * a.H + h) * D * D + col0 + c4 * 4;
+  float4 st[PASSES];
+#pragma unroll
+  for (int p = 0; p < PASSES; ++p) st[p] = __ldcs(reinterpret_cast<const float4*>(S + (int64_t)(r0 + 16 * p) * D));
+  __syncthreads();
+
+  if constexpr (FUSE) {
+    const int w = tid >> 5, lane = tid & 31;
+    if (w < 2) {
+      float* x = w == 0 ? sq : sk;
+      const float* wt = w == 0 ? a.q_norm_w : a.k_norm_w;
+      if (wt != nullptr) {
+        float ss = 0.f;
+        for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
+        const float r = rsqrtf(warp_sum(ss) / D + a.eps);
+        __syncwarp();
+        for (int i = lane; i < D; i += 32) x[i] = wt[i] * (x[i] * r);
+        __syncwarp();
+      }
+      if (a.rot_half > 0) {
+        const float pos = (float)a.positions[b];
+        for (int i = lane; i < a.rot_half; i += 32) {
+          float s, c;
+          sincosf(pos * a.inv_freq[i], &s, &c);
+          const float x1 = x[i], x2 = x[i + a.rot_half];
+          x[i] = x1 * c - x2 * s;
+          x[i + a.rot_half] = x2 * c + x1 * s;
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  const float g = a.gamma[h];
+  const float4 vv = reinterpret_cast<const float4*>(sv)[c4];
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int p = 0; p < PASSES; ++p) {
+    const int i = r0 + 16 * p;
+    const float ki = sk[i], qi = sq[i];
+    float4 s = st[p];
+    s.x = fmaf(g, s.x, ki * vv.x); s.y = fmaf(g, s.y, ki * vv.y);
+    s.z = fmaf(g, s.z, ki * vv.z); s.w = fmaf(g, s.w, ki * vv.w);
+    acc.x = fmaf(qi, s.x, acc.x); acc.y = fmaf(qi, s.y, acc.y);
+    acc.z = fmaf(qi, s.z, acc.z); acc.w = fmaf(qi, s.w, acc.w);
+    __stcs(reinterpret_cast<float4*>(S + (int64_t)i * D), s);
+  }
+  // Rows r0 and r0+1 share a warp (lanes 0-15 / 16-31): fold them, then fold the 8 warps through shared memory.
+  acc.x += __shfl_xor_sync(0xffffffffu, acc.x, 16); acc.y += __shfl_xor_sync(0xffffffffu, acc.y, 16);
+  acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 16); acc.w += __shfl_xor_sync(0xffffffffu, acc.w, 16);
+  if ((tid & 31) < 16) reinterpret_cast<float4*>(red[tid >> 5])[c4] = acc;
+  __syncthreads();
+  if (tid < kDecodeCols) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeThreads / 32; ++w) o += red[w][tid];
+    out[tid] = o * a.scale;
+  }
+}
+
+template <int D, bool FUSE>
+static void launch_decode_typed(const DecodeArgs& a, at::ScalarType dt, int B, cudaStream_t stream) {
+  dim3 grid(D / kDecodeCols, a.H, B);
+  switch (dt) {
+    case at::kFloat: lightning_decode_kernel<D, FUSE, float><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    case at::kBFloat16: lightning_decode_kernel<D, FUSE, __nv_bfloat16><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    case at::kHalf: lightning_decode_kernel<D, FUSE, __half><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    default: TORCH_CHECK(false, "lightning_decode: q/k/v dtype must be float32, bfloat16 or float16");
+  }
+}
+
+// Validation of shapes and dtypes happens in the Python wrapper; here only what the kernel relies on.
+void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& state,
+                      const at::Tensor& slots, const at::Tensor& gamma, at::Tensor& out, double scale,
+                      const c10::optional<at::Tensor>& q_norm_w, const c10::optional<at::Tensor>& k_norm_w,
+                      double eps, const c10::optional<at::Tensor>& positions,
+                      const c10::optional<at::Tensor>& inv_freq) {
+  const int B = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "lightning_decode: head dim must be 64 or 128, got ", D);
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "lightning_decode: last dim must be contiguous");
+  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_decode: state must be contiguous fp32");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "lightning_decode: out must be contiguous fp32");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && gamma.scalar_type() == at::kFloat, "lightning_decode: slots int64, gamma fp32");
+  if (B == 0) return;
+  const at::cuda::CUDAGuard guard(q.device());
+  DecodeArgs a{};
+  a.q = q.data_ptr(); a.k = k.data_ptr(); a.v = v.data_ptr();
+  a.q_sb = q.stride(0); a.q_sh = q.stride(1); a.k_sb = k.stride(0); a.k_sh = k.stride(1);
+  a.v_sb = v.stride(0); a.v_sh = v.stride(1);
+  a.state = state.data_ptr<float>(); a.num_slots = state.size(0);
+  a.slots = slots.data_ptr<int64_t>(); a.gamma = gamma.data_ptr<float>(); a.out = out.data_ptr<float>();
+  a.H = H; a.scale = (float)scale; a.eps = (float)eps;
+  a.q_norm_w = q_norm_w ? q_norm_w->data_ptr<float>() : nullptr;
+  a.k_norm_w = k_norm_w ? k_norm_w->data_ptr<float>() : nullptr;
+  a.positions = positions ? positions->data_ptr<int64_t>() : nullptr;
+  a.inv_freq = inv_freq ? inv_freq->data_ptr<float>() : nullptr;
+  a.rot_half = inv_freq ? (int)inv_freq->numel() : 0;
+  const bool fuse = a.q_norm_w != nullptr || a.k_norm_w != nullptr || a.rot_half > 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto dt = q.scalar_type();
+  if (D == 128) {
+    fuse ? launch_decode_typed<128, true>(a, dt, B, stream) : launch_decode_typed<128, false>(a, dt, B, stream);
+  } else {
+    fuse ? launch_decode_typed<64, true>(a, dt, B, stream) : launch_decode_typed<64, false>(a, dt, B, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace ringlinear

@@ -1,0 +1,1 @@
+"""Command-line tools: tiny checkpoints, golden vectors, parameter counts."""

@@ -1,0 +1,220 @@
+/* Matrix products: f32 and int8-weight x int16-activation, plus axpy. */
+#include "kernels.h"
+
+#ifdef __wasm_simd128__
+#include <wasm_simd128.h>
+#endif
+
+/* ========================= f32 ========================= */
+
+void matmul_f32_ref(float *y, const float *x, const float *w, int T, int N, int K) {
+  for (int t = 0; t < T; t++)
+    for (int n = 0; n < N; n++) {
+      const float *wr = w + (long)n * K, *xr = x + (long)t * K;
+      float acc = 0.0f;
+      for (int k = 0; k < K; k++) acc += wr[k] * xr[k];
+      y[(long)t * N + n] = acc;
+    }
+}
+
+#ifdef __wasm_simd128__
+static inline float hsum_f32x4(v128_t v) {
+  return wasm_f32x4_extract_lane(v, 0) + wasm_f32x4_extract_lane(v, 1) + wasm_f32x4_extract_lane(v, 2) +
+         wasm_f32x4_extract_lane(v, 3);
+}
+
+/* 4 weight rows x 1 token: the activation vector is loaded once per 4 rows (decode). */
+static void matvec4_f32(float *y, const float *x, const float *w, int K) {
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2L * K, *w3 = w + 3L * K;
+  v128_t a0 = wasm_f32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
+  int k = 0;
+  for (; k + 4 <= K; k += 4) {
+    v128_t xv = wasm_v128_load(x + k);
+    a0 = wasm_f32x4_add(a0, wasm_f32x4_mul(wasm_v128_load(w0 + k), xv));
+    a1 = wasm_f32x4_add(a1, wasm_f32x4_mul(wasm_v128_load(w1 + k), xv));
+    a2 = wasm_f32x4_add(a2, wasm_f32x4_mul(wasm_v128_load(w2 + k), xv));
+    a3 = wasm_f32x4_add(a3, wasm_f32x4_mul(wasm_v128_load(w3 + k), xv));
+  }
+  float s0 = hsum_f32x4(a0), s1 = hsum_f32x4(a1), s2 = hsum_f32x4(a2), s3 = hsum_f32x4(a3);
+  for (; k < K; k++) { s0 += w0[k] * x[k]; s1 += w1[k] * x[k]; s2 += w2[k] * x[k]; s3 += w3[k] * x[k]; }
+  y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
+}
+
+/* 1 weight row x 4 tokens: the weight row is loaded once per 4 tokens (prefill). */
+static void matrow_tok4_f32(float *y, int N, const float *x, const float *wr, int K) {
+  const float *x0 = x, *x1 = x + K, *x2 = x + 2L * K, *x3 = x + 3L * K;
+  v128_t a0 = wasm_f32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
+  int k = 0;
+  for (; k + 4 <= K; k += 4) {
+    v128_t wv = wasm_v128_load(wr + k);
+    a0 = wasm_f32x4_add(a0, wasm_f32x4_mul(wv, wasm_v128_load(x0 + k)));
+    a1 = wasm_f32x4_add(a1, wasm_f32x4_mul(wv, wasm_v128_load(x1 + k)));
+    a2 = wasm_f32x4_add(a2, wasm_f32x4_mul(wv, wasm_v128_load(x2 + k)));
+    a3 = wasm_f32x4_add(a3, wasm_f32x4_mul(wv, wasm_v128_load(x3 + k)));
+  }
+  float s0 = hsum_f32x4(a0), s1 = hsum_f32x4(a1), s2 = hsum_f32x4(a2), s3 = hsum_f32x4(a3);
+  for (; k < K; k++) { s0 += wr[k] * x0[k]; s1 += wr[k] * x1[k]; s2 += wr[k] * x2[k]; s3 += wr[k] * x3[k]; }
+  y[0] = s0; y[N] = s1; y[2L * N] = s2; y[3L * N] = s3;
+}
+
+static float dot_f32_simd(const float *a, const float *b, int K) {
+  v128_t acc = wasm_f32x4_splat(0);
+  int k = 0;
+  for (; k + 4 <= K; k += 4) acc = wasm_f32x4_add(acc, wasm_f32x4_mul(wasm_v128_load(a + k), wasm_v128_load(b + k)));
+  float s = hsum_f32x4(acc);
+  for (; k < K; k++) s += a[k] * b[k];
+  return s;
+}
+
+void matmul_f32_simd128(float *y, const float *x, const float *w, int T, int N, int K) {
+  int t = 0;
+  for (; t + 4 <= T; t += 4)
+    for (int n = 0; n < N; n++) matrow_tok4_f32(y + (long)t * N + n, N, x + (long)t * K, w + (long)n * K, K);
+  for (; t < T; t++) {
+    const float *xr = x + (long)t * K;
+    float *yr = y + (long)t * N;
+    int n = 0;
+    for (; n + 4 <= N; n += 4) matvec4_f32(yr + n, xr, w + (long)n * K, K);
+    for (; n < N; n++) yr[n] = dot_f32_simd(w + (long)n * K, xr, K);
+  }
+}
+#endif
+
+/* ========================= int8 weights x int16 activations ========================= */
+
+/* Exact integer dot, accumulated in int32 per RL_I8_BLOCK products and flushed to float. */
+static float dot_q8_ref(const int8_t *w, const int16_t *x, int K) {
+  float total = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += RL_I8_BLOCK) {
+    int k1 = k0 + RL_I8_BLOCK < K ? k0 + RL_I8_BLOCK : K;
+    int32_t acc = 0;
+    for (int k = k0; k < k1; k++) acc += (int32_t)w[k] * (int32_t)x[k];
+    total += (float)acc;
+  }
+  return total;
+}
+
+void matmul_q8_ref(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N,
+                   int K) {
+  for (int t = 0; t < T; t++)
+    for (int n = 0; n < N; n++)
+      y[(long)t * N + n] = dot_q8_ref(w + (long)n * K, xq + (long)t * K, K) * ws[n] * xs[t];
+}
+
+#ifdef __wasm_simd128__
+static inline int32_t hsum_i32x4(v128_t v) {
+  return wasm_i32x4_extract_lane(v, 0) + wasm_i32x4_extract_lane(v, 1) + wasm_i32x4_extract_lane(v, 2) +
+         wasm_i32x4_extract_lane(v, 3);
+}
+
+/* 16 int8 weights widened to two i16x8 halves, each a pairwise i32 dot with 8 int16 activations. */
+#define Q8_STEP(acc, wp, xlo, xhi)                                                          \
+  do {                                                                                      \
+    v128_t wv_ = wasm_v128_load(wp);                                                        \
+    acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(wasm_i16x8_extend_low_i8x16(wv_), xlo)); \
+    acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(wasm_i16x8_extend_high_i8x16(wv_), xhi)); \
+  } while (0)
+
+/* 4 rows x 1 token. Block size keeps every int32 lane below 2^31 (see RL_ACT_Q_MAX). */
+static void matvec4_q8(float *out4, const int16_t *x, const int8_t *w, int K) {
+  const int8_t *w0 = w, *w1 = w + K, *w2 = w + 2L * K, *w3 = w + 3L * K;
+  float s[4] = {0, 0, 0, 0};
+  int k0 = 0;
+  for (; k0 < K; k0 += RL_I8_BLOCK) {
+    int k1 = k0 + RL_I8_BLOCK < K ? k0 + RL_I8_BLOCK : K;
+    v128_t a0 = wasm_i32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
+    int k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      v128_t xlo = wasm_v128_load(x + k), xhi = wasm_v128_load(x + k + 8);
+      Q8_STEP(a0, w0 + k, xlo, xhi);
+      Q8_STEP(a1, w1 + k, xlo, xhi);
+      Q8_STEP(a2, w2 + k, xlo, xhi);
+      Q8_STEP(a3, w3 + k, xlo, xhi);
+    }
+    int32_t r0 = hsum_i32x4(a0), r1 = hsum_i32x4(a1), r2 = hsum_i32x4(a2), r3 = hsum_i32x4(a3);
+    for (; k < k1; k++) { r0 += w0[k] * x[k]; r1 += w1[k] * x[k]; r2 += w2[k] * x[k]; r3 += w3[k] * x[k]; }
+    s[0] += (float)r0; s[1] += (float)r1; s[2] += (float)r2; s[3] += (float)r3;
+  }
+  out4[0] = s[0]; out4[1] = s[1]; out4[2] = s[2]; out4[3] = s[3];
+}
+
+/* 1 row x 4 tokens: the widened weights are reused by 4 tokens. */
+static void matrow_tok4_q8(float *out4, const int16_t *x, const int8_t *wr, int K) {
+  const int16_t *x0 = x, *x1 = x + K, *x2 = x + 2L * K, *x3 = x + 3L * K;
+  float s[4] = {0, 0, 0, 0};
+  for (int k0 = 0; k0 < K; k0 += RL_I8_BLOCK) {
+    int k1 = k0 + RL_I8_BLOCK < K ? k0 + RL_I8_BLOCK : K;
+    v128_t a0 = wasm_i32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
+    int k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      v128_t wv = wasm_v128_load(wr + k);
+      v128_t wl = wasm_i16x8_extend_low_i8x16(wv), wh = wasm_i16x8_extend_high_i8x16(wv);
+      a0 = wasm_i32x4_add(a0, wasm_i32x4_dot_i16x8(wl, wasm_v128_load(x0 + k)));
+      a0 = wasm_i32x4_add(a0, wasm_i32x4_dot_i16x8(wh, wasm_v128_load(x0 + k + 8)));
+      a1 = wasm_i32x4_add(a1, wasm_i32x4_dot_i16x8(wl, wasm_v128_load(x1 + k)));
+      a1 = wasm_i32x4_add(a1, wasm_i32x4_dot_i16x8(wh, wasm_v128_load(x1 + k + 8)));
+      a2 = wasm_i32x4_add(a2, wasm_i32x4_dot_i16x8(wl, wasm_v128_load(x2 + k)));
+      a2 = wasm_i32x4_add(a2, wasm_i32x4_dot_i16x8(wh, wasm_v128_load(x2 + k + 8)));
+      a3 = wasm_i32x4_add(a3, wasm_i32x4_dot_i16x8(wl, wasm_v128_load(x3 + k)));
+      a3 = wasm_i32x4_add(a3, wasm_i32x4_dot_i16x8(wh, wasm_v128_load(x3 + k + 8)));
+    }
+    int32_t r0 = hsum_i32x4(a0), r1 = hsum_i32x4(a1), r2 = hsum_i32x4(a2), r3 = hsum_i32x4(a3);
+    for (; k < k1; k++) { r0 += wr[k] * x0[k]; r1 += wr[k] * x1[k]; r2 += wr[k] * x2[k]; r3 += wr[k] * x3[k]; }
+    s[0] += (float)r0; s[1] += (float)r1; s[2] += (float)r2; s[3] += (float)r3;
+  }
+  out4[0] = s[0]; out4[1] = s[1]; out4[2] = s[2]; out4[3] = s[3];
+}
+
+void matmul_q8_simd128(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N,
+                       int K) {
+  float r[4];
+  int t = 0;
+  for (; t + 4 <= T; t += 4)
+    for (int n = 0; n < N; n++) {
+      matrow_tok4_q8(r, xq + (long)t * K, w + (long)n * K, K);
+      for (int j = 0; j < 4; j++) y[(long)(t + j) * N + n] = r[j] * ws[n] * xs[t + j];
+    }
+  for (; t < T; t++) {
+    const int16_t *xr = xq + (long)t * K;
+    float *yr = y + (long)t * N;
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+      matvec4_q8(r, xr, w + (long)n * K, K);
+      for (int j = 0; j < 4; j++) yr[n + j] = r[j] * ws[n + j] * xs[t];
+    }
+    for (; n < N; n++) yr[n] = dot_q8_ref(w + (long)n * K, xr, K) * ws[n] * xs[t];
+  }
+}
+#endif
+
+/* ========================= axpy ========================= */
+
+void axpy_f32_ref(float *y, float a, const float *x, int n) {
+  for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+#ifdef __wasm_simd128__
+void axpy_f32_simd128(float *y, float a, const float *x, int n) {
+  v128_t av = wasm_f32x4_splat(a);
+  int i = 0;
+  for (; i + 4 <= n; i += 4)
+    wasm_v128_store(y + i, wasm_f32x4_add(wasm_v128_load(y + i), wasm_f32x4_mul(av, wasm_v128_load(x + i))));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
+/* ========================= public names ========================= */
+
+#ifdef __wasm_simd128__
+void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K) { matmul_f32_simd128(y, x, w, T, N, K); }
+void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K) {
+  matmul_q8_simd128(y, xq, xs, w, ws, T, N, K);
+}
+void axpy_f32(float *y, float a, const float *x, int n) { axpy_f32_simd128(y, a, x, n); }
+#else
+void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K) { matmul_f32_ref(y, x, w, T, N, K); }
+void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K) {
+  matmul_q8_ref(y, xq, xs, w, ws, T, N, K);
+}
+void axpy_f32(float *y, float a, const float *x, int n) { axpy_f32_ref(y, a, x, n); }
+#endif
