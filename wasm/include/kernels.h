@@ -50,10 +50,10 @@ RL_DECL(void, attention_f32, (float *o, const float *q, const float *kc, const f
 /* S = gamma*S + k^T v; o[d] = q S */
 RL_DECL(void, lightning_step_f32, (float *o, float *S, const float *q, const float *k, const float *v,
                                    float gamma, int d))
-/* T tokens at once in blocks of RL_LIGHTNING_BLOCK: q/k/v/o rows of stride ld, S updated in place.
-   tmp [RL_LIGHTNING_TMP] scratch. Same result as T calls of lightning_step (up to rounding). */
-RL_DECL(void, lightning_chunk_f32, (float *o, float *S, const float *q, const float *k, const float *v, int ld,
-                                    int T, float gamma, int d, float *tmp))
+/* T tokens at once in blocks of RL_LIGHTNING_BLOCK: o rows of stride ldo, q/k/v rows of stride ld, S updated in
+   place. tmp [RL_LIGHTNING_TMP] scratch. Same result as T calls of lightning_step (up to rounding). */
+RL_DECL(void, lightning_chunk_f32, (float *o, int ldo, float *S, const float *q, const float *k, const float *v,
+                                    int ld, int T, float gamma, int d, float *tmp))
 #define RL_LIGHTNING_BLOCK 32
 #define RL_LIGHTNING_TMP (RL_LIGHTNING_BLOCK * RL_LIGHTNING_BLOCK + RL_LIGHTNING_BLOCK + 1)
 

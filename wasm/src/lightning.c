@@ -30,8 +30,8 @@ static void decay_powers(float *pw, float gamma, int n) {
   for (int p = 0; p <= n; p++) pw[p] = (float)exp(lg * p);
 }
 
-void lightning_chunk_f32_ref(float *o, float *S, const float *q, const float *k, const float *v, int ld, int T,
-                             float gamma, int d, float *tmp) {
+void lightning_chunk_f32_ref(float *o, int ldo, float *S, const float *q, const float *k, const float *v, int ld,
+                             int T, float gamma, int d, float *tmp) {
   float *A = tmp, *pw = tmp + RL_LIGHTNING_BLOCK * RL_LIGHTNING_BLOCK;
   for (int t0 = 0; t0 < T; t0 += RL_LIGHTNING_BLOCK) {
     int n = T - t0 < RL_LIGHTNING_BLOCK ? T - t0 : RL_LIGHTNING_BLOCK;
@@ -39,7 +39,7 @@ void lightning_chunk_f32_ref(float *o, float *S, const float *q, const float *k,
     /* inter-block: o_i = gamma^(i+1) q_i S */
     for (int i = 0; i < n; i++) {
       const float *qi = q + (long)(t0 + i) * ld;
-      float *oi = o + (long)(t0 + i) * ld;
+      float *oi = o + (long)(t0 + i) * ldo;
       for (int c = 0; c < d; c++) oi[c] = 0.0f;
       for (int r = 0; r < d; r++) {
         float a = qi[r] * pw[i + 1];
@@ -55,7 +55,7 @@ void lightning_chunk_f32_ref(float *o, float *S, const float *q, const float *k,
         A[i * RL_LIGHTNING_BLOCK + j] = s * pw[i - j];
       }
     for (int i = 0; i < n; i++) {
-      float *oi = o + (long)(t0 + i) * ld;
+      float *oi = o + (long)(t0 + i) * ldo;
       for (int j = 0; j <= i; j++) {
         const float *vj = v + (long)(t0 + j) * ld;
         float a = A[i * RL_LIGHTNING_BLOCK + j];
@@ -108,15 +108,15 @@ static float dot_simd(const float *a, const float *b, int n) {
   return s;
 }
 
-void lightning_chunk_f32_simd128(float *o, float *S, const float *q, const float *k, const float *v, int ld, int T,
-                                 float gamma, int d, float *tmp) {
+void lightning_chunk_f32_simd128(float *o, int ldo, float *S, const float *q, const float *k, const float *v,
+                                 int ld, int T, float gamma, int d, float *tmp) {
   float *A = tmp, *pw = tmp + RL_LIGHTNING_BLOCK * RL_LIGHTNING_BLOCK;
   for (int t0 = 0; t0 < T; t0 += RL_LIGHTNING_BLOCK) {
     int n = T - t0 < RL_LIGHTNING_BLOCK ? T - t0 : RL_LIGHTNING_BLOCK;
     decay_powers(pw, gamma, n);
     for (int i = 0; i < n; i++) {
       const float *qi = q + (long)(t0 + i) * ld;
-      float *oi = o + (long)(t0 + i) * ld;
+      float *oi = o + (long)(t0 + i) * ldo;
       for (int c = 0; c < d; c++) oi[c] = 0.0f;
       for (int r = 0; r < d; r++) axpy_f32_simd128(oi, qi[r] * pw[i + 1], S + (long)r * d, d);
     }
@@ -124,7 +124,7 @@ void lightning_chunk_f32_simd128(float *o, float *S, const float *q, const float
       for (int j = 0; j <= i; j++)
         A[i * RL_LIGHTNING_BLOCK + j] = dot_simd(q + (long)(t0 + i) * ld, k + (long)(t0 + j) * ld, d) * pw[i - j];
     for (int i = 0; i < n; i++) {
-      float *oi = o + (long)(t0 + i) * ld;
+      float *oi = o + (long)(t0 + i) * ldo;
       for (int j = 0; j <= i; j++) axpy_f32_simd128(oi, A[i * RL_LIGHTNING_BLOCK + j], v + (long)(t0 + j) * ld, d);
     }
     v128_t dn = wasm_f32x4_splat(pw[n]);
@@ -141,16 +141,16 @@ void lightning_chunk_f32_simd128(float *o, float *S, const float *q, const float
 void lightning_step_f32(float *o, float *S, const float *q, const float *k, const float *v, float gamma, int d) {
   lightning_step_f32_simd128(o, S, q, k, v, gamma, d);
 }
-void lightning_chunk_f32(float *o, float *S, const float *q, const float *k, const float *v, int ld, int T,
+void lightning_chunk_f32(float *o, int ldo, float *S, const float *q, const float *k, const float *v, int ld, int T,
                          float gamma, int d, float *tmp) {
-  lightning_chunk_f32_simd128(o, S, q, k, v, ld, T, gamma, d, tmp);
+  lightning_chunk_f32_simd128(o, ldo, S, q, k, v, ld, T, gamma, d, tmp);
 }
 #else
 void lightning_step_f32(float *o, float *S, const float *q, const float *k, const float *v, float gamma, int d) {
   lightning_step_f32_ref(o, S, q, k, v, gamma, d);
 }
-void lightning_chunk_f32(float *o, float *S, const float *q, const float *k, const float *v, int ld, int T,
+void lightning_chunk_f32(float *o, int ldo, float *S, const float *q, const float *k, const float *v, int ld, int T,
                          float gamma, int d, float *tmp) {
-  lightning_chunk_f32_ref(o, S, q, k, v, ld, T, gamma, d, tmp);
+  lightning_chunk_f32_ref(o, ldo, S, q, k, v, ld, T, gamma, d, tmp);
 }
 #endif

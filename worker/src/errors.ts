@@ -3,19 +3,21 @@
  * renders it as `{ error: { message, type, param, code } }`. Anything else becomes a 500 without details.
  */
 import type { Context } from 'hono';
+import { HTTPException } from 'hono/http-exception';
 
 export type ErrorType =
   | 'invalid_request_error'
   | 'authentication_error'
   | 'permission_error'
   | 'not_found_error'
+  | 'conflict_error'
   | 'rate_limit_error'
   | 'insufficient_quota'
   | 'service_unavailable'
   | 'server_error';
 
 export interface ApiErrorInit {
-  status: 400 | 401 | 403 | 404 | 413 | 429 | 500 | 502 | 503;
+  status: 400 | 401 | 403 | 404 | 409 | 413 | 429 | 500 | 502 | 503;
   message: string;
   type: ErrorType;
   code: string | null;
@@ -90,6 +92,10 @@ export const noEngine = (message: string, retryAfter: number) =>
 /** Hono onError: ApiError -> its OpenAI-shaped response; anything else -> logged, generic 500. */
 export function renderError(err: Error, _c?: Context): Response {
   if (err instanceof ApiError) return err.toResponse();
+  if (err instanceof HTTPException && err.status < 500) {
+    // Hono's own request errors (malformed JSON body and the like).
+    return new ApiError({ status: 400, type: 'invalid_request_error', message: err.message || 'Invalid request.', code: 'invalid_request' }).toResponse();
+  }
   console.error('unhandled error', err);
   return new ApiError({ status: 500, type: 'server_error', message: 'Internal server error.', code: 'internal_error' }).toResponse();
 }

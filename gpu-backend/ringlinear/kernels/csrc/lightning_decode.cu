@@ -32,8 +32,8 @@ struct DecodeArgs {
 template <int D, bool FUSE, typename in_t>
 __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(DecodeArgs a) {
   constexpr int PASSES = D / 16;
-  __shared__ float sq[D], sk[D], sv[kDecodeCols];
-  __shared__ float red[kDecodeThreads / 32][kDecodeCols];
+  __shared__ __align__(16) float sq[D], sk[D], sv[kDecodeCols];
+  __shared__ __align__(16) float red[kDecodeThreads / 32][kDecodeCols];
 
   const int col0 = blockIdx.x * kDecodeCols;
   const int h = blockIdx.y;

@@ -1,0 +1,349 @@
+"""The continuous-batching engine: requests in, tokens out, one `step()` at a time.
+
+    Request (waiting)  --admit-->  Request (running: a state slot + KV blocks)  --step()-->  RequestOutput events
+                                   \\-- prefix cache lookup: may start from a snapshot, skipping that prefill
+
+Each step: every running request whose prompt is done decodes one token (so streams keep flowing), and the
+remaining token budget (`max_step_tokens`) goes to prompt chunks, oldest request first; a chunk that does not
+finish its prompt ends on a multiple of the prefix block, where its linear states are snapshotted.
+
+Memory never runs out mid-stream: a request is admitted only when a slot is free and the KV blocks for its whole
+prompt + max_tokens can be allocated (evicting prefix snapshots if needed); otherwise it waits in the queue, and
+`add_request` refuses (QueueFull) once `max_queue` are waiting. All sizes come from one explicit `MemoryPlan`.
+
+Single-threaded by design: `step`, `add_request` and `abort` must be called from one thread (`AsyncEngine` does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import RingLinearConfig
+from ..model import RingLinearForCausalLM
+from .detokenizer import IncrementalDetokenizer
+from .pools import LinearStatePool, PagedKVCache
+from .prefix_cache import PrefixCache
+from .runner import ModelRunner, Segment
+from .sampling import Sampler, SamplingParams, TokenLogprobs
+
+
+class EngineConfigError(ValueError):
+    """The engine options cannot be satisfied (e.g. the memory budget cannot hold one max-context request)."""
+
+
+class RequestRejected(ValueError):
+    """The request can never run (too long for the context); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit; retry later (HTTP 503 + Retry-After)."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 8  # state slots = requests running at once
+    max_context: int | None = None  # prompt + generated tokens; None = the model's max_position_embeddings
+    memory_budget: int = 1 << 30  # bytes for linear-state slots + paged KV + prefix snapshots (weights excluded)
+    prefix_cache_bytes: int | None = None  # of the budget; None = a quarter of it; 0 disables the prefix cache
+    max_queue: int = 64
+    block_size: int = 16  # KV block (tokens)
+    prefix_block: int = 64  # snapshot granularity (tokens); a multiple of block_size and of the lightning chunk (64)
+    max_step_tokens: int = 512  # tokens per step (decodes + prompt chunks)
+
+
+@dataclass
+class MemoryPlan:
+    slot_bytes: int
+    block_bytes: int
+    slots: int
+    kv_blocks: int
+    prefix_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.slots * self.slot_bytes + self.kv_blocks * self.block_bytes + self.prefix_bytes
+
+    @classmethod
+    def make(cls, cfg: RingLinearConfig, ec: EngineConfig, dtype: torch.dtype, max_context: int) -> "MemoryPlan":
+        slot_b = LinearStatePool.bytes_per_slot(cfg)
+        block_b = max(1, PagedKVCache.bytes_per_block(cfg, ec.block_size, dtype))
+        prefix = ec.memory_budget // 4 if ec.prefix_cache_bytes is None else ec.prefix_cache_bytes
+        kv_bytes = ec.memory_budget - ec.max_batch * slot_b - prefix
+        blocks = kv_bytes // block_b if kv_bytes > 0 else 0
+        need = -(-max_context // ec.block_size)
+        if blocks < need:
+            floor = ec.max_batch * slot_b + prefix + need * block_b
+            raise EngineConfigError(
+                f"memory budget {ec.memory_budget} B cannot hold {ec.max_batch} state slots ({slot_b} B each), the prefix "
+                f"cache ({prefix} B) and one {max_context}-token context ({need} KV blocks of {block_b} B): "
+                f"need at least {floor} B; raise --memory-budget or lower --max-batch / --max-context")
+        return cls(slot_b, block_b, ec.max_batch, int(blocks), prefix)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # new tokens of this step
+    text: str  # new final text
+    logprobs: list[TokenLogprobs | None]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    detok: IncrementalDetokenizer | None
+    arrival: float = field(default_factory=time.monotonic)
+    slot: int | None = None
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose effect is in the slot / KV (prompt, then fed outputs)
+    output: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.computed >= len(self.prompt)
+
+
+class Engine:
+    def __init__(self, model: RingLinearForCausalLM, config: EngineConfig | None = None, tokenizer=None,
+                 eos_ids: set[int] | None = None):
+        self.model = model.eval()
+        self.cfg: RingLinearConfig = model.config
+        ec = self.config = config or EngineConfig()
+        self.max_context = ec.max_context or self.cfg.max_position_embeddings
+        if ec.prefix_block % ec.block_size or ec.prefix_block % 64:
+            raise EngineConfigError(f"prefix_block ({ec.prefix_block}) must be a multiple of block_size ({ec.block_size}) and of 64")
+        if ec.max_step_tokens < ec.prefix_block:
+            raise EngineConfigError(f"max_step_tokens ({ec.max_step_tokens}) must be >= prefix_block ({ec.prefix_block})")
+        self.plan = MemoryPlan.make(self.cfg, ec, model.dtype, self.max_context)
+        dev = model.device
+        self.states = LinearStatePool(self.cfg, self.plan.slots, dev)
+        self.kv = PagedKVCache(self.cfg, self.plan.kv_blocks, ec.block_size, model.dtype, dev)
+        self.prefix = PrefixCache(ec.prefix_block, self.plan.prefix_bytes, self.kv.blocks)
+        self.runner = ModelRunner(model, self.states, self.kv)
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_ids))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        # counters for /metrics
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.prefill_tokens_computed = 0
+        self.steps = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, generated tokens) of recent steps
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        params.validate()
+        if not prompt:
+            raise RequestRejected("the prompt is empty", "prompt")
+        V = self.cfg.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= V for t in prompt):
+            raise RequestRejected(f"prompt token ids must be integers in [0, {V})", "prompt")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_context} tokens; the prompt has {len(prompt)} and "
+                f"max_tokens asks for {params.max_tokens}", "max_tokens" if len(prompt) < self.max_context else "prompt",
+                "context_length_exceeded")
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestRejected(f"duplicate request id {rid}")
+        detok = IncrementalDetokenizer(self.tokenizer.decode, params.stop) if self.tokenizer is not None else None
+        req = Request(rid, list(prompt), params, Sampler(params), detok)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now (client gone); its slot and KV blocks are free on return."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        req.finish_reason = req.finish_reason or "abort"
+        self._free(req)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        self._admit()
+        segs, reqs = self._schedule()
+        if not segs:
+            return []
+        logits, snaps = self.runner.execute(segs)
+        self.steps += 1
+        for i, (seg, req) in enumerate(zip(segs, reqs)):
+            req.computed = seg.end
+            if not seg.decode:
+                self.prefill_tokens_computed += len(seg.tokens)
+            if i in snaps:
+                self.prefix.insert(req.prompt, seg.snapshot_at, snaps[i], req.blocks[: seg.snapshot_at // self.kv.block_size])
+        outs = []
+        want = [(seg, req) for seg, req in zip(segs, reqs) if seg.want_logits]
+        greedy = logits.argmax(-1).tolist() if logits is not None else []
+        generated = 0
+        for row, (seg, req) in enumerate(want):
+            p = req.params
+            if p.greedy and p.logprobs is None:
+                token, lp = greedy[row], None
+            else:
+                token, lp = req.sampler.sample(logits[row])
+            req.output.append(token)
+            generated += 1
+            outs.append(self._emit(req, token, lp))
+        self.generation_tokens_total += generated
+        now = time.monotonic()
+        self._recent.append((now, generated + sum(len(s.tokens) for s in segs if not s.decode)))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+        return outs
+
+    def _emit(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+        p = req.params
+        text, reason = "", None
+        is_eos = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        if is_eos:
+            reason = "stop"
+        elif req.detok is not None:
+            text, stopped = req.detok.add(token)
+            if stopped:
+                reason = "stop"
+        if reason is None and len(req.output) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            if req.detok is not None and not (reason == "stop" and not is_eos):
+                text += req.detok.flush()
+            req.finish_reason = reason
+            self.running.remove(req)
+            self.requests.pop(req.id, None)
+            self._free(req)
+        return RequestOutput(req.id, [token], text, [lp], reason is not None, reason, len(req.prompt), len(req.output),
+                             req.cached_tokens)
+
+    def _free(self, req: Request) -> None:
+        if req.slot is not None:
+            self.states.release(req.slot)
+            req.slot = None
+        if req.blocks:
+            self.kv.blocks.release(req.blocks)
+            req.blocks = []
+
+    # ------------------------------------------------------------------------------------------ scheduling
+
+    def _admit(self) -> None:
+        bs = self.kv.block_size
+        while self.waiting and self.states.slots.free:
+            req = self.waiting[0]
+            total = -(-(len(req.prompt) + req.params.max_tokens) // bs)
+            snap = self.prefix.match(req.prompt) if self.prefix.enabled else None
+            shared = snap.kv_blocks if snap is not None else []
+            self.kv.blocks.incref(shared)  # hold them before any eviction below
+            need = total - len(shared)
+            if self.kv.blocks.num_free < need:
+                self.prefix.evict_for_blocks(need)
+            if self.kv.blocks.num_free < need:  # wait for running requests to finish (first come, first served)
+                self.kv.blocks.release(shared)
+                if snap is not None:  # the lookup is repeated on the next try; count it once
+                    self.prefix.lookups -= 1
+                    self.prefix.hits -= 1
+                    self.prefix.tokens_saved -= snap.length
+                return
+            self.waiting.popleft()
+            req.blocks = shared + self.kv.blocks.alloc(need)
+            req.slot = self.states.alloc()
+            if snap is not None:
+                self.states.restore(req.slot, snap.states)
+                req.computed = req.cached_tokens = snap.length
+            self.prompt_tokens_total += len(req.prompt)
+            self.running.append(req)
+
+    def _schedule(self) -> tuple[list[Segment], list[Request]]:
+        segs, reqs = [], []
+        budget = self.config.max_step_tokens
+        pb = self.config.prefix_block
+        for req in self.running:
+            if req.prefill_done:
+                segs.append(Segment(req.slot, req.blocks, req.computed, [req.output[-1]], True, True))
+                reqs.append(req)
+                budget -= 1
+        for req in self.running:
+            if req.prefill_done:
+                continue
+            start, remaining = req.computed, len(req.prompt) - req.computed
+            n = min(remaining, budget)
+            if n < remaining:  # an unfinished chunk ends on a snapshot boundary
+                n = (start + n) // pb * pb - start
+            if n <= 0:
+                if segs:
+                    break
+                n = min(remaining, pb - start % pb)  # always make progress
+            end = start + n
+            snap_at = end // pb * pb if self.prefix.enabled else 0
+            segs.append(Segment(req.slot, req.blocks, start, req.prompt[start:end], False, end == len(req.prompt),
+                                snap_at if snap_at > start else None))
+            reqs.append(req)
+            budget -= n
+            if budget <= 0:
+                break
+        return segs, reqs
+
+    # ------------------------------------------------------------------------------------------ stats
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        window = [(t, n) for t, n in self._recent if now - t <= 10.0]
+        span = (now - window[0][0]) if len(window) > 1 else 0.0
+        used = (self.states.slots.used * self.plan.slot_bytes + self.kv.blocks.used * self.plan.block_bytes
+                + self.prefix.bytes)
+        return {
+            "queue_depth": len(self.waiting),
+            "running": len(self.running),
+            "slots_total": self.plan.slots,
+            "slots_used": self.states.slots.used,
+            "kv_blocks_total": self.plan.kv_blocks,
+            "kv_blocks_used": self.kv.blocks.used,
+            "memory_budget_bytes": self.config.memory_budget,
+            "memory_reserved_bytes": self.plan.total,
+            "memory_in_use_bytes": used,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "prefill_tokens_computed_total": self.prefill_tokens_computed,
+            "tokens_per_second": (sum(n for _, n in window[1:]) / span) if span > 0 else 0.0,
+            "prefix_cache_lookups": self.prefix.lookups,
+            "prefix_cache_hits": self.prefix.hits,
+            "prefix_cache_hit_rate": self.prefix.hit_rate,
+            "prefix_cache_tokens_saved": self.prefix.tokens_saved,
+            "prefix_cache_entries": len(self.prefix.entries),
+            "prefix_cache_bytes": self.prefix.bytes,
+            "steps_total": self.steps,
+        }

@@ -1,0 +1,120 @@
+"""Preallocated device memory of the engine: linear-state slots and the paged KV cache of the softmax layers.
+
+Both are allocated once, at start, from the memory plan; nothing in the serving loop allocates per request.
+
+    LinearStatePool   per linear layer a tensor [slots, H, d, d] fp32; a request owns one slot index for its life
+    PagedKVCache      per softmax layer K and V tensors [blocks * block_size, Hkv, d] in the model dtype; a request
+                      owns a block table (list of block ids); token at position p lives at row
+                      table[p // block_size] * block_size + p % block_size
+    BlockAllocator    free list + reference counts, so the prefix cache can share full blocks with requests
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import RingLinearConfig
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+class SlotAllocator:
+    def __init__(self, n: int):
+        self.free = list(range(n - 1, -1, -1))
+        self.n = n
+
+    def alloc(self) -> int:
+        if not self.free:
+            raise OutOfBlocks("no free state slot")
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    @property
+    def used(self) -> int:
+        return self.n - len(self.free)
+
+
+class LinearStatePool:
+    def __init__(self, cfg: RingLinearConfig, slots: int, device: torch.device):
+        H, d = cfg.num_attention_heads, cfg.d_head
+        self.states = {l: torch.zeros(slots, H, d, d, dtype=torch.float32, device=device) for l in cfg.linear_layers}
+        self.slots = SlotAllocator(slots)
+
+    @staticmethod
+    def bytes_per_slot(cfg: RingLinearConfig) -> int:
+        return len(cfg.linear_layers) * cfg.num_attention_heads * cfg.d_head * cfg.d_head * 4
+
+    def alloc(self) -> int:
+        slot = self.slots.alloc()
+        for s in self.states.values():
+            s[slot].zero_()
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.slots.release(slot)
+
+    def snapshot(self, slot: int) -> dict[int, torch.Tensor]:
+        return {l: s[slot].clone() for l, s in self.states.items()}
+
+    def restore(self, slot: int, snap: dict[int, torch.Tensor]) -> None:
+        for l, s in self.states.items():
+            s[slot].copy_(snap[l])
+
+
+class BlockAllocator:
+    def __init__(self, n: int):
+        self.free = list(range(n - 1, -1, -1))
+        self.refs = [0] * n
+        self.n = n
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def used(self) -> int:
+        return self.n - len(self.free)
+
+    def alloc(self, count: int) -> list[int]:
+        if count > len(self.free):
+            raise OutOfBlocks(f"need {count} KV blocks, {len(self.free)} free")
+        out = [self.free.pop() for _ in range(count)]
+        for b in out:
+            self.refs[b] = 1
+        return out
+
+    def incref(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+
+
+class PagedKVCache:
+    def __init__(self, cfg: RingLinearConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        Hkv, d = cfg.num_key_value_heads, cfg.d_head
+        rows = num_blocks * block_size
+        self.k = {l: torch.zeros(rows, Hkv, d, dtype=dtype, device=device) for l in cfg.softmax_layers}
+        self.v = {l: torch.zeros(rows, Hkv, d, dtype=dtype, device=device) for l in cfg.softmax_layers}
+        self.block_size = block_size
+        self.blocks = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(cfg: RingLinearConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return 2 * len(cfg.softmax_layers) * block_size * cfg.num_key_value_heads * cfg.d_head * itemsize
+
+    def rows(self, table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor:
+        """Cache rows of positions start..end-1 of a request with block table `table` (int64 [end-start])."""
+        bs = self.block_size
+        pos = torch.arange(start, end)
+        tab = torch.as_tensor(table, dtype=torch.int64)
+        return (tab[pos // bs] * bs + pos % bs).to(device)

@@ -1,0 +1,109 @@
+"""Prefix-state cache: resume a prompt from a snapshot instead of prefilling it again.
+
+A linear layer's whole past is one fixed-size state, so a prefix of a prompt is summarised by
+(every linear layer's state after the prefix, the softmax layers' KV of the prefix). Snapshots are taken at
+multiples of `block` tokens (the boundary a prefill chunk ends on anyway, so taking one costs a copy, no compute),
+keyed by a chained hash of the token blocks before the boundary. The KV part is not copied: the snapshot holds a
+reference on the request's KV blocks, which are full and never written again (block is a multiple of the KV block
+size), and a request that hits shares them.
+
+Memory: the linear snapshots are extra device memory, bounded by `budget_bytes` (least recently used go first);
+the shared KV blocks stay in the paged pool, and `evict_for_blocks` gives them back when admission needs room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .pools import BlockAllocator
+
+
+@dataclass
+class Snapshot:
+    length: int  # tokens covered (a multiple of the cache block)
+    states: dict[int, torch.Tensor]  # linear layer -> [H, d, d] fp32
+    kv_blocks: list[int]  # KV blocks covering positions 0..length-1 (a reference is held on each)
+    nbytes: int
+
+
+def block_hashes(tokens: list[int], block: int) -> list[bytes]:
+    """hashes[i] identifies tokens[: (i+1)*block]; each hash chains the previous one."""
+    out, prev = [], b""
+    for i in range(len(tokens) // block):
+        h = hashlib.blake2b(prev, digest_size=16)
+        h.update(array("q", tokens[i * block:(i + 1) * block]).tobytes())
+        prev = h.digest()
+        out.append(prev)
+    return out
+
+
+class PrefixCache:
+    def __init__(self, block: int, budget_bytes: int, allocator: BlockAllocator):
+        self.block = block
+        self.budget = budget_bytes
+        self.allocator = allocator
+        self.entries: OrderedDict[bytes, Snapshot] = OrderedDict()  # LRU order: oldest first
+        self.bytes = 0
+        self.lookups = 0
+        self.hits = 0
+        self.tokens_saved = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget > 0
+
+    def match(self, tokens: list[int]) -> Snapshot | None:
+        """Longest cached prefix that leaves at least one token to compute (its logits start the output)."""
+        if not self.enabled:
+            return None
+        self.lookups += 1
+        hashes = block_hashes(tokens[:-1], self.block)
+        for h in reversed(hashes):
+            snap = self.entries.get(h)
+            if snap is not None:
+                self.entries.move_to_end(h)
+                self.hits += 1
+                self.tokens_saved += snap.length
+                return snap
+        return None
+
+    def insert(self, tokens: list[int], length: int, states: dict[int, torch.Tensor], kv_blocks: list[int]) -> bool:
+        """Store the snapshot of tokens[:length] (length a multiple of block). Returns whether it was stored."""
+        if not self.enabled or length <= 0 or length % self.block:
+            return False
+        key = block_hashes(tokens[:length], self.block)[-1]
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return False
+        nbytes = sum(s.numel() * s.element_size() for s in states.values())
+        if nbytes > self.budget:
+            return False
+        while self.bytes + nbytes > self.budget:
+            self._evict_oldest()
+        self.allocator.incref(kv_blocks)
+        self.entries[key] = Snapshot(length, states, list(kv_blocks), nbytes)
+        self.bytes += nbytes
+        return True
+
+    def evict_for_blocks(self, need: int) -> None:
+        """Drop least recently used snapshots until `need` KV blocks are free (or nothing is left to drop)."""
+        while self.allocator.num_free < need and self.entries:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        _, snap = self.entries.popitem(last=False)
+        self.allocator.release(snap.kv_blocks)
+        self.bytes -= snap.nbytes
+
+    def clear(self) -> None:
+        while self.entries:
+            self._evict_oldest()
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0

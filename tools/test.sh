@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test of the project: Python (pytest) and TypeScript (tsc + vitest, in workerd and Node).
+# Installs what it needs first (tools/setup.sh). Usage: npm test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CLOUDFLARE_CF_FETCH_ENABLED=false WRANGLER_SEND_METRICS=false
+
+bash tools/setup.sh
+echo "== fixtures and golden vectors"
+bash tools/fixtures.sh
+.venv/bin/python -m ringlinear golden --check
+echo "== wasm build"
+bash tools/build-wasm.sh
+echo "== pytest"
+.venv/bin/python -m pytest gpu-backend/tests -q
+echo "== typecheck"
+npx tsc --noEmit
+echo "== vitest"
+npx vitest run
