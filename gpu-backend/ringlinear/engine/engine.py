@@ -4,8 +4,9 @@
                                    \\-- prefix cache lookup: may start from a snapshot, skipping that prefill
 
 Each step: every running request whose prompt is done decodes one token (so streams keep flowing), and the
-remaining token budget (`max_step_tokens`) goes to prompt chunks, oldest request first; a chunk that does not
-finish its prompt ends on a multiple of the prefix block, where its linear states are snapshotted.
+remaining token budget (`max_step_tokens`) goes to prompt chunks, oldest request first (a chunk that does not
+finish its prompt preferably ends on a multiple of the prefix block); the linear states at the last prefix-block
+boundary inside each chunk are snapshotted into the prefix cache.
 
 Memory never runs out mid-stream: a request is admitted only when a slot is free and the KV blocks for its whole
 prompt + max_tokens can be allocated (evicting prefix snapshots if needed); otherwise it waits in the queue, and
@@ -301,14 +302,18 @@ class Engine:
                 continue
             start, remaining = req.computed, len(req.prompt) - req.computed
             n = min(remaining, budget)
-            if n < remaining:  # an unfinished chunk ends on a snapshot boundary
-                n = (start + n) // pb * pb - start
+            aligned = (start + n) // pb * pb - start
+            if n < remaining and aligned >= n // 2 and aligned > 0:  # prefer ending on a snapshot boundary
+                n = aligned
             if n <= 0:
-                if segs:
+                if any(not s.decode for s in segs):
                     break
-                n = min(remaining, pb - start % pb)  # always make progress
+                n = min(remaining, pb)  # decodes took the whole budget: still move one prompt forward
             end = start + n
-            snap_at = end // pb * pb if self.prefix.enabled else 0
+            # The last boundary inside the chunk; for the prompt's final chunk the last one before its last token,
+            # so that the same prompt sent again (which must recompute >= 1 token) still hits.
+            last = end - 1 if end == len(req.prompt) else end
+            snap_at = last // pb * pb if self.prefix.enabled else 0
             segs.append(Segment(req.slot, req.blocks, start, req.prompt[start:end], False, end == len(req.prompt),
                                 snap_at if snap_at > start else None))
             reqs.append(req)

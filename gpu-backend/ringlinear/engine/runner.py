@@ -6,8 +6,8 @@ router, experts, lm_head) runs once for the whole step with the reference model'
 sequence-mixing parts are per request:
 
     lightning layers  decode segments: one batched recurrent step over the gathered slots of the state pool;
-                      prefill segments: the reference chunked form from the request's slot (chunks of 64 from a
-                      64-aligned start, exactly as the reference prefill cuts them), written back to the slot
+                      prefill segments: the reference chunked form from the request's slot, cut at the same
+                      64-aligned positions as the reference prefill of the whole prompt, written back to the slot
     softmax layers    new K/V scattered into the paged cache; decode segments attend in one padded batch,
                       prefill segments one causal (lower-right aligned) attention each
 
@@ -25,6 +25,8 @@ from torch.nn.attention.bias import causal_lower_right
 from ..model import RingLinearForCausalLM
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
+
+LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
 
 
 @dataclass
@@ -108,11 +110,15 @@ class ModelRunner:
         for i in plan.prefill:
             s, a, b = plan.segs[i], plan.offs[i], plan.offs[i + 1]
             S = pool[s.slot][None]
-            cuts = [a, b]
+            # Cut where the reference prefill would cut (64-aligned chunks) and at the snapshot position.
+            cuts = {a, b}
+            if s.start % LIGHTNING_CHUNK:
+                cuts.add(min(b, a + LIGHTNING_CHUNK - s.start % LIGHTNING_CHUNK))
             if s.snapshot_at is not None and s.start < s.snapshot_at < s.end:
-                cuts = [a, a + s.snapshot_at - s.start, b]
+                cuts.add(a + s.snapshot_at - s.start)
+            cuts = sorted(cuts)
             for c0, c1 in zip(cuts, cuts[1:]):
-                o_c, S = self.lightning_prefill(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], decay, self.scale, S)
+                o_c, S = self.lightning_prefill(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], decay, self.scale, S, LIGHTNING_CHUNK)
                 o[c0:c1] = o_c[0]
                 if s.snapshot_at is not None and c1 - a == s.snapshot_at - s.start:
                     snaps.setdefault(i, {})[l] = S[0].clone()

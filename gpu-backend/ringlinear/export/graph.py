@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import RingLinearConfig
 from ..model import RingLinearForCausalLM
-from ..ops import group_rms_norm, rms_norm
+from ..ops import group_rms_norm
 
 
 def step_io_names(cfg: RingLinearConfig) -> tuple[list[str], list[str]]:
@@ -61,6 +61,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     c, s = cos[:, None, :], sin[:, None, :]
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
     return torch.cat([rot * c + rotated * s, rest], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ops.rms_norm at fp32, written as x / sqrt(mean(x^2) + eps) * w: the pattern onnxruntime fuses into one
+    SimplifiedLayerNormalization node (the reference's rsqrt-multiply form is left as five nodes)."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def _swiglu(x, gate, up, down):
@@ -109,7 +115,7 @@ class StepGraph(nn.Module):
         it = iter(states)
         outs: list[torch.Tensor] = []
         for l, layer in enumerate(m.layers):
-            h = layer.input_layernorm(x)
+            h = rms_norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
             if layer.is_softmax:
                 past_k, past_v = next(it), next(it)
                 a, k, v = self._softmax(layer.attention, h, pos, cos, sin, past_k, past_v)
@@ -118,9 +124,9 @@ class StepGraph(nn.Module):
                 a, s = self._lightning(layer.attention, h, cos, sin, next(it), getattr(self, f"decay_{l}"))
                 outs.append(s)
             x = x + a
-            h = layer.post_attention_layernorm(x)
+            h = rms_norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
             x = x + (self._dense_ffn(layer.mlp, h) if cfg.is_dense_layer(l) else self._moe(layer.mlp, h))
-        x = m.norm(x)
+        x = rms_norm(x, m.norm.weight, cfg.rms_norm_eps)
         return (self.model.lm_head(x), *outs)
 
     # ---------------------------------------------------------------- layers

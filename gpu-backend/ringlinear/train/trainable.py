@@ -30,7 +30,8 @@ class BatchedMoE(MoE):
         E, I, D = self.experts_gate_proj.shape
         with torch.autocast(device_type=x.device.type, enabled=False):  # router_dtype fp32, as at inference
             ids, weights = self.gate(x.float())
-        self.last_load = torch.bincount(ids.reshape(-1), minlength=E).detach()
+        # scatter_add rather than bincount: no host sync on CUDA
+        self.last_load = torch.zeros(E, device=x.device).scatter_add_(0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device))
         dense_w = torch.zeros(x.shape[0], E, dtype=weights.dtype, device=x.device).scatter(1, ids, weights)
         g = x @ self.experts_gate_proj.reshape(E * I, D).to(x.dtype).T  # [N, E*I]
         u = x @ self.experts_up_proj.reshape(E * I, D).to(x.dtype).T
@@ -78,10 +79,11 @@ def init_model(cfg: RingLinearConfig, seed: int) -> RingLinearForCausalLM:
 
 
 @torch.no_grad()
-def update_expert_bias(model: RingLinearForCausalLM, rate: float) -> list[float]:
+def update_expert_bias(model: RingLinearForCausalLM, rate: float) -> torch.Tensor | None:
     """Aux-loss-free balancing (architecture doc §4): bias += rate * sign(mean_load - load), then re-centred.
 
-    Uses each MoE's load from its last forward; returns each layer's max/mean load ratio before the update.
+    Uses each MoE's load from its last forward; returns each layer's max/mean load ratio before the update
+    (a device tensor, so the loop need not wait for the GPU), or None when no MoE has run since the last update.
     """
     imbalance = []
     for moe in moe_layers(model):
@@ -92,9 +94,9 @@ def update_expert_bias(model: RingLinearForCausalLM, rate: float) -> list[float]
         bias = moe.gate.expert_bias
         bias += rate * torch.sign(load.mean() - load).to(bias.device)
         bias -= bias.mean()
-        imbalance.append(float(load.max() / load.mean().clamp(min=1e-9)))
+        imbalance.append(load.max() / load.mean().clamp(min=1e-9))
         moe.last_load = None
-    return imbalance
+    return torch.stack(imbalance) if imbalance else None
 
 
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts_(gate_proj|up_proj|down_proj)$")

@@ -75,11 +75,11 @@ export async function serveGeneration(c: Ctx, deps: AppDeps, job: GenerationJob,
   if (cache.key) {
     const hit = await deps.cache.get(cache.key);
     if (hit) {
-      const admitted = await tenant.admit({ model: job.model, stream: false, reserveTokens: 0 });
-      if (!admitted.ok) throw rateLimited(admitted.kind, admitted.message, admitted.retryAfterMs);
-      waitUntil(
-        tenant.settle(admitted.leaseId, { model: job.model, engine: 'cache', promptTokens: hit.result.usage.prompt_tokens, completionTokens: hit.result.usage.completion_tokens, cacheHit: true }),
+      const admitted = await tenant.admitHit(
+        { model: job.model, stream: false, reserveTokens: 0 },
+        { model: job.model, engine: 'cache', promptTokens: hit.result.usage.prompt_tokens, completionTokens: hit.result.usage.completion_tokens },
       );
+      if (!admitted.ok) throw rateLimited(admitted.kind, admitted.message, admitted.retryAfterMs);
       const result: CompletionResult = { ...hit.result, id: completionId(job.kind), created: Math.floor(Date.now() / 1000) };
       const headers = { [CACHE_STATUS_HEADER]: 'HIT', [ENGINE_HEADER]: 'cache' };
       if (!job.stream) return c.json(formatResponse(job.kind, result), 200, headers);
@@ -92,6 +92,8 @@ export async function serveGeneration(c: Ctx, deps: AppDeps, job: GenerationJob,
       );
     }
   }
+
+  if (job.promptIds?.some((ids) => ids.length === 0)) throw badRequest('The prompt is empty.', job.kind === 'chat' ? 'messages' : 'prompt', 'empty_prompt');
 
   // ---- routing: the edge when the request is within the edge limit; otherwise pods, with the edge as the
   // fallback while the request fits the engine's own context.
@@ -145,7 +147,8 @@ export async function serveGeneration(c: Ctx, deps: AppDeps, job: GenerationJob,
       if (fallback) return fallback;
     }
     if (edgeRefused && !podsConfigured) {
-      throw badRequest(`The edge engine cannot fit this request (memory budget) and no GPU pod is configured.`, 'max_tokens', 'context_length_exceeded');
+      // Within the engine's context but over its memory budget next to the requests already running.
+      throw noEngine('The edge engine is at its memory budget with the requests already running; retry shortly.', 1);
     }
     throw noEngine(`The GPU pods for '${job.model}' are unavailable and the request does not fit the edge engine.`, deps.pool?.retryAfterSeconds() ?? 5);
   } catch (err) {

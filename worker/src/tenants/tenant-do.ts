@@ -243,6 +243,13 @@ export class TenantLimiter extends DurableObject {
     );
   }
 
+  /** Admission and metering of a cache hit in one call (a hit holds no lease: it is answered at once). */
+  admitHit(req: AdmitRequest, m: Metering): AdmitResult {
+    const admitted = this.admit({ ...req, reserveTokens: 0 });
+    if (admitted.ok) this.settle(admitted.leaseId, { ...m, cacheHit: true });
+    return admitted;
+  }
+
   /** Ends a lease without charging: the request was rejected after admission (nothing was generated). */
   release(leaseId: string): void {
     this.sql.exec('DELETE FROM leases WHERE id = ?', leaseId);

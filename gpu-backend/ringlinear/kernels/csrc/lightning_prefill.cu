@@ -318,7 +318,7 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const at::Tensor& scan_seqs, const at::Tensor& log2_gamma, double scale) {
   const int H = q.size(1), D = q.size(2);
   TORCH_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
-  for (const auto* t : {&q, &k, &v, &o})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &o})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "lightning_prefill: q/k/v/o must be contiguous bf16");
   TORCH_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_prefill: state must be contiguous fp32");
   TORCH_CHECK(ws.is_contiguous() && ws.scalar_type() == at::kFloat, "lightning_prefill: workspace must be contiguous fp32");

@@ -38,6 +38,8 @@ export interface TestEngineOptions {
 export class TestEngine implements Engine {
   readonly info: EngineInfo;
   generateCalls = 0;
+  /** Tokens produced by the last finished generation (what its done event reported). */
+  lastProduced = 0;
   private readonly delay: number;
   private readonly eosBias: number;
 
@@ -128,6 +130,7 @@ export class TestEngine implements Engine {
       }
     }
     if (finishReason === 'length' && emitted < text.length && !signal?.aborted) yield { type: 'text', text: text.slice(emitted) };
+    this.lastProduced = produced;
     yield { type: 'done', finishReason, promptTokens: promptIds.length, completionTokens: produced };
   }
 }

@@ -5,6 +5,7 @@
  */
 import { TestEngine } from './test-engine';
 
+/** hang: /health answers, generation requests never do (an overloaded pod). */
 export type PodState = 'up' | 'down' | 'unhealthy' | 'error500' | 'hang';
 
 export interface PodRequestLog {
@@ -39,7 +40,7 @@ export class TestPod {
     const body = req.method === 'POST' ? ((await req.json()) as Record<string, any>) : null;
     this.requests.push({ path, auth: req.headers.get('authorization'), body });
     if (this.state === 'down') throw new TypeError('fetch failed: connection refused');
-    if (this.state === 'hang') {
+    if (this.state === 'hang' && path !== '/health') {
       await new Promise<never>((_, reject) => req.signal.addEventListener('abort', () => reject(new DOMException('aborted', 'AbortError'))));
     }
     if (req.headers.get('authorization') !== `Bearer ${this.secret}`) return error(401, 'bad pod secret');

@@ -1,0 +1,115 @@
+"""`python -m ringlinear serve`: load a checkpoint (or make random weights for a preset) and serve it.
+
+    python -m ringlinear serve --model test/fixtures/tiny --port 8000
+    python -m ringlinear serve --random-weights ring-mini-linear-2.0 --tokenizer test/fixtures/tiny --device cuda \\
+        --memory-budget 40GiB --max-batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load_model
+from ..config import ConfigError, RingLinearConfig
+from ..engine import AsyncEngine, Engine, EngineConfig, EngineConfigError, random_model
+from ..tokenizer import ChatTokenizer
+from .app import PodSettings, create_app
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringlinear serve", description="OpenAI-compatible Ring-linear pod server")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer)")
+    src.add_argument("--random-weights", metavar="PRESET",
+                     help="random weights for a preset of ringlinear/tools/params.py (or a config.json path), made on the device")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--served-model-name", help="model id in the API (default: the directory or preset name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--max-batch", type=int, default=8, help="requests running at once (linear-state slots)")
+    p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's)")
+    p.add_argument("--memory-budget", type=parse_size, default=parse_size("1GiB"),
+                   help="bytes for state slots + paged KV + prefix snapshots, weights excluded (e.g. 40GiB)")
+    p.add_argument("--prefix-cache-budget", type=parse_size, help="part of the budget for prefix snapshots (default 1/4; 0 = off)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 503")
+    p.add_argument("--max-step-tokens", type=int, default=512, help="tokens per engine step (decodes + prompt chunks)")
+    p.add_argument("--block-size", type=int, default=16, help="paged KV block size (tokens)")
+    p.add_argument("--prefix-block", type=int, default=64, help="prefix snapshot granularity (tokens)")
+    p.add_argument("--default-max-tokens", type=int, help="chat max_tokens when the request gives none (default: rest of context)")
+    p.add_argument("--api-key", action="append", default=[], help="accepted bearer key for direct use (repeatable)")
+    p.add_argument("--shared-secret", default=os.environ.get("POD_SHARED_SECRET"),
+                   help="the edge worker's bearer secret (default: env POD_SHARED_SECRET)")
+    p.add_argument("--max-body-bytes", type=parse_size, default=parse_size("16MiB"))
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    return dev
+
+
+def build_pod(args: argparse.Namespace):
+    """(app, AsyncEngine) from parsed options; raises SystemExit with a clear message on bad options."""
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tok_dir = args.tokenizer or args.model
+    try:
+        if args.model:
+            model = load_model(args.model, dtype=dtype, device=device)
+            name = args.served_model_name or Path(args.model).resolve().name
+        else:
+            from ..tools.params import PRESETS
+            src = args.random_weights
+            cfg = RingLinearConfig.from_dict(PRESETS[src]) if src in PRESETS else RingLinearConfig.from_file(src)
+            model = random_model(cfg, device, dtype, args.seed)
+            name = args.served_model_name or (src if src in PRESETS else Path(src).resolve().name)
+        tokenizer = ChatTokenizer(tok_dir) if tok_dir else None
+    except (CheckpointError, ConfigError) as e:
+        raise SystemExit(f"error: {e}") from None
+    ec = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, memory_budget=args.memory_budget,
+                      prefix_cache_bytes=args.prefix_cache_budget, max_queue=args.max_queue, block_size=args.block_size,
+                      prefix_block=args.prefix_block, max_step_tokens=args.max_step_tokens)
+    try:
+        engine = Engine(model, ec, tokenizer)
+    except EngineConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    keys = list(args.api_key) + ([args.shared_secret] if args.shared_secret else [])
+    settings = PodSettings(model_name=name, api_keys=keys, max_body_bytes=args.max_body_bytes,
+                           default_max_tokens=args.default_max_tokens)
+    aengine = AsyncEngine(engine)
+    return create_app(aengine, tokenizer, settings), aengine
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, _ = build_pod(args)
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

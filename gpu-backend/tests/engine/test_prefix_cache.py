@@ -1,0 +1,100 @@
+"""Prefix-state cache: a hit skips that prefill (counted), changes no token, and stays within its budget."""
+
+from __future__ import annotations
+
+import torch
+
+from engine_helpers import greedy, make_engine, random_prompt, run_all
+
+from ringlinear.engine.prefix_cache import PrefixCache, block_hashes
+from ringlinear.engine.pools import BlockAllocator
+
+
+def _logprobs(outs, rid):
+    return torch.tensor([o.logprobs[0].logprob for o in outs if o.request_id == rid])
+
+
+def test_prefix_hit_skips_prefill_and_changes_no_token(tiny_model):
+    shared = random_prompt(200, 5)
+    first = shared + random_prompt(10, 6)
+    second = shared[:192] + random_prompt(40, 7)  # shares 3 prefix blocks (192 tokens) with the first
+
+    cold = make_engine(tiny_model, prefix_cache_bytes=0)
+    want = cold.add_request(second, greedy(6, logprobs=2))
+    want_lp = _logprobs(run_all(cold), want.id)
+
+    eng = make_engine(tiny_model, max_step_tokens=128)
+    eng.add_request(first, greedy(3))
+    run_all(eng)
+    assert eng.prefix.hits == 0 and len(eng.prefix.entries) >= 1
+    computed_before = eng.prefill_tokens_computed
+    r = eng.add_request(second, greedy(6, logprobs=2))
+    outs = run_all(eng)
+    assert eng.prefix.hits == 1
+    assert r.cached_tokens == 192
+    assert eng.prefill_tokens_computed - computed_before == len(second) - 192
+    assert eng.stats()["prefix_cache_tokens_saved"] == 192
+    assert [o.cached_tokens for o in outs if o.finished] == [192]
+    assert r.output == want.output == tiny_model.generate_greedy(second, 6)[0]
+    torch.testing.assert_close(_logprobs(outs, r.id), want_lp, rtol=0, atol=1e-4)
+
+
+def test_identical_prompt_hits_but_recomputes_last_token(tiny_model):
+    prompt = random_prompt(128, 8)  # exactly two blocks: the hit can only cover the first (one token must remain)
+    eng = make_engine(tiny_model)
+    a = eng.add_request(prompt, greedy(4))
+    run_all(eng)
+    b = eng.add_request(prompt, greedy(4))
+    run_all(eng)
+    assert b.cached_tokens == 64 and a.output == b.output
+
+
+def test_different_first_block_misses():
+    """Keys chain the whole prefix: the same second block after a different first block is another key."""
+    x, y, z = random_prompt(64, 1), random_prompt(64, 2), random_prompt(64, 3)
+    assert block_hashes(x + z, 64)[1] != block_hashes(y + z, 64)[1]
+    assert block_hashes(x + z, 64)[0] == block_hashes(x + y, 64)[0]
+
+
+def test_lru_budget_and_block_references():
+    alloc = BlockAllocator(16)
+    state = {0: torch.zeros(2, 4, 4)}  # 128 bytes a snapshot
+    cache = PrefixCache(block=64, budget_bytes=2 * 128, allocator=alloc)
+    prompts = [random_prompt(65, s) for s in range(3)]
+    blocks = [alloc.alloc(4) for _ in range(3)]
+    for p, b in zip(prompts[:2], blocks[:2]):
+        assert cache.insert(p, 64, {0: state[0].clone()}, b)
+    assert cache.match(prompts[0]) is not None  # refreshes prompts[0]: prompts[1] is now the oldest
+    assert cache.insert(prompts[2], 64, {0: state[0].clone()}, blocks[2])
+    assert cache.bytes <= 256 and len(cache.entries) == 2
+    assert cache.match(prompts[1]) is None and cache.match(prompts[0]) is not None
+    # the evicted snapshot dropped its block references; the requests' own references remain
+    assert all(alloc.refs[b] == 1 for b in blocks[1]) and all(alloc.refs[b] == 2 for b in blocks[0])
+    for b in blocks:
+        alloc.release(b)
+    cache.clear()
+    assert alloc.num_free == 16 and cache.bytes == 0
+    assert cache.hits == 2 and cache.lookups == 3
+
+
+def test_admission_evicts_snapshots_for_kv_room(tiny_model):
+    """Snapshots pin KV blocks; when an admission needs them, least recently used snapshots go."""
+    eng = _tight_engine(tiny_model)  # KV room for one 512-token context and 2 blocks more
+    old = random_prompt(300, 20)
+    eng.add_request(old, greedy(2))
+    run_all(eng)
+    assert len(eng.prefix.entries) == 1 and eng.kv.blocks.used == 256 // 16  # the snapshot at 256 pins 16 blocks
+    big = eng.add_request(random_prompt(500, 30), greedy(4))  # needs 32 blocks, only 18 are free
+    run_all(eng)
+    assert len(big.output) == 4 and big.finish_reason == "length"
+    assert eng.prefix.match(old + [1]) is None  # evicted to make room
+    assert eng.kv.blocks.used <= eng.plan.kv_blocks
+
+
+def _tight_engine(model):
+    from ringlinear.engine import Engine, EngineConfig, MemoryPlan
+
+    probe = MemoryPlan.make(model.config, EngineConfig(max_batch=2, memory_budget=1 << 30, prefix_cache_bytes=0), model.dtype, 512)
+    budget = 2 * probe.slot_bytes + (512 // 16 + 2) * probe.block_bytes + 4 * probe.slot_bytes
+    return Engine(model, EngineConfig(max_batch=2, max_context=512, memory_budget=budget, prefix_cache_bytes=4 * probe.slot_bytes),
+                  eos_ids=set())

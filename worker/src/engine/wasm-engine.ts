@@ -1,0 +1,257 @@
+/**
+ * The in-worker engine over the C/SIMD128 kernel: `createWasmEngine({ module, files, quant })`.
+ *
+ * Memory: weights, activation scratch and every running request's session (fp32 linear states + softmax KV cache
+ * for prompt + max_tokens positions) live in the kernel's wasm memory. A fixed reserve stands for the JS side
+ * (tokenizer tables, script, runtime). A request whose session would push the total over the budget is refused
+ * with EngineBudgetError before any work; so is a model that does not fit at all.
+ */
+import { parseJson, parseModelConfig, type ModelConfig } from './config';
+import { type Kernel, instantiateKernel } from './kernel';
+import { type Bytes, readSafetensors, readShardedSafetensors } from './safetensors';
+import { Prng, logprobsOf, randomSeed, sampleToken } from './sampling';
+import { IncrementalDetokenizer, StopCutter, TextCodec } from './text';
+import {
+  type Engine,
+  EngineBudgetError,
+  type EngineInfo,
+  type GenerateEvent,
+  type GenerateParams,
+  type TokenLogprob,
+} from './types';
+import { loadWeights } from './weights';
+
+/** Cloudflare's per-isolate limit. */
+export const ISOLATE_MEMORY_BYTES = 128 * 1024 * 1024;
+/** Reserved for the JS heap, script and tokenizer tables (measured tokenizer heap for the tiny model is ~2 MB). */
+export const JS_RESERVE_BYTES = 24 * 1024 * 1024;
+const DEFAULT_MAX_CHUNK = 64;
+const DEFAULT_MAX_CONTEXT = 4096;
+
+export interface CheckpointFiles {
+  config: string | object; // config.json
+  tokenizer: string | object; // tokenizer.json
+  tokenizerConfig?: string | object; // tokenizer_config.json (chat_template, special tokens)
+  generationConfig?: string | object; // generation_config.json (eos ids)
+  /** model.safetensors bytes, or the sharded form: index.json + shard bytes by file name */
+  weights: Bytes | { index: string | object; shards: Record<string, Bytes> };
+}
+
+export interface WasmEngineOptions {
+  /** the kernel, precompiled: `import m from '.../ringlinear.wasm'` in workers */
+  module: WebAssembly.Module;
+  files: CheckpointFiles;
+  quant?: 'f32' | 'int8';
+  id?: string;
+  memoryBudgetBytes?: number;
+  maxChunk?: number;
+  maxContext?: number;
+}
+
+/** Direct access to the model for tests and benchmarks: prefill/decode with logits and states. */
+export class ModelRunner {
+  constructor(readonly kernel: Kernel, readonly cfg: ModelConfig) {}
+
+  /** Feeds tokens in chunks; returns logits of every position (all = true) or of the last one. */
+  prefill(session: number, ids: number[], all = false): Float32Array[] {
+    const out: Float32Array[] = [];
+    const C = this.cfg.kernel.maxChunk;
+    for (let i = 0; i < ids.length; i += C) {
+      const chunk = ids.slice(i, i + C);
+      this.kernel.forward(session, chunk);
+      if (all) for (let r = 0; r < chunk.length; r++) out.push(this.kernel.logits(r));
+      else if (i + C >= ids.length) out.push(this.kernel.logits(chunk.length - 1));
+    }
+    return out;
+  }
+
+  decode(session: number, id: number, out?: Float32Array): Float32Array {
+    this.kernel.forward(session, [id]);
+    return this.kernel.logits(0, out);
+  }
+}
+
+export class WasmEngine implements Engine {
+  readonly info: EngineInfo;
+  readonly runner: ModelRunner;
+  private activeSessionBytes = 0;
+
+  constructor(
+    private readonly kernel: Kernel,
+    private readonly cfg: ModelConfig,
+    private readonly codec: TextCodec,
+    readonly budgetBytes: number,
+    info: EngineInfo,
+  ) {
+    this.info = info;
+    this.runner = new ModelRunner(kernel, cfg);
+  }
+
+  /** Bytes the engine holds with no request running: wasm weights + scratch + the JS reserve. */
+  get baseBytes(): number {
+    return this.kernel.modelBytes() + JS_RESERVE_BYTES;
+  }
+  /** Bytes a request of `positions` tokens (prompt + max_tokens) adds. */
+  requestBytes(positions: number): number {
+    return this.kernel.sessionBytes(positions);
+  }
+  /** Current wasm linear memory (it only grows); tests compare it with the budget. */
+  get wasmMemoryBytes(): number {
+    return this.kernel.memoryBytes;
+  }
+
+  encode(text: string): number[] {
+    return this.codec.encode(text);
+  }
+
+  decode(ids: number[]): string {
+    return this.codec.decode(ids);
+  }
+
+  applyChatTemplate(messages: { role: string; content: string }[]): string {
+    return this.codec.applyChatTemplate(messages);
+  }
+
+  /** Throws EngineBudgetError if the request cannot run now. */
+  private checkBudget(promptLen: number, maxTokens: number): number {
+    const positions = promptLen + maxTokens;
+    if (promptLen > this.info.maxContext)
+      throw new EngineBudgetError(`prompt has ${promptLen} tokens; this engine accepts at most ${this.info.maxContext}`, 'prompt');
+    if (positions > this.info.maxContext)
+      throw new EngineBudgetError(
+        `prompt (${promptLen}) + max_tokens (${maxTokens}) = ${positions} exceeds the engine context of ${this.info.maxContext} tokens`,
+      );
+    const need = this.baseBytes + this.activeSessionBytes + this.requestBytes(positions);
+    if (need > this.budgetBytes)
+      throw new EngineBudgetError(
+        `request needs ${(need / 2 ** 20).toFixed(1)} MiB (weights + running requests + this one's state for ${positions} tokens) ` +
+          `but the engine budget is ${(this.budgetBytes / 2 ** 20).toFixed(1)} MiB; lower max_tokens or retry later`,
+      );
+    return positions;
+  }
+
+  generate(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncIterable<GenerateEvent> {
+    if (promptIds.length === 0) throw new RangeError('prompt must contain at least one token');
+    for (const id of promptIds)
+      if (!Number.isInteger(id) || id < 0 || id >= this.info.vocabSize)
+        throw new RangeError(`token id ${id} is outside the vocabulary (0..${this.info.vocabSize - 1})`);
+    this.checkBudget(promptIds.length, params.maxTokens);
+    return this.run(promptIds, params, signal);
+  }
+
+  private async *run(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
+    // Re-checked here: other requests may have started between generate() and the first iteration.
+    const positions = this.checkBudget(promptIds.length, params.maxTokens);
+    const bytes = this.requestBytes(positions);
+    const session = this.kernel.createSession(positions);
+    this.activeSessionBytes += bytes;
+    const rng = new Prng(params.seed ?? randomSeed());
+    const detok = new IncrementalDetokenizer(this.codec);
+    const cutter = new StopCutter(params.stop);
+    const eos = new Set(this.cfg.eosTokenIds);
+    const logits = new Float32Array(this.info.vocabSize);
+    let produced = 0;
+    let finish: 'stop' | 'length' = 'length';
+    let hitStopString = false;
+    try {
+      if (params.maxTokens > 0 && !signal?.aborted) logits.set(this.runner.prefill(session, promptIds)[0]);
+      while (produced < params.maxTokens) {
+        if (signal?.aborted) { finish = 'stop'; break; }
+        const id = sampleToken(logits, params, rng);
+        produced++;
+        if (eos.has(id)) { finish = 'stop'; break; }
+        const lp = params.logprobs !== undefined ? [this.tokenLogprob(logits, id, params.logprobs)] : undefined;
+        const piece = cutter.push(detok.push(id));
+        if (piece.text || lp) yield { type: 'text', text: piece.text, ...(lp ? { logprobs: lp } : {}) };
+        if (piece.stopped) { finish = 'stop'; hitStopString = true; break; }
+        if (produced < params.maxTokens) {
+          // Let other requests of this isolate run (and streamed bytes flush) between tokens.
+          await new Promise<void>((r) => setTimeout(r, 0));
+          if (signal?.aborted) { finish = 'stop'; break; }
+          this.runner.decode(session, id, logits);
+        }
+      }
+      if (!hitStopString && !signal?.aborted) {
+        // text held back for an incomplete character or a possible stop string
+        const tail = cutter.push(detok.flush());
+        const rest = tail.stopped ? tail.text : tail.text + cutter.flush();
+        if (rest) yield { type: 'text', text: rest };
+      }
+      yield { type: 'done', finishReason: finish, promptTokens: promptIds.length, completionTokens: produced };
+    } finally {
+      this.kernel.freeSession(session);
+      this.activeSessionBytes -= bytes;
+    }
+  }
+
+  private tokenLogprob(logits: Float32Array, id: number, top: number): TokenLogprob {
+    const r = logprobsOf(logits, id, top);
+    return {
+      token: this.codec.tokenText(id),
+      logprob: r.logprob,
+      top: r.top.map(([i, lp]) => ({ token: this.codec.tokenText(i), logprob: lp })),
+    };
+  }
+
+  destroy(): void {
+    this.kernel.destroy();
+  }
+}
+
+/** Largest context (positions) whose session fits next to the model within the budget. */
+function contextThatFits(kernel: Kernel, budget: number, cap: number): number {
+  const free = budget - kernel.modelBytes() - JS_RESERVE_BYTES;
+  let lo = 0;
+  let hi = cap;
+  while (lo < hi) {
+    const mid = Math.floor((lo + hi + 1) / 2);
+    if (kernel.sessionBytes(mid) <= free) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/** Builds an engine from a checkpoint's bytes. The checkpoint buffers are not retained. */
+export async function createWasmEngine(opts: WasmEngineOptions): Promise<WasmEngine> {
+  const quant = opts.quant ?? 'f32';
+  const budget = opts.memoryBudgetBytes ?? ISOLATE_MEMORY_BYTES;
+  const f = opts.files;
+  const generationConfig = f.generationConfig ? parseJson(f.generationConfig, 'generation_config.json') : undefined;
+  const requestedContext = opts.maxContext ?? DEFAULT_MAX_CONTEXT;
+  const cfg = parseModelConfig(f.config, {
+    quant,
+    maxChunk: opts.maxChunk ?? DEFAULT_MAX_CHUNK,
+    maxContext: requestedContext,
+    generationConfig,
+  });
+  const codec = new TextCodec(f.tokenizer, f.tokenizerConfig);
+  const tensors =
+    f.weights instanceof ArrayBuffer || f.weights instanceof Uint8Array
+      ? readSafetensors(f.weights)
+      : readShardedSafetensors(f.weights.index, f.weights.shards);
+  const kernel = await instantiateKernel(opts.module);
+  kernel.createModel(cfg.kernel);
+  try {
+    if (kernel.modelBytes() + JS_RESERVE_BYTES > budget)
+      throw new EngineBudgetError(
+        `model needs ${(kernel.modelBytes() / 2 ** 20).toFixed(1)} MiB of wasm memory in ${quant}; with the ` +
+          `${JS_RESERVE_BYTES / 2 ** 20} MiB JS reserve that exceeds the ${(budget / 2 ** 20).toFixed(1)} MiB budget`,
+        'model',
+      );
+    loadWeights(kernel, cfg, tensors);
+  } catch (e) {
+    kernel.destroy();
+    throw e;
+  }
+  const maxContext = contextThatFits(kernel, budget, cfg.kernel.maxContext);
+  if (maxContext < 1) {
+    kernel.destroy();
+    throw new EngineBudgetError('no room left for even one token of request state within the budget', 'model');
+  }
+  return new WasmEngine(kernel, cfg, codec, budget, {
+    id: opts.id ?? 'ringlinear-edge',
+    engine: quant === 'int8' ? 'wasm-int8' : 'wasm-f32',
+    maxContext,
+    vocabSize: cfg.kernel.vocab,
+  });
+}
