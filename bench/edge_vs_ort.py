@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "gpu-backend"))
 
 from ringlinear.checkpoint import save_checkpoint  # noqa: E402
 from ringlinear.config import RingLinearConfig  # noqa: E402
-from ringlinear.export.onnx import export  # noqa: E402
+from ringlinear.export.onnx import export, is_up_to_date  # noqa: E402
 from ringlinear.tools.golden import FIXTURES_DIR, ensure_fixture  # noqa: E402
 from ringlinear.tools.make_tiny import TINY, random_tensors  # noqa: E402
 
@@ -43,10 +43,8 @@ def make_bench_checkpoint(out: Path) -> Path:
 
 
 def ensure_onnx(ckpt: Path, out: Path) -> None:
-    newest = max(f.stat().st_mtime for f in ckpt.iterdir())
-    if out.exists() and out.with_suffix(".json").exists() and out.stat().st_mtime >= newest:
-        return
-    export(ckpt, out, MAX_CONTEXT)
+    if not is_up_to_date(ckpt, out):
+        export(ckpt, out, MAX_CONTEXT)
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ try {
   const run = (title, extraHeaders) =>
     autocannon({ title, url, method: 'POST', headers: { ...headers, ...extraHeaders }, body, connections, duration });
   const floor = await autocannon({ title: 'GET /health', url: `${worker.url}/health`, connections, duration });
+  const authOnly = await autocannon({ title: 'GET /v1/models', url: `${worker.url}/v1/models`, headers, connections, duration });
   const cached = await run('cached', {});
   const edge = await run('edge engine (cache skipped)', { 'x-skip-cache': 'true' });
 
@@ -61,7 +62,8 @@ try {
   console.log('| path | req/s | p50 ms | p99 ms | non-2xx | errors |');
   console.log('|---|---|---|---|---|---|');
   console.log(row('floor: GET /health (no auth, no storage)', floor));
-  console.log(row('cache HIT', cached));
+  console.log(row('GET /v1/models (key check: one Durable Object call)', authOnly));
+  console.log(row('cache HIT (key check + Cache API + admission/metering call)', cached));
   console.log(row('edge engine (x-skip-cache)', edge));
   console.log(`\ncache HIT / edge engine throughput: ${(cached.requests.average / edge.requests.average).toFixed(1)}x`);
   console.log(`edge engine: ${edge.requests.average.toFixed(2)} completions/s = ${(edge.requests.average * usage.completion_tokens).toFixed(0)} generated tokens/s over ${connections} connections`);

@@ -3,7 +3,7 @@
 #   wasm/build/ringlinear.wasm         emcc -O3 -msimd128, standalone (no JS glue, no imports): what the worker imports
 #   wasm/build/ringlinear_scalar.wasm  same without SIMD (benchmark baseline)
 #   wasm/build/test_kernels.js(+.wasm) the C kernel tests compiled with SIMD128, run by node (ref vs simd128)
-#   wasm/build/native/test_kernels     the same tests built natively (gcc)
+#   wasm/build/native/test_kernels     the same tests built natively (gcc, else clang)
 #   wasm/build/native/bench_native     native baseline for bench/edge_engine.mjs (gcc -O3 -march=native)
 # Usage: bash tools/build-wasm.sh [--test]   (--test also runs the wasm and native kernel tests)
 set -euo pipefail
@@ -35,10 +35,13 @@ echo '{ "type": "commonjs" }' > "$OUT/package.json"
 emcc $CFLAGS -msimd128 $SRC wasm/tests/test_kernels.c -o "$OUT/test_kernels.js" -sENVIRONMENT=node \
   -sALLOW_MEMORY_GROWTH=1 -sEXIT_RUNTIME=1 -sSINGLE_FILE=1  # node 20 has fetch(): embed the wasm so the glue never fetches a path
 
-gcc $CFLAGS -march=native $SRC wasm/tests/test_kernels.c -o "$OUT/native/test_kernels" -lm
-gcc $CFLAGS -march=native $SRC wasm/bench/bench_native.c -o "$OUT/native/bench_native" -lm
-# Same C with reassociation allowed, so gcc vectorises the reference reductions (the strongest native baseline).
-gcc $CFLAGS -march=native -ffast-math $SRC wasm/bench/bench_native.c -o "$OUT/native/bench_native_fastmath" -lm
+# Native builds: gcc, or the clang that Debian's emscripten depends on.
+CC=${CC:-$(command -v gcc || command -v clang-14 || command -v clang || command -v cc)}
+"$CC" $CFLAGS -march=native $SRC wasm/tests/test_kernels.c -o "$OUT/native/test_kernels" -lm
+"$CC" $CFLAGS -march=native $SRC wasm/bench/bench_native.c -o "$OUT/native/bench_native" -lm
+# Same C with reassociation allowed, so the compiler vectorises the reference reductions (the strongest native
+# baseline).
+"$CC" $CFLAGS -march=native -ffast-math $SRC wasm/bench/bench_native.c -o "$OUT/native/bench_native_fastmath" -lm
 
 echo "built: $(ls "$OUT"/*.wasm | tr '\n' ' ')"
 

@@ -72,18 +72,27 @@ async function waitFor(url, { headers = {}, timeoutMs = 120_000, proc, ok = (r) 
 export function podMissing() {
   if (!existsSync(join(ROOT, 'gpu-backend/ringlinear/server/app.py'))) return 'the pod server (gpu-backend/ringlinear/server/) is absent';
   if (!existsSync(join(ROOT, '.venv/bin/python'))) return 'the Python venv (.venv) is absent';
-  if (!existsSync(join(ROOT, 'test/fixtures/tiny/model.safetensors'))) return 'test/fixtures/tiny is absent (bash tools/fixtures.sh)';
+  if (!podModel()) return 'neither models/default nor test/fixtures/tiny holds a checkpoint (bash tools/fixtures.sh)';
+  return null;
+}
+
+/** The checkpoint the pod serves: the embedded default model when present (same model on both sides), else tiny. */
+export function podModel() {
+  for (const dir of ['models/default', 'test/fixtures/tiny']) {
+    if (existsSync(join(ROOT, dir, 'model.safetensors')) && existsSync(join(ROOT, dir, 'config.json'))) return dir;
+  }
   return null;
 }
 
 /** Why the worker cannot be built here, or null. */
 export function workerMissing() {
   if (!existsSync(join(ROOT, 'wasm/build/ringlinear.wasm'))) return 'wasm/build/ringlinear.wasm is absent (bash tools/build-wasm.sh)';
+  if (!existsSync(join(ROOT, 'models/default/model.safetensors'))) return 'models/default/model.safetensors (the embedded model) is absent';
   return null;
 }
 
-/** `python -m ringlinear serve` on CPU, serving the tiny checkpoint under `servedName`. */
-export async function startPod({ port, secret, servedName, model = 'test/fixtures/tiny' }) {
+/** `python -m ringlinear serve` on CPU, serving `model` (default: podModel()) under `servedName`. */
+export async function startPod({ port, secret, servedName, model = podModel() }) {
   const proc = startGroup(
     join(ROOT, '.venv/bin/python'),
     ['-m', 'ringlinear', 'serve', '--model', model, '--port', String(port), '--device', 'cpu', '--served-model-name', servedName, '--shared-secret', secret],

@@ -14,9 +14,10 @@
 
 /* ---- matmul.c: y[t, n] = sum_k w[n, k] * x[t, k];  x [T, K], w [N, K], y [T, N] ---- */
 RL_DECL(void, matmul_f32, (float *y, const float *x, const float *w, int T, int N, int K))
-/* int8 weights with per-row scale ws[N]; activations as int16 xq [T, K] with per-row scale xs[T] */
+/* int8 weights with per-row scale ws[N]; activations as int16 xq [T, K] with per-row scale xs[T].
+   packed = 1: w is in the 4-row interleaved layout of pack_rows_q8 (K % 16 == 0), else row-major. */
 RL_DECL(void, matmul_q8, (float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws,
-                          int T, int N, int K))
+                          int T, int N, int K, int packed))
 /* y[i] += a * x[i], n elements */
 RL_DECL(void, axpy_f32, (float *y, float a, const float *x, int n))
 
@@ -27,6 +28,16 @@ RL_DECL(float, quantize_row_q8, (int8_t *q, const float *x, int n))
 RL_DECL(float, quantize_row_act16, (int16_t *q, const float *x, int n))
 /* x[n] = q * s */
 RL_DECL(void, dequantize_row_q8, (float *x, const int8_t *q, float s, int n))
+/* Packed int8 layout: rows in groups of 4; within a group, 16-byte chunks of the 4 rows alternate
+   (chunk c of row j at group_base + 64c + 16j), so a 4-row matvec reads memory strictly sequentially.
+   Rows past the last full group stay row-major. Offset of element (r, k) in a packed [N, K] matrix: */
+static inline long q8_packed_index(int r, int k, int N, int K) {
+  int full = N & ~3;
+  if (r >= full) return (long)r * K + k;
+  return (long)(r & ~3) * K + (long)(k >> 4) * 64 + (r & 3) * 16 + (k & 15);
+}
+/* dst = src [N, K] (row-major int8) rearranged into the packed layout; K % 16 == 0 */
+void pack_rows_q8(int8_t *dst, const int8_t *src, int N, int K);
 #define RL_ACT_Q_MAX 8191.0f /* 14-bit activations keep int32 lanes of i32x4.dot_i16x8 far from overflow */
 #define RL_I8_BLOCK 4096     /* int32 partial sums are flushed to float every this many products per row */
 

@@ -54,6 +54,7 @@ typedef struct {
   float *f;       /* [rows, cols] when f32 */
   int8_t *q;      /* [rows, cols] when int8 */
   float *scale;   /* [rows] when int8 */
+  int32_t packed; /* int8 only: 1 = 4-row interleaved layout (kernels.h, q8_packed_index) for streaming matvecs */
 } rl_mat;
 
 typedef struct {

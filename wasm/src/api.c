@@ -18,6 +18,14 @@
 #define RL_API
 #endif
 
+/* The packed int8 layout serves the SIMD128 4-row matvec; native builds (the benchmark baseline, where the
+   compiler vectorises the row-major reference best) keep rows contiguous. Same integer sums either way. */
+#ifdef __wasm_simd128__
+#define RL_PACK_Q8 1
+#else
+#define RL_PACK_Q8 0
+#endif
+
 static char err_msg[256];
 static int fail(int code, const char *msg) {
   snprintf(err_msg, sizeof err_msg, "%s", msg);
@@ -42,6 +50,7 @@ static void take_mat(cursor *c, rl_mat *w, int rows, int cols, int int8) {
   w->rows = rows;
   w->cols = cols;
   w->f = NULL; w->q = NULL; w->scale = NULL;
+  w->packed = RL_PACK_Q8 && int8 && cols % 16 == 0 && rows >= 4;
   if (int8) {
     w->q = take(c, (size_t)rows * cols);
     w->scale = take(c, sizeof(float) * rows);
@@ -57,6 +66,7 @@ static void layout_weights(rl_model *m, cursor *cur) {
   int D = c->dim, H = c->n_heads, Hkv = c->n_kv_heads, d = c->head_dim, q8 = c->quant == RL_QUANT_INT8;
   rl_layer scratch_layer;
   take_mat(cur, &m->embed, c->vocab, D, q8);
+  m->embed.packed = 0; /* looked up by row, never multiplied */
   m->final_norm = take(cur, sizeof(float) * D);
   take_mat(cur, &m->lm_head, c->vocab, D, q8);
   rl_layer *layers = take(cur, sizeof(rl_layer) * c->n_layers);
@@ -286,12 +296,19 @@ RL_API int rl_load_rows(rl_model *m, int kind, int layer, int expert, int row0, 
     memcpy((float *)dst + (size_t)row0 * cols, src, sizeof(float) * (size_t)nrows * cols);
     return RL_OK;
   }
+  /* int8 rows are quantised into scratch (idle while loading) and then placed in the matrix's layout */
+  int8_t *tmp = (int8_t *)m->s.xq;
   for (int r = 0; r < nrows; r++) {
-    size_t at = (size_t)(row0 + r) * cols;
-    if (mat->f)
+    int row = row0 + r;
+    size_t at = (size_t)row * cols;
+    if (mat->f) {
       memcpy(mat->f + at, src + (size_t)r * cols, sizeof(float) * cols);
-    else
-      mat->scale[row0 + r] = quantize_row_q8(mat->q + at, src + (size_t)r * cols, cols);
+    } else if (!mat->packed) {
+      mat->scale[row] = quantize_row_q8(mat->q + at, src + (size_t)r * cols, cols);
+    } else {
+      mat->scale[row] = quantize_row_q8(tmp, src + (size_t)r * cols, cols);
+      for (int k = 0; k < cols; k += 16) memcpy(mat->q + q8_packed_index(row, k, rows, cols), tmp + k, 16);
+    }
   }
   return RL_OK;
 }

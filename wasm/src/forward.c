@@ -45,7 +45,7 @@ static void mat_apply(rl_model *m, float *y, const float *x, const rl_mat *w, in
   }
   int K = w->cols;
   for (int t = 0; t < T; t++) m->s.xs[t] = quantize_row_act16(m->s.xq + (long)t * K, x + (long)t * K, K);
-  matmul_q8(y, m->s.xq, m->s.xs, w->q, w->scale, T, w->rows, K);
+  matmul_q8(y, m->s.xq, m->s.xs, w->q, w->scale, T, w->rows, K, w->packed);
 }
 
 static void add_rows(float *x, const float *y, long n) {

@@ -94,11 +94,30 @@ static float dot_q8_ref(const int8_t *w, const int16_t *x, int K) {
   return total;
 }
 
+/* The same exact integer dot over a row of the packed layout (K % 16 == 0): its 16-byte chunks sit 64 apart. */
+static float dot_q8_packed_ref(const int8_t *w, int r, int N, const int16_t *x, int K) {
+  if (r >= (N & ~3)) return dot_q8_ref(w + (long)r * K, x, K);
+  const int8_t *row = w + q8_packed_index(r, 0, N, K);
+  float total = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += RL_I8_BLOCK) {
+    int k1 = k0 + RL_I8_BLOCK < K ? k0 + RL_I8_BLOCK : K;
+    int32_t acc = 0;
+    for (int k = k0; k < k1; k += 16) {
+      const int8_t *c = row + (long)(k >> 4) * 64;
+      for (int i = 0; i < 16; i++) acc += (int32_t)c[i] * (int32_t)x[k + i];
+    }
+    total += (float)acc;
+  }
+  return total;
+}
+
 void matmul_q8_ref(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N,
-                   int K) {
+                   int K, int packed) {
   for (int t = 0; t < T; t++)
-    for (int n = 0; n < N; n++)
-      y[(long)t * N + n] = dot_q8_ref(w + (long)n * K, xq + (long)t * K, K) * ws[n] * xs[t];
+    for (int n = 0; n < N; n++) {
+      float d = packed ? dot_q8_packed_ref(w, n, N, xq + (long)t * K, K) : dot_q8_ref(w + (long)n * K, xq + (long)t * K, K);
+      y[(long)t * N + n] = d * ws[n] * xs[t];
+    }
 }
 
 #ifdef __wasm_simd128__
@@ -115,8 +134,28 @@ static inline int32_t hsum_i32x4(v128_t v) {
     acc = wasm_i32x4_add(acc, wasm_i32x4_dot_i16x8(wasm_i16x8_load8x8((wp) + 8), xhi));      \
   } while (0)
 
-/* 4 rows x 1 token. Block size keeps every int32 lane below 2^31 (see RL_ACT_Q_MAX). */
-static void matvec4_q8(float *out4, const int16_t *x, const int8_t *w, int K) {
+/* 4 rows x 1 token. Block size keeps every int32 lane below 2^31 (see RL_ACT_Q_MAX). Row-major rows start K
+   apart and advance 16 bytes per chunk; packed rows start 16 apart and advance 64 (so w_j + k*step/16). */
+static void matvec4_q8(float *out4, const int16_t *x, const int8_t *w, int K, int packed) {
+  if (packed) {
+    float s[4] = {0, 0, 0, 0};
+    for (int k0 = 0; k0 < K; k0 += RL_I8_BLOCK) {
+      int k1 = k0 + RL_I8_BLOCK < K ? k0 + RL_I8_BLOCK : K;
+      v128_t a0 = wasm_i32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
+      const int8_t *p = w + (long)k0 * 4;
+      for (int k = k0; k < k1; k += 16, p += 64) {
+        v128_t xlo = wasm_v128_load(x + k), xhi = wasm_v128_load(x + k + 8);
+        Q8_STEP(a0, p, xlo, xhi);
+        Q8_STEP(a1, p + 16, xlo, xhi);
+        Q8_STEP(a2, p + 32, xlo, xhi);
+        Q8_STEP(a3, p + 48, xlo, xhi);
+      }
+      s[0] += (float)hsum_i32x4(a0); s[1] += (float)hsum_i32x4(a1);
+      s[2] += (float)hsum_i32x4(a2); s[3] += (float)hsum_i32x4(a3);
+    }
+    out4[0] = s[0]; out4[1] = s[1]; out4[2] = s[2]; out4[3] = s[3];
+    return;
+  }
   const int8_t *w0 = w, *w1 = w + K, *w2 = w + 2L * K, *w3 = w + 3L * K;
   float s[4] = {0, 0, 0, 0};
   int k0 = 0;
@@ -138,8 +177,9 @@ static void matvec4_q8(float *out4, const int16_t *x, const int8_t *w, int K) {
   out4[0] = s[0]; out4[1] = s[1]; out4[2] = s[2]; out4[3] = s[3];
 }
 
-/* 1 row x 4 tokens: the widened weights are reused by 4 tokens. */
-static void matrow_tok4_q8(float *out4, const int16_t *x, const int8_t *wr, int K) {
+/* 1 row x 4 tokens: the widened weights are reused by 4 tokens. `step` = bytes between 16-byte chunks of the
+   row (16 row-major, 64 packed). */
+static void matrow_tok4_q8(float *out4, const int16_t *x, const int8_t *wr, int K, int step) {
   const int16_t *x0 = x, *x1 = x + K, *x2 = x + 2L * K, *x3 = x + 3L * K;
   float s[4] = {0, 0, 0, 0};
   for (int k0 = 0; k0 < K; k0 += RL_I8_BLOCK) {
@@ -147,7 +187,8 @@ static void matrow_tok4_q8(float *out4, const int16_t *x, const int8_t *wr, int 
     v128_t a0 = wasm_i32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
     int k = k0;
     for (; k + 16 <= k1; k += 16) {
-      v128_t wl = wasm_i16x8_load8x8(wr + k), wh = wasm_i16x8_load8x8(wr + k + 8);
+      const int8_t *p = wr + (long)(k >> 4) * step;
+      v128_t wl = wasm_i16x8_load8x8(p), wh = wasm_i16x8_load8x8(p + 8);
       a0 = wasm_i32x4_add(a0, wasm_i32x4_dot_i16x8(wl, wasm_v128_load(x0 + k)));
       a0 = wasm_i32x4_add(a0, wasm_i32x4_dot_i16x8(wh, wasm_v128_load(x0 + k + 8)));
       a1 = wasm_i32x4_add(a1, wasm_i32x4_dot_i16x8(wl, wasm_v128_load(x1 + k)));
@@ -164,13 +205,20 @@ static void matrow_tok4_q8(float *out4, const int16_t *x, const int8_t *wr, int 
   out4[0] = s[0]; out4[1] = s[1]; out4[2] = s[2]; out4[3] = s[3];
 }
 
+/* start of row n's data: row-major n*K; packed: its group's base + 16 * (n mod 4), tail rows row-major */
+static inline const int8_t *q8_row(const int8_t *w, int n, int N, int K, int packed) {
+  return packed && n < (N & ~3) ? w + (long)(n & ~3) * K + (n & 3) * 16 : w + (long)n * K;
+}
+
 void matmul_q8_simd128(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N,
-                       int K) {
+                       int K, int packed) {
   float r[4];
+  int full = N & ~3;
   int t = 0;
   for (; t + 4 <= T; t += 4)
     for (int n = 0; n < N; n++) {
-      matrow_tok4_q8(r, xq + (long)t * K, w + (long)n * K, K);
+      int step = packed && n < full ? 64 : 16;
+      matrow_tok4_q8(r, xq + (long)t * K, q8_row(w, n, N, K, packed), K, step);
       for (int j = 0; j < 4; j++) y[(long)(t + j) * N + n] = r[j] * ws[n] * xs[t + j];
     }
   for (; t < T; t++) {
@@ -178,7 +226,7 @@ void matmul_q8_simd128(float *y, const int16_t *xq, const float *xs, const int8_
     float *yr = y + (long)t * N;
     int n = 0;
     for (; n + 4 <= N; n += 4) {
-      matvec4_q8(r, xr, w + (long)n * K, K);
+      matvec4_q8(r, xr, packed ? w + (long)n * K : w + (long)n * K, K, packed);
       for (int j = 0; j < 4; j++) yr[n + j] = r[j] * ws[n + j] * xs[t];
     }
     for (; n < N; n++) yr[n] = dot_q8_ref(w + (long)n * K, xr, K) * ws[n] * xs[t];
@@ -206,14 +254,16 @@ void axpy_f32_simd128(float *y, float a, const float *x, int n) {
 
 #ifdef __wasm_simd128__
 void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K) { matmul_f32_simd128(y, x, w, T, N, K); }
-void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K) {
-  matmul_q8_simd128(y, xq, xs, w, ws, T, N, K);
+void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K,
+               int packed) {
+  matmul_q8_simd128(y, xq, xs, w, ws, T, N, K, packed);
 }
 void axpy_f32(float *y, float a, const float *x, int n) { axpy_f32_simd128(y, a, x, n); }
 #else
 void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K) { matmul_f32_ref(y, x, w, T, N, K); }
-void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K) {
-  matmul_q8_ref(y, xq, xs, w, ws, T, N, K);
+void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K,
+               int packed) {
+  matmul_q8_ref(y, xq, xs, w, ws, T, N, K, packed);
 }
 void axpy_f32(float *y, float a, const float *x, int n) { axpy_f32_ref(y, a, x, n); }
 #endif

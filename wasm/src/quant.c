@@ -36,6 +36,11 @@ float quantize_row_act16_ref(int16_t *q, const float *x, int n) {
   return s;
 }
 
+void pack_rows_q8(int8_t *dst, const int8_t *src, int N, int K) {
+  for (int r = 0; r < N; r++)
+    for (int k = 0; k < K; k++) dst[q8_packed_index(r, k, N, K)] = src[(long)r * K + k];
+}
+
 void dequantize_row_q8_ref(float *x, const int8_t *q, float s, int n) {
   for (int i = 0; i < n; i++) x[i] = (float)q[i] * s;
 }

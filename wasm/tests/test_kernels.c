@@ -49,7 +49,7 @@ static void test_simd_vs_ref(void) {
   enum { MAXN = 1100 };
   float *a = malloc(sizeof(float) * 9 * 5000), *b = malloc(sizeof(float) * 9 * 5000);
   float *w = malloc(sizeof(float) * 17 * 5000), *y1 = malloc(sizeof(float) * 9 * 17), *y2 = malloc(sizeof(float) * 9 * 17);
-  int8_t *wq = malloc(17 * 5000);
+  int8_t *wq = malloc(17 * 5000), *wp = malloc(17 * 5000);
   int16_t *xq = malloc(sizeof(int16_t) * 9 * 5000), *xq2 = malloc(sizeof(int16_t) * 5000);
   float ws[17], xs[9];
   char name[96];
@@ -60,7 +60,7 @@ static void test_simd_vs_ref(void) {
   for (int ti = 0; ti < 7; ti++)
     for (int ni = 0; ni < 6; ni++)
       for (int ki = 0; ki <= N_SIZES; ki++) {
-        int T = Ts[ti], N = Ns[ni], K = ki == N_SIZES ? 4100 + 7 : size_at(ki);
+        int T = Ts[ti], N = Ns[ni], K = ki == N_SIZES ? 4096 + 16 : size_at(ki); /* past one int8 flush block */
         fill(a, T * K); fill(w, N * K);
         matmul_f32_ref(y1, a, w, T, N, K);
         matmul_f32_simd128(y2, a, w, T, N, K);
@@ -69,10 +69,20 @@ static void test_simd_vs_ref(void) {
         report(name, ok);
         for (int n = 0; n < N; n++) ws[n] = quantize_row_q8_ref(wq + (long)n * K, w + (long)n * K, K);
         for (int t = 0; t < T; t++) xs[t] = quantize_row_act16_ref(xq + (long)t * K, a + (long)t * K, K);
-        matmul_q8_ref(y1, xq, xs, wq, ws, T, N, K);
-        matmul_q8_simd128(y2, xq, xs, wq, ws, T, N, K);
+        matmul_q8_ref(y1, xq, xs, wq, ws, T, N, K, 0);
+        matmul_q8_simd128(y2, xq, xs, wq, ws, T, N, K, 0);
         snprintf(name, sizeof name, "matmul_q8 T=%d N=%d K=%d", T, N, K);
         report(name, memcmp(y1, y2, sizeof(float) * T * N) == 0); /* integer sums in the same blocks: exact */
+        if (K % 16 == 0) {
+          /* packed layout: the same products, so the same result as the row-major reference */
+          pack_rows_q8(wp, wq, N, K);
+          matmul_q8_ref(y2, xq, xs, wp, ws, T, N, K, 1);
+          snprintf(name, sizeof name, "matmul_q8 packed ref T=%d N=%d K=%d", T, N, K);
+          report(name, memcmp(y1, y2, sizeof(float) * T * N) == 0);
+          matmul_q8_simd128(y2, xq, xs, wp, ws, T, N, K, 1);
+          snprintf(name, sizeof name, "matmul_q8 packed simd128 T=%d N=%d K=%d", T, N, K);
+          report(name, memcmp(y1, y2, sizeof(float) * T * N) == 0);
+        }
       }
 
   for (int si = 0; si < N_SIZES; si++) {
@@ -153,7 +163,7 @@ static void test_simd_vs_ref(void) {
     snprintf(name, sizeof name, "attention_f32 d=%d", d);
     report(name, close_rel(o2, o1, H * d, TOL_SUM));
   }
-  free(a); free(b); free(w); free(y1); free(y2); free(wq); free(xq); free(xq2);
+  free(a); free(b); free(w); free(y1); free(y2); free(wq); free(wp); free(xq); free(xq2);
 }
 #endif
 

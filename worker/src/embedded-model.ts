@@ -4,11 +4,11 @@
  * request that needs it, and kept for the isolate's life.
  */
 import kernelModule from '../../wasm/build/ringlinear.wasm';
-import config from '../../test/fixtures/tiny/config.json';
-import generationConfig from '../../test/fixtures/tiny/generation_config.json';
-import tokenizer from '../../test/fixtures/tiny/tokenizer.json';
-import tokenizerConfig from '../../test/fixtures/tiny/tokenizer_config.json';
-import weights from '../../test/fixtures/tiny/model.safetensors';
+import config from '../../models/default/config.json';
+import generationConfig from '../../models/default/generation_config.json';
+import tokenizer from '../../models/default/tokenizer.json';
+import tokenizerConfig from '../../models/default/tokenizer_config.json';
+import weights from '../../models/default/model.safetensors';
 import type { Engine } from './engine/types';
 import { createWasmEngine } from './engine/wasm-engine';
 

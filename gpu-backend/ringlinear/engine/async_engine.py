@@ -152,9 +152,18 @@ class AsyncEngine:
         except Exception as e:  # a broken step fails every request loudly instead of hanging them
             self.error = f"engine step failed: {e!r}"
             log.error("%s\n%s", self.error, traceback.format_exc())
-            for loop, q in list(self._streams.values()):
-                loop.call_soon_threadsafe(q.put_nowait, EngineDead(self.error))
-            self._streams.clear()
+        # stopped or broken: nobody may wait forever on an output that will not come
+        reason = EngineDead(self.error or "the engine was stopped")
+        for loop, q in list(self._streams.values()):
+            loop.call_soon_threadsafe(q.put_nowait, reason)
+        self._streams.clear()
+        while True:  # submissions that raced the stop
+            try:
+                kind, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                arg.loop.call_soon_threadsafe(_settle, arg.done, reason)
 
 
 def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:

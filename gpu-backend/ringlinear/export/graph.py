@@ -14,7 +14,8 @@ Where the math differs in form (not in value) from ringlinear.model, and why:
   q k^T v plus the decayed incoming state); every decay factor is exp(-rate * n) with n >= 0, so nothing
   overflows however long T is, and T = 1 reduces to the recurrent step.
 - RoPE reads cos/sin from a table computed in float64 at export time (as the reference does per call),
-  so positions are limited to the exported context length.
+  so positions are limited to the exported context length; rotate-half is a fixed +-1 matrix product.
+- RMSNorm is written x / sqrt(mean(x^2) + eps) * w, which onnxruntime fuses into one node.
 - The MoE router uses TopK, which ONNX defines to break ties towards the lower index, the reference's
   stable-sort rule; the selected experts' weights are gathered (only k experts per token are computed).
 - Softmax attention always applies an explicit causal mask over [P + T] keys.
@@ -44,23 +45,30 @@ def step_io_names(cfg: RingLinearConfig) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def rope_table(cfg: RingLinearConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_positions, rot_dim] (NeoX halves duplicated), computed in float64 like ops.rope_cos_sin."""
-    r = cfg.rot_dim
+def rope_table(cfg: RingLinearConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial NeoX RoPE as x * cos + (x @ R) * sin over the whole head (no slicing in the graph).
+
+    cos, sin [max_positions, d]: the rotated dims' values computed in float64 like ops.rope_cos_sin (halves
+    duplicated), then 1 and 0 for the pass-through dims. R [d, d] is rotate_half on the first r dims (entries
+    0 / +-1, so x @ R is exact).
+    """
+    r, d = cfg.rot_dim, cfg.d_head
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
     ang = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos().float(), ang.sin().float()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d]; cos/sin [T, r]: NeoX rotate-half on the first r dims."""
-    r = cos.shape[-1]
+    cos = torch.cat([ang.cos(), torch.ones(max_positions, d - r, dtype=torch.float64)], -1)
+    sin = torch.cat([ang.sin(), torch.zeros(max_positions, d - r, dtype=torch.float64)], -1)
     half = r // 2
-    rot, rest = x[..., :r], x[..., r:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    return torch.cat([rot * c + rotated * s, rest], dim=-1)
+    rot = torch.zeros(d, d)
+    for j in range(half):
+        rot[j + half, j] = -1.0  # rotate_half(u)[j] = -u[j + r/2]
+        rot[j, j + half] = 1.0  # rotate_half(u)[j + r/2] = u[j]
+    return cos.float(), sin.float(), rot
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d]; cos/sin [T, d] from rope_table."""
+    return x * cos[:, None, :] + (x @ rot) * sin[:, None, :]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,9 +108,10 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg = model.config
-        cos, sin = rope_table(cfg, max_positions)
+        cos, sin, rot = rope_table(cfg, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_rot", rot, persistent=False)
         for l in cfg.linear_layers:
             self.register_buffer(f"decay_{l}", torch.tensor(cfg.decay_rates(l), dtype=torch.float32), persistent=False)
 
@@ -146,7 +155,7 @@ class StepGraph(nn.Module):
             qkv = F.silu(qkv)
         q, k, v = qkv.reshape(T, 3, H, d).unbind(1)  # [T, H, d] each
         q, k = self._qk_norm(attn, q, k)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k = _rope(q, cos, sin, self.rope_rot), _rope(k, cos, sin, self.rope_rot)
         q = q.transpose(0, 1) * d ** -0.5  # [H, T, d]
         k, v = k.transpose(0, 1), v.transpose(0, 1)
         i = torch.arange(T, device=x.device).to(torch.float32)
@@ -168,7 +177,7 @@ class StepGraph(nn.Module):
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
         q, k, v = attn.query_key_value(x).reshape(T, H + 2 * Hkv, d).split([H, Hkv, Hkv], dim=1)
         q, k = self._qk_norm(attn, q, k)
-        q, k = _rope(q, cos, sin).transpose(0, 1), _rope(k, cos, sin).transpose(0, 1)  # [H, T, d], [Hkv, T, d]
+        q, k = _rope(q, cos, sin, self.rope_rot).transpose(0, 1), _rope(k, cos, sin, self.rope_rot).transpose(0, 1)  # [H, T, d], [Hkv, T, d]
         k = torch.cat([past_k, k], 1)  # [Hkv, P+T, d]
         v = torch.cat([past_v, v.transpose(0, 1)], 1)
         rep = H // Hkv

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +68,8 @@ def export(ckpt: Path, out: Path, max_context: int | None = None) -> dict:
         per_state += [{1: P}, {1: P}] if cfg.is_softmax_layer(l) else [None]
     dyn = ({0: T}, None, tuple(per_state))  # forward(input_ids, position, *states)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # T/P naming notice, harmless
         program = torch.onnx.export(graph, example_inputs(cfg), dynamo=True, opset_version=OPSET, input_names=ins,
                                     output_names=outs, dynamic_shapes=dyn, external_data=False, optimize=True)
     program.save(str(out), external_data=False)
@@ -76,21 +78,28 @@ def export(ckpt: Path, out: Path, max_context: int | None = None) -> dict:
     return meta
 
 
+def is_up_to_date(ckpt: Path, out: Path) -> bool:
+    """True when `out` (and its .json) is newer than every checkpoint file and than this exporter's code."""
+    if not (out.exists() and out.with_suffix(".json").exists()):
+        return False
+    sources = [*Path(ckpt).iterdir(), *Path(__file__).parent.glob("*.py")]
+    return out.stat().st_mtime >= max(f.stat().st_mtime for f in sources)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="ringlinear export-onnx", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output .onnx path (a .json with the metadata goes beside it)")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
                    help=f"positions the RoPE table covers (default {DEFAULT_MAX_CONTEXT}, capped at max_position_embeddings)")
-    p.add_argument("--skip-existing", action="store_true", help="do nothing when the .onnx is newer than the checkpoint")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing when the .onnx is newer than the checkpoint and the exporter")
     a = p.parse_args(argv)
     if a.max_context < 2:
         sys.exit("export-onnx: --max-context must be >= 2")
-    if a.skip_existing and a.out.exists() and a.out.with_suffix(".json").exists():
-        newest = max(f.stat().st_mtime for f in a.model.iterdir())
-        if a.out.stat().st_mtime >= newest:
-            print(f"up to date: {a.out}")
-            return
+    if a.skip_existing and a.model.is_dir() and is_up_to_date(a.model, a.out):
+        print(f"up to date: {a.out}")
+        return
     try:
         export(a.model, a.out, a.max_context)
     except CheckpointError as e:

@@ -214,6 +214,19 @@ def create_app(aengine: AsyncEngine, tokenizer, settings: PodSettings) -> FastAP
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def sse_errors(gen_fn):
+        """A failure after the stream started (the engine died) ends it with an OpenAI error event, not a cut."""
+
+        async def wrapped():
+            try:
+                async for item in gen_fn():
+                    yield item
+            except APIError as e:
+                yield sse(e.body())
+                yield "data: [DONE]\n\n"
+
+        return wrapped
+
     # ------------------------------------------------------------------------------------------ /v1/completions
 
     def completion_logprobs(outs: list[RequestOutput], offset: int = 0) -> dict:
@@ -251,6 +264,7 @@ def create_app(aengine: AsyncEngine, tokenizer, settings: PodSettings) -> FastAP
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+            @sse_errors
             async def events():
                 finals: dict[int, RequestOutput] = {}
                 async for idx, o in merged(subs):
@@ -325,6 +339,7 @@ def create_app(aengine: AsyncEngine, tokenizer, settings: PodSettings) -> FastAP
                     c["usage"] = usage_
                 return sse(c)
 
+            @sse_errors
             async def events():
                 for idx, _, _ in subs:
                     yield chunk([{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

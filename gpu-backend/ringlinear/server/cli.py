@@ -27,6 +27,9 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
 
+AUTO_BUDGET_FRACTION = 0.6  # the rest of the free memory is left to activations (prefill chunks, MoE, logits)
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
@@ -48,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--max-batch", type=int, default=8, help="requests running at once (linear-state slots)")
     p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's)")
-    p.add_argument("--memory-budget", type=parse_size, default=parse_size("1GiB"),
-                   help="bytes for state slots + paged KV + prefix snapshots, weights excluded (e.g. 40GiB)")
+    p.add_argument("--memory-budget", type=parse_size,
+                   help="bytes for state slots + paged KV + prefix snapshots, weights excluded (e.g. 40GiB); "
+                        f"default: {AUTO_BUDGET_FRACTION} x the device memory free after loading the weights on cuda, 1GiB on cpu")
     p.add_argument("--prefix-cache-budget", type=parse_size, help="part of the budget for prefix snapshots (default 1/4; 0 = off)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 503")
     p.add_argument("--max-step-tokens", type=int, default=512, help="tokens per engine step (decodes + prompt chunks)")
@@ -92,7 +96,10 @@ def build_pod(args: argparse.Namespace):
         tokenizer = ChatTokenizer(tok_dir) if tok_dir else None
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
-    ec = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, memory_budget=args.memory_budget,
+    budget = args.memory_budget
+    if budget is None:
+        budget = int(torch.cuda.mem_get_info(device)[0] * AUTO_BUDGET_FRACTION) if device.type == "cuda" else 1 << 30
+    ec = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, memory_budget=budget,
                       prefix_cache_bytes=args.prefix_cache_budget, max_queue=args.max_queue, block_size=args.block_size,
                       prefix_block=args.prefix_block, max_step_tokens=args.max_step_tokens)
     try:

@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from safetensors.numpy import load_file  # noqa: E402
 
 from ringlinear.export.graph import route_topk, step_io_names  # noqa: E402
-from ringlinear.export.onnx import OPSET, export, main  # noqa: E402
+from ringlinear.export.onnx import OPSET, export, is_up_to_date, main  # noqa: E402
 from ringlinear.ops import route  # noqa: E402
 from ringlinear.tools.golden import FIXTURES_DIR, GOLDEN_DIR, PLAN, ensure_fixture  # noqa: E402
 from ringlinear.tools.make_tiny import config_for  # noqa: E402
@@ -30,8 +30,7 @@ ONNX_DIR = FIXTURES_DIR / "onnx"
 def exported(variant: str) -> Path:
     ckpt = ensure_fixture(variant, FIXTURES_DIR)
     out = ONNX_DIR / f"{variant}.onnx"
-    newest = max(f.stat().st_mtime for f in ckpt.iterdir())
-    if not (out.exists() and out.with_suffix(".json").exists() and out.stat().st_mtime >= newest):
+    if not is_up_to_date(ckpt, out):
         export(ckpt, out)
     return out
 

@@ -189,7 +189,7 @@ export class Kernel {
   }
 
   /** Logits [V] of a row of the last forward call, copied out (the kernel buffer is reused). */
-  logits(row: number, out?: Float32Array): Float32Array {
+  logits(row: number, out?: Float32Array<ArrayBuffer>): Float32Array<ArrayBuffer> {
     const p = this.ex.rl_logits(this.model, row);
     if (!p) throw new KernelError(this.errorText());
     const v = new Float32Array(this.ex.memory.buffer, p, this.cfg.vocab);

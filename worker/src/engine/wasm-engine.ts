@@ -53,8 +53,8 @@ export class ModelRunner {
   constructor(readonly kernel: Kernel, readonly cfg: ModelConfig) {}
 
   /** Feeds tokens in chunks; returns logits of every position (all = true) or of the last one. */
-  prefill(session: number, ids: number[], all = false): Float32Array[] {
-    const out: Float32Array[] = [];
+  prefill(session: number, ids: number[], all = false): Float32Array<ArrayBuffer>[] {
+    const out: Float32Array<ArrayBuffer>[] = [];
     const C = this.cfg.kernel.maxChunk;
     for (let i = 0; i < ids.length; i += C) {
       const chunk = ids.slice(i, i + C);
@@ -65,7 +65,7 @@ export class ModelRunner {
     return out;
   }
 
-  decode(session: number, id: number, out?: Float32Array): Float32Array {
+  decode(session: number, id: number, out?: Float32Array<ArrayBuffer>): Float32Array<ArrayBuffer> {
     this.kernel.forward(session, [id]);
     return this.kernel.logits(0, out);
   }

@@ -3,8 +3,10 @@
  * as the WASM engine (worker/src/engine/text.ts, sampling.ts), so the two engines differ only in the forward pass.
  *
  * Memory: onnxruntime-web copies the model bytes into its wasm heap and unpacks the initializers there, and the heap
- * never shrinks, so the engine counts twice the .onnx size plus a fixed JS reserve as its base, and refuses a request
- * whose states + KV cache + logits would push the total over the budget (an estimate: ORT exposes no heap size).
+ * never shrinks. Measured under Node (docs/ort-engine.md): RSS grows by about 3.7 bytes per .onnx byte on session
+ * creation, one of which is the caller's copy of the bytes, over a fixed ~100 MiB of compiled ORT code. The engine
+ * counts ORT_HEAP_PER_MODEL_BYTE x the .onnx size plus the JS reserve as its base (ORT exposes no heap size, so this is
+ * an estimate, compiled code excluded) and refuses a request whose states + KV cache + logits would exceed the budget.
  */
 import { parseJson } from '../engine/config';
 import { Prng, logprobsOf, randomSeed, sampleToken } from '../engine/sampling';
@@ -21,6 +23,8 @@ import { type Ort, OrtStepModel, parseStepMeta } from './step-model';
 
 export const ISOLATE_MEMORY_BYTES = 128 * 1024 * 1024;
 export const JS_RESERVE_BYTES = 24 * 1024 * 1024;
+/** wasm heap bytes per .onnx byte after session creation (measured 2.7, rounded up). */
+export const ORT_HEAP_PER_MODEL_BYTE = 3;
 const DEFAULT_CHUNK = 64;
 
 export interface OrtEngineOptions {
@@ -168,10 +172,11 @@ export async function createOrtEngine(opts: OrtEngineOptions): Promise<OrtEngine
   const budget = opts.memoryBudgetBytes ?? ISOLATE_MEMORY_BYTES;
   const meta = parseStepMeta(parseJson(opts.meta, 'ONNX metadata (.json beside the .onnx)'));
   const bytes = opts.model instanceof Uint8Array ? opts.model : new Uint8Array(opts.model);
-  const base = 2 * bytes.byteLength + JS_RESERVE_BYTES;
+  const base = ORT_HEAP_PER_MODEL_BYTE * bytes.byteLength + JS_RESERVE_BYTES;
   if (base > budget)
     throw new EngineBudgetError(
-      `the ONNX model (${(bytes.byteLength / 2 ** 20).toFixed(1)} MiB, held twice by onnxruntime-web) plus the ` +
+      `the ONNX model (${(bytes.byteLength / 2 ** 20).toFixed(1)} MiB, about ${ORT_HEAP_PER_MODEL_BYTE}x that in ` +
+        `onnxruntime-web's heap) plus the ` +
         `${JS_RESERVE_BYTES / 2 ** 20} MiB JS reserve exceeds the ${(budget / 2 ** 20).toFixed(1)} MiB budget`,
       'model',
     );

@@ -108,7 +108,7 @@ export function v1Routes(deps: AppDeps) {
           object: 'model' as const,
           created: 0,
           owned_by: 'ring-serve',
-          engines: [...(edge ? [`edge:${edge.info.engine}`] : []), ...(podModels.has(id) || (deps.pool && deps.pool.pods.length > 0) ? ['pod'] : [])],
+          engines: [...(edge ? [`edge:${edge.info.engine}`] : []), ...(podModels.has(id) ? ['pod'] : [])],
           max_context: edge ? edge.info.maxContext : null,
         };
       });

@@ -78,13 +78,12 @@ describe('OrtEngine in workerd', () => {
     const b = await collect(engine.generate(ids, params));
     expect(a).toEqual(b);
     const full = a.map((e) => (e.type === 'text' ? e.text : '')).join('');
+    expect(full.length).toBeGreaterThanOrEqual(4);
     const stop = full.slice(2, 4);
-    if (stop.length === 2) {
-      const cut = await collect(engine.generate(ids, { ...params, stop: [stop] }));
-      const text = cut.map((e) => (e.type === 'text' ? e.text : '')).join('');
-      expect(text).toBe(full.slice(0, full.indexOf(stop)));
-      expect(cut.at(-1)).toMatchObject({ type: 'done', finishReason: 'stop' });
-    }
+    const cut = await collect(engine.generate(ids, { ...params, stop: [stop] }));
+    const text = cut.map((e) => (e.type === 'text' ? e.text : '')).join('');
+    expect(text).toBe(full.slice(0, full.indexOf(stop)));
+    expect(cut.at(-1)).toMatchObject({ type: 'done', finishReason: 'stop' });
   });
 
   it('refuses a request over the context before any work', () => {

@@ -34,6 +34,8 @@ describe('routing between the edge engine and GPU pods', () => {
     expect(sent.body).toMatchObject({ model: 'ring-test', prompt: LONG, max_tokens: 8, user: 'u1', stream: false });
     const u = await h.usage(t.auth);
     expect(u.by_model.find((r: any) => r.engine === 'pod')).toMatchObject({ requests: 1, prompt_tokens: 120, completion_tokens: 8 });
+    const models = (await (await h.call('/v1/models', { headers: t.auth })).json()) as any;
+    expect(models.data).toEqual([expect.objectContaining({ id: 'ring-test', engines: ['edge:wasm-f32', 'pod'] })]);
   });
 
   it('routes chat by the rendered template length and streams the pod through', async () => {

@@ -8,7 +8,7 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       double eps, const c10::optional<at::Tensor>& positions, const c10::optional<at::Tensor>& inv_freq);
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
-                       const at::Tensor& scan_seqs, const at::Tensor& log2_gamma, double scale);
+                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale);
 void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
                int64_t topk, bool renormalize, double scaling, at::Tensor& ids, at::Tensor& weights);
 void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor& sorted);

@@ -37,7 +37,7 @@ struct PrefillArgs {
   float* ws;                                                               // [n_ws, H, D, D]
   float* state;                                                            // [slots, H, D, D]
   const PrefillItem* items;
-  const float* log2_gamma;  // [H]
+  const float* gamma;  // [H] per-head decay in (0, 1]
   int H; float scale;
 };
 
@@ -67,9 +67,7 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
   constexpr int ROW = PrefillSmem<D>::ROW, TILE = PrefillSmem<D>::TILE;
   constexpr int NI = D / 8;  // n8 tiles of S^T along i
   extern __shared__ __align__(16) __nv_bfloat16 smem[];
-  __nv_bfloat16* Qs[2] = {smem, smem + TILE};
-  __nv_bfloat16* Ks[2] = {smem + 2 * TILE, smem + 3 * TILE};
-  __nv_bfloat16* Vs[2] = {smem + 4 * TILE, smem + 5 * TILE};
+  // Q, K, V double buffers at smem + (2 * tensor + buf) * TILE (computed, not indexed, to stay out of local memory).
   __nv_bfloat16* Kd = smem + 6 * TILE;
   __nv_bfloat16* Os = smem + 7 * TILE;
   __nv_bfloat16* Ps = smem + 8 * TILE;
@@ -77,7 +75,7 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
   const PrefillItem it = a.items[blockIdx.x];
   const int h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, tig = lane & 3;
-  const float lg = a.log2_gamma[h];
+  const float lg = log2f(a.gamma[h]);
   const int64_t tok_stride = (int64_t)a.H * D;
   const int64_t base = (int64_t)it.start * tok_stride + (int64_t)h * D;
 
@@ -102,9 +100,9 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
     const int buf = c & 1;
     const int rows = min(kChunk, it.len - c * kChunk);
     const int64_t off = base + (int64_t)c * kChunk * tok_stride;
-    if constexpr (!STATE_ONLY) load_chunk_async<D>(Qs[buf], a.q + off, tok_stride, rows, tid, NT);
-    load_chunk_async<D>(Ks[buf], a.k + off, tok_stride, rows, tid, NT);
-    load_chunk_async<D>(Vs[buf], a.v + off, tok_stride, rows, tid, NT);
+    if constexpr (!STATE_ONLY) load_chunk_async<D>(smem + buf * TILE, a.q + off, tok_stride, rows, tid, NT);
+    load_chunk_async<D>(smem + (2 + buf) * TILE, a.k + off, tok_stride, rows, tid, NT);
+    load_chunk_async<D>(smem + (4 + buf) * TILE, a.v + off, tok_stride, rows, tid, NT);
     cp_async_commit();
   };
   if (nchunks > 0) issue(0);
@@ -114,9 +112,9 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
     if (c + 1 < nchunks) { issue(c + 1); cp_async_wait<1>(); } else { cp_async_wait<0>(); }
     __syncthreads();
     const int Lc = min(kChunk, it.len - c * kChunk);
-    const __nv_bfloat16* Q = Qs[buf];
-    const __nv_bfloat16* K = Ks[buf];
-    const __nv_bfloat16* V = Vs[buf];
+    const __nv_bfloat16* Q = smem + buf * TILE;
+    const __nv_bfloat16* K = smem + (2 + buf) * TILE;
+    const __nv_bfloat16* V = smem + (4 + buf) * TILE;
 
     // Kd[s] = gamma^{Lc-1-s} k_s (rows past Lc are already zero).
     for (int idx = tid; idx < kChunk * (D / 8); idx += NT) {
@@ -269,7 +267,7 @@ struct ScanSeq {
 
 // Pass 2: ws[b] <- state entering block b (reading the delta it held); empty sequences set their final state.
 __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, float* state, const ScanSeq* seqs,
-                                                                     const float* log2_gamma, int H, int DD) {
+                                                                     const float* gamma, int H, int DD) {
   constexpr int U = 4;  // deltas in flight per thread
   const ScanSeq sq = seqs[blockIdx.z];
   const int h = blockIdx.y;
@@ -281,7 +279,7 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
     if (!sq.use_init) *slot_state = S;
     return;
   }
-  const float gL = exp2f((float)sq.blk_len * log2_gamma[h]);
+  const float gL = exp2f((float)sq.blk_len * log2f(gamma[h]));
   auto at = [&](int b) { return reinterpret_cast<float4*>(ws + ((int64_t)(sq.ws_begin + b) * H + h) * DD) + e; };
   for (int b0 = 0; b0 < sq.nblk; b0 += U) {
     float4 d[U];
@@ -315,7 +313,7 @@ static void launch_prefill(const PrefillArgs& a, int n_items, cudaStream_t strea
 // items_state / items_out: int32 [n, 4] (PrefillItem); scan_seqs: int32 [N, 6] (ScanSeq, slot as two int32 words).
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
-                       const at::Tensor& scan_seqs, const at::Tensor& log2_gamma, double scale) {
+                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale) {
   const int H = q.size(1), D = q.size(2);
   TORCH_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &o})
@@ -330,7 +328,8 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.v = reinterpret_cast<const __nv_bfloat16*>(v.data_ptr());
   a.o = reinterpret_cast<__nv_bfloat16*>(o.data_ptr());
   a.ws = ws.data_ptr<float>(); a.state = state.data_ptr<float>();
-  a.log2_gamma = log2_gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
+  TORCH_CHECK(gamma.is_contiguous() && gamma.scalar_type() == at::kFloat && gamma.numel() == H, "lightning_prefill: gamma must be fp32 [H]");
+  a.gamma = gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
 
   a.items = reinterpret_cast<const PrefillItem*>(items_state.data_ptr<int32_t>());
   D == 128 ? launch_prefill<128, true>(a, items_state.size(0), stream) : launch_prefill<64, true>(a, items_state.size(0), stream);
@@ -340,7 +339,7 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     const int DD = D * D;
     dim3 grid((DD / 4 + 255) / 256, H, n_seq);
     lightning_prefill_scan_kernel<<<grid, 256, 0, stream>>>(a.ws, a.state, reinterpret_cast<const ScanSeq*>(scan_seqs.data_ptr<int32_t>()),
-                                                            a.log2_gamma, H, DD);
+                                                            a.gamma, H, DD);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   a.items = reinterpret_cast<const PrefillItem*>(items_out.data_ptr<int32_t>());

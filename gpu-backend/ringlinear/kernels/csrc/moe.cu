@@ -277,7 +277,7 @@ void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Ten
                         const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& weights, int64_t topk,
                         at::Tensor& h, at::Tensor& y) {
   const int E = wg.size(0), I = wg.size(1), Dm = wg.size(2);
-  TORCH_CHECK(Dm % 256 == 0 && I % 256 == 0, "moe_experts_decode: hidden and expert sizes must be multiples of 256");
+  TORCH_CHECK(Dm % 8 == 0 && I % 8 == 0, "moe_experts_decode: hidden and expert sizes must be multiples of 8");
   if (sorted.numel() == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();

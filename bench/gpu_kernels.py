@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""GPU kernel benchmarks (H200): ours vs the best peer, side by side in one run, with the measured rooflines.
+
+    PYTHONPATH=gpu-backend python3 bench/gpu_kernels.py --out DIR [--quick]
+
+Sections: ceilings (device-to-device copy bandwidth, bf16 matmul rate), lightning decode (ours vs fla
+fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16 D=128 (ours vs fla chunk_simple_gla),
+fused MoE at the Ring-mini config (decode batches vs the torch twin, prefill vs the torch twin). Writes
+gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "gpu-backend"))
+
+from ringlinear.kernels import lightning as L  # noqa: E402
+from ringlinear.kernels import moe as M  # noqa: E402
+from ringlinear.kernels._build import extension  # noqa: E402
+from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops  # noqa: E402
+from ringlinear.kernels.moe_reference import RING_MINI_ROUTER, experts_touched_bytes, moe_reference  # noqa: E402
+
+H, D = 16, 128
+RESULTS: dict = {"errors": {}}
+
+
+def do_bench(fn, rep=200, warmup=25):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def graph_of(fn):
+    """Capture fn (after warm-up on a side stream) and return a replay closure."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def record_error(key, exc):
+    RESULTS["errors"][key] = f"{type(exc).__name__}: {exc}"
+    print(f"[error] {key}: {exc}", flush=True)
+    traceback.print_exc()
+
+
+def gammas():
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    factor = 1 - 10 / 19 + 1e-5  # a middle layer of Ring-mini (l = 10 of 20)
+    return torch.exp(-slopes * factor).float().cuda()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def ceilings():
+    n = 1 << 30  # 1 GiB each way
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a))
+    copy_gbs = 2 * n / t / 1e6
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tm = do_bench(lambda: x @ y)
+    mm_tf = 2 * 8192**3 / tm / 1e9
+    RESULTS["ceilings"] = {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tf}
+    print(f"ceilings: copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tf:.0f} TFLOP/s", flush=True)
+    del a, b, x, y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def bench_decode(batches):
+    rows = []
+    gamma = gammas()
+    try:
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+    except Exception as exc:  # noqa: BLE001
+        fused_recurrent_simple_gla = None
+        record_error("fla_import", exc)
+    for B in batches:
+        row = {"B": B, "state_MiB": decode_state_bytes(B, H, D) / 2 / 2**20}
+        q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        state = torch.randn(B, H, D, D, device="cuda")
+        slots = torch.randperm(B, device="cuda")
+        out = torch.empty(B, H, D, device="cuda")
+        nbytes = decode_state_bytes(B, H, D)
+        ours = lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out)  # noqa: E731
+        row["ours_eager_ms"] = do_bench(ours)
+        row["ours_graph_ms"] = do_bench(graph_of(ours))
+        qn = torch.rand(D, device="cuda") + 0.5
+        pos = torch.randint(0, 4096, (B,), device="cuda")
+        fused = lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, q_norm_weight=qn, k_norm_weight=qn,  # noqa: E731
+                                           positions=pos, rotary_dim=64)
+        row["ours_fused_graph_ms"] = do_bench(graph_of(fused))
+        row["ours_GBps"] = nbytes / row["ours_graph_ms"] / 1e6
+        if fused_recurrent_simple_gla is not None:
+            try:
+                g_gamma = torch.log(gamma)
+                st = state.clone()
+                peer = lambda: fused_recurrent_simple_gla(  # noqa: E731
+                    q[:, None], k[:, None], v[:, None], g_gamma=g_gamma, scale=D**-0.5, initial_state=st,
+                    output_final_state=True)
+                row["fla_graph_ms"] = do_bench(graph_of(peer))
+                row["fla_GBps"] = nbytes / row["fla_graph_ms"] / 1e6
+                # same math: compare outputs from identical states
+                st2 = state.clone()
+                o_f, _ = fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=g_gamma, scale=D**-0.5,
+                                                    initial_state=st2, output_final_state=True)
+                s3 = state.clone()
+                o_o = L.lightning_decode(q, k, v, s3, torch.arange(B, device="cuda"), gamma)
+                row["max_rel_diff_vs_fla"] = ((o_f[:, 0].float() - o_o).abs().max() / o_o.abs().max()).item()
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"fla_decode_B{B}", exc)
+        rows.append(row)
+        print(f"decode B={B}: ours {row['ours_graph_ms']*1e3:.1f} us ({row['ours_GBps']:.0f} GB/s) "
+              f"fla {row.get('fla_graph_ms', float('nan'))*1e3:.1f} us ({row.get('fla_GBps', float('nan')):.0f} GB/s)", flush=True)
+        del q, k, v, state
+    RESULTS["decode"] = rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def bench_prefill(Ts):
+    rows = []
+    gamma = gammas()
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as exc:  # noqa: BLE001
+        chunk_simple_gla = None
+        record_error("fla_import_chunk", exc)
+    nsm = torch.cuda.get_device_properties(0).multi_processor_count
+    for T in Ts:
+        row = {"T": T}
+        q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        state = torch.randn(1, H, D, D, device="cuda") * 0.01
+        flops = lightning_flops(T, H, D)
+        auto = L.plan_prefill([T], [0], [True], H, nsm).block_len
+        best = None
+        for bl in sorted({auto, max(64, auto // 2 // 64 * 64), auto * 2}):
+            prep = L.prepare_prefill([T], [0], [True], H, D, "cuda", bl)
+            ms = do_bench(lambda: L.run_prepared_prefill(prep, q, k, v, state, gamma))
+            row[f"ours_ms_L{bl}"] = ms
+            if best is None or ms < best[1]:
+                best = (bl, ms)
+        row["block_len_auto"] = auto
+        row["ours_ms"] = row[f"ours_ms_L{auto}"]
+        row["ours_best_ms"], row["block_len_best"] = best[1], best[0]
+        row["ours_wrapper_ms"] = do_bench(lambda: L.lightning_prefill(q, k, v, state, [0, T], [0], gamma))
+        row["ours_TFLOPs"] = flops / row["ours_ms"] / 1e9
+        if chunk_simple_gla is not None:
+            try:
+                g_gamma = torch.log(gamma)
+                st = state.clone()
+                peer = lambda: chunk_simple_gla(q[None], k[None], v[None], g_gamma=g_gamma, scale=D**-0.5,  # noqa: E731
+                                                initial_state=st, output_final_state=True)
+                row["fla_ms"] = do_bench(peer)
+                row["fla_TFLOPs"] = flops / row["fla_ms"] / 1e9
+                row["speedup_vs_fla"] = row["fla_ms"] / row["ours_ms"]
+                o_f, s_f = chunk_simple_gla(q[None], k[None], v[None], g_gamma=g_gamma, scale=D**-0.5,
+                                            initial_state=state.clone(), output_final_state=True)
+                s_o = state.clone()
+                o_o = L.lightning_prefill(q, k, v, s_o, [0, T], [0], gamma)
+                row["out_rel_diff_vs_fla"] = ((o_f[0].float() - o_o.float()).norm() / o_f.float().norm()).item()
+                row["state_rel_diff_vs_fla"] = ((s_f.float() - s_o).norm() / s_f.float().norm()).item()
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"fla_prefill_T{T}", exc)
+        rows.append(row)
+        print(f"prefill T={T}: ours {row['ours_ms']:.3f} ms (best {row['ours_best_ms']:.3f} @L={row['block_len_best']}, "
+              f"{row['ours_TFLOPs']:.0f} TFLOP/s) fla {row.get('fla_ms', float('nan')):.3f} ms "
+              f"-> {row.get('speedup_vs_fla', float('nan')):.2f}x", flush=True)
+        del q, k, v
+    RESULTS["prefill"] = rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def moe_weights(seed=0):
+    cfg = RING_MINI_ROUTER
+    E, I, Dm = cfg.num_experts, 512, 2048
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    return dict(router_weight=torch.randn(E, Dm, device="cuda", generator=g) * 0.02,
+                expert_bias=torch.randn(E, device="cuda", generator=g) * 0.01,
+                w_gate=mk(E, I, Dm), w_up=mk(E, I, Dm), w_down=mk(E, Dm, I), shared=(mk(I, Dm), mk(I, Dm), mk(Dm, I)))
+
+
+def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
+    W = moe_weights()
+    cfg = RING_MINI_ROUTER
+    Dm, I = 2048, 512
+    shared_bytes = 3 * I * Dm * 2
+    rows = []
+    for N in batches:
+        x = torch.randn(N, Dm, device="cuda").to(torch.bfloat16)
+        row = {"N": N}
+        ours = lambda: M.fused_moe(x, **W, cfg=cfg, path="decode")  # noqa: E731
+        row["ours_eager_ms"] = do_bench(ours)
+        try:
+            row["ours_graph_ms"] = do_bench(graph_of(ours))
+        except Exception as exc:  # noqa: BLE001
+            record_error(f"moe_graph_N{N}", exc)
+        row["grouped_ms"] = do_bench(lambda: M.fused_moe(x, **W, cfg=cfg, path="grouped"))
+        row["torch_twin_ms"] = do_bench(lambda: moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"],
+                                                              W["w_up"], W["w_down"], W["shared"], cfg), rep=100)
+        ids, _ = M.route(x, W["router_weight"], W["expert_bias"], cfg)
+        nbytes = experts_touched_bytes(ids, W["w_gate"], W["w_down"]) + shared_bytes + W["router_weight"].numel() * 4
+        row["distinct_experts"] = int(ids.unique().numel())
+        row["bytes_MB"] = nbytes / 1e6
+        best = row.get("ours_graph_ms", row["ours_eager_ms"])
+        row["ours_GBps"] = nbytes / best / 1e6
+        row["frac_of_copy_bw"] = row["ours_GBps"] / copy_gbs
+        y = M.fused_moe(x, **W, cfg=cfg, path="decode").float()
+        y_ref = moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"], W["w_down"], W["shared"], cfg)
+        row["rel_err_vs_twin"] = ((y - y_ref).norm() / y_ref.norm()).item()
+        rows.append(row)
+        print(f"moe decode N={N}: ours {best*1e3:.1f} us ({row['ours_GBps']:.0f} GB/s, {100*row['frac_of_copy_bw']:.0f}% of copy) "
+              f"grouped {row['grouped_ms']*1e3:.1f} us twin {row['torch_twin_ms']*1e3:.1f} us", flush=True)
+    RESULTS["moe_decode"] = rows
+    rows = []
+    for N in prefill_tokens:
+        x = torch.randn(N, Dm, device="cuda").to(torch.bfloat16)
+        row = {"N": N}
+        flops = 2.0 * N * (cfg.top_k + 1) * 3 * Dm * I + 2.0 * N * Dm * cfg.num_experts
+        row["ours_ms"] = do_bench(lambda: M.fused_moe(x, **W, cfg=cfg, path="grouped"), rep=200)
+        row["torch_twin_ms"] = do_bench(lambda: moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"],
+                                                              W["w_up"], W["w_down"], W["shared"], cfg), rep=100)
+        row["ours_TFLOPs"] = flops / row["ours_ms"] / 1e9
+        row["frac_of_bf16_peak"] = row["ours_TFLOPs"] / mm_tf
+        row["speedup_vs_twin"] = row["torch_twin_ms"] / row["ours_ms"]
+        rows.append(row)
+        print(f"moe prefill N={N}: ours {row['ours_ms']:.2f} ms ({row['ours_TFLOPs']:.0f} TFLOP/s, "
+              f"{100*row['frac_of_bf16_peak']:.0f}% of matmul) twin {row['torch_twin_ms']:.2f} ms", flush=True)
+    RESULTS["moe_prefill"] = rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def plot(out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = RESULTS.get("prefill", [])
+    if not rows:
+        return
+    Ts = [r["T"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(Ts, [r["T"] / r["ours_ms"] / 1e3 for r in rows], "o-", label="ours (CUDA, mma.sync)")
+    if all("fla_ms" in r for r in rows):
+        ax.plot(Ts, [r["T"] / r["fla_ms"] / 1e3 for r in rows], "s--", label="fla chunk_simple_gla")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens T (B=1, H=16, D=128, bf16)")
+    ax.set_ylabel("M tokens/s per layer")
+    ax.set_title("Lightning prefill on H200")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "gpu_prefill_throughput.png", dpi=120)
+
+
+def table():
+    c = RESULTS.get("ceilings", {})
+    print("\n=== GPU kernels,", torch.cuda.get_device_name(0), "===")
+    print(f"ceilings: copy {c.get('copy_GBps', 0):.0f} GB/s, bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
+    print("decode   B | ours us  GB/s  %copy | fused us | fla us  GB/s | ours/fla")
+    for r in RESULTS.get("decode", []):
+        f = r.get("fla_graph_ms", math.nan)
+        print(f"      {r['B']:4d} | {r['ours_graph_ms']*1e3:7.1f} {r['ours_GBps']:5.0f} {100*r['ours_GBps']/c.get('copy_GBps', 1):5.0f}% |"
+              f" {r['ours_fused_graph_ms']*1e3:7.1f} | {f*1e3:6.1f} {r.get('fla_GBps', math.nan):5.0f} | {f/r['ours_graph_ms']:.2f}x")
+    print("prefill  T | ours ms  TFLOP/s | best ms (L) | fla ms TFLOP/s | speedup")
+    for r in RESULTS.get("prefill", []):
+        print(f"  {r['T']:7d} | {r['ours_ms']:.3f} {r['ours_TFLOPs']:6.0f} | {r['ours_best_ms']:.3f} ({r['block_len_best']}) |"
+              f" {r.get('fla_ms', math.nan):.3f} {r.get('fla_TFLOPs', math.nan):5.0f} | {r.get('speedup_vs_fla', math.nan):.2f}x")
+    print("moe dec  N | ours us  GB/s %copy | grouped us | twin us | experts")
+    for r in RESULTS.get("moe_decode", []):
+        b = r.get("ours_graph_ms", r["ours_eager_ms"])
+        print(f"     {r['N']:5d} | {b*1e3:7.1f} {r['ours_GBps']:5.0f} {100*r['frac_of_copy_bw']:4.0f}% | {r['grouped_ms']*1e3:9.1f} |"
+              f" {r['torch_twin_ms']*1e3:8.1f} | {r['distinct_experts']}")
+    print("moe pre  N | ours ms TFLOP/s %peak | twin ms | speedup")
+    for r in RESULTS.get("moe_prefill", []):
+        print(f"     {r['N']:5d} | {r['ours_ms']:6.2f} {r['ours_TFLOPs']:6.0f} {100*r['frac_of_bf16_peak']:4.0f}% | {r['torch_twin_ms']:7.2f} | {r['speedup_vs_twin']:.1f}x")
+    if RESULTS["errors"]:
+        print("errors:", json.dumps(RESULTS["errors"], indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    ap.add_argument("--only", default="ceilings,decode,prefill,moe")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    extension()
+    RESULTS["gpu"] = torch.cuda.get_device_name(0)
+    RESULTS["torch"] = torch.__version__
+    RESULTS["build_s"] = time.time() - t0
+    only = set(args.only.split(","))
+    sections = [
+        ("ceilings", ceilings, ()),
+        ("decode", bench_decode, ([1, 64, 256],)),
+        ("prefill", bench_prefill, ([4096, 16384] if args.quick else [4096, 16384, 65536, 131072],)),
+    ]
+    for name, fn, fargs in sections:
+        if name in only:
+            try:
+                fn(*fargs)
+            except Exception as exc:  # noqa: BLE001
+                record_error(name, exc)
+            (args.out / "gpu_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    if "moe" in only:
+        c = RESULTS.get("ceilings", {})
+        try:
+            bench_moe([1, 4, 16, 64, 128, 256], [4096] if args.quick else [4096, 16384, 32768],
+                      c.get("copy_GBps", 4300.0), c.get("bf16_matmul_TFLOPs", 790.0))
+        except Exception as exc:  # noqa: BLE001
+            record_error("moe", exc)
+    (args.out / "gpu_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    try:
+        plot(args.out)
+    except Exception as exc:  # noqa: BLE001
+        record_error("plot", exc)
+    table()
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()

@@ -1,0 +1,32 @@
+"""CUDA kernels of the GPU pod, each beside a plain PyTorch reference twin.
+
+| kernel | wrapper | twin |
+|---|---|---|
+| lightning decode (in-place slot state, fused QK-norm + RoPE) | `lightning.lightning_decode` | `lightning_reference.lightning_decode_reference` |
+| lightning varlen prefill (tensor cores, split across SMs) | `lightning.lightning_prefill` | `lightning_reference.lightning_prefill_reference` |
+| MoE router / experts | `moe.route`, `moe.fused_moe` | `moe_reference.route_reference`, `moe_reference.moe_reference` |
+| decode CUDA graphs | `graphs.DecodeGraphs` | eager calls |
+
+The extension is compiled on first use (torch.utils.cpp_extension.load, sm_90a); without CUDA every wrapper runs its
+twin. `available()` says whether the compiled path is in use.
+"""
+
+from ._build import KernelUnavailable, available
+from .graphs import DecodeGraphs
+from .lightning import lightning_decode, lightning_prefill, plan_prefill
+from .moe import fused_moe, pack_experts, route
+from .moe_reference import RING_MINI_ROUTER, RouterConfig
+
+__all__ = [
+    "KernelUnavailable",
+    "available",
+    "DecodeGraphs",
+    "lightning_decode",
+    "lightning_prefill",
+    "plan_prefill",
+    "fused_moe",
+    "pack_experts",
+    "route",
+    "RouterConfig",
+    "RING_MINI_ROUTER",
+]

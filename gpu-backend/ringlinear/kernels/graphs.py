@@ -1,0 +1,83 @@
+"""CUDA-graph helper for decode: capture a step once per padded batch size, then replay with copied-in inputs.
+
+The step function works on static input buffers whose first dimension is the padded batch; rows past the real batch
+are filled with each input's pad value (e.g. slot -1, which the lightning decode kernel treats as "touch nothing").
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    """step(inputs: dict[str, Tensor]) -> Tensor, captured per batch bucket.
+
+    make_inputs(batch) must allocate the static inputs for a padded batch (first dim = batch); pad maps an input
+    name to the value written into padding rows (default 0).
+    """
+
+    def __init__(
+        self,
+        step: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        make_inputs: Callable[[int], dict[str, torch.Tensor]],
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+        pad: dict[str, float] | None = None,
+        warmup: int = 2,
+    ):
+        if not batch_sizes or sorted(set(batch_sizes)) != list(batch_sizes) or batch_sizes[0] < 1:
+            raise ValueError(f"DecodeGraphs: batch_sizes must be strictly increasing positive ints, got {batch_sizes}")
+        self.step, self.make_inputs, self.batch_sizes = step, make_inputs, tuple(batch_sizes)
+        self.pad = dict(pad or {})
+        self.warmup = warmup
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._pool = None
+
+    def bucket(self, batch: int) -> int:
+        for b in self.batch_sizes:
+            if b >= batch:
+                return b
+        raise ValueError(f"DecodeGraphs: batch {batch} exceeds the largest captured size {self.batch_sizes[-1]}")
+
+    def _capture(self, bp: int):
+        inputs = self.make_inputs(bp)
+        for name, t in inputs.items():
+            t.fill_(self.pad.get(name, 0))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (lazy init, extension build)
+            for _ in range(self.warmup):
+                self.step(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.step(inputs)
+        self._pool = graph.pool()
+        self._graphs[bp] = (graph, inputs, out)
+
+    def capture_all(self):
+        for b in self.batch_sizes:
+            if b not in self._graphs:
+                self._capture(b)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = next(iter(inputs.values())).shape[0]
+        bp = self.bucket(batch)
+        if bp not in self._graphs:
+            self._capture(bp)
+        graph, static, out = self._graphs[bp]
+        for name, buf in static.items():
+            src = inputs[name]
+            if src.shape[0] != batch:
+                raise ValueError(f"DecodeGraphs: input {name!r} has batch {src.shape[0]}, expected {batch}")
+            buf[:batch].copy_(src)
+            if batch < bp:
+                buf[batch:].fill_(self.pad.get(name, 0))
+        graph.replay()
+        return out[:batch]
+
+
+__all__ = ["DecodeGraphs", "DEFAULT_BATCH_SIZES"]

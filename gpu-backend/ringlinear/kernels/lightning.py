@@ -1,0 +1,283 @@
+"""Lightning-attention CUDA kernels: decode step and varlen prefill, each beside its reference twin
+(lightning_reference.py). On a machine without CUDA (or when the extension cannot be built) the wrappers run the
+twin, so callers never need to branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _build
+from .lightning_reference import (
+    lightning_decode_reference,
+    lightning_prefill_reference,
+    rope_inv_freq,
+)
+
+CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
+SUPPORTED_HEAD_DIMS = (64, 128)
+CTAS_PER_SM = 4  # prefill block length is chosen so that about this many (block, head) CTAs exist per SM
+
+_inv_freq_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    key = (rotary_dim, float(theta), str(device))
+    t = _inv_freq_cache.get(key)
+    if t is None:
+        t = rope_inv_freq(rotary_dim, theta, device)
+        _inv_freq_cache[key] = t
+    return t
+
+
+def _use_cuda(*ts: torch.Tensor) -> bool:
+    return all(t.is_cuda for t in ts) and _build.available()
+
+
+def _check_qkv(name: str, q, k, v, rank: int):
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dim() != rank:
+            raise ValueError(f"{name}: {n} must be a {rank}-d tensor, got {getattr(t, 'shape', type(t))}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: {n} must be floating point, got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{name}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def _check_state(name: str, state: torch.Tensor, H: int, d: int):
+    if state.dim() != 4 or tuple(state.shape[1:]) != (H, d, d):
+        raise ValueError(f"{name}: state must be [slots, {H}, {d}, {d}], got {tuple(state.shape)}")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"{name}: state must be contiguous float32, got {state.dtype}")
+
+
+def _check_gamma(name: str, gamma: torch.Tensor, H: int) -> torch.Tensor:
+    if gamma.dim() != 1 or gamma.numel() != H:
+        raise ValueError(f"{name}: gamma must be [{H}], got {tuple(gamma.shape)}")
+    return gamma.to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------------
+def lightning_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    slots: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    scale: float | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    positions: torch.Tensor | None = None,
+    rotary_dim: int = 0,
+    rope_theta: float = 1e6,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One lightning decode step for B requests, updating ``state[slots]`` in place.
+
+    q, k, v: [B, H, d] (fp32/bf16/fp16, last dim contiguous); state: [slots, H, d, d] fp32; slots: int64 [B]
+    (distinct; < 0 marks a padding row, e.g. CUDA-graph batch padding: output 0, state untouched; >= slots gives NaN
+    output on the GPU path); gamma: [H] per-head decay. Optional fused prologue: per-head RMSNorm of q and k with
+    ``q_norm_weight`` / ``k_norm_weight`` [d] and NeoX RoPE on the first ``rotary_dim`` dims at ``positions`` [B].
+    Returns o = (d^-1/2 q) S_new as fp32 [B, H, d] (into ``out`` when given). No host synchronisation and, with
+    ``out`` given and fp32 weights, no allocation: safe inside CUDA-graph capture.
+    """
+    _check_qkv("lightning_decode", q, k, v, 3)
+    B, H, d = q.shape
+    _check_state("lightning_decode", state, H, d)
+    gamma = _check_gamma("lightning_decode", gamma, H)
+    if slots.dim() != 1 or slots.numel() != B:
+        raise ValueError(f"lightning_decode: slots must be [{B}], got {tuple(slots.shape)}")
+    if rotary_dim:
+        if rotary_dim % 2 or not 0 < rotary_dim <= d:
+            raise ValueError(f"lightning_decode: rotary_dim must be even and in (0, {d}], got {rotary_dim}")
+        if positions is None or positions.shape != (B,):
+            raise ValueError("lightning_decode: rotary_dim needs positions [B]")
+    inv_freq = _cached_inv_freq(rotary_dim, rope_theta, q.device) if rotary_dim else None
+    if scale is None:
+        scale = d**-0.5
+    if out is not None and (out.shape != (B, H, d) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"lightning_decode: out must be contiguous float32 [{B}, {H}, {d}]")
+
+    if d in SUPPORTED_HEAD_DIMS and _use_cuda(q, k, v, state, slots):
+        if out is None:
+            out = torch.empty(B, H, d, dtype=torch.float32, device=q.device)
+        fw = lambda w: None if w is None else w.to(torch.float32).contiguous()  # noqa: E731
+        _build.extension().lightning_decode(
+            q if q.stride(-1) == 1 else q.contiguous(),
+            k if k.stride(-1) == 1 else k.contiguous(),
+            v if v.stride(-1) == 1 else v.contiguous(),
+            state,
+            slots.to(torch.int64),
+            gamma,
+            out,
+            float(scale),
+            fw(q_norm_weight),
+            fw(k_norm_weight),
+            float(eps),
+            None if positions is None else positions.to(torch.int64),
+            inv_freq,
+        )
+        return out
+    o = lightning_decode_reference(
+        q, k, v, state, slots, gamma, scale=scale, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+        eps=eps, positions=positions, inv_freq=inv_freq,
+    ).to(torch.float32)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefillPlan:
+    """Host-side cut of a varlen batch into blocks (see csrc/lightning_prefill.cu for the three passes)."""
+
+    block_len: int
+    items_state: list[tuple[int, int, int, int]]  # (start, len, ws index, -1) for every block but a sequence's last
+    items_out: list[tuple[int, int, int, int]]  # (start, len, ws index, final slot or -1) for every block
+    scan: list[tuple[int, int, int, int, int]]  # (ws_begin, n_blocks, block_len, use_init, slot) per sequence
+    n_ws: int
+
+
+def plan_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool], heads: int, num_sms: int,
+                 block_len: int | None = None) -> PrefillPlan:
+    """Choose the block length (a multiple of CHUNK) so that about CTAS_PER_SM * num_sms CTAs run, and list the work."""
+    total = sum(seq_lens)
+    if block_len is None:
+        target = max(1, CTAS_PER_SM * num_sms)
+        block_len = max(CHUNK, math.ceil(total * heads / target / CHUNK) * CHUNK)
+    if block_len % CHUNK:
+        raise ValueError(f"plan_prefill: block_len must be a multiple of {CHUNK}, got {block_len}")
+    items_state, items_out, scan = [], [], []
+    start, ws = 0, 0
+    for n, length in enumerate(seq_lens):
+        nblk = -(-length // block_len)
+        for b in range(nblk):
+            s, ln = start + b * block_len, min(block_len, length - b * block_len)
+            last = b == nblk - 1
+            items_out.append((s, ln, ws + b, slots[n] if last else -1))
+            if not last:
+                items_state.append((s, ln, ws + b, -1))
+        scan.append((ws, nblk, block_len, int(use_init[n]), slots[n]))
+        ws += nblk
+        start += length
+    return PrefillPlan(block_len, items_state, items_out, scan, ws)
+
+
+@dataclass(frozen=True)
+class PreparedPrefill:
+    """A plan uploaded to the GPU, with its fp32 workspace: build it while the previous step runs, launch it later."""
+
+    plan: PrefillPlan
+    heads: int
+    head_dim: int
+    items_state: torch.Tensor
+    items_out: torch.Tensor
+    scan: torch.Tensor
+    ws: torch.Tensor
+
+
+def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool], heads: int, head_dim: int,
+                    device, block_len: int | None = None) -> PreparedPrefill:
+    device = torch.device(device)
+    plan = plan_prefill(seq_lens, slots, use_init, heads, torch.cuda.get_device_properties(device).multi_processor_count,
+                        block_len)
+
+    def table(rows, width):
+        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width).to(device)
+
+    scan_rows = [(w, nb, bl, u, s & 0xFFFFFFFF, s >> 32) for (w, nb, bl, u, s) in plan.scan]
+    ws = torch.empty(max(plan.n_ws, 1), heads, head_dim, head_dim, dtype=torch.float32, device=device)
+    return PreparedPrefill(plan, heads, head_dim, table(plan.items_state, 4), table(plan.items_out, 4),
+                           table(scan_rows, 6), ws)
+
+
+def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: float | None = None) -> torch.Tensor:
+    """Launch the three prefill passes for a prepared plan (shapes as in lightning_prefill; no host sync)."""
+    T, H, d = q.shape
+    if (H, d) != (prep.heads, prep.head_dim):
+        raise ValueError(f"run_prepared_prefill: prepared for H={prep.heads}, d={prep.head_dim}, got H={H}, d={d}")
+    qb, kb, vb = (x.to(torch.bfloat16).contiguous() for x in (q, k, v))
+    o = torch.empty_like(qb)
+    _build.extension().lightning_prefill(qb, kb, vb, o, state, prep.ws, prep.items_state, prep.items_out, prep.scan,
+                                         gamma.to(torch.float32).contiguous(), float(d**-0.5 if scale is None else scale))
+    return o if q.dtype == torch.bfloat16 else o.to(q.dtype)
+
+
+def _to_host_list(x, name: str) -> list[int]:
+    if torch.is_tensor(x):
+        return [int(v) for v in x.tolist()]
+    try:
+        return [int(v) for v in x]
+    except TypeError as exc:
+        raise ValueError(f"lightning_prefill: {name} must be a 1-d integer tensor or list") from exc
+
+
+def lightning_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens,
+    slots,
+    gamma: torch.Tensor,
+    *,
+    scale: float | None = None,
+    use_initial_state=None,
+    block_len: int | None = None,
+) -> torch.Tensor:
+    """Varlen lightning prefill. q, k, v: [T_total, H, d] (bf16 on the GPU path; other float dtypes are cast to bf16
+    for the tensor cores); cu_seqlens: [N+1] token offsets (segments may be empty); slots: [N] distinct state slots;
+    use_initial_state: [N] bools (default all True) - start from state[slot] or from zeros. The final state of each
+    sequence is written to state[slot] in place. Returns o [T_total, H, d] in q's dtype.
+
+    cu_seqlens/slots are read on the host (one synchronisation when they live on the GPU): prefill is not graphed.
+    """
+    _check_qkv("lightning_prefill", q, k, v, 3)
+    T, H, d = q.shape
+    _check_state("lightning_prefill", state, H, d)
+    gamma = _check_gamma("lightning_prefill", gamma, H)
+    cu = _to_host_list(cu_seqlens, "cu_seqlens")
+    sl = _to_host_list(slots, "slots")
+    n = len(cu) - 1
+    if n < 0 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"lightning_prefill: cu_seqlens must start at 0, never decrease and end at {T}, got {cu}")
+    if len(sl) != n:
+        raise ValueError(f"lightning_prefill: slots must have {n} entries (one per sequence), got {len(sl)}")
+    if any(not 0 <= s < state.shape[0] for s in sl) or len(set(sl)) != n:
+        raise ValueError(f"lightning_prefill: slots must be distinct and in [0, {state.shape[0]}), got {sl}")
+    use = [True] * n if use_initial_state is None else [bool(x) for x in _to_host_list(use_initial_state, "use_initial_state")]
+    if len(use) != n:
+        raise ValueError(f"lightning_prefill: use_initial_state must have {n} entries, got {len(use)}")
+    if scale is None:
+        scale = d**-0.5
+
+    if d in SUPPORTED_HEAD_DIMS and _use_cuda(q, k, v, state):
+        prep = prepare_prefill([cu[i + 1] - cu[i] for i in range(n)], sl, use, H, d, q.device, block_len)
+        return run_prepared_prefill(prep, q, k, v, state, gamma, scale)
+    o = lightning_prefill_reference(q, k, v, state, cu, sl, gamma, scale=scale, use_initial_state=use, chunk=CHUNK)
+    return o.to(q.dtype)
+
+
+__all__ = [
+    "lightning_decode",
+    "lightning_prefill",
+    "plan_prefill",
+    "prepare_prefill",
+    "run_prepared_prefill",
+    "PrefillPlan",
+    "PreparedPrefill",
+    "CHUNK",
+    "SUPPORTED_HEAD_DIMS",
+]

@@ -1,0 +1,91 @@
+"""Plain PyTorch twin of the fused MoE (architecture doc §4): fp32 sigmoid router, expert bias for selection only,
+group-limited top-k, normalised and scaled weights, SwiGLU experts and the always-on shared expert.
+
+Expert weights are stacked: w_gate, w_up [E, I, D]; w_down [E, D, I] (see moe.pack_experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    num_experts: int = 256
+    top_k: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+
+    def validate(self) -> None:
+        if self.num_experts % self.n_group:
+            raise ValueError(f"RouterConfig: n_group {self.n_group} must divide num_experts {self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"RouterConfig: topk_group must be in 1..n_group, got {self.topk_group}")
+        if self.num_experts // self.n_group < 2 and self.topk_group < self.n_group:
+            raise ValueError("RouterConfig: group-limited routing needs at least 2 experts per group")
+        if not 1 <= self.top_k <= self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"RouterConfig: top_k {self.top_k} exceeds the experts of the kept groups")
+
+
+RING_MINI_ROUTER = RouterConfig()
+
+
+def route_reference(logits: torch.Tensor, expert_bias: torch.Tensor | None, cfg: RouterConfig):
+    """logits [N, E] (fp32) -> (ids int64 [N, k] sorted by biased score, weights fp32 [N, k])."""
+    scores = torch.sigmoid(logits.float())
+    biased = scores + (expert_bias.float() if expert_bias is not None else 0.0)
+    N, E = biased.shape
+    if cfg.topk_group < cfg.n_group:
+        grouped = biased.view(N, cfg.n_group, E // cfg.n_group)
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, n_group]
+        keep = group_score.topk(cfg.topk_group, dim=-1).indices
+        gmask = torch.zeros(N, cfg.n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+        biased = biased.masked_fill(~gmask.repeat_interleave(E // cfg.n_group, dim=1), float("-inf"))
+    ids = biased.topk(cfg.top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids, w * cfg.routed_scaling_factor
+
+
+def swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) in fp32 on (possibly bf16) weights."""
+    xf = x.float()
+    return F.linear(F.silu(F.linear(xf, w_gate.float())) * F.linear(xf, w_up.float()), w_down.float())
+
+
+def moe_reference(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    cfg: RouterConfig = RING_MINI_ROUTER,
+) -> torch.Tensor:
+    """x [N, D] -> y [N, D] (fp32): sum_i w_i Expert_{id_i}(x) + SharedExpert(x), one expert at a time."""
+    logits = x.float() @ router_weight.float().t()
+    ids, w = route_reference(logits, expert_bias, cfg)
+    y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        y.index_add_(0, tok, w[tok, slot][:, None] * swiglu_reference(x[tok], w_gate[e], w_up[e], w_down[e]))
+    if shared is not None:
+        y += swiglu_reference(x, *shared)
+    return y
+
+
+def experts_touched_bytes(ids: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor) -> int:
+    """HBM bytes of the distinct experts a batch selects (gate + up + down weights), the decode roofline numerator."""
+    distinct = int(ids.unique().numel())
+    per_expert = (2 * w_gate[0].numel() + w_down[0].numel()) * w_gate.element_size()
+    return distinct * per_expert
+
+
+__all__ = ["RouterConfig", "RING_MINI_ROUTER", "route_reference", "swiglu_reference", "moe_reference", "experts_touched_bytes"]

@@ -1,0 +1,148 @@
+"""GPU tests: the lightning CUDA kernels against their reference twins (skipped without CUDA)."""
+
+import pytest
+import torch
+
+from ringlinear.kernels import DecodeGraphs, available
+from ringlinear.kernels.lightning import lightning_decode, lightning_prefill
+from ringlinear.kernels.lightning_reference import (
+    lightning_decode_reference,
+    lightning_prefill_reference,
+    rope_inv_freq,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DECODE_REL = 1e-5  # fp32 kernel vs fp64 twin, max error relative to max |ref| (fp32 accumulation over d)
+PREFILL_REL = 1.5e-2  # bf16 tensor-core operands (q, k, decayed k, state for q S, scores) and bf16 output
+STATE_REL = 1e-2  # final fp32 state, built from bf16 products of k and v
+
+
+def _gamma(H, device):
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    return torch.exp(-slopes * 0.9).to(device=device, dtype=torch.float32)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def test_extension_builds():
+    assert available()
+
+
+@pytest.mark.parametrize("B", [1, 5, 64])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_matches_twin(B, d, dtype, fused):
+    torch.manual_seed(B * d + fused)
+    H, n_slots, dev = 16, B + 3, "cuda"
+    q, k, v = (torch.randn(B, H, d, device=dev).to(dtype) for _ in range(3))
+    state = torch.randn(n_slots, H, d, d, device=dev)
+    ref_state = state.double()
+    slots = torch.randperm(n_slots, device=dev)[:B]
+    if B > 1:
+        slots[1] = -1  # a padding row
+    gamma = _gamma(H, dev)
+    kw = {}
+    if fused:
+        kw = dict(q_norm_weight=torch.rand(d, device=dev) + 0.5, k_norm_weight=torch.rand(d, device=dev) + 0.5,
+                  positions=torch.randint(0, 100000, (B,), device=dev))
+    o = lightning_decode(q, k, v, state, slots, gamma, rotary_dim=d // 2 if fused else 0, **kw)
+    o_ref = lightning_decode_reference(q, k, v, ref_state, slots, gamma, inv_freq=rope_inv_freq(d // 2, 1e6, dev) if fused else None, **kw)
+    assert torch.isfinite(o).all()
+    assert _rel(o, o_ref) < DECODE_REL * (10 if fused else 1)
+    assert _rel(state, ref_state) < DECODE_REL
+
+
+def test_decode_out_of_range_slot_gives_nan_and_keeps_state():
+    H, d = 4, 64
+    q = torch.randn(2, H, d, device="cuda")
+    state = torch.randn(3, H, d, d, device="cuda")
+    before = state.clone()
+    o = lightning_decode(q, q, q, state, torch.tensor([7, -1], device="cuda"), _gamma(H, "cuda"))
+    assert torch.isnan(o[0]).all() and torch.equal(o[1], torch.zeros_like(o[1]))
+    assert torch.equal(state, before)
+
+
+def test_decode_graph_replay_matches_eager():
+    H, d, n_slots = 16, 128, 40
+    gamma = _gamma(H, "cuda")
+    state_g = torch.randn(n_slots, H, d, d, device="cuda")
+    state_e = state_g.clone()
+
+    out_buf = {}
+
+    def make(bp):
+        out_buf[bp] = torch.empty(bp, H, d, device="cuda")
+        return {"q": torch.empty(bp, H, d, device="cuda"), "k": torch.empty(bp, H, d, device="cuda"),
+                "v": torch.empty(bp, H, d, device="cuda"), "slots": torch.empty(bp, dtype=torch.long, device="cuda")}
+
+    def step(inp):
+        out = out_buf[inp["q"].shape[0]]
+        return lightning_decode(inp["q"], inp["k"], inp["v"], state_g, inp["slots"], gamma, out=out)
+
+    graphs = DecodeGraphs(step, make, batch_sizes=(4, 8), pad={"slots": -1})
+    for it in range(3):
+        B = 5 + it
+        inp = {"q": torch.randn(B, H, d, device="cuda"), "k": torch.randn(B, H, d, device="cuda"),
+               "v": torch.randn(B, H, d, device="cuda"), "slots": torch.randperm(n_slots, device="cuda")[:B]}
+        og = graphs(inp).clone()
+        oe = lightning_decode(inp["q"], inp["k"], inp["v"], state_e, inp["slots"], gamma)
+        assert torch.equal(og, oe)
+        assert torch.equal(state_g, state_e)
+
+
+def _cu(lens):
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+@pytest.mark.parametrize(
+    "lens,block_len",
+    [([1], None), ([63], None), ([100], None), ([4097], None), ([0, 300, 65, 1], None), ([4097, 700], 128),
+     ([20000], None), ([3, 0, 2048], 64)],
+)
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("init", [False, True])
+def test_prefill_matches_twin(lens, block_len, d, init):
+    torch.manual_seed(sum(lens) + d + init)
+    H, dev = 16, "cuda"
+    cu = _cu(lens)
+    T = cu[-1]
+    q, k, v = (torch.randn(T, H, d, device=dev).to(torch.bfloat16) for _ in range(3))
+    n_slots = len(lens) + 2
+    state = torch.randn(n_slots, H, d, d, device=dev) * 0.1
+    ref_state = state.double()
+    untouched = state[-1].clone()
+    slots = torch.randperm(n_slots - 1).tolist()[: len(lens)]
+    use = [init and i % 2 == 0 for i in range(len(lens))]
+    gamma = _gamma(H, dev)
+    o = lightning_prefill(q, k, v, state, torch.tensor(cu, device=dev, dtype=torch.int32), slots, gamma,
+                          use_initial_state=use, block_len=block_len)
+    o_ref = lightning_prefill_reference(q.double(), k.double(), v.double(), ref_state, cu, slots, gamma,
+                                        use_initial_state=use)
+    assert o.dtype == torch.bfloat16 and o.shape == q.shape
+    assert torch.isfinite(o.float()).all()
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        if b > a:
+            assert _rel(o[a:b], o_ref[a:b]) < PREFILL_REL, f"output of sequence {i}"
+        assert _rel(state[slots[i]], ref_state[slots[i]]) < STATE_REL, f"state of sequence {i}"
+    assert torch.equal(state[-1], untouched)
+
+
+def test_prefill_then_decode_continues_the_sequence():
+    H, d, T = 16, 128, 777
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(T + 1, H, d, device="cuda").to(torch.bfloat16) for _ in range(3))
+    gamma = _gamma(H, "cuda")
+    state = torch.zeros(2, H, d, d, device="cuda")
+    lightning_prefill(q[:T], k[:T], v[:T], state, [0, T], [1], gamma)
+    o_dec = lightning_decode(q[T:], k[T:], v[T:], state, torch.tensor([1], device="cuda"), gamma)
+    ref_state = torch.zeros(2, H, d, d, dtype=torch.float64, device="cuda")
+    o_ref = lightning_prefill_reference(q.double(), k.double(), v.double(), ref_state, [0, T + 1], [1], gamma)
+    assert _rel(o_dec[0], o_ref[T]) < PREFILL_REL
+    assert _rel(state[1], ref_state[1]) < STATE_REL

@@ -1,0 +1,190 @@
+"""CPU tests of the lightning reference twins, the prefill planner and the wrappers' validation / CPU fallback."""
+
+import math
+
+import pytest
+import torch
+
+from ringlinear.kernels.lightning import lightning_decode, lightning_prefill, plan_prefill
+from ringlinear.kernels.lightning_reference import (
+    lightning_chunked_reference,
+    lightning_decode_reference,
+    lightning_prefill_reference,
+    lightning_recurrent_reference,
+    rope_inv_freq,
+    rope_neox_partial,
+)
+
+FP64_TOL = 1e-10  # chunked vs recurrent in float64: only rounding differs
+
+
+def _gamma(H, dtype=torch.float64):
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=dtype)
+    return torch.exp(-slopes * 0.7)
+
+
+def _rand(*shape, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 63, 100])
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("init", [False, True])
+def test_chunked_equals_recurrent(T, chunk, init):
+    H, d = 3, 8
+    q, k, v = (_rand(T, H, d, seed=s) for s in (1, 2, 3))
+    S0 = _rand(H, d, d, seed=4) if init else None
+    o1, s1 = lightning_recurrent_reference(q, k, v, _gamma(H), initial_state=S0)
+    o2, s2 = lightning_chunked_reference(q, k, v, _gamma(H), initial_state=S0, chunk=chunk)
+    assert (o1 - o2).abs().max() <= FP64_TOL * o1.abs().max()
+    assert (s1 - s2).abs().max() <= FP64_TOL * s1.abs().max()
+
+
+def test_recurrent_matches_closed_form():
+    # o_t = d^-1/2 sum_{j<=t} gamma^{t-j} (q_t . k_j) v_j
+    T, H, d = 7, 2, 4
+    q, k, v = (_rand(T, H, d, seed=s) for s in (5, 6, 7))
+    gamma = _gamma(H)
+    o, _ = lightning_recurrent_reference(q, k, v, gamma)
+    for t in range(T):
+        for h in range(H):
+            want = sum(gamma[h] ** (t - j) * (q[t, h] @ k[j, h]) * v[j, h] for j in range(t + 1)) / math.sqrt(d)
+            assert torch.allclose(o[t, h], want, atol=1e-12)
+
+
+def test_decode_reference_continues_recurrence_and_skips_padding():
+    T, H, d = 9, 2, 8
+    q, k, v = (_rand(T + 1, H, d, seed=s) for s in (8, 9, 10))
+    gamma = _gamma(H)
+    o_all, s_all = lightning_recurrent_reference(q, k, v, gamma)
+    _, s_T = lightning_recurrent_reference(q[:T], k[:T], v[:T], gamma)
+    state = torch.zeros(4, H, d, d, dtype=torch.float64)
+    state[2] = s_T
+    before = state.clone()
+    slots = torch.tensor([2, -1])
+    qb = torch.stack([q[T], q[T]]); kb = torch.stack([k[T], k[T]]); vb = torch.stack([v[T], v[T]])
+    o = lightning_decode_reference(qb, kb, vb, state, slots, gamma)
+    assert torch.allclose(o[0], o_all[T], atol=1e-12)
+    assert torch.allclose(state[2], s_all, atol=1e-12)
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    for s in (0, 1, 3):
+        assert torch.equal(state[s], before[s])
+
+
+def test_rope_matches_complex_rotation():
+    N, H, d, r = 5, 2, 16, 8
+    x = _rand(N, H, d, seed=11, dtype=torch.float32)
+    pos = torch.tensor([0, 1, 7, 100, 4096])
+    inv = rope_inv_freq(r, 1e6)
+    y = rope_neox_partial(x, pos, inv)
+    half = r // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:r].double())
+    ang = (pos.float()[:, None] * inv[None, :]).double()
+    rot = z * torch.exp(1j * ang)[:, None, :]
+    assert torch.allclose(y[..., :half].double(), rot.real, atol=1e-5)
+    assert torch.allclose(y[..., half:r].double(), rot.imag, atol=1e-5)
+    assert torch.equal(y[..., r:], x[..., r:])
+
+
+def test_prefill_reference_varlen_with_empty_segment():
+    H, d = 2, 8
+    lens = [5, 0, 70, 1]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    T = cu[-1]
+    q, k, v = (_rand(T, H, d, seed=s) for s in (12, 13, 14))
+    gamma = _gamma(H)
+    state = _rand(6, H, d, d, seed=15)
+    init = state.clone()
+    slots, use = [4, 1, 0, 3], [True, False, True, False]
+    o = lightning_prefill_reference(q, k, v, state, cu, slots, gamma, use_initial_state=use, chunk=16)
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        o_ref, s_ref = lightning_recurrent_reference(q[a:b], k[a:b], v[a:b], gamma, initial_state=init[slots[i]] if use[i] else None)
+        assert torch.allclose(o[a:b], o_ref, atol=1e-10)
+        assert torch.allclose(state[slots[i]], s_ref, atol=1e-10)
+    assert torch.equal(state[1], torch.zeros(H, d, d, dtype=torch.float64))  # empty segment, no initial state
+    for s in (2, 5):
+        assert torch.equal(state[s], init[s])
+
+
+@pytest.mark.parametrize("lens,block", [([4096], None), ([1, 0, 130, 64], 64), ([20000, 5], 1024), ([0], None)])
+def test_plan_covers_every_token_once(lens, block):
+    slots = list(range(len(lens)))
+    plan = plan_prefill(lens, slots, [True] * len(lens), heads=16, num_sms=132, block_len=block)
+    assert plan.block_len % 64 == 0
+    covered = sorted((s, n) for s, n, _, _ in plan.items_out)
+    pos = 0
+    for s, n in covered:
+        assert s == pos and 0 < n <= plan.block_len
+        pos += n
+    assert pos == sum(lens)
+    finals = [slot for *_, slot in plan.items_out if slot >= 0]
+    assert sorted(finals) == [s for s, n in zip(slots, lens) if n > 0]
+    assert len(plan.items_state) == len(plan.items_out) - len(finals)
+    assert all(n == plan.block_len for _, n, _, _ in plan.items_state)
+    assert plan.n_ws == len(plan.items_out)
+
+
+def test_plan_fills_the_gpu_at_batch_one():
+    plan = plan_prefill([131072], [0], [True], heads=16, num_sms=132)
+    assert len(plan.items_out) * 16 >= 2 * 132
+
+
+def test_wrappers_fall_back_to_the_twin_on_cpu():
+    H, d = 2, 64
+    lens = [3, 0, 66]
+    cu = torch.tensor([0, 3, 3, 69])
+    q, k, v = (_rand(69, H, d, seed=s, dtype=torch.float32) for s in (16, 17, 18))
+    gamma = _gamma(H, torch.float32)
+    st1 = _rand(3, H, d, d, seed=19, dtype=torch.float32)
+    st2 = st1.clone()
+    o1 = lightning_prefill(q, k, v, st1, cu, [2, 0, 1], gamma)
+    o2 = lightning_prefill_reference(q, k, v, st2, cu, [2, 0, 1], gamma)
+    assert torch.allclose(o1, o2.float()) and torch.allclose(st1, st2)
+    assert len(lens) == 3
+    qd, kd, vd = q[:2], k[:2], v[:2]
+    st3 = st1.clone()
+    od = lightning_decode(qd, kd, vd, st1, torch.tensor([0, 2]), gamma, q_norm_weight=torch.ones(d),
+                          k_norm_weight=torch.ones(d), positions=torch.tensor([5, 9]), rotary_dim=32)
+    od_ref = lightning_decode_reference(qd, kd, vd, st3, torch.tensor([0, 2]), gamma, q_norm_weight=torch.ones(d),
+                                        k_norm_weight=torch.ones(d), positions=torch.tensor([5, 9]),
+                                        inv_freq=rope_inv_freq(32, 1e6))
+    assert torch.allclose(od, od_ref) and torch.allclose(st1, st3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(cu_seqlens=[0, 3, 2, 5]), "cu_seqlens"),
+        (dict(cu_seqlens=[0, 4]), "cu_seqlens"),
+        (dict(slots=[1, 1]), "slots"),
+        (dict(slots=[0, 9]), "slots"),
+        (dict(slots=[0]), "slots"),
+        (dict(gamma=torch.ones(3)), "gamma"),
+        (dict(state=torch.zeros(2, 2, 8, 8, dtype=torch.float64)), "state"),
+        (dict(use_initial_state=[True]), "use_initial_state"),
+    ],
+)
+def test_prefill_rejects_bad_input(kwargs, match):
+    H, d = 2, 8
+    args = dict(q=torch.zeros(5, H, d), k=torch.zeros(5, H, d), v=torch.zeros(5, H, d), state=torch.zeros(2, H, d, d),
+                cu_seqlens=[0, 2, 5], slots=[0, 1], gamma=torch.ones(H))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        lightning_prefill(**args)
+
+
+def test_decode_rejects_bad_input():
+    H, d = 2, 8
+    q = torch.zeros(3, H, d)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lightning_decode(q, torch.zeros(3, H, d + 1), q, torch.zeros(4, H, d, d), torch.arange(3), torch.ones(H))
+    with pytest.raises(ValueError, match="slots"):
+        lightning_decode(q, q, q, torch.zeros(4, H, d, d), torch.arange(2), torch.ones(H))
+    with pytest.raises(ValueError, match="positions"):
+        lightning_decode(q, q, q, torch.zeros(4, H, d, d), torch.arange(3), torch.ones(H), rotary_dim=4)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        lightning_decode(q, q, q, torch.zeros(4, H, d, d), torch.arange(3), torch.ones(H), rotary_dim=3,
+                         positions=torch.zeros(3, dtype=torch.long))

@@ -1,0 +1,70 @@
+"""`python -m ringlinear serve` options: checkpoint and random-weight pods, sizes, clear refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from ringlinear.engine import EngineDead, SamplingParams
+from ringlinear.server.cli import build_parser, build_pod, parse_size
+
+
+def test_parse_size():
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("1000") == 1000
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("lots")
+
+
+def test_checkpoint_pod_serves(tiny_ckpt):
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512",
+                                      "--api-key", "k1", "--shared-secret", "s1"])
+    app, aengine = build_pod(args)
+    assert aengine.engine.model.dtype == torch.float32 and aengine.engine.max_context == 512
+    with TestClient(app) as c:
+        assert c.get("/v1/models").status_code == 401
+        r = c.post("/v1/completions", headers={"Authorization": "Bearer s1"}, json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+
+
+def test_random_weights_pod(tiny_ckpt):
+    args = build_parser().parse_args(["--random-weights", str(tiny_ckpt / "config.json"), "--tokenizer", str(tiny_ckpt),
+                                      "--dtype", "bfloat16", "--memory-budget", "32MiB", "--max-context", "512",
+                                      "--served-model-name", "rand"])
+    app, aengine = build_pod(args)
+    assert aengine.engine.model.dtype == torch.bfloat16
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"model": "rand", "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_bad_options_exit_with_a_message(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="memory budget"):
+        build_pod(build_parser().parse_args(["--model", str(tiny_ckpt), "--memory-budget", "1MiB"]))
+    with pytest.raises(SystemExit, match="config.json not found|no model.safetensors"):
+        build_pod(build_parser().parse_args(["--model", str(tmp_path)]))
+
+
+def test_stopped_engine_fails_waiting_streams(tiny_model):
+    from engine_helpers import make_engine
+
+    from ringlinear.engine import AsyncEngine
+
+    aengine = AsyncEngine(make_engine(tiny_model))
+    aengine.start()
+
+    async def go():
+        out = await aengine.submit([5, 6, 7], SamplingParams(max_tokens=900, temperature=0), "r1")
+        got = []
+        aengine.stop()
+        with pytest.raises(EngineDead):
+            async for o in aengine.stream(out, "r1"):
+                got.append(o)
+        return got
+
+    asyncio.run(go())
+    assert not aengine.alive
