@@ -156,6 +156,15 @@ def bench_prefill(Ts):
             if best is None or ms < best[1]:
                 best = (bl, ms)
         row["block_len_auto"] = auto
+        # Where the time goes (auto plan): launch only some passes; outputs are then wrong, timings are not.
+        import dataclasses
+
+        prep = L.prepare_prefill([T], [0], [True], H, D, "cuda", auto)
+        none = torch.empty(0, 4, dtype=torch.int32, device="cuda")
+        for name, p in (("scan_only_ms", dataclasses.replace(prep, items_state=none, items_out=none)),
+                        ("state_pass_plus_scan_ms", dataclasses.replace(prep, items_out=none)),
+                        ("scan_plus_output_pass_ms", dataclasses.replace(prep, items_state=none))):
+            row[name] = do_bench(lambda: L.run_prepared_prefill(p, q, k, v, state, gamma))
         row["ours_ms"] = row[f"ours_ms_L{auto}"]
         row["ours_best_ms"], row["block_len_best"] = best[1], best[0]
         row["ours_wrapper_ms"] = do_bench(lambda: L.lightning_prefill(q, k, v, state, [0, T], [0], gamma))
@@ -283,6 +292,10 @@ def table():
     for r in RESULTS.get("prefill", []):
         print(f"  {r['T']:7d} | {r['ours_ms']:.3f} {r['ours_TFLOPs']:6.0f} | {r['ours_best_ms']:.3f} ({r['block_len_best']}) |"
               f" {r.get('fla_ms', math.nan):.3f} {r.get('fla_TFLOPs', math.nan):5.0f} | {r.get('speedup_vs_fla', math.nan):.2f}x")
+    print("prefill  T | state pass + scan ms | scan ms | scan + output pass ms")
+    for r in RESULTS.get("prefill", []):
+        print(f"  {r['T']:7d} | {r.get('state_pass_plus_scan_ms', math.nan):.3f} | {r.get('scan_only_ms', math.nan):.3f} |"
+              f" {r.get('scan_plus_output_pass_ms', math.nan):.3f}")
     print("moe dec  N | ours us  GB/s %copy | grouped us | twin us | experts")
     for r in RESULTS.get("moe_decode", []):
         b = r.get("ours_graph_ms", r["ours_eager_ms"])

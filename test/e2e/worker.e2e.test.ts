@@ -108,6 +108,34 @@ describe.skipIf(missing !== null)('worker + pod end to end (openai client)', () 
     expect(usage.tenant).toBe(tenant);
   });
 
+  it('a client that aborts a pod stream is metered for what it got, and its stream slot is freed', async () => {
+    const usage = async () => (await (await fetch(`${worker.url}/v1/usage`, { headers: { authorization: `Bearer ${DEV_KEY}` } })).json()) as any;
+    const podTokens = (r: any) => r.by_model.filter((x: any) => x.engine === 'pod').reduce((s: number, x: any) => s + x.completion_tokens, 0);
+    const before = podTokens(await usage());
+    const abort = new AbortController();
+    const stream = await client.completions.create(
+      { model: MODEL, prompt: LONG_PROMPT, max_tokens: 1500, temperature: 0.7, seed: 2, stream: true },
+      { signal: abort.signal, headers: { 'x-skip-cache': '1' } },
+    );
+    let received = 0;
+    try {
+      for await (const _ of stream) if (++received === 3) abort.abort();
+    } catch {
+      // the client may end the iteration with an abort error or silently, depending on timing
+    }
+    expect(received).toBeGreaterThanOrEqual(3);
+    expect(received).toBeLessThan(50);
+    let report: any;
+    for (let i = 0; i < 40; i++) {
+      report = await usage();
+      if (report.current.open_streams === 0 && podTokens(report) > before) break;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(report.current.open_streams).toBe(0);
+    expect(podTokens(report) - before).toBeGreaterThanOrEqual(2);
+    expect(podTokens(report) - before).toBeLessThan(1500);
+  });
+
   it('when the pod stops: a stream breaks with an error event, then long prompts fall back to the edge', async () => {
     const { data: stream, response } = await client.completions
       .create({ model: MODEL, prompt: LONG_PROMPT, max_tokens: 2000, temperature: 0.7, seed: 1, stream: true }, { headers: { 'x-skip-cache': '1' } })

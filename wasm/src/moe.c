@@ -1,4 +1,9 @@
-/* MoE router: sigmoid scores, expert bias for selection only, group-limited top-k. */
+/*
+ * MoE router: sigmoid scores, expert bias for selection only, group-limited top-k.
+ * Scalar only, by choice: it touches E (<= 256 in the released models) values per token next to the E x D router
+ * matvec (which is SIMD, matmul.c), and its selection loops are branchy. Checked by the router tests in
+ * wasm/tests/test_kernels.c and end to end by the golden vectors.
+ */
 #include <math.h>
 
 #include "kernels.h"

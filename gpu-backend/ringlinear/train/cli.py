@@ -138,8 +138,12 @@ def cmd_golden(a) -> None:
 
 
 def cmd_plot(a) -> None:
-    from .plot import loss_svg, read_log
+    from .plot import loss_svg, read_load, read_log
 
+    if a.what == "load":
+        Path(a.out).write_text(loss_svg(read_load(a.log), a.title, ylabel="max / mean expert load"), encoding="utf-8")
+        print(a.out)
+        return
     train, heldout = read_log(a.log)
     series = {"train loss": train}
     if heldout:
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--log", required=True)
     pl.add_argument("--out", required=True)
     pl.add_argument("--title", default="Ring-linear default model: training loss")
+    pl.add_argument("--what", default="loss", choices=["loss", "load"], help="loss curves or per-layer expert load balance")
     pl.set_defaults(fn=cmd_plot)
 
     a = p.parse_args(argv)

@@ -18,8 +18,19 @@ def read_log(path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int,
     return train, heldout
 
 
-def loss_svg(series: dict[str, list[tuple[int, float]]], title: str, width: int = 720, height: int = 420) -> str:
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+def read_load(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Per MoE layer: max/mean expert load over the training steps (1.0 = perfectly balanced)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        for i, v in enumerate(r.get("expert_load_max_over_mean") or []):
+            series.setdefault(f"MoE layer {i + 1}", []).append((r["step"], v))
+    return series
+
+
+def loss_svg(series: dict[str, list[tuple[int, float]]], title: str, width: int = 720, height: int = 420,
+             ylabel: str = "loss (nats/token)") -> str:
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
     pts = [p for s in series.values() for p in s]
     if not pts:
         raise ValueError("no loss records to plot")
@@ -48,7 +59,7 @@ def loss_svg(series: dict[str, list[tuple[int, float]]], title: str, width: int 
         xx, _ = px(x, y_lo)
         el.append(f'<text x="{xx:.1f}" y="{top + H + 18}" text-anchor="middle">{int(x)}</text>')
     el.append(f'<text x="{left + W / 2}" y="{height - 10}" text-anchor="middle">step</text>')
-    el.append(f'<text x="16" y="{top + H / 2}" text-anchor="middle" transform="rotate(-90 16 {top + H / 2})">loss (nats/token)</text>')
+    el.append(f'<text x="16" y="{top + H / 2}" text-anchor="middle" transform="rotate(-90 16 {top + H / 2})">{ylabel}</text>')
     for i, (name, s) in enumerate(series.items()):
         c = colors[i % len(colors)]
         path = " ".join(f"{px(x, y)[0]:.1f},{px(x, y)[1]:.1f}" for x, y in s)

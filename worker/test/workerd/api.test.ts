@@ -10,6 +10,23 @@ describe('OpenAI-compatible API', () => {
     expect(await res.json()).toMatchObject({ status: 'ok', engines: [{ model: 'ring-test', engine: 'wasm-f32' }] });
   });
 
+  it('/health is 503 "degraded" when nothing can serve', async () => {
+    const h = harness({ engines: [] });
+    const res = await h.call('/health');
+    expect(res.status).toBe(503);
+    expect(await res.json()).toMatchObject({ status: 'degraded', engines: [], pods: [] });
+  });
+
+  it('reports usage for a given month and rejects a malformed month', async () => {
+    const h = harness();
+    const t = await h.createTenant();
+    const past = (await (await h.call('/v1/usage?month=2001-01', { headers: t.auth })).json()) as any;
+    expect(past).toMatchObject({ tenant: t.id, month: '2001-01', totals: { requests: 0 } });
+    const bad = await h.call('/v1/usage?month=January', { headers: t.auth });
+    expect(bad.status).toBe(400);
+    expect(((await bad.json()) as any).error.param).toBe('month');
+  });
+
   it('lists models', async () => {
     const h = harness();
     const t = await h.createTenant();

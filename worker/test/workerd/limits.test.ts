@@ -42,11 +42,12 @@ describe('per-tenant limits, held exactly under concurrency', () => {
   });
 
   it('concurrent streams', async () => {
-    const h = harness({ engines: [new TestEngine({ tokenDelayMs: 15 })] });
+    // Streams of 30 tokens at 20 ms each stay open for about 600 ms: long enough for the checks below.
+    const h = harness({ engines: [new TestEngine({ tokenDelayMs: 20 })] });
     const t = await h.createTenant({ concurrentStreams: 2 });
-    const open = await Promise.all([1, 2].map(() => h.call('/v1/completions', { method: 'POST', headers: t.auth, json: completion({ max_tokens: 10, stream: true }) })));
+    const open = await Promise.all([1, 2].map(() => h.call('/v1/completions', { method: 'POST', headers: t.auth, json: completion({ max_tokens: 30, stream: true }) })));
     expect(open.map((r) => r.status)).toEqual([200, 200]);
-    const third = await h.call('/v1/completions', { method: 'POST', headers: t.auth, json: completion({ max_tokens: 10, stream: true }) });
+    const third = await h.call('/v1/completions', { method: 'POST', headers: t.auth, json: completion({ max_tokens: 30, stream: true }) });
     expect(third.status).toBe(429);
     expect(((await third.json()) as any).error.code).toBe('rate_limit_concurrent_streams');
     // Non-streaming requests are not streams.

@@ -41,18 +41,25 @@ struct PrefillArgs {
   int H; float scale;
 };
 
-template <int D>
+// JS = CTAs that share one (block, head), each owning D/JS rows j of S^T; NBUF = Q/K/V buffers (2: next chunk's
+// cp.async overlaps this chunk; 1: the output pass with JS = 2 fits two CTAs per SM instead).
+template <int D, bool STATE_ONLY, int JS>
 struct PrefillSmem {
+  static constexpr int NBUF = (STATE_ONLY || JS == 1) ? 2 : 1;
   static constexpr int ROW = D + 8;
   static constexpr int TILE = kChunk * ROW;  // elements of one [C, D] tile
-  // layout: Q[2], K[2], V[2], Kd, Os (each TILE), P (C * kPRow)
-  static constexpr int BYTES = (8 * TILE + kChunk * kPRow) * 2;
+  // Tile slots: [Q x NBUF] K x NBUF, V x NBUF, Kd, [Os, P]; the state pass has no Q, Os or P.
+  static constexpr int K_AT = STATE_ONLY ? 0 : NBUF, V_AT = K_AT + NBUF, KD_AT = V_AT + NBUF, OS_AT = KD_AT + 1,
+                       P_AT = OS_AT + 1;
+  static constexpr int BYTES = STATE_ONLY ? (KD_AT + 1) * TILE * 2 : (P_AT * TILE + kChunk * kPRow) * 2;
+  static constexpr int THREADS = D * 2 / JS;  // D / 16 / JS warps
+  static constexpr int MIN_BLOCKS = (STATE_ONLY || JS > 1) ? 2 : 1;
 };
 
 template <int D>
 RL_DEVICE void load_chunk_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t tok_stride, int first_valid_row_end,
                                 int tid, int nthreads) {
-  constexpr int ROW = PrefillSmem<D>::ROW;
+  constexpr int ROW = D + 8;
   constexpr int PIECES = D / 8;
   for (int idx = tid; idx < kChunk * PIECES; idx += nthreads) {
     const int r = idx / PIECES, p = idx % PIECES;
@@ -61,27 +68,31 @@ RL_DEVICE void load_chunk_async(__nv_bfloat16* dst, const __nv_bfloat16* src, in
   }
 }
 
-template <int D, bool STATE_ONLY>
-__global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs a) {
-  constexpr int NW = D / 16, NT = NW * 32;
-  constexpr int ROW = PrefillSmem<D>::ROW, TILE = PrefillSmem<D>::TILE;
+template <int D, bool STATE_ONLY, int JS>
+__global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, PrefillSmem<D, STATE_ONLY, JS>::MIN_BLOCKS)
+    lightning_prefill_kernel(PrefillArgs a) {
+  using SM = PrefillSmem<D, STATE_ONLY, JS>;
+  constexpr int NT = SM::THREADS, NW = NT / 32, NBUF = SM::NBUF;
+  constexpr int ROW = SM::ROW, TILE = SM::TILE;
+  constexpr int JW = D / JS;  // rows j of S^T owned by this CTA
   constexpr int NI = D / 8;  // n8 tiles of S^T along i
   extern __shared__ __align__(16) __nv_bfloat16 smem[];
-  // Q, K, V double buffers at smem + (2 * tensor + buf) * TILE (computed, not indexed, to stay out of local memory).
-  __nv_bfloat16* Kd = smem + 6 * TILE;
-  __nv_bfloat16* Os = smem + 7 * TILE;
-  __nv_bfloat16* Ps = smem + 8 * TILE;
+  // Q, K, V double buffers at smem + (slot + buf) * TILE (computed, not indexed, to stay out of local memory).
+  __nv_bfloat16* Kd = smem + SM::KD_AT * TILE;
+  __nv_bfloat16* Os = smem + SM::OS_AT * TILE;  // unused by the state pass
+  __nv_bfloat16* Ps = smem + SM::P_AT * TILE;   // unused by the state pass
 
   const PrefillItem it = a.items[blockIdx.x];
   const int h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, tig = lane & 3;
+  const int jbase = blockIdx.z * JW;
   const float lg = log2f(a.gamma[h]);
   const int64_t tok_stride = (int64_t)a.H * D;
   const int64_t base = (int64_t)it.start * tok_stride + (int64_t)h * D;
 
   // S^T accumulators: st[n][.] covers j = 16w + g (+8), i = 8n + 2tig (+1).
   float st[NI][4];
-  const int j0 = 16 * w + g;
+  const int j0 = jbase + 16 * w + g;
   if constexpr (STATE_ONLY) {
 #pragma unroll
     for (int n = 0; n < NI; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
@@ -97,24 +108,25 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
 
   const int nchunks = (it.len + kChunk - 1) / kChunk;
   auto issue = [&](int c) {
-    const int buf = c & 1;
+    const int buf = c % NBUF;
     const int rows = min(kChunk, it.len - c * kChunk);
     const int64_t off = base + (int64_t)c * kChunk * tok_stride;
     if constexpr (!STATE_ONLY) load_chunk_async<D>(smem + buf * TILE, a.q + off, tok_stride, rows, tid, NT);
-    load_chunk_async<D>(smem + (2 + buf) * TILE, a.k + off, tok_stride, rows, tid, NT);
-    load_chunk_async<D>(smem + (4 + buf) * TILE, a.v + off, tok_stride, rows, tid, NT);
+    // (the whole V tile is loaded even when JS > 1: the intra-chunk product only reads this CTA's columns)
+    load_chunk_async<D>(smem + (SM::K_AT + buf) * TILE, a.k + off, tok_stride, rows, tid, NT);
+    load_chunk_async<D>(smem + (SM::V_AT + buf) * TILE, a.v + off, tok_stride, rows, tid, NT);
     cp_async_commit();
   };
   if (nchunks > 0) issue(0);
 
   for (int c = 0; c < nchunks; ++c) {
-    const int buf = c & 1;
-    if (c + 1 < nchunks) { issue(c + 1); cp_async_wait<1>(); } else { cp_async_wait<0>(); }
+    const int buf = c % NBUF;
+    if (NBUF == 2 && c + 1 < nchunks) { issue(c + 1); cp_async_wait<1>(); } else { cp_async_wait<0>(); }
     __syncthreads();
     const int Lc = min(kChunk, it.len - c * kChunk);
     const __nv_bfloat16* Q = smem + buf * TILE;
-    const __nv_bfloat16* K = smem + (2 + buf) * TILE;
-    const __nv_bfloat16* V = smem + (4 + buf) * TILE;
+    const __nv_bfloat16* K = smem + (SM::K_AT + buf) * TILE;
+    const __nv_bfloat16* V = smem + (SM::V_AT + buf) * TILE;
 
     // Kd[s] = gamma^{Lc-1-s} k_s (rows past Lc are already zero).
     for (int idx = tid; idx < kChunk * (D / 8); idx += NT) {
@@ -168,7 +180,7 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk)
       ldmatrix_x4_trans(va[kk][0], va[kk][1], va[kk][2], va[kk][3],
-                        V + (16 * kk + (lane & 7) + (lane >> 4) * 8) * ROW + 16 * w + ((lane >> 3) & 1) * 8);
+                        V + (16 * kk + (lane & 7) + (lane >> 4) * 8) * ROW + jbase + 16 * w + ((lane >> 3) & 1) * 8);
 
     if constexpr (!STATE_ONLY) {
       float acc[kChunk / 8][4];
@@ -232,12 +244,14 @@ __global__ void __launch_bounds__(D * 2, 1) lightning_prefill_kernel(PrefillArgs
       }
     }
     __syncthreads();
+    if (NBUF == 1 && c + 1 < nchunks) issue(c + 1);  // single buffer: refill only once every warp is done with it
 
     if constexpr (!STATE_ONLY) {
-      __nv_bfloat16* o = a.o + base + (int64_t)c * kChunk * tok_stride;
-      for (int idx = tid; idx < Lc * (D / 8); idx += NT) {
-        const int t = idx / (D / 8), p = idx % (D / 8);
-        *reinterpret_cast<uint4*>(o + (int64_t)t * tok_stride + p * 8) = *reinterpret_cast<const uint4*>(Os + t * ROW + p * 8);
+      __nv_bfloat16* o = a.o + base + (int64_t)c * kChunk * tok_stride + jbase;
+      for (int idx = tid; idx < Lc * (JW / 8); idx += NT) {
+        const int t = idx / (JW / 8), p = idx % (JW / 8);
+        *reinterpret_cast<uint4*>(o + (int64_t)t * tok_stride + p * 8) =
+            *reinterpret_cast<const uint4*>(Os + t * ROW + jbase + p * 8);
       }
     }
   }
@@ -300,21 +314,22 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
   }
 }
 
-template <int D, bool STATE_ONLY>
+template <int D, bool STATE_ONLY, int JS>
 static void launch_prefill(const PrefillArgs& a, int n_items, cudaStream_t stream) {
   if (n_items == 0) return;
-  constexpr int bytes = PrefillSmem<D>::BYTES;
-  auto kern = lightning_prefill_kernel<D, STATE_ONLY>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kern<<<dim3(n_items, a.H), D * 2, bytes, stream>>>(a);
+  using SM = PrefillSmem<D, STATE_ONLY, JS>;
+  auto kern = lightning_prefill_kernel<D, STATE_ONLY, JS>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SM::BYTES));
+  kern<<<dim3(n_items, a.H, JS), SM::THREADS, SM::BYTES, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // items_state / items_out: int32 [n, 4] (PrefillItem); scan_seqs: int32 [N, 6] (ScanSeq, slot as two int32 words).
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
-                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale) {
+                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit) {
   const int H = q.size(1), D = q.size(2);
+  TORCH_CHECK(jsplit == 1 || (jsplit == 2 && D == 128), "lightning_prefill: jsplit must be 1, or 2 with head dim 128");
   TORCH_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &o})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "lightning_prefill: q/k/v/o must be contiguous bf16");
@@ -332,7 +347,10 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.gamma = gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
 
   a.items = reinterpret_cast<const PrefillItem*>(items_state.data_ptr<int32_t>());
-  D == 128 ? launch_prefill<128, true>(a, items_state.size(0), stream) : launch_prefill<64, true>(a, items_state.size(0), stream);
+  const int n_state = items_state.size(0);
+  if (D == 64) launch_prefill<64, true, 1>(a, n_state, stream);
+  else if (jsplit == 1) launch_prefill<128, true, 1>(a, n_state, stream);
+  else launch_prefill<128, true, 2>(a, n_state, stream);
 
   const int n_seq = scan_seqs.size(0);
   if (n_seq > 0) {
@@ -343,7 +361,10 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   a.items = reinterpret_cast<const PrefillItem*>(items_out.data_ptr<int32_t>());
-  D == 128 ? launch_prefill<128, false>(a, items_out.size(0), stream) : launch_prefill<64, false>(a, items_out.size(0), stream);
+  const int n_out = items_out.size(0);
+  if (D == 64) launch_prefill<64, false, 1>(a, n_out, stream);
+  else if (jsplit == 1) launch_prefill<128, false, 1>(a, n_out, stream);
+  else launch_prefill<128, false, 2>(a, n_out, stream);
 }
 
 }  // namespace ringlinear

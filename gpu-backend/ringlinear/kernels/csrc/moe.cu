@@ -2,7 +2,7 @@
 // group-limited top-k), plus the decode-path expert kernels that read only the experts a batch selected.
 //
 //   moe_route_kernel     one warp per token: scores, group top-2 sums, kept groups, top-k, normalised weights
-//   moe_align_kernel     one block: per-expert counts, offsets, assignment indices sorted by expert (no host sync)
+//   moe_align_kernel     one block: per-expert counts, offsets, assignment indices sorted by expert, active experts
 //   moe_gate_up_kernel   per (expert, row tile): h = silu(x Wg^T) * (x Wu^T) for the expert's assignments
 //   moe_down_kernel      per (expert, row tile): y[a] = w_a * (h Wd^T), written at the assignment's own row
 // Every per-assignment result is computed with one fixed reduction order, so outputs do not depend on how the
@@ -103,8 +103,11 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(const float
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kMaxExperts = 1024;
 
+// offsets [E+1]: start of each expert's rows in sorted order; sorted [A]: assignment ids grouped by expert;
+// active [E+1]: the experts with at least one assignment, their count in active[E] (the expert kernels' grid walks it).
 __global__ void __launch_bounds__(1024) moe_align_kernel(const int32_t* __restrict__ ids, int A, int E,
-                                                         int32_t* __restrict__ offsets, int32_t* __restrict__ sorted) {
+                                                         int32_t* __restrict__ offsets, int32_t* __restrict__ sorted,
+                                                         int32_t* __restrict__ active) {
   __shared__ int cnt[kMaxExperts + 1];
   for (int e = threadIdx.x; e <= E; e += blockDim.x) cnt[e] = 0;
   __syncthreads();
@@ -114,9 +117,14 @@ __global__ void __launch_bounds__(1024) moe_align_kernel(const int32_t* __restri
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    int run = 0;
-    for (int e = 0; e < E; ++e) { const int c = cnt[e]; cnt[e] = run; offsets[e] = run; run += c; }
+    int run = 0, n_active = 0;
+    for (int e = 0; e < E; ++e) {
+      const int c = cnt[e];
+      if (c > 0) active[n_active++] = e;
+      cnt[e] = run; offsets[e] = run; run += c;
+    }
     offsets[E] = run;
+    active[E] = n_active;
   }
   __syncthreads();
   for (int a = threadIdx.x; a < A; a += blockDim.x) {
@@ -145,19 +153,29 @@ RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
   }
 }
 
-// x: [N, Dm] bf16; wg, wu: [E, I, Dm]; h: [A, I] bf16 (row = sorted position).
+// x: [N, Dm] bf16; wg, wu: [E, I, Dm]; h: [A, I] bf16 (row = sorted position). grid.y walks the active experts.
+// Each lane issues the loads of all its rows for one 16-byte column step before any arithmetic (bytes in flight).
 __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ wg,
                                                              const __nv_bfloat16* __restrict__ wu, const int32_t* __restrict__ offsets,
-                                                             const int32_t* __restrict__ sorted, int topk, int Dm, int I,
-                                                             __nv_bfloat16* __restrict__ h) {
+                                                             const int32_t* __restrict__ sorted, const int32_t* __restrict__ active,
+                                                             int E, int topk, int Dm, int I, __nv_bfloat16* __restrict__ h) {
   extern __shared__ __align__(16) __nv_bfloat16 xs[];  // [kMoeMT, Dm]
-  const int e = blockIdx.y;
+  if ((int)blockIdx.y >= active[E]) return;
+  const int e = active[blockIdx.y];
   const int p0 = offsets[e], p1 = offsets[e + 1];
-  if (p0 == p1) return;
+  constexpr int R = kGateUpRowsPerWarp;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * kMoeWarps + w) * kGateUpRowsPerWarp;
+  const int row0 = (blockIdx.x * kMoeWarps + w) * R;
   const __nv_bfloat16* Wg = wg + (int64_t)e * I * Dm;
   const __nv_bfloat16* Wu = wu + (int64_t)e * I * Dm;
+  const uint4* g4[R];
+  const uint4* u4[R];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) {
+    const int row = min(row0 + rr, I - 1);  // rows past I compute a duplicate and store nothing
+    g4[rr] = reinterpret_cast<const uint4*>(Wg + (int64_t)row * Dm);
+    u4[rr] = reinterpret_cast<const uint4*>(Wu + (int64_t)row * Dm);
+  }
   for (int pb = p0; pb < p1; pb += kMoeMT) {
     const int m = min(kMoeMT, p1 - pb);
     __syncthreads();
@@ -167,32 +185,33 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_
       reinterpret_cast<uint4*>(xs)[idx] = reinterpret_cast<const uint4*>(x + (int64_t)tok * Dm)[c];
     }
     __syncthreads();
+    float ga[R][kMoeMT], ua[R][kMoeMT];
 #pragma unroll
-    for (int rr = 0; rr < kGateUpRowsPerWarp; ++rr) {
-      const int row = row0 + rr;
-      if (row >= I) break;
-      float ga[kMoeMT], ua[kMoeMT];
+    for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-      for (int t = 0; t < kMoeMT; ++t) ga[t] = ua[t] = 0.f;
-      const uint4* g4 = reinterpret_cast<const uint4*>(Wg + (int64_t)row * Dm);
-      const uint4* u4 = reinterpret_cast<const uint4*>(Wu + (int64_t)row * Dm);
-#pragma unroll 4
-      for (int c = lane; c < Dm / 8; c += 32) {
-        const uint4 gv = __ldg(g4 + c), uv = __ldg(u4 + c);
+      for (int t = 0; t < kMoeMT; ++t) ga[rr][t] = ua[rr][t] = 0.f;
+#pragma unroll 2
+    for (int c = lane; c < Dm / 8; c += 32) {
+      uint4 gv[R], uv[R];
 #pragma unroll
-        for (int t = 0; t < kMoeMT; ++t) {
-          if (t < m) {
-            const uint4 xv = reinterpret_cast<const uint4*>(xs + t * Dm)[c];
-            dot8_acc(ga[t], gv, xv);
-            dot8_acc(ua[t], uv, xv);
-          }
-        }
-      }
+      for (int rr = 0; rr < R; ++rr) { gv[rr] = __ldg(g4[rr] + c); uv[rr] = __ldg(u4[rr] + c); }
 #pragma unroll
       for (int t = 0; t < kMoeMT; ++t) {
         if (t < m) {
-          const float gsum = warp_sum(ga[t]), usum = warp_sum(ua[t]);
-          if (lane == 0) h[(int64_t)(pb + t) * I + row] = __float2bfloat16(gsum / (1.f + expf(-gsum)) * usum);
+          const uint4 xv = reinterpret_cast<const uint4*>(xs + t * Dm)[c];
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) { dot8_acc(ga[rr][t], gv[rr], xv); dot8_acc(ua[rr][t], uv[rr], xv); }
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+#pragma unroll
+      for (int t = 0; t < kMoeMT; ++t) {
+        if (t < m) {
+          const float gsum = warp_sum(ga[rr][t]), usum = warp_sum(ua[rr][t]);
+          if (lane == 0 && row0 + rr < I)
+            h[(int64_t)(pb + t) * I + row0 + rr] = __float2bfloat16(gsum / (1.f + expf(-gsum)) * usum);
         }
       }
     }
@@ -202,41 +221,53 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_
 // h: [A, I] bf16 (sorted rows); wd: [E, Dm, I]; y: [A, Dm] fp32 indexed by assignment id a = token * topk + j.
 __global__ void __launch_bounds__(kMoeWarps * 32) moe_down_kernel(const __nv_bfloat16* __restrict__ h, const __nv_bfloat16* __restrict__ wd,
                                                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted,
-                                                          const float* __restrict__ weights, int Dm, int I, float* __restrict__ y) {
+                                                          const int32_t* __restrict__ active, int E, const float* __restrict__ weights,
+                                                          int Dm, int I, float* __restrict__ y) {
   extern __shared__ __align__(16) __nv_bfloat16 hs[];  // [kMoeMT, I]
-  const int e = blockIdx.y;
+  if ((int)blockIdx.y >= active[E]) return;
+  const int e = active[blockIdx.y];
   const int p0 = offsets[e], p1 = offsets[e + 1];
-  if (p0 == p1) return;
+  constexpr int R = kDownRowsPerWarp;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * kMoeWarps + w) * kDownRowsPerWarp;
+  const int row0 = (blockIdx.x * kMoeWarps + w) * R;
   const __nv_bfloat16* W = wd + (int64_t)e * Dm * I;
+  const uint4* w4[R];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) w4[rr] = reinterpret_cast<const uint4*>(W + (int64_t)min(row0 + rr, Dm - 1) * I);
   for (int pb = p0; pb < p1; pb += kMoeMT) {
     const int m = min(kMoeMT, p1 - pb);
     __syncthreads();
     for (int idx = threadIdx.x; idx < m * (I / 8); idx += blockDim.x)
       reinterpret_cast<uint4*>(hs)[idx] = reinterpret_cast<const uint4*>(h + (int64_t)pb * I)[idx];
     __syncthreads();
+    float acc[R][kMoeMT];
 #pragma unroll
-    for (int rr = 0; rr < kDownRowsPerWarp; ++rr) {
-      const int row = row0 + rr;
-      if (row >= Dm) break;
-      float acc[kMoeMT];
+    for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-      for (int t = 0; t < kMoeMT; ++t) acc[t] = 0.f;
-      const uint4* w4 = reinterpret_cast<const uint4*>(W + (int64_t)row * I);
-      for (int c = lane; c < I / 8; c += 32) {
-        const uint4 wv = __ldg(w4 + c);
+      for (int t = 0; t < kMoeMT; ++t) acc[rr][t] = 0.f;
+#pragma unroll 2
+    for (int c = lane; c < I / 8; c += 32) {
+      uint4 wv[R];
 #pragma unroll
-        for (int t = 0; t < kMoeMT; ++t)
-          if (t < m) dot8_acc(acc[t], wv, reinterpret_cast<const uint4*>(hs + t * I)[c]);
-      }
+      for (int rr = 0; rr < R; ++rr) wv[rr] = __ldg(w4[rr] + c);
 #pragma unroll
       for (int t = 0; t < kMoeMT; ++t) {
         if (t < m) {
-          const float s = warp_sum(acc[t]);
-          if (lane == 0) {
+          const uint4 hv = reinterpret_cast<const uint4*>(hs + t * I)[c];
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) dot8_acc(acc[rr][t], wv[rr], hv);
+        }
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+#pragma unroll
+      for (int t = 0; t < kMoeMT; ++t) {
+        if (t < m) {
+          const float s = warp_sum(acc[rr][t]);
+          if (lane == 0 && row0 + rr < Dm) {
             const int a = sorted[pb + t];
-            y[(int64_t)a * Dm + row] = s * weights[a];
+            y[(int64_t)a * Dm + row0 + rr] = s * weights[a];
           }
         }
       }
@@ -264,19 +295,21 @@ void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor& sorted) {
+void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor& sorted, at::Tensor& active) {
   TORCH_CHECK(ids.is_contiguous() && ids.scalar_type() == at::kInt, "moe_align: ids must be contiguous int32");
   TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_align: at most ", kMaxExperts, " experts");
   const at::cuda::CUDAGuard guard(ids.device());
   moe_align_kernel<<<1, 1024, 0, at::cuda::getCurrentCUDAStream()>>>(ids.data_ptr<int32_t>(), ids.numel(), (int)E,
-                                                                      offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>());
+                                                                      offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
+                                                                      active.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
-                        const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& weights, int64_t topk,
-                        at::Tensor& h, at::Tensor& y) {
+                        const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& active,
+                        const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y) {
   const int E = wg.size(0), I = wg.size(1), Dm = wg.size(2);
+  const int grid_e = (int)std::min<int64_t>(E, sorted.numel());  // distinct experts can not exceed assignments
   TORCH_CHECK(Dm % 8 == 0 && I % 8 == 0, "moe_experts_decode: hidden and expert sizes must be multiples of 8");
   if (sorted.numel() == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
@@ -286,13 +319,14 @@ void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Ten
   if (smem1 > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(moe_gate_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem1));
   if (smem2 > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(moe_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem2));
   const int rows1 = kMoeWarps * kGateUpRowsPerWarp, rows2 = kMoeWarps * kDownRowsPerWarp;
-  moe_gate_up_kernel<<<dim3((I + rows1 - 1) / rows1, E), kMoeWarps * 32, smem1, stream>>>(
-      bf(x), bf(wg), bf(wu), offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), (int)topk, Dm, I,
+  moe_gate_up_kernel<<<dim3((I + rows1 - 1) / rows1, grid_e), kMoeWarps * 32, smem1, stream>>>(
+      bf(x), bf(wg), bf(wu), offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), active.data_ptr<int32_t>(), E,
+      (int)topk, Dm, I,
       reinterpret_cast<__nv_bfloat16*>(h.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  moe_down_kernel<<<dim3((Dm + rows2 - 1) / rows2, E), kMoeWarps * 32, smem2, stream>>>(
+  moe_down_kernel<<<dim3((Dm + rows2 - 1) / rows2, grid_e), kMoeWarps * 32, smem2, stream>>>(
       reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), bf(wd), offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
-      weights.data_ptr<float>(), Dm, I, y.data_ptr<float>());
+      active.data_ptr<int32_t>(), E, weights.data_ptr<float>(), Dm, I, y.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
