@@ -156,6 +156,9 @@ def bench_prefill(Ts):
             if best is None or ms < best[1]:
                 best = (bl, ms)
         row["block_len_auto"] = auto
+        prep2 = L.prepare_prefill([T], [0], [True], H, D, "cuda", best[0], jsplit=2)
+        row["ours_jsplit2_ms"] = do_bench(lambda: L.run_prepared_prefill(prep2, q, k, v, state, gamma))
+        row["jsplit2_block_len"] = best[0]
         # Where the time goes (auto plan): launch only some passes; outputs are then wrong, timings are not.
         import dataclasses
 
@@ -292,10 +295,10 @@ def table():
     for r in RESULTS.get("prefill", []):
         print(f"  {r['T']:7d} | {r['ours_ms']:.3f} {r['ours_TFLOPs']:6.0f} | {r['ours_best_ms']:.3f} ({r['block_len_best']}) |"
               f" {r.get('fla_ms', math.nan):.3f} {r.get('fla_TFLOPs', math.nan):5.0f} | {r.get('speedup_vs_fla', math.nan):.2f}x")
-    print("prefill  T | state pass + scan ms | scan ms | scan + output pass ms")
+    print("prefill  T | state pass + scan ms | scan ms | scan + output pass ms | jsplit=2 ms (L)")
     for r in RESULTS.get("prefill", []):
         print(f"  {r['T']:7d} | {r.get('state_pass_plus_scan_ms', math.nan):.3f} | {r.get('scan_only_ms', math.nan):.3f} |"
-              f" {r.get('scan_plus_output_pass_ms', math.nan):.3f}")
+              f" {r.get('scan_plus_output_pass_ms', math.nan):.3f} | {r.get('ours_jsplit2_ms', math.nan):.3f} ({r.get('jsplit2_block_len')})")
     print("moe dec  N | ours us  GB/s %copy | grouped us | twin us | experts")
     for r in RESULTS.get("moe_decode", []):
         b = r.get("ours_graph_ms", r["ours_eager_ms"])

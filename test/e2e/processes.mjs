@@ -1,7 +1,7 @@
 // Starting and stopping the processes of end-to-end tests and benchmarks: `wrangler dev` and a gpu-backend pod.
 // Each runs in its own process group (setsid-like `detached`), stopped by group id only.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -100,7 +100,12 @@ export async function startPod({ port, secret, servedName, model = podModel() })
     'pod',
   );
   const url = `http://127.0.0.1:${port}`;
-  await waitFor(`${url}/health`, { headers: { authorization: `Bearer ${secret}` }, proc, timeoutMs: 180_000 });
+  try {
+    await waitFor(`${url}/health`, { headers: { authorization: `Bearer ${secret}` }, proc, timeoutMs: 180_000 });
+  } catch (err) {
+    await proc.stop();
+    throw err;
+  }
   return { ...proc, url };
 }
 
@@ -113,6 +118,15 @@ export async function startWorker({ port, vars = {} }) {
   const proc = startGroup('npx', args, { CLOUDFLARE_CF_FETCH_ENABLED: 'false', WRANGLER_SEND_METRICS: 'false' }, 'wrangler');
   const url = `http://127.0.0.1:${port}`;
   // /health answers once the embedded engine is loaded (the first request loads it).
-  await waitFor(`${url}/health`, { proc, timeoutMs: 180_000, ok: (r) => r.status === 200 || r.status === 503 });
-  return { ...proc, url };
+  const stop = async (signal) => {
+    await proc.stop(signal);
+    rmSync(state, { recursive: true, force: true });
+  };
+  try {
+    await waitFor(`${url}/health`, { proc, timeoutMs: 180_000, ok: (r) => r.status === 200 || r.status === 503 });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { ...proc, url, stop };
 }

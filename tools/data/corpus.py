@@ -4,7 +4,7 @@
 
 Sources (each licence is recorded in docs/model-card.md and in the written sources.json):
   kjv     bible-kjv-text (+ the `bible` reader of bible-kjv)  King James Version, public domain
-  gcide   dict-gcide     Collaborative International Dictionary of English (Webster 1913 + additions), GPL
+  gcide   dict-gcide     Collaborative International Dictionary of English (Webster 1913 + additions), GPL-2+
   devil   dict-devil     Ambrose Bierce, The Devil's Dictionary (1911), public domain
   fortune fortunes-min   fortune(6) files fortunes, literature, riddles (BSD-licensed package)
 
@@ -35,7 +35,7 @@ FORTUNE_DIR = Path("/usr/share/games/fortunes")
 
 SOURCES = {
     "kjv": {"package": "bible-kjv-text", "licence": "public domain (KJV text, copyright expired); package GPL-2+ for its software"},
-    "gcide": {"package": "dict-gcide", "licence": "GPL-2+/GPL-3+ (GCIDE); derived from the public-domain Webster 1913"},
+    "gcide": {"package": "dict-gcide", "licence": "GPL-2+ (GCIDE text; its formatting software GPL-1+); derived from the public-domain Webster 1913"},
     "devil": {"package": "dict-devil", "licence": "public domain (copyright expired)"},
     "fortune": {"package": "fortunes-min", "licence": "BSD-3-Clause (fortune-mod package); quotations of mixed provenance"},
 }

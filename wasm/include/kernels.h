@@ -12,8 +12,9 @@
   ret name##_simd128 args;       \
   ret name args;
 
-/* ---- matmul.c: y[t, n] = sum_k w[n, k] * x[t, k];  x [T, K], w [N, K], y [T, N] ---- */
-RL_DECL(void, matmul_f32, (float *y, const float *x, const float *w, int T, int N, int K))
+/* ---- matmul.c: y[t, n] = sum_k w[n, k] * x[t, k];  x [T, K], w [N, K], y [T, N] ----
+   packed = 1: w is in the 4-row interleaved layout (pack_rows_f32 / pack_rows_q8 below), else row-major. */
+RL_DECL(void, matmul_f32, (float *y, const float *x, const float *w, int T, int N, int K, int packed))
 /* int8 weights with per-row scale ws[N]; activations as int16 xq [T, K] with per-row scale xs[T].
    packed = 1: w is in the 4-row interleaved layout of pack_rows_q8 (K % 16 == 0), else row-major. */
 RL_DECL(void, matmul_q8, (float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws,
@@ -38,6 +39,13 @@ static inline long q8_packed_index(int r, int k, int N, int K) {
 }
 /* dst = src [N, K] (row-major int8) rearranged into the packed layout; K % 16 == 0 */
 void pack_rows_q8(int8_t *dst, const int8_t *src, int N, int K);
+/* The f32 packed layout: the same with 4-float (16-byte) chunks, K % 4 == 0. */
+static inline long f32_packed_index(int r, int k, int N, int K) {
+  int full = N & ~3;
+  if (r >= full) return (long)r * K + k;
+  return (long)(r & ~3) * K + (long)(k >> 2) * 16 + (r & 3) * 4 + (k & 3);
+}
+void pack_rows_f32(float *dst, const float *src, int N, int K);
 #define RL_ACT_Q_MAX 8191.0f /* 14-bit activations keep int32 lanes of i32x4.dot_i16x8 far from overflow */
 #define RL_I8_BLOCK 4096     /* int32 partial sums are flushed to float every this many products per row */
 

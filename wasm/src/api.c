@@ -18,12 +18,12 @@
 #define RL_API
 #endif
 
-/* The packed int8 layout serves the SIMD128 4-row matvec; native builds (the benchmark baseline, where the
-   compiler vectorises the row-major reference best) keep rows contiguous. Same integer sums either way. */
+/* The packed layouts serve the SIMD128 4-row matvecs; native builds (the benchmark baseline, where the compiler
+   vectorises the row-major reference best) keep rows contiguous. Same products either way. */
 #ifdef __wasm_simd128__
-#define RL_PACK_Q8 1
+#define RL_PACK 1
 #else
-#define RL_PACK_Q8 0
+#define RL_PACK 0
 #endif
 
 static char err_msg[256];
@@ -50,7 +50,7 @@ static void take_mat(cursor *c, rl_mat *w, int rows, int cols, int int8) {
   w->rows = rows;
   w->cols = cols;
   w->f = NULL; w->q = NULL; w->scale = NULL;
-  w->packed = RL_PACK_Q8 && int8 && cols % 16 == 0 && rows >= 4;
+  w->packed = RL_PACK && rows >= 4 && (int8 ? cols % 16 == 0 : cols % 4 == 0);
   if (int8) {
     w->q = take(c, (size_t)rows * cols);
     w->scale = take(c, sizeof(float) * rows);
@@ -301,8 +301,11 @@ RL_API int rl_load_rows(rl_model *m, int kind, int layer, int expert, int row0, 
   for (int r = 0; r < nrows; r++) {
     int row = row0 + r;
     size_t at = (size_t)row * cols;
-    if (mat->f) {
+    if (mat->f && !mat->packed) {
       memcpy(mat->f + at, src + (size_t)r * cols, sizeof(float) * cols);
+    } else if (mat->f) {
+      for (int k = 0; k < cols; k += 4)
+        memcpy(mat->f + f32_packed_index(row, k, rows, cols), src + (size_t)r * cols + k, 4 * sizeof(float));
     } else if (!mat->packed) {
       mat->scale[row] = quantize_row_q8(mat->q + at, src + (size_t)r * cols, cols);
     } else {

@@ -40,7 +40,7 @@ void rl_alibi_slopes(double *out, int n) {
 /* y [T, rows] = x [T, cols] W^T, in f32 or through int16-quantised activations for int8 weights */
 static void mat_apply(rl_model *m, float *y, const float *x, const rl_mat *w, int T) {
   if (w->f) {
-    matmul_f32(y, x, w->f, T, w->rows, w->cols);
+    matmul_f32(y, x, w->f, T, w->rows, w->cols, w->packed);
     return;
   }
   int K = w->cols;
@@ -144,7 +144,7 @@ static void moe(rl_model *m, const rl_layer *L, int T) {
     memset(m->s.ffn_out, 0, sizeof(float) * T * D);
   for (int t = 0; t < T; t++) {
     const float *h = m->s.h + (long)t * D;
-    matmul_f32(m->s.router_logits, h, L->router.f, 1, c->n_experts, D);
+    matmul_f32(m->s.router_logits, h, L->router.f, 1, c->n_experts, D, L->router.packed);
     router_select(m->s.top_idx, m->s.top_w, m->s.router_logits, L->expert_bias, m->s.router_sel, c->n_experts,
                   c->n_group, c->topk_group, c->topk, c->norm_topk_prob, c->routed_scale);
     for (int r = 0; r < c->topk; r++) {

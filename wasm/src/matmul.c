@@ -7,12 +7,21 @@
 
 /* ========================= f32 ========================= */
 
-void matmul_f32_ref(float *y, const float *x, const float *w, int T, int N, int K) {
+/* Sequential sum over k; for packed rows the 4-float chunks of a row sit 16 floats apart. */
+void matmul_f32_ref(float *y, const float *x, const float *w, int T, int N, int K, int packed) {
+  int full = N & ~3;
   for (int t = 0; t < T; t++)
     for (int n = 0; n < N; n++) {
-      const float *wr = w + (long)n * K, *xr = x + (long)t * K;
+      const float *xr = x + (long)t * K;
       float acc = 0.0f;
-      for (int k = 0; k < K; k++) acc += wr[k] * xr[k];
+      if (packed && n < full) {
+        const float *wr = w + f32_packed_index(n, 0, N, K);
+        for (int k = 0; k < K; k += 4)
+          for (int i = 0; i < 4; i++) acc += wr[(long)(k >> 2) * 16 + i] * xr[k + i];
+      } else {
+        const float *wr = w + (long)n * K;
+        for (int k = 0; k < K; k++) acc += wr[k] * xr[k];
+      }
       y[(long)t * N + n] = acc;
     }
 }
@@ -23,8 +32,22 @@ static inline float hsum_f32x4(v128_t v) {
          wasm_f32x4_extract_lane(v, 3);
 }
 
-/* 4 weight rows x 1 token: the activation vector is loaded once per 4 rows (decode). */
-static void matvec4_f32(float *y, const float *x, const float *w, int K) {
+/* 4 weight rows x 1 token: the activation vector is loaded once per 4 rows (decode). Packed rows are one
+   sequential stream (chunk c of row j at 16c + 4j). */
+static void matvec4_f32(float *y, const float *x, const float *w, int K, int packed) {
+  if (packed) {
+    v128_t a0 = wasm_f32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
+    const float *p = w;
+    for (int k = 0; k < K; k += 4, p += 16) {
+      v128_t xv = wasm_v128_load(x + k);
+      a0 = wasm_f32x4_add(a0, wasm_f32x4_mul(wasm_v128_load(p), xv));
+      a1 = wasm_f32x4_add(a1, wasm_f32x4_mul(wasm_v128_load(p + 4), xv));
+      a2 = wasm_f32x4_add(a2, wasm_f32x4_mul(wasm_v128_load(p + 8), xv));
+      a3 = wasm_f32x4_add(a3, wasm_f32x4_mul(wasm_v128_load(p + 12), xv));
+    }
+    y[0] = hsum_f32x4(a0); y[1] = hsum_f32x4(a1); y[2] = hsum_f32x4(a2); y[3] = hsum_f32x4(a3);
+    return;
+  }
   const float *w0 = w, *w1 = w + K, *w2 = w + 2L * K, *w3 = w + 3L * K;
   v128_t a0 = wasm_f32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
   int k = 0;
@@ -40,13 +63,14 @@ static void matvec4_f32(float *y, const float *x, const float *w, int K) {
   y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
 }
 
-/* 1 weight row x 4 tokens: the weight row is loaded once per 4 tokens (prefill). */
-static void matrow_tok4_f32(float *y, int N, const float *x, const float *wr, int K) {
+/* 1 weight row x 4 tokens: the weight row is loaded once per 4 tokens (prefill). `step` = floats between the
+   row's 4-float chunks (4 row-major, 16 packed). */
+static void matrow_tok4_f32(float *y, int N, const float *x, const float *wr, int K, int step) {
   const float *x0 = x, *x1 = x + K, *x2 = x + 2L * K, *x3 = x + 3L * K;
   v128_t a0 = wasm_f32x4_splat(0), a1 = a0, a2 = a0, a3 = a0;
   int k = 0;
   for (; k + 4 <= K; k += 4) {
-    v128_t wv = wasm_v128_load(wr + k);
+    v128_t wv = wasm_v128_load(wr + (long)(k >> 2) * step);
     a0 = wasm_f32x4_add(a0, wasm_f32x4_mul(wv, wasm_v128_load(x0 + k)));
     a1 = wasm_f32x4_add(a1, wasm_f32x4_mul(wv, wasm_v128_load(x1 + k)));
     a2 = wasm_f32x4_add(a2, wasm_f32x4_mul(wv, wasm_v128_load(x2 + k)));
@@ -66,15 +90,20 @@ static float dot_f32_simd(const float *a, const float *b, int K) {
   return s;
 }
 
-void matmul_f32_simd128(float *y, const float *x, const float *w, int T, int N, int K) {
+void matmul_f32_simd128(float *y, const float *x, const float *w, int T, int N, int K, int packed) {
+  int full = N & ~3;
   int t = 0;
   for (; t + 4 <= T; t += 4)
-    for (int n = 0; n < N; n++) matrow_tok4_f32(y + (long)t * N + n, N, x + (long)t * K, w + (long)n * K, K);
+    for (int n = 0; n < N; n++) {
+      int pk = packed && n < full;
+      const float *wr = pk ? w + f32_packed_index(n, 0, N, K) : w + (long)n * K;
+      matrow_tok4_f32(y + (long)t * N + n, N, x + (long)t * K, wr, K, pk ? 16 : 4);
+    }
   for (; t < T; t++) {
     const float *xr = x + (long)t * K;
     float *yr = y + (long)t * N;
     int n = 0;
-    for (; n + 4 <= N; n += 4) matvec4_f32(yr + n, xr, w + (long)n * K, K);
+    for (; n + 4 <= N; n += 4) matvec4_f32(yr + n, xr, w + (long)n * K, K, packed);
     for (; n < N; n++) yr[n] = dot_f32_simd(w + (long)n * K, xr, K);
   }
 }
@@ -253,14 +282,18 @@ void axpy_f32_simd128(float *y, float a, const float *x, int n) {
 /* ========================= public names ========================= */
 
 #ifdef __wasm_simd128__
-void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K) { matmul_f32_simd128(y, x, w, T, N, K); }
+void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K, int packed) {
+  matmul_f32_simd128(y, x, w, T, N, K, packed);
+}
 void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K,
                int packed) {
   matmul_q8_simd128(y, xq, xs, w, ws, T, N, K, packed);
 }
 void axpy_f32(float *y, float a, const float *x, int n) { axpy_f32_simd128(y, a, x, n); }
 #else
-void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K) { matmul_f32_ref(y, x, w, T, N, K); }
+void matmul_f32(float *y, const float *x, const float *w, int T, int N, int K, int packed) {
+  matmul_f32_ref(y, x, w, T, N, K, packed);
+}
 void matmul_q8(float *y, const int16_t *xq, const float *xs, const int8_t *w, const float *ws, int T, int N, int K,
                int packed) {
   matmul_q8_ref(y, xq, xs, w, ws, T, N, K, packed);

@@ -41,6 +41,11 @@ void pack_rows_q8(int8_t *dst, const int8_t *src, int N, int K) {
     for (int k = 0; k < K; k++) dst[q8_packed_index(r, k, N, K)] = src[(long)r * K + k];
 }
 
+void pack_rows_f32(float *dst, const float *src, int N, int K) {
+  for (int r = 0; r < N; r++)
+    for (int k = 0; k < K; k++) dst[f32_packed_index(r, k, N, K)] = src[(long)r * K + k];
+}
+
 void dequantize_row_q8_ref(float *x, const int8_t *q, float s, int n) {
   for (int i = 0; i < n; i++) x[i] = (float)q[i] * s;
 }

@@ -48,7 +48,7 @@ __attribute__((unused)) static int size_at(int i) { return i < 64 ? i + 1 : odd_
 static void test_simd_vs_ref(void) {
   enum { MAXN = 1100 };
   float *a = malloc(sizeof(float) * 9 * 5000), *b = malloc(sizeof(float) * 9 * 5000);
-  float *w = malloc(sizeof(float) * 17 * 5000), *y1 = malloc(sizeof(float) * 9 * 17), *y2 = malloc(sizeof(float) * 9 * 17);
+  float *w = malloc(sizeof(float) * 40 * 5000), *y1 = malloc(sizeof(float) * 9 * 17), *y2 = malloc(sizeof(float) * 9 * 17);
   int8_t *wq = malloc(17 * 5000), *wp = malloc(17 * 5000);
   int16_t *xq = malloc(sizeof(int16_t) * 9 * 5000), *xq2 = malloc(sizeof(int16_t) * 5000);
   float ws[17], xs[9];
@@ -62,11 +62,21 @@ static void test_simd_vs_ref(void) {
       for (int ki = 0; ki <= N_SIZES; ki++) {
         int T = Ts[ti], N = Ns[ni], K = ki == N_SIZES ? 4096 + 16 : size_at(ki); /* past one int8 flush block */
         fill(a, T * K); fill(w, N * K);
-        matmul_f32_ref(y1, a, w, T, N, K);
-        matmul_f32_simd128(y2, a, w, T, N, K);
+        matmul_f32_ref(y1, a, w, T, N, K, 0);
+        matmul_f32_simd128(y2, a, w, T, N, K, 0);
         ok = close_rel(y2, y1, T * N, TOL_SUM * sqrtf((float)K));
         snprintf(name, sizeof name, "matmul_f32 T=%d N=%d K=%d", T, N, K);
         report(name, ok);
+        if (K % 4 == 0) {
+          float *wpf = w + 20 * 5000; /* after the row-major copy (N*K <= 17*4112) */
+          pack_rows_f32(wpf, w, N, K);
+          matmul_f32_ref(y2, a, wpf, T, N, K, 1);
+          snprintf(name, sizeof name, "matmul_f32 packed ref T=%d N=%d K=%d", T, N, K);
+          report(name, memcmp(y1, y2, sizeof(float) * T * N) == 0); /* same sequential sums */
+          matmul_f32_simd128(y2, a, wpf, T, N, K, 1);
+          snprintf(name, sizeof name, "matmul_f32 packed simd128 T=%d N=%d K=%d", T, N, K);
+          report(name, close_rel(y2, y1, T * N, TOL_SUM * sqrtf((float)K)));
+        }
         for (int n = 0; n < N; n++) ws[n] = quantize_row_q8_ref(wq + (long)n * K, w + (long)n * K, K);
         for (int t = 0; t < T; t++) xs[t] = quantize_row_act16_ref(xq + (long)t * K, a + (long)t * K, K);
         matmul_q8_ref(y1, xq, xs, wq, ws, T, N, K, 0);

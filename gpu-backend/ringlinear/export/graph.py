@@ -17,7 +17,9 @@ Where the math differs in form (not in value) from ringlinear.model, and why:
   so positions are limited to the exported context length; rotate-half is a fixed +-1 matrix product.
 - RMSNorm is written x / sqrt(mean(x^2) + eps) * w, which onnxruntime fuses into one node.
 - The MoE router uses TopK, which ONNX defines to break ties towards the lower index, the reference's
-  stable-sort rule; the selected experts' weights are gathered (only k experts per token are computed).
+  stable-sort rule. moe="gather": the selected experts' weights are gathered (only k experts per token are
+  computed; best for decode). moe="dense": every expert runs as two wide matmuls and a routing matrix zeroes the
+  unselected ones (E/k times the work, but plain GEMMs; better for long prefills).
 - Softmax attention always applies an explicit causal mask over [P + T] keys.
 """
 
@@ -30,6 +32,9 @@ from torch import nn
 from ..config import RingLinearConfig
 from ..model import RingLinearForCausalLM
 from ..ops import group_rms_norm
+
+
+MOE_FORMS = ("gather", "dense")
 
 
 def step_io_names(cfg: RingLinearConfig) -> tuple[list[str], list[str]]:
@@ -104,10 +109,22 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor | None, cfg: RingLinearC
 class StepGraph(nn.Module):
     """Wraps a loaded reference model (fp32) as the explicit-state step function described above."""
 
-    def __init__(self, model: RingLinearForCausalLM, max_positions: int):
+    def __init__(self, model: RingLinearForCausalLM, max_positions: int, moe: str = "gather"):
         super().__init__()
+        if moe not in MOE_FORMS:
+            raise ValueError(f"moe must be one of {MOE_FORMS}, got {moe!r}")
         self.model = model
         self.cfg = cfg = model.config
+        self.moe = moe
+        if moe == "dense":
+            # All experts as two wide matrices: gate/up [E*I, D] and down [E*I, D] (row e*I+i = expert e's column i).
+            for l, layer in enumerate(model.model.layers):
+                if not cfg.is_dense_layer(l):
+                    mlp = layer.mlp
+                    E, I, D = mlp.experts_gate_proj.shape
+                    self.register_buffer(f"moe_gate_{l}", mlp.experts_gate_proj.detach().reshape(E * I, D).clone(), persistent=False)
+                    self.register_buffer(f"moe_up_{l}", mlp.experts_up_proj.detach().reshape(E * I, D).clone(), persistent=False)
+                    self.register_buffer(f"moe_down_{l}", mlp.experts_down_proj.detach().transpose(1, 2).reshape(E * I, D).clone(), persistent=False)
         cos, sin, rot = rope_table(cfg, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -134,7 +151,7 @@ class StepGraph(nn.Module):
                 outs.append(s)
             x = x + a
             h = rms_norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
-            x = x + (self._dense_ffn(layer.mlp, h) if cfg.is_dense_layer(l) else self._moe(layer.mlp, h))
+            x = x + (self._dense_ffn(layer.mlp, h) if cfg.is_dense_layer(l) else self._moe(l, layer.mlp, h))
         x = rms_norm(x, m.norm.weight, cfg.rms_norm_eps)
         return (self.model.lm_head(x), *outs)
 
@@ -194,15 +211,24 @@ class StepGraph(nn.Module):
     def _dense_ffn(self, mlp, x):
         return _swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
-    def _moe(self, mlp, x):
+    def _moe(self, l, mlp, x):
         cfg = self.cfg
         bias = mlp.gate.expert_bias if cfg.moe_router_enable_expert_bias else None
         ids, w = route_topk(F.linear(x, mlp.gate.weight), bias, cfg)  # [N, k]
-        xe = x[:, None, :, None]  # [N, 1, D, 1]
-        g = (mlp.experts_gate_proj[ids] @ xe).squeeze(-1)  # [N, k, I]
-        u = (mlp.experts_up_proj[ids] @ xe).squeeze(-1)
-        h = F.silu(g) * u * w[..., None]
-        out = (mlp.experts_down_proj[ids] @ h[..., None]).squeeze(-1).sum(1)  # [N, D]
+        if self.moe == "dense":
+            # Every expert for every token, scaled by a routing matrix that is zero off the selected experts.
+            N, E = x.shape[0], cfg.num_experts
+            onehot = (ids[..., None] == torch.arange(E, device=x.device)).to(x.dtype)  # [N, k, E]
+            route_w = (onehot * w[..., None]).sum(1)  # [N, E]
+            h = F.silu(F.linear(x, getattr(self, f"moe_gate_{l}"))) * F.linear(x, getattr(self, f"moe_up_{l}"))  # [N, E*I]
+            h = (h.reshape(N, E, -1) * route_w[..., None]).reshape(N, -1)
+            out = h @ getattr(self, f"moe_down_{l}")  # [N, D]
+        else:
+            xe = x[:, None, :, None]  # [N, 1, D, 1]
+            g = (mlp.experts_gate_proj[ids] @ xe).squeeze(-1)  # [N, k, I]
+            u = (mlp.experts_up_proj[ids] @ xe).squeeze(-1)
+            h = F.silu(g) * u * w[..., None]
+            out = (mlp.experts_down_proj[ids] @ h[..., None]).squeeze(-1).sum(1)  # [N, D]
         if mlp.shared_experts is not None:
             s = mlp.shared_experts
             out = out + _swiglu(x, s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_model
 from ..config import RingLinearConfig
-from .graph import StepGraph, step_io_names
+from .graph import MOE_FORMS, StepGraph, step_io_names
 
 OPSET = 18  # onnxruntime-web 1.30 runs it; TopK's lower-index tie rule holds since opset 11
 DEFAULT_MAX_CONTEXT = 4096
@@ -37,7 +37,7 @@ def example_inputs(cfg: RingLinearConfig, T: int = 3, P: int = 2) -> tuple[torch
     return tuple(args)
 
 
-def metadata(cfg: RingLinearConfig, max_context: int) -> dict:
+def metadata(cfg: RingLinearConfig, max_context: int, moe: str = "gather") -> dict:
     ins, outs = step_io_names(cfg)
     return {
         "format": "ringlinear-onnx-step/1",
@@ -46,6 +46,7 @@ def metadata(cfg: RingLinearConfig, max_context: int) -> dict:
         "outputs": outs,
         "vocab_size": cfg.vocab_size,
         "max_context": max_context,
+        "moe": moe,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.d_head,
@@ -55,12 +56,12 @@ def metadata(cfg: RingLinearConfig, max_context: int) -> dict:
     }
 
 
-def export(ckpt: Path, out: Path, max_context: int | None = None) -> dict:
+def export(ckpt: Path, out: Path, max_context: int | None = None, moe: str = "gather") -> dict:
     """Exports `ckpt` to `out` (.onnx) plus `out.with_suffix('.json')`; returns the metadata."""
     model = load_model(ckpt, dtype=torch.float32)
     cfg = model.config
     max_context = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-    graph = StepGraph(model, max_context).eval()
+    graph = StepGraph(model, max_context, moe).eval()
     ins, outs = step_io_names(cfg)
     T, P = torch.export.Dim("T", min=1, max=max_context), torch.export.Dim("P", min=0, max=max_context)
     per_state: list[dict | None] = []
@@ -73,7 +74,7 @@ def export(ckpt: Path, out: Path, max_context: int | None = None) -> dict:
         program = torch.onnx.export(graph, example_inputs(cfg), dynamo=True, opset_version=OPSET, input_names=ins,
                                     output_names=outs, dynamic_shapes=dyn, external_data=False, optimize=True)
     program.save(str(out), external_data=False)
-    meta = metadata(cfg, max_context)
+    meta = metadata(cfg, max_context, moe)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="output .onnx path (a .json with the metadata goes beside it)")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
                    help=f"positions the RoPE table covers (default {DEFAULT_MAX_CONTEXT}, capped at max_position_embeddings)")
+    p.add_argument("--moe", choices=MOE_FORMS, default="gather",
+                   help="gather: compute only the k routed experts (default); dense: all experts as wide matmuls")
     p.add_argument("--skip-existing", action="store_true",
                    help="do nothing when the .onnx is newer than the checkpoint and the exporter")
     a = p.parse_args(argv)
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"up to date: {a.out}")
         return
     try:
-        export(a.model, a.out, a.max_context)
+        export(a.model, a.out, a.max_context, a.moe)
     except CheckpointError as e:
         sys.exit(f"export-onnx: {e}")
     print(f"wrote {a.out} ({a.out.stat().st_size / 2**20:.1f} MiB) and {a.out.with_suffix('.json')}")

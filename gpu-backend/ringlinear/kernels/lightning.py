@@ -19,6 +19,7 @@ from .lightning_reference import (
 
 CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
+JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: two CTAs per SM)
 CTAS_PER_SM = 2  # prefill block length: about this many (block, head) CTAs per SM (H200 sweep: 2 beat 4 at 4k-64k)
 
 _inv_freq_cache: dict[tuple, torch.Tensor] = {}
@@ -186,11 +187,15 @@ class PreparedPrefill:
     items_out: torch.Tensor
     scan: torch.Tensor
     ws: torch.Tensor
+    jsplit: int = 1
 
 
 def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool], heads: int, head_dim: int,
-                    device, block_len: int | None = None) -> PreparedPrefill:
+                    device, block_len: int | None = None, jsplit: int | None = None) -> PreparedPrefill:
     device = torch.device(device)
+    jsplit = (JSPLIT if jsplit is None else jsplit) if head_dim == 128 else 1
+    if jsplit not in (1, 2):
+        raise ValueError(f"prepare_prefill: jsplit must be 1 or 2, got {jsplit}")
     plan = plan_prefill(seq_lens, slots, use_init, heads, torch.cuda.get_device_properties(device).multi_processor_count,
                         block_len)
 
@@ -200,7 +205,7 @@ def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool],
     scan_rows = [(w, nb, bl, u, s & 0xFFFFFFFF, s >> 32) for (w, nb, bl, u, s) in plan.scan]
     ws = torch.empty(max(plan.n_ws, 1), heads, head_dim, head_dim, dtype=torch.float32, device=device)
     return PreparedPrefill(plan, heads, head_dim, table(plan.items_state, 4), table(plan.items_out, 4),
-                           table(scan_rows, 6), ws)
+                           table(scan_rows, 6), ws, jsplit)
 
 
 def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: float | None = None) -> torch.Tensor:
@@ -211,7 +216,8 @@ def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: fl
     qb, kb, vb = (x.to(torch.bfloat16).contiguous() for x in (q, k, v))
     o = torch.empty_like(qb)
     _build.extension().lightning_prefill(qb, kb, vb, o, state, prep.ws, prep.items_state, prep.items_out, prep.scan,
-                                         gamma.to(torch.float32).contiguous(), float(d**-0.5 if scale is None else scale))
+                                         gamma.to(torch.float32).contiguous(), float(d**-0.5 if scale is None else scale),
+                                         prep.jsplit)
     return o if q.dtype == torch.bfloat16 else o.to(q.dtype)
 
 
@@ -236,6 +242,7 @@ def lightning_prefill(
     scale: float | None = None,
     use_initial_state=None,
     block_len: int | None = None,
+    jsplit: int | None = None,
 ) -> torch.Tensor:
     """Varlen lightning prefill. q, k, v: [T_total, H, d] (bf16 on the GPU path; other float dtypes are cast to bf16
     for the tensor cores); cu_seqlens: [N+1] token offsets (segments may be empty); slots: [N] distinct state slots;
@@ -264,7 +271,7 @@ def lightning_prefill(
         scale = d**-0.5
 
     if d in SUPPORTED_HEAD_DIMS and _use_cuda(q, k, v, state):
-        prep = prepare_prefill([cu[i + 1] - cu[i] for i in range(n)], sl, use, H, d, q.device, block_len)
+        prep = prepare_prefill([cu[i + 1] - cu[i] for i in range(n)], sl, use, H, d, q.device, block_len, jsplit)
         return run_prepared_prefill(prep, q, k, v, state, gamma, scale)
     o = lightning_prefill_reference(q, k, v, state, cu, sl, gamma, scale=scale, use_initial_state=use, chunk=CHUNK)
     return o.to(q.dtype)

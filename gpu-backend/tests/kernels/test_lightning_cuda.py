@@ -134,6 +134,25 @@ def test_prefill_matches_twin(lens, block_len, d, init):
     assert torch.equal(state[-1], untouched)
 
 
+@pytest.mark.parametrize("lens,block_len", [([4097, 0, 700], 128), ([20000], None), ([1, 63], None)])
+@pytest.mark.parametrize("jsplit", [1, 2])
+def test_prefill_jsplit_variants_agree(lens, block_len, jsplit):
+    torch.manual_seed(len(lens) + jsplit)
+    H, d, dev = 16, 128, "cuda"
+    cu = _cu(lens)
+    q, k, v = (torch.randn(cu[-1], H, d, device=dev).to(torch.bfloat16) for _ in range(3))
+    state = torch.randn(len(lens), H, d, d, device=dev) * 0.1
+    ref_state = state.double()
+    gamma = _gamma(H, dev)
+    slots = list(range(len(lens)))
+    o = lightning_prefill(q, k, v, state, cu, slots, gamma, block_len=block_len, jsplit=jsplit)
+    o_ref = lightning_prefill_reference(q.double(), k.double(), v.double(), ref_state, cu, slots, gamma)
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        if b > a:
+            assert _rel(o[a:b], o_ref[a:b]) < PREFILL_REL, f"output of sequence {i}"
+        assert _rel(state[i], ref_state[i]) < STATE_REL, f"state of sequence {i}"
+
+
 def test_prefill_then_decode_continues_the_sequence():
     H, d, T = 16, 128, 777
     torch.manual_seed(3)

@@ -4,8 +4,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-
 from ringlinear.tokenizer import ChatTokenizer
 from ringlinear.train.tokenizer_train import train_tokenizer, write_tokenizer_files
 

@@ -10,7 +10,7 @@ from ringlinear.checkpoint import load_model
 from ringlinear.train.configs import model_config
 from ringlinear.train.data import WindowSampler, encode_documents, heldout_windows
 from ringlinear.train.loop import TrainSettings, lr_at, train
-from ringlinear.train.trainable import checkpoint_tensors, moe_layers
+from ringlinear.train.trainable import checkpoint_tensors, init_model, moe_layers
 
 
 def _pattern_stream(n=4000, period=24, vocab=512):
@@ -136,7 +136,7 @@ def test_encode_documents_ends_each_with_eot():
 
 
 def test_checkpoint_tensors_reject_foreign_names():
-    model = __import__("ringlinear.train.trainable", fromlist=["init_model"]).init_model(model_config("tiny"), 0)
+    model = init_model(model_config("tiny"), 0)
     model.register_buffer("stray", torch.zeros(1))
     with pytest.raises(RuntimeError, match="export names"):
         checkpoint_tensors(model)
