@@ -42,17 +42,19 @@ def make_bench_checkpoint(out: Path) -> Path:
     return out
 
 
-def ensure_onnx(ckpt: Path, out: Path) -> None:
+def ensure_onnx(ckpt: Path, out: Path, moe: str) -> None:
     if not is_up_to_date(ckpt, out):
-        export(ckpt, out, MAX_CONTEXT)
+        export(ckpt, out, MAX_CONTEXT, moe)
 
 
 def main() -> None:
     bench = make_bench_checkpoint(FIXTURES_DIR / BENCH_NAME)
     counts = RingLinearConfig.from_file(bench).parameter_counts()
     tiny = ensure_fixture("tiny", FIXTURES_DIR)
-    ensure_onnx(tiny, FIXTURES_DIR / "onnx" / "tiny.onnx")
-    ensure_onnx(bench, FIXTURES_DIR / "onnx" / f"{BENCH_NAME}.onnx")
+    # Both MoE forms of the graph: gather (k experts per token) and dense (all experts, plain GEMMs).
+    for name, ckpt in (("tiny", tiny), (BENCH_NAME, bench)):
+        ensure_onnx(ckpt, FIXTURES_DIR / "onnx" / f"{name}.onnx", "gather")
+        ensure_onnx(ckpt, FIXTURES_DIR / "onnx" / f"{name}-dense.onnx", "dense")
     print(json.dumps({"bench_checkpoint": str(bench.relative_to(ROOT)), "params": counts}))
 
 

@@ -162,12 +162,15 @@ def bench_prefill(Ts):
         # Where the time goes (auto plan): launch only some passes; outputs are then wrong, timings are not.
         import dataclasses
 
+        # Partial launches leave the workspace unwritten: use a zeroed one and a scratch state, never `state`.
         prep = L.prepare_prefill([T], [0], [True], H, D, "cuda", auto)
+        prep.ws.zero_()
+        scratch = state.clone()
         none = torch.empty(0, 4, dtype=torch.int32, device="cuda")
         for name, p in (("scan_only_ms", dataclasses.replace(prep, items_state=none, items_out=none)),
                         ("state_pass_plus_scan_ms", dataclasses.replace(prep, items_out=none)),
                         ("scan_plus_output_pass_ms", dataclasses.replace(prep, items_state=none))):
-            row[name] = do_bench(lambda: L.run_prepared_prefill(p, q, k, v, state, gamma))
+            row[name] = do_bench(lambda: L.run_prepared_prefill(p, q, k, v, scratch, gamma))
         row["ours_ms"] = row[f"ours_ms_L{auto}"]
         row["ours_best_ms"], row["block_len_best"] = best[1], best[0]
         row["ours_wrapper_ms"] = do_bench(lambda: L.lightning_prefill(q, k, v, state, [0, T], [0], gamma))

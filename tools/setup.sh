@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a fresh Debian machine (idempotent; quick when everything is there):
 #   apt: emscripten (the WASM kernel's compiler); npm: the lockfile's packages; Python: .venv with gpu-backend[test,export].
+# `setup.sh --no-python` skips the Python part (the worker alone needs none of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,8 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   echo "setup: npm ci"
   npm ci --no-audit --no-fund --loglevel=error
 fi
+
+[ "${1:-}" = "--no-python" ] && exit 0
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -10,7 +10,7 @@ echo "== fixtures and golden vectors"
 bash tools/fixtures.sh
 .venv/bin/python -m ringlinear golden --check
 echo "== wasm build"
-bash tools/build-wasm.sh
+bash tools/build-wasm.sh --test
 echo "== pytest"
 .venv/bin/python -m pytest gpu-backend/tests -q
 echo "== typecheck"

@@ -20,7 +20,12 @@ from .lightning_reference import (
 CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: two CTAs per SM)
-CTAS_PER_SM = 2  # prefill block length: about this many (block, head) CTAs per SM (H200 sweep: 2 beat 4 at 4k-64k)
+# Prefill block length L (H200 sweep at B=1, H=16, d=128; best L: 4k -> 512, 16k -> 1024, 64k -> 1984, 128k -> 3968):
+# at least CTAS_PER_SM (block, head) CTAs per SM for long prompts, but never fewer than MIN_BLOCK_CHUNKS chunks per
+# block, nor shorter than min(SHORT_PROMPT_BLOCK_CAP, T / 16) (short prompts: fewer, longer blocks win).
+CTAS_PER_SM = 4
+MIN_BLOCK_CHUNKS = 8
+SHORT_PROMPT_BLOCK_CAP = 1024
 
 _inv_freq_cache: dict[tuple, torch.Tensor] = {}
 
@@ -153,11 +158,12 @@ class PrefillPlan:
 
 def plan_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool], heads: int, num_sms: int,
                  block_len: int | None = None) -> PrefillPlan:
-    """Choose the block length (a multiple of CHUNK) so that about CTAS_PER_SM * num_sms CTAs run, and list the work."""
+    """Choose the block length (a multiple of CHUNK; rule above) and list the work of the three passes."""
     total = sum(seq_lens)
     if block_len is None:
-        target = max(1, CTAS_PER_SM * num_sms)
-        block_len = max(CHUNK, math.ceil(total * heads / target / CHUNK) * CHUNK)
+        down = lambda x: max(CHUNK, math.floor(x / CHUNK) * CHUNK)  # noqa: E731
+        block_len = max(CHUNK * MIN_BLOCK_CHUNKS, down(total * heads / max(1, CTAS_PER_SM * num_sms)),
+                        min(SHORT_PROMPT_BLOCK_CAP, down(total / 16)))
     if block_len % CHUNK:
         raise ValueError(f"plan_prefill: block_len must be a multiple of {CHUNK}, got {block_len}")
     items_state, items_out, scan = [], [], []

@@ -27,11 +27,11 @@ from ringlinear.tools.make_tiny import config_for  # noqa: E402
 ONNX_DIR = FIXTURES_DIR / "onnx"
 
 
-def exported(variant: str) -> Path:
+def exported(variant: str, moe: str = "gather") -> Path:
     ckpt = ensure_fixture(variant, FIXTURES_DIR)
-    out = ONNX_DIR / f"{variant}.onnx"
+    out = ONNX_DIR / (f"{variant}.onnx" if moe == "gather" else f"{variant}-{moe}.onnx")
     if not is_up_to_date(ckpt, out):
-        export(ckpt, out)
+        export(ckpt, out, moe=moe)
     return out
 
 
@@ -41,7 +41,8 @@ class Runner:
     def __init__(self, path: Path):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
         self.meta = json.loads(path.with_suffix(".json").read_text())
         self.state_names = self.meta["inputs"][2:]
 
@@ -62,9 +63,16 @@ def row_rel(ours: np.ndarray, gold: np.ndarray) -> float:
     return float((np.abs(ours - gold).max(-1) / np.abs(gold).max(-1)).max())
 
 
-@pytest.fixture(scope="module", params=list(PLAN))
+# Every golden variant with the default (gather) MoE, plus the dense MoE form on tiny.
+CASES = [(v, "gather") for v in PLAN] + [("tiny", "dense")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{v}-{m}" for v, m in CASES])
 def variant_runner(request):
-    return request.param, Runner(exported(request.param))
+    variant, moe = request.param
+    r = Runner(exported(variant, moe))
+    assert r.meta["moe"] == moe
+    return variant, r
 
 
 def test_graph_interface_matches_metadata(variant_runner):
@@ -73,7 +81,7 @@ def test_graph_interface_matches_metadata(variant_runner):
     ins, outs = step_io_names(cfg)
     assert [i.name for i in r.session.get_inputs()] == ins == r.meta["inputs"]
     assert [o.name for o in r.session.get_outputs()] == outs == r.meta["outputs"]
-    model = onnx.load(str(ONNX_DIR / f"{variant}.onnx"), load_external_data=False)
+    model = onnx.load(r.path, load_external_data=False)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= OPSET
 
 

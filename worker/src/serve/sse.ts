@@ -73,7 +73,8 @@ export async function* sseEvents(
   for (;;) {
     const { value, done } = await readChunk(reader);
     if (done) break;
-    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, '\n');
+    // Normalise CRLF on the whole buffer: a CR and its LF may arrive in different chunks.
+    buffer = (buffer + decoder.decode(value, { stream: true })).replace(/\r\n/g, '\n');
     let at: number;
     while ((at = buffer.indexOf('\n\n')) >= 0) {
       const raw = buffer.slice(0, at);
