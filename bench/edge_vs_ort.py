@@ -1,5 +1,6 @@
 """Prepares the models of bench/edge_vs_ort.ts: the ~45M-parameter bench checkpoint (deterministic random weights,
-the tiny tokenizer) and the ONNX exports of it and of the tiny fixture. Skips whatever is already there.
+the tiny tokenizer) and the ONNX exports (both MoE forms) of it and of the tiny fixture, into
+test/fixtures/onnx-bench/ (max_context 1024). Skips whatever is already there.
 
     .venv/bin/python bench/edge_vs_ort.py        (bench/edge_vs_ort.sh runs it)
 """
@@ -29,6 +30,7 @@ BENCH_CONFIG = dict(
     eos_token_id=0, pad_token_id=0, bos_token_id=1,
 )
 MAX_CONTEXT = 1024
+BENCH_ONNX_DIR = FIXTURES_DIR / "onnx-bench"  # apart from the tests' exports (other max_context)
 
 
 def make_bench_checkpoint(out: Path) -> Path:
@@ -43,7 +45,7 @@ def make_bench_checkpoint(out: Path) -> Path:
 
 
 def ensure_onnx(ckpt: Path, out: Path, moe: str) -> None:
-    if not is_up_to_date(ckpt, out):
+    if not is_up_to_date(ckpt, out, MAX_CONTEXT, moe):
         export(ckpt, out, MAX_CONTEXT, moe)
 
 
@@ -53,8 +55,8 @@ def main() -> None:
     tiny = ensure_fixture("tiny", FIXTURES_DIR)
     # Both MoE forms of the graph: gather (k experts per token) and dense (all experts, plain GEMMs).
     for name, ckpt in (("tiny", tiny), (BENCH_NAME, bench)):
-        ensure_onnx(ckpt, FIXTURES_DIR / "onnx" / f"{name}.onnx", "gather")
-        ensure_onnx(ckpt, FIXTURES_DIR / "onnx" / f"{name}-dense.onnx", "dense")
+        ensure_onnx(ckpt, BENCH_ONNX_DIR / f"{name}.onnx", "gather")
+        ensure_onnx(ckpt, BENCH_ONNX_DIR / f"{name}-dense.onnx", "dense")
     print(json.dumps({"bench_checkpoint": str(bench.relative_to(ROOT)), "params": counts}))
 
 

@@ -36,8 +36,8 @@ function argmax(x: Float32Array): number {
 
 async function ortRunner(model: string, moe: 'gather' | 'dense'): Promise<Runner> {
   const file = moe === 'gather' ? model : `${model}-dense`;
-  const meta = parseStepMeta(JSON.parse(read(`test/fixtures/onnx/${file}.json`).toString()));
-  const m = await OrtStepModel.create(ort, new Uint8Array(read(`test/fixtures/onnx/${file}.onnx`)), meta);
+  const meta = parseStepMeta(JSON.parse(read(`test/fixtures/onnx-bench/${file}.json`).toString()));
+  const m = await OrtStepModel.create(ort, new Uint8Array(read(`test/fixtures/onnx-bench/${file}.onnx`)), meta);
   return {
     name: `ort-web (${moe} MoE)`,
     async prefill(ids) {

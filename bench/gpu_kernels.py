@@ -31,6 +31,7 @@ from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning
 from ringlinear.kernels.moe_reference import RING_MINI_ROUTER, experts_touched_bytes, moe_reference  # noqa: E402
 
 H, D = 16, 128
+FLA_ISSUE_MS = {4096: 0.169, 16384: 0.243, 65536: 0.911, 131072: 1.800}  # fla 0.5.2 on this H200 (issue 6)
 RESULTS: dict = {"errors": {}}
 
 
@@ -106,6 +107,8 @@ def bench_decode(batches):
         fused = lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, q_norm_weight=qn, k_norm_weight=qn,  # noqa: E731
                                            positions=pos, rotary_dim=64)
         row["ours_fused_graph_ms"] = do_bench(graph_of(fused))
+        cols32 = lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, cols_per_block=32)  # noqa: E731
+        row["ours_cols32_graph_ms"] = do_bench(graph_of(cols32))
         row["ours_GBps"] = nbytes / row["ours_graph_ms"] / 1e6
         if fused_recurrent_simple_gla is not None:
             try:
@@ -272,9 +275,12 @@ def plot(out: Path):
         return
     Ts = [r["T"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(Ts, [r["T"] / r["ours_ms"] / 1e3 for r in rows], "o-", label="ours (CUDA, mma.sync)")
+    ax.plot(Ts, [r["T"] / r["ours_ms"] / 1e3 for r in rows], "o-", label="ours (CUDA mma.sync, auto block length)")
     if all("fla_ms" in r for r in rows):
-        ax.plot(Ts, [r["T"] / r["fla_ms"] / 1e3 for r in rows], "s--", label="fla chunk_simple_gla")
+        ax.plot(Ts, [r["T"] / r["fla_ms"] / 1e3 for r in rows], "s--", label="fla chunk_simple_gla (same run)")
+    quoted = {t: ms for t, ms in FLA_ISSUE_MS.items() if t in Ts}
+    if quoted:
+        ax.plot(list(quoted), [t / ms / 1e3 for t, ms in quoted.items()], "x:", color="gray", label="fla, issue 6 figures")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt tokens T (B=1, H=16, D=128, bf16)")
     ax.set_ylabel("M tokens/s per layer")
@@ -289,11 +295,14 @@ def table():
     c = RESULTS.get("ceilings", {})
     print("\n=== GPU kernels,", torch.cuda.get_device_name(0), "===")
     print(f"ceilings: copy {c.get('copy_GBps', 0):.0f} GB/s, bf16 matmul {c.get('bf16_matmul_TFLOPs', 0):.0f} TFLOP/s")
-    print("decode   B | ours us  GB/s  %copy | fused us | fla us  GB/s | ours/fla")
+    print("decode   B | ours us  GB/s  %copy | fused us | 32-col us GB/s | fla us  GB/s | ours/fla")
     for r in RESULTS.get("decode", []):
         f = r.get("fla_graph_ms", math.nan)
+        c32 = r.get("ours_cols32_graph_ms", math.nan)
+        nb = decode_state_bytes(r["B"], H, D)
         print(f"      {r['B']:4d} | {r['ours_graph_ms']*1e3:7.1f} {r['ours_GBps']:5.0f} {100*r['ours_GBps']/c.get('copy_GBps', 1):5.0f}% |"
-              f" {r['ours_fused_graph_ms']*1e3:7.1f} | {f*1e3:6.1f} {r.get('fla_GBps', math.nan):5.0f} | {f/r['ours_graph_ms']:.2f}x")
+              f" {r['ours_fused_graph_ms']*1e3:7.1f} | {c32*1e3:6.1f} {nb/c32/1e6:5.0f} |"
+              f" {f*1e3:6.1f} {r.get('fla_GBps', math.nan):5.0f} | {f/r['ours_graph_ms']:.2f}x")
     print("prefill  T | ours ms  TFLOP/s | best ms (L) | fla ms TFLOP/s | speedup")
     for r in RESULTS.get("prefill", []):
         print(f"  {r['T']:7d} | {r['ours_ms']:.3f} {r['ours_TFLOPs']:6.0f} | {r['ours_best_ms']:.3f} ({r['block_len_best']}) |"

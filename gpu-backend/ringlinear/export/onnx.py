@@ -79,9 +79,18 @@ def export(ckpt: Path, out: Path, max_context: int | None = None, moe: str = "ga
     return meta
 
 
-def is_up_to_date(ckpt: Path, out: Path) -> bool:
-    """True when `out` (and its .json) is newer than every checkpoint file and than this exporter's code."""
-    if not (out.exists() and out.with_suffix(".json").exists()):
+def is_up_to_date(ckpt: Path, out: Path, max_context: int | None = None, moe: str = "gather") -> bool:
+    """True when `out` (and its .json) was made with these options and is newer than every checkpoint file and
+    than this exporter's code."""
+    meta_path = out.with_suffix(".json")
+    if not (out.exists() and meta_path.exists()):
+        return False
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    cfg = RingLinearConfig.from_file(ckpt)
+    if meta.get("moe") != moe or meta.get("max_context") != min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings):
         return False
     sources = [*Path(ckpt).iterdir(), *Path(__file__).parent.glob("*.py")]
     return out.stat().st_mtime >= max(f.stat().st_mtime for f in sources)
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.max_context < 2:
         sys.exit("export-onnx: --max-context must be >= 2")
-    if a.skip_existing and a.model.is_dir() and is_up_to_date(a.model, a.out):
+    if a.skip_existing and a.model.is_dir() and is_up_to_date(a.model, a.out, a.max_context, a.moe):
         print(f"up to date: {a.out}")
         return
     try:

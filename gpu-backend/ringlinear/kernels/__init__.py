@@ -13,7 +13,7 @@ twin. `available()` says whether the compiled path is in use.
 
 from ._build import KernelUnavailable, available
 from .graphs import DecodeGraphs
-from .lightning import lightning_decode, lightning_prefill, plan_prefill
+from .lightning import lightning_decode, lightning_prefill, plan_prefill, prepare_prefill, run_prepared_prefill
 from .moe import fused_moe, pack_experts, route
 from .moe_reference import RING_MINI_ROUTER, RouterConfig
 
@@ -24,6 +24,8 @@ __all__ = [
     "lightning_decode",
     "lightning_prefill",
     "plan_prefill",
+    "prepare_prefill",
+    "run_prepared_prefill",
     "fused_moe",
     "pack_experts",
     "route",

@@ -19,6 +19,7 @@ from .lightning_reference import (
 
 CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
+DECODE_COLS = 64  # state columns per decode block (64 or 32; 32 = twice the blocks, a shorter last wave)
 JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: two CTAs per SM)
 # Prefill block length L (H200 sweep at B=1, H=16, d=128; best L: 4k -> 512, 16k -> 1024, 64k -> 1984, 128k -> 3968):
 # at least CTAS_PER_SM (block, head) CTAs per SM for long prompts, but never fewer than MIN_BLOCK_CHUNKS chunks per
@@ -85,6 +86,7 @@ def lightning_decode(
     rotary_dim: int = 0,
     rope_theta: float = 1e6,
     out: torch.Tensor | None = None,
+    cols_per_block: int | None = None,
 ) -> torch.Tensor:
     """One lightning decode step for B requests, updating ``state[slots]`` in place.
 
@@ -130,6 +132,7 @@ def lightning_decode(
             float(eps),
             None if positions is None else positions.to(torch.int64),
             inv_freq,
+            DECODE_COLS if cols_per_block is None else int(cols_per_block),
         )
         return out
     o = lightning_decode_reference(
@@ -194,6 +197,8 @@ class PreparedPrefill:
     scan: torch.Tensor
     ws: torch.Tensor
     jsplit: int = 1
+    tokens: int = 0  # T_total the plan covers
+    max_slot: int = -1
 
 
 def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool], heads: int, head_dim: int,
@@ -211,18 +216,24 @@ def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool],
     scan_rows = [(w, nb, bl, u, s & 0xFFFFFFFF, s >> 32) for (w, nb, bl, u, s) in plan.scan]
     ws = torch.empty(max(plan.n_ws, 1), heads, head_dim, head_dim, dtype=torch.float32, device=device)
     return PreparedPrefill(plan, heads, head_dim, table(plan.items_state, 4), table(plan.items_out, 4),
-                           table(scan_rows, 6), ws, jsplit)
+                           table(scan_rows, 6), ws, jsplit, sum(seq_lens), max(slots, default=-1))
 
 
 def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: float | None = None) -> torch.Tensor:
     """Launch the three prefill passes for a prepared plan (shapes as in lightning_prefill; no host sync)."""
+    _check_qkv("run_prepared_prefill", q, k, v, 3)
     T, H, d = q.shape
-    if (H, d) != (prep.heads, prep.head_dim):
-        raise ValueError(f"run_prepared_prefill: prepared for H={prep.heads}, d={prep.head_dim}, got H={H}, d={d}")
+    if (T, H, d) != (prep.tokens, prep.heads, prep.head_dim):
+        raise ValueError(f"run_prepared_prefill: prepared for T={prep.tokens}, H={prep.heads}, d={prep.head_dim}, "
+                         f"got T={T}, H={H}, d={d}")
+    _check_state("run_prepared_prefill", state, H, d)
+    if prep.max_slot >= state.shape[0]:
+        raise ValueError(f"run_prepared_prefill: slot {prep.max_slot} is outside the state pool of {state.shape[0]}")
+    gamma = _check_gamma("run_prepared_prefill", gamma, H)
     qb, kb, vb = (x.to(torch.bfloat16).contiguous() for x in (q, k, v))
     o = torch.empty_like(qb)
     _build.extension().lightning_prefill(qb, kb, vb, o, state, prep.ws, prep.items_state, prep.items_out, prep.scan,
-                                         gamma.to(torch.float32).contiguous(), float(d**-0.5 if scale is None else scale),
+                                         gamma, float(d**-0.5 if scale is None else scale),
                                          prep.jsplit)
     return o if q.dtype == torch.bfloat16 else o.to(q.dtype)
 

@@ -30,7 +30,7 @@ ONNX_DIR = FIXTURES_DIR / "onnx"
 def exported(variant: str, moe: str = "gather") -> Path:
     ckpt = ensure_fixture(variant, FIXTURES_DIR)
     out = ONNX_DIR / (f"{variant}.onnx" if moe == "gather" else f"{variant}-{moe}.onnx")
-    if not is_up_to_date(ckpt, out):
+    if not is_up_to_date(ckpt, out, moe=moe):
         export(ckpt, out, moe=moe)
     return out
 

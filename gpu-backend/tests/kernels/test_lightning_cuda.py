@@ -56,6 +56,26 @@ def test_decode_matches_twin(B, d, dtype, fused):
     assert _rel(state, ref_state) < DECODE_REL
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("cols", [32, 64])
+def test_decode_block_widths_agree_with_twin(d, cols):
+    torch.manual_seed(d + cols)
+    B, H = 37, 16
+    q, k, v = (torch.randn(B, H, d, device="cuda") for _ in range(3))
+    state = torch.randn(B + 1, H, d, d, device="cuda")
+    ref_state = state.double()
+    slots = torch.randperm(B + 1, device="cuda")[:B]
+    gamma = _gamma(H, "cuda")
+    w = torch.rand(d, device="cuda") + 0.5
+    pos = torch.randint(0, 5000, (B,), device="cuda")
+    o = lightning_decode(q, k, v, state, slots, gamma, q_norm_weight=w, k_norm_weight=w, positions=pos, rotary_dim=32,
+                         cols_per_block=cols)
+    o_ref = lightning_decode_reference(q, k, v, ref_state, slots, gamma, q_norm_weight=w, k_norm_weight=w,
+                                       positions=pos, inv_freq=rope_inv_freq(32, 1e6, "cuda"))
+    assert _rel(o, o_ref) < DECODE_REL * 10
+    assert _rel(state, ref_state) < DECODE_REL
+
+
 def test_decode_out_of_range_slot_gives_nan_and_keeps_state():
     H, d = 4, 64
     q = torch.randn(2, H, d, device="cuda")

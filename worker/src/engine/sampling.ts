@@ -37,15 +37,36 @@ export interface SamplingOptions {
   topK: number; // 0 = off
 }
 
-/** Picks the next token. Candidates are ordered by logit (ties by index) so results do not depend on sort stability. */
+/** Indices of the k largest logits, descending (ties by index), without sorting the whole vocabulary. */
+function topKIndices(logits: Float32Array, k: number): number[] {
+  const best: number[] = [];
+  const before = (a: number, b: number) => logits[a] > logits[b] || (logits[a] === logits[b] && a < b);
+  for (let i = 0; i < logits.length; i++) {
+    if (best.length === k && !before(i, best[k - 1])) continue;
+    let j = best.length === k ? k - 1 : best.length;
+    while (j > 0 && before(i, best[j - 1])) j--;
+    best.splice(j, 0, i);
+    if (best.length > k) best.pop();
+  }
+  return best;
+}
+
+/**
+ * Picks the next token. Candidates: the whole vocabulary in index order when neither top-k nor top-p filters;
+ * otherwise ordered by logit (ties by index), so results never depend on sort stability.
+ */
 export function sampleToken(logits: Float32Array, o: SamplingOptions, rng: Prng): number {
   if (o.temperature <= 0) return argmax(logits);
   const V = logits.length;
-  let idx = Array.from({ length: V }, (_, i) => i);
-  idx.sort((a, b) => logits[b] - logits[a] || a - b);
-  if (o.topK > 0 && o.topK < V) idx = idx.slice(0, o.topK);
+  let idx: number[];
+  if (o.topK > 0 && o.topK < V) idx = topKIndices(logits, o.topK);
+  else if (o.topP < 1) {
+    idx = Array.from({ length: V }, (_, i) => i);
+    idx.sort((a, b) => logits[b] - logits[a] || a - b);
+  } else idx = Array.from({ length: V }, (_, i) => i);
   const inv = 1 / o.temperature;
-  const m = logits[idx[0]] * inv;
+  let m = -Infinity;
+  for (const i of idx) m = Math.max(m, logits[i] * inv);
   const p = idx.map((i) => Math.exp(logits[i] * inv - m));
   let total = p.reduce((a, b) => a + b, 0);
   if (o.topP < 1) {

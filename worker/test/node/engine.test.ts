@@ -9,6 +9,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ConfigError } from '../../src/engine/config';
 import { CheckpointError, readSafetensors } from '../../src/engine/safetensors';
+import { logprobsOf, Prng, sampleToken } from '../../src/engine/sampling';
 import { IncrementalDetokenizer, StopCutter, TextCodec } from '../../src/engine/text';
 import { EngineBudgetError, type GenerateEvent, type GenerateParams } from '../../src/engine/types';
 import { createWasmEngine, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, type WasmEngineOptions } from '../../src/engine/wasm-engine';
@@ -188,6 +189,32 @@ describe('generation', () => {
     const e = await make();
     expect(() => e.generate([1, 99999], params())).toThrow(RangeError);
     expect(() => e.generate([], params())).toThrow(RangeError);
+  });
+});
+
+describe('sampling', () => {
+  const logits = new Float32Array([0, Math.log(2), Math.log(4)]); // probabilities 1/7, 2/7, 4/7
+  const draw = (o: { temperature: number; topP: number; topK: number }, n = 20000) => {
+    const rng = new Prng(42);
+    const counts = [0, 0, 0];
+    for (let i = 0; i < n; i++) counts[sampleToken(logits, o, rng)]++;
+    return counts.map((c) => c / n);
+  };
+  it('samples the softmax distribution', () => {
+    const f = draw({ temperature: 1, topP: 1, topK: 0 });
+    [1 / 7, 2 / 7, 4 / 7].forEach((p, i) => expect(Math.abs(f[i] - p)).toBeLessThan(0.015));
+  });
+  it('temperature sharpens, top-k and top-p cut the tail', () => {
+    const cold = draw({ temperature: 0.5, topP: 1, topK: 0 }); // probabilities 1/21, 4/21, 16/21
+    expect(Math.abs(cold[2] - 16 / 21)).toBeLessThan(0.015);
+    expect(draw({ temperature: 1, topP: 1, topK: 2 })[0]).toBe(0);
+    expect(draw({ temperature: 1, topP: 0.5, topK: 0 })).toEqual([0, 0, 1]);
+  });
+  it('logprobs are a normalised log-softmax', () => {
+    const r = logprobsOf(logits, 1, 3);
+    expect(r.logprob).toBeCloseTo(Math.log(2 / 7), 6);
+    expect(r.top.map(([i]) => i)).toEqual([2, 1, 0]);
+    expect(r.top.reduce((a, [, lp]) => a + Math.exp(lp), 0)).toBeCloseTo(1, 6);
   });
 });
 

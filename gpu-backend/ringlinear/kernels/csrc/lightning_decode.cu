@@ -14,8 +14,7 @@
 
 namespace ringlinear {
 
-constexpr int kDecodeCols = 64;      // state columns per block
-constexpr int kDecodeThreads = 256;  // 16 threads per row (16 x float4 = 64 cols), 16 rows per pass
+constexpr int kDecodeThreads = 256;  // COLS/4 threads per row (one float4 each), 1024/COLS rows per pass
 
 struct DecodeArgs {
   const void* q; const void* k; const void* v;
@@ -29,13 +28,18 @@ struct DecodeArgs {
   const int64_t* positions; const float* inv_freq; int rot_half;  // rot_half = rotary_dim / 2 (0: no RoPE)
 };
 
-template <int D, bool FUSE, typename in_t>
+// COLS = state columns per block (64: 2 blocks per (request, head) at d=128; 32: 4 smaller blocks, a shorter tail).
+template <int D, int COLS, bool FUSE, typename in_t>
 __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(DecodeArgs a) {
-  constexpr int PASSES = D / 16;
-  __shared__ __align__(16) float sq[D], sk[D], sv[kDecodeCols];
-  __shared__ __align__(16) float red[kDecodeThreads / 32][kDecodeCols];
+  constexpr int TPR = COLS / 4;                  // threads per row
+  constexpr int RPP = kDecodeThreads / TPR;      // rows per pass
+  constexpr int PASSES = D / RPP;
+  constexpr int kDecodeCols = COLS;
+  static_assert(TPR >= 1 && TPR <= 32 && 32 % TPR == 0 && D % RPP == 0, "bad decode tiling");
+  __shared__ __align__(16) float sq[D], sk[D], sv[COLS];
+  __shared__ __align__(16) float red[kDecodeThreads / 32][COLS];
 
-  const int col0 = blockIdx.x * kDecodeCols;
+  const int col0 = blockIdx.x * COLS;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
@@ -54,11 +58,11 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   if (tid < kDecodeCols) sv[tid] = to_float(v[col0 + tid]);
 
   // Issue the state loads before the prologue so their latency overlaps it.
-  const int c4 = tid & 15, r0 = tid >> 4;
+  const int c4 = tid % TPR, r0 = tid / TPR;
   float* S = a.state + ((int64_t)slot * a.H + h) * D * D + col0 + c4 * 4;
   float4 st[PASSES];
 #pragma unroll
-  for (int p = 0; p < PASSES; ++p) st[p] = __ldcs(reinterpret_cast<const float4*>(S + (int64_t)(r0 + 16 * p) * D));
+  for (int p = 0; p < PASSES; ++p) st[p] = __ldcs(reinterpret_cast<const float4*>(S + (int64_t)(r0 + RPP * p) * D));
   __syncthreads();
 
   if constexpr (FUSE) {
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
   for (int p = 0; p < PASSES; ++p) {
-    const int i = r0 + 16 * p;
+    const int i = r0 + RPP * p;
     const float ki = sk[i], qi = sq[i];
     float4 s = st[p];
     s.x = fmaf(g, s.x, ki * vv.x); s.y = fmaf(g, s.y, ki * vv.y);
@@ -102,10 +106,13 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
     acc.z = fmaf(qi, s.z, acc.z); acc.w = fmaf(qi, s.w, acc.w);
     __stcs(reinterpret_cast<float4*>(S + (int64_t)i * D), s);
   }
-  // Rows r0 and r0+1 share a warp (lanes 0-15 / 16-31): fold them, then fold the 8 warps through shared memory.
-  acc.x += __shfl_xor_sync(0xffffffffu, acc.x, 16); acc.y += __shfl_xor_sync(0xffffffffu, acc.y, 16);
-  acc.z += __shfl_xor_sync(0xffffffffu, acc.z, 16); acc.w += __shfl_xor_sync(0xffffffffu, acc.w, 16);
-  if ((tid & 31) < 16) reinterpret_cast<float4*>(red[tid >> 5])[c4] = acc;
+  // A warp holds 32/TPR rows of the same columns: fold them with shuffles, then fold the 8 warps in shared memory.
+#pragma unroll
+  for (int o = TPR; o < 32; o <<= 1) {
+    acc.x += __shfl_xor_sync(0xffffffffu, acc.x, o); acc.y += __shfl_xor_sync(0xffffffffu, acc.y, o);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, o); acc.w += __shfl_xor_sync(0xffffffffu, acc.w, o);
+  }
+  if ((tid & 31) < TPR) reinterpret_cast<float4*>(red[tid >> 5])[c4] = acc;
   __syncthreads();
   if (tid < kDecodeCols) {
     float o = 0.f;
@@ -115,13 +122,13 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   }
 }
 
-template <int D, bool FUSE>
+template <int D, int COLS, bool FUSE>
 static void launch_decode_typed(const DecodeArgs& a, at::ScalarType dt, int B, cudaStream_t stream) {
-  dim3 grid(D / kDecodeCols, a.H, B);
+  dim3 grid(D / COLS, a.H, B);
   switch (dt) {
-    case at::kFloat: lightning_decode_kernel<D, FUSE, float><<<grid, kDecodeThreads, 0, stream>>>(a); break;
-    case at::kBFloat16: lightning_decode_kernel<D, FUSE, __nv_bfloat16><<<grid, kDecodeThreads, 0, stream>>>(a); break;
-    case at::kHalf: lightning_decode_kernel<D, FUSE, __half><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    case at::kFloat: lightning_decode_kernel<D, COLS, FUSE, float><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    case at::kBFloat16: lightning_decode_kernel<D, COLS, FUSE, __nv_bfloat16><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    case at::kHalf: lightning_decode_kernel<D, COLS, FUSE, __half><<<grid, kDecodeThreads, 0, stream>>>(a); break;
     default: TORCH_CHECK(false, "lightning_decode: q/k/v dtype must be float32, bfloat16 or float16");
   }
 }
@@ -131,9 +138,10 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& slots, const at::Tensor& gamma, at::Tensor& out, double scale,
                       const c10::optional<at::Tensor>& q_norm_w, const c10::optional<at::Tensor>& k_norm_w,
                       double eps, const c10::optional<at::Tensor>& positions,
-                      const c10::optional<at::Tensor>& inv_freq) {
+                      const c10::optional<at::Tensor>& inv_freq, int64_t cols) {
   const int B = q.size(0), H = q.size(1), D = q.size(2);
   TORCH_CHECK(D == 64 || D == 128, "lightning_decode: head dim must be 64 or 128, got ", D);
+  TORCH_CHECK(cols == 64 || cols == 32, "lightning_decode: cols per block must be 64 or 32");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "lightning_decode: last dim must be contiguous");
   TORCH_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_decode: state must be contiguous fp32");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "lightning_decode: out must be contiguous fp32");
@@ -155,10 +163,14 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const bool fuse = a.q_norm_w != nullptr || a.k_norm_w != nullptr || a.rot_half > 0;
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto dt = q.scalar_type();
-  if (D == 128) {
-    fuse ? launch_decode_typed<128, true>(a, dt, B, stream) : launch_decode_typed<128, false>(a, dt, B, stream);
+  if (D == 128 && cols == 64) {
+    fuse ? launch_decode_typed<128, 64, true>(a, dt, B, stream) : launch_decode_typed<128, 64, false>(a, dt, B, stream);
+  } else if (D == 128) {
+    fuse ? launch_decode_typed<128, 32, true>(a, dt, B, stream) : launch_decode_typed<128, 32, false>(a, dt, B, stream);
+  } else if (cols == 64) {
+    fuse ? launch_decode_typed<64, 64, true>(a, dt, B, stream) : launch_decode_typed<64, 64, false>(a, dt, B, stream);
   } else {
-    fuse ? launch_decode_typed<64, true>(a, dt, B, stream) : launch_decode_typed<64, false>(a, dt, B, stream);
+    fuse ? launch_decode_typed<64, 32, true>(a, dt, B, stream) : launch_decode_typed<64, 32, false>(a, dt, B, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
