@@ -15,5 +15,7 @@ echo "== pytest"
 .venv/bin/python -m pytest gpu-backend/tests -q
 echo "== typecheck"
 npx tsc --noEmit
+# the ORT-web part of worker/test/node/perplexity.test.ts scores models/default; its export is git-ignored
+.venv/bin/python -m ringlinear export-onnx --model models/default --out test/fixtures/onnx/default.onnx --skip-existing
 echo "== vitest"
 npx vitest run

@@ -59,6 +59,7 @@ class EngineConfig:
     block_size: int = 16  # KV block (tokens)
     prefix_block: int = 64  # snapshot granularity (tokens); a multiple of block_size and of the lightning chunk (64)
     max_step_tokens: int = 512  # tokens per step (decodes + prompt chunks)
+    kernels: bool | None = None  # CUDA kernels in the runner; None = wherever they apply (CUDA, bf16)
 
 
 @dataclass
@@ -139,7 +140,7 @@ class Engine:
         self.states = LinearStatePool(self.cfg, self.plan.slots, dev)
         self.kv = PagedKVCache(self.cfg, self.plan.kv_blocks, ec.block_size, model.dtype, dev)
         self.prefix = PrefixCache(ec.prefix_block, self.plan.prefix_bytes, self.kv.blocks)
-        self.runner = ModelRunner(model, self.states, self.kv)
+        self.runner = ModelRunner(model, self.states, self.kv, ec.kernels)
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_ids))
         self.waiting: deque[Request] = deque()

@@ -106,7 +106,9 @@ def test_chat_stream(client):
     text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"])
     assert text == full["choices"][0]["message"]["content"]
     assert events[-1]["usage"] == full["usage"]
-    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    finish = events[-2]["choices"][0]["finish_reason"]
+    assert finish == full["choices"][0]["finish_reason"]
+    assert finish == ("length" if full["usage"]["completion_tokens"] == 5 else "stop")  # greedy may end on an eos id
 
 
 def test_logprobs(client):

@@ -1,0 +1,286 @@
+"""End-to-end pod throughput with the CUDA kernels (issue 6 d): Ring-mini-linear-2.0 vs its softmax twin, one harness.
+
+    PYTHONPATH=gpu-backend python bench/pod_e2e.py --device cuda --json e2e.json            # H200
+    PYTHONPATH=gpu-backend python bench/pod_e2e.py --device cpu --tiny                      # CPU smoke run
+
+Both models are the same config with random bf16 weights made on the device; the twin sets layer_group_size=1, so all
+20 layers are GQA softmax (prefill through torch SDPA: flash/cuDNN; decode through the runner's gathered-KV SDPA).
+Everything runs through `Engine.step()` (the server's path) with the runner's kernel path on; timings synchronise
+the device at step ends.
+
+* prefill: one request of T tokens, the whole prompt in one step, max_tokens=1 (so time to first token). The roofline
+  is the bf16 matrix rate (measured 788 TFLOP/s on this H200, KINDS.md) over the step's FLOPs: 2 x active parameters
+  per token + attention (softmax layers: 2 T^2 H d causal; lightning layers: 4 H d^2 + 2 H 64 d per token).
+* decode: B requests with `context` tokens each, one token per request per step. The contexts are *installed*, not
+  computed: the requests are admitted (slots and KV blocks allocated for the whole context) and marked prefilled, with
+  the KV cache and the linear states filled with random values - prefilling 128 x 64k tokens would take minutes and
+  decode cost does not depend on the values (MoE routing: random routers spread tokens near uniformly either way).
+  Each side runs at every batch of --batches that fits in the GPU's memory. The roofline is the bytes a step must
+  move at the measured copy bandwidth (4.3 TB/s, KINDS.md): weights read (non-expert weights, lm_head, and the
+  experts a batch touches, E(1-(1-k/E)^B) per MoE layer), KV read, linear states read and written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "gpu-backend"))
+
+from ringlinear.config import RingLinearConfig  # noqa: E402
+from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
+from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
+from ringlinear.tools.params import PRESETS  # noqa: E402
+
+BF16_PEAK = 788e12  # FLOP/s, 8192^3 bf16 GEMM on random data, this H200 (KINDS.md); datasheet dense: ~990e12
+COPY_BW = 4.3e12  # B/s, device-to-device copy counting read + write (KINDS.md)
+BLOCK = 16
+RESERVE = 6 << 30  # activations and allocator slack kept out of the decode memory plan
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def twin_config(cfg: dict) -> dict:
+    return dict(cfg, layer_group_size=1)  # every (l+1) % 1 == 0: all layers softmax
+
+
+# ---------------------------------------------------------------------------------------------------------- rooflines
+def prefill_flops(cfg: RingLinearConfig, T: int) -> tuple[float, float]:
+    """(active-parameter FLOPs, total FLOPs incl. attention) of a T-token prefill from position 0."""
+    H, d = cfg.num_attention_heads, cfg.d_head
+    param = 2.0 * cfg.parameter_counts()["active_non_embedding"] * T + 2.0 * cfg.hidden_size * cfg.vocab_size
+    attn = len(cfg.softmax_layers) * 2.0 * T * T * H * d + len(cfg.linear_layers) * T * H * (4.0 * d * d + 2.0 * 64 * d)
+    return param, param + attn
+
+
+def decode_bytes(cfg: RingLinearConfig, B: int, ctx: int, itemsize: int = 2) -> float:
+    D, I, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    pc = cfg.parameter_counts()
+    moe_layers = sum(1 for l in range(cfg.num_hidden_layers) if not cfg.is_dense_layer(l))
+    routed_active = moe_layers * k * 3 * D * I
+    dense_w = pc["active_non_embedding"] - routed_active  # attention, dense FFN, shared experts, routers, norms
+    touched = moe_layers * E * (1 - (1 - k / E) ** B) * 3 * D * I
+    weights = (dense_w + touched + cfg.vocab_size * D) * itemsize
+    kv = B * ctx * PagedKVCache.bytes_per_block(cfg, 1, torch.bfloat16 if itemsize == 2 else torch.float32)
+    states = 2 * B * LinearStatePool.bytes_per_slot(cfg)
+    return weights + kv + states
+
+
+# ---------------------------------------------------------------------------------------------------------- prefill
+def bench_prefill(model, contexts, dev, reps, deadline) -> list[dict]:
+    cfg, vocab = model.config, model.config.vocab_size
+    rows = []
+    T_max = max(contexts)
+    block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
+    budget = LinearStatePool.bytes_per_slot(cfg) + (-(-(T_max + 8) // BLOCK) + 1) * block_b
+    eng = Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
+                                     max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
+    rng = random.Random(0)
+
+    def once(T):
+        eng.add_request([rng.randrange(16, vocab) for _ in range(T)], SamplingParams(max_tokens=1, temperature=0,
+                                                                                     ignore_eos=True))
+        sync(dev)
+        t0 = time.perf_counter()
+        while eng.has_work():
+            eng.step()
+        sync(dev)
+        return time.perf_counter() - t0
+
+    once(min(contexts))  # warm-up: extension, cuBLAS/cuDNN plans, allocator
+    for T in contexts:
+        if time.monotonic() > deadline:
+            print(f"prefill  T={T}: skipped (time budget)", flush=True)
+            break
+        try:
+            dt = min(once(T) for _ in range(reps if T <= 16384 else 1))
+        except torch.OutOfMemoryError:
+            print(f"prefill  T={T}: out of memory", flush=True)
+            break
+        p_flops, flops = prefill_flops(cfg, T)
+        roof = T / (flops / BF16_PEAK)
+        rows.append({"context": T, "seconds": dt, "tok_s": T / dt, "roofline_tok_s": roof,
+                     "active_param_tflops": p_flops / dt / 1e12, "pct_peak_active": 100 * p_flops / dt / BF16_PEAK,
+                     "pct_peak_total": 100 * flops / dt / BF16_PEAK})
+        print(f"prefill  T={T:6d}  {dt * 1e3:9.1f} ms  {T / dt:9.0f} tok/s  roofline {roof:9.0f} tok/s  "
+              f"active-param {100 * p_flops / dt / BF16_PEAK:5.1f}% of bf16 peak  (all FLOPs {100 * flops / dt / BF16_PEAK:5.1f}%)",
+              flush=True)
+    del eng
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- decode
+def max_batch_fitting(cfg, ctx: int, dtype, dev) -> int:
+    if dev.type != "cuda":
+        return 1 << 30
+    free = torch.cuda.mem_get_info(dev)[0] - RESERVE
+    per_req = LinearStatePool.bytes_per_slot(cfg) + -(-ctx // BLOCK) * PagedKVCache.bytes_per_block(cfg, BLOCK, dtype)
+    gather = ctx * PagedKVCache.bytes_per_block(cfg, 1, dtype) // max(1, len(cfg.softmax_layers))  # one layer's K+V copy
+    return max(0, free // (per_req + gather))
+
+
+def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng) -> list:
+    """Admit B requests of ctx tokens (context = prompt + max_tokens) and mark their prompts computed."""
+    vocab = eng.cfg.vocab_size
+    prompt = [17] * (ctx - steps - 2)  # never computed: only its length matters
+    reqs = [eng.add_request(prompt, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+            for _ in range(B)]
+    eng._admit()
+    if any(r.slot is None for r in reqs):
+        raise RuntimeError(f"engine could not admit {B} requests of {ctx} tokens")
+    for r in reqs:
+        r.computed = len(r.prompt)
+        r.output.append(rng.randrange(16, vocab))
+    return reqs
+
+
+def bench_decode(model, contexts, batches, steps, dev, deadline) -> list[dict]:
+    cfg = model.config
+    rows = []
+    rng = random.Random(1)
+    for ctx in contexts:
+        fit = max_batch_fitting(cfg, ctx, model.dtype, dev)
+        bs = [b for b in batches if b <= fit]
+        if not bs:
+            print(f"decode   ctx={ctx}: no batch fits", flush=True)
+            continue
+        bmax = max(bs)
+        block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
+        budget = bmax * (LinearStatePool.bytes_per_slot(cfg) + -(-ctx // BLOCK) * block_b)
+        eng = Engine(model, EngineConfig(max_batch=bmax, max_context=ctx, memory_budget=budget, prefix_cache_bytes=0,
+                                         max_step_tokens=max(64, bmax), max_queue=bmax, block_size=BLOCK),
+                     eos_ids=set())
+        with torch.no_grad():  # random contexts: values do not change the work
+            for t in list(eng.kv.k.values()) + list(eng.kv.v.values()):
+                t.normal_()
+            for s in eng.states.states.values():
+                s.normal_(0.0, 0.01)
+        for B in sorted(bs, reverse=True):  # the largest batch (the headline figure) first
+            if time.monotonic() > deadline:
+                print(f"decode   ctx={ctx} B={B}: skipped (time budget)", flush=True)
+                continue
+            reqs = install_contexts(eng, B, ctx, steps, rng)
+            try:
+                eng.step()  # warm at this shape
+                sync(dev)
+                t0 = time.perf_counter()
+                n0 = eng.generation_tokens_total
+                for _ in range(steps):
+                    eng.step()
+                sync(dev)
+            except torch.OutOfMemoryError:
+                print(f"decode   ctx={ctx} B={B}: out of memory", flush=True)
+                continue
+            finally:
+                for r in reqs:
+                    eng.abort(r.id)
+            dt = time.perf_counter() - t0
+            toks = eng.generation_tokens_total - n0
+            t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
+            rows.append({"context": ctx, "batch": B, "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+                         "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
+            print(f"decode   ctx={ctx:6d} B={B:3d}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
+                  f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]", flush=True)
+        del eng
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def ratios(ours: list[dict], twin: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    t = {tuple(r[k] for k in keys): r for r in twin}
+    return [dict({k: r[k] for k in keys}, ours_tok_s=r["tok_s"], twin_tok_s=t[key]["tok_s"],
+                 ratio=r["tok_s"] / t[key]["tok_s"], roofline_ratio=r["roofline_tok_s"] / t[key]["roofline_tok_s"])
+            for r in ours if (key := tuple(r[k] for k in keys)) in t]
+
+
+def best_at(rows: list[dict], ctx: int) -> dict | None:
+    at = [r for r in rows if r["context"] == ctx]
+    return max(at, key=lambda r: r["batch"]) if at else None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="ring-mini-linear-2.0", choices=sorted(PRESETS))
+    p.add_argument("--tiny", action="store_true", help="the tiny test config (test/fixtures/tiny) instead: smoke runs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prefill-contexts", default="4096,16384,32768,65536,131072")
+    p.add_argument("--decode-contexts", default="65536,16384,4096")
+    p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    p.add_argument("--decode-steps", type=int, default=5)
+    p.add_argument("--prefill-reps", type=int, default=2)
+    p.add_argument("--models", default="ours,twin")
+    p.add_argument("--time-budget", type=float, default=1e9, help="seconds per model; later measurements are skipped")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    base = json.loads((ROOT / "test/fixtures/tiny/config.json").read_text()) if a.tiny else PRESETS[a.preset]
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "dtype": str(dtype), "model": "tiny" if a.tiny else a.preset,
+           "bf16_peak_flops": BF16_PEAK, "copy_bw": COPY_BW, "argv": sys.argv[1:]}
+
+    def dump():
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+
+    for name in a.models.split(","):
+        cfg = RingLinearConfig.from_dict(base if name == "ours" else twin_config(base))
+        t0 = time.perf_counter()
+        model = random_model(cfg, dev, dtype)
+        sync(dev)
+        print(f"== {name}: {len(cfg.linear_layers)} lightning + {len(cfg.softmax_layers)} softmax layers, ready in "
+              f"{time.perf_counter() - t0:.1f} s" + (f", {torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB" if dev.type == "cuda" else ""),
+              flush=True)
+        deadline = time.monotonic() + a.time_budget
+        res[name] = {"prefill": bench_prefill(model, ints(a.prefill_contexts), dev, a.prefill_reps, deadline)}
+        dump()
+        res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline)
+        if dev.type == "cuda":
+            res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            torch.cuda.reset_peak_memory_stats(dev)
+        dump()
+        del model
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if "ours" in res and "twin" in res:
+        res["prefill_ratio"] = ratios(res["ours"]["prefill"], res["twin"]["prefill"], ("context",))
+        res["decode_ratio"] = ratios(res["ours"]["decode"], res["twin"]["decode"], ("context", "batch"))
+        print("\nprefill  ours / twin (tok/s), roofline ratio")
+        for r in res["prefill_ratio"]:
+            print(f"  T={r['context']:6d}  {r['ours_tok_s']:9.0f} / {r['twin_tok_s']:9.0f} = {r['ratio']:5.2f}x   (roofline {r['roofline_ratio']:5.2f}x)")
+        print("decode   ours / twin (tok/s) at the same batch, roofline ratio")
+        for r in res["decode_ratio"]:
+            print(f"  ctx={r['context']:6d} B={r['batch']:3d}  {r['ours_tok_s']:9.1f} / {r['twin_tok_s']:9.1f} = {r['ratio']:5.2f}x   (roofline {r['roofline_ratio']:5.2f}x)")
+        largest = []
+        for ctx in ints(a.decode_contexts):
+            o, t = best_at(res["ours"]["decode"], ctx), best_at(res["twin"]["decode"], ctx)
+            if o and t:
+                largest.append({"context": ctx, "ours_batch": o["batch"], "ours_tok_s": o["tok_s"], "twin_batch": t["batch"],
+                                "twin_tok_s": t["tok_s"], "ratio": o["tok_s"] / t["tok_s"],
+                                "roofline_ratio": o["roofline_tok_s"] / t["roofline_tok_s"]})
+                print(f"decode at each side's largest batch, ctx={ctx}: ours B={o['batch']} {o['tok_s']:.1f} tok/s vs twin "
+                      f"B={t['batch']} {t['tok_s']:.1f} tok/s = {largest[-1]['ratio']:.2f}x (roofline {largest[-1]['roofline_ratio']:.2f}x)")
+        res["decode_largest_batch"] = largest
+        dump()
+
+
+if __name__ == "__main__":
+    main()
