@@ -11,7 +11,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import * as ort from 'onnxruntime-web/wasm';
-import { describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 
 import { teacherForcedLogits } from '../../src/engine/golden';
 import { compareNll, NLL_BOUNDS, type NllComparison, sequenceNll, tokenNll } from '../../src/engine/perplexity';
@@ -20,7 +20,6 @@ import { OrtStepModel, parseStepMeta } from '../../src/ort/step-model';
 
 const ROOT = resolve(__dirname, '../../..');
 const read = (p: string) => readFileSync(resolve(ROOT, p));
-
 
 interface Heldout {
   text: string;
@@ -125,8 +124,12 @@ function ensureDefaultOnnx(): string {
 }
 
 describe('held-out perplexity of models/default: ORT-web', () => {
+  let path = '';
+  beforeAll(() => {
+    path = ensureDefaultOnnx(); // in the hook: a fresh export takes 1-2 min (hookTimeout 180 s)
+  });
+
   it('fp32: per-token NLL and perplexity agree with the CPU reference', async () => {
-    const path = ensureDefaultOnnx();
     const meta = parseStepMeta(JSON.parse(readFileSync(path.replace(/\.onnx$/, '.json'), 'utf8')));
     const model = await OrtStepModel.create(ort, new Uint8Array(readFileSync(path)), meta);
     const { logits } = await model.forward(heldout.ids, model.initialState(), { chunk: 64 });
