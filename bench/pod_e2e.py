@@ -248,7 +248,8 @@ def main(argv=None) -> None:
               f"{time.perf_counter() - t0:.1f} s" + (f", {torch.cuda.memory_allocated(dev) / 2**30:.1f} GiB" if dev.type == "cuda" else ""),
               flush=True)
         deadline = time.monotonic() + a.time_budget
-        res[name] = {"prefill": bench_prefill(model, ints(a.prefill_contexts), dev, a.prefill_reps, deadline)}
+        pc = ints(a.prefill_contexts)
+        res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline) if pc else []}
         dump()
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline)
         if dev.type == "cuda":

@@ -15,7 +15,8 @@ echo "== pytest"
 .venv/bin/python -m pytest gpu-backend/tests -q
 echo "== typecheck"
 npx tsc --noEmit
-# the ORT-web part of worker/test/node/perplexity.test.ts scores models/default; its export is git-ignored
+# ONNX exports for the ORT-web tests (git-ignored): the tiny fixture, and models/default for the perplexity test
+.venv/bin/python -m ringlinear export-onnx --model test/fixtures/tiny --out test/fixtures/onnx/tiny.onnx --skip-existing
 .venv/bin/python -m ringlinear export-onnx --model models/default --out test/fixtures/onnx/default.onnx --skip-existing
 echo "== vitest"
 npx vitest run
