@@ -13,10 +13,10 @@ echo "== wasm build"
 bash tools/build-wasm.sh --test
 echo "== pytest"
 .venv/bin/python -m pytest gpu-backend/tests -q
-echo "== typecheck"
-npx tsc --noEmit
 # ONNX exports for the ORT-web tests (git-ignored): the tiny fixture, and models/default for the perplexity test
 .venv/bin/python -m ringlinear export-onnx --model test/fixtures/tiny --out test/fixtures/onnx/tiny.onnx --skip-existing
 .venv/bin/python -m ringlinear export-onnx --model models/default --out test/fixtures/onnx/default.onnx --skip-existing
+echo "== typecheck"
+npx tsc --noEmit
 echo "== vitest"
 npx vitest run
