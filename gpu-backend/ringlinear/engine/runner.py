@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .. import kernels as K
+from .. import kernels as cuda_kernels
 from ..model import MoE, RingLinearForCausalLM
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
@@ -57,7 +57,7 @@ class Segment:
 def kernels_usable(model: RingLinearForCausalLM) -> bool:
     """The CUDA kernels apply: model on a CUDA device, bf16, head dim the kernels support, extension built."""
     return (model.device.type == "cuda" and model.dtype == torch.bfloat16
-            and model.config.d_head in K.lightning.SUPPORTED_HEAD_DIMS and K.available())
+            and model.config.d_head in cuda_kernels.lightning.SUPPORTED_HEAD_DIMS and cuda_kernels.available())
 
 
 class ModelRunner:
@@ -76,8 +76,8 @@ class ModelRunner:
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
         if self.use_kernels:
             self.gamma = {l: torch.exp(-r.float()) for l, r in self.decay.items()}  # per-step decay factor [H]
-            self.router_cfg = K.RouterConfig(cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
-                                             cfg.routed_scaling_factor, cfg.norm_topk_prob)
+            self.router_cfg = cuda_kernels.RouterConfig(cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group,
+                                                        cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
 
     @torch.inference_mode()
     def execute(self, segs: list[Segment]) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
@@ -115,9 +115,10 @@ class ModelRunner:
             return mlp(x)
         sh = mlp.shared_experts
         bias = mlp.gate.expert_bias if self.cfg.moe_router_enable_expert_bias else None
-        y = K.fused_moe(x[0], mlp.gate.weight, bias, mlp.experts_gate_proj, mlp.experts_up_proj, mlp.experts_down_proj,
-                        None if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight),
-                        self.router_cfg)
+        y = cuda_kernels.fused_moe(x[0], mlp.gate.weight, bias, mlp.experts_gate_proj, mlp.experts_up_proj,
+                                   mlp.experts_down_proj,
+                                   None if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight),
+                                   self.router_cfg)
         return y[None]
 
     # ------------------------------------------------------------------------------------------ lightning layers
@@ -169,7 +170,8 @@ class ModelRunner:
         o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         if plan.dec is not None:
             rows = plan.dec.rows
-            o[rows] = K.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma, scale=self.scale)
+            o[rows] = cuda_kernels.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma,
+                                                    scale=self.scale)
         pieces = {i: plan.cuts(i) for i in plan.prefill}
         for r in range(max((len(p) - 1 for p in pieces.values()), default=0)):
             batch = [(i, p[r], p[r + 1]) for i, p in pieces.items() if r + 1 < len(p)]
@@ -178,8 +180,8 @@ class ModelRunner:
                 cu.append(cu[-1] + c1 - c0)
             cat = (lambda t: t[batch[0][1]:batch[0][2]]) if len(batch) == 1 else \
                 (lambda t: torch.cat([t[c0:c1] for _, c0, c1 in batch]))
-            o_r = K.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, [plan.segs[i].slot for i, _, _ in batch], gamma,
-                                      scale=self.scale)
+            slots = [plan.segs[i].slot for i, _, _ in batch]
+            o_r = cuda_kernels.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, slots, gamma, scale=self.scale)
             for (i, c0, c1), a in zip(batch, cu):
                 o[c0:c1] = o_r[a:a + c1 - c0]
                 s = plan.segs[i]
