@@ -9,22 +9,12 @@
 import { parseJson, parseModelConfig, type ModelConfig } from './config';
 import { type Kernel, instantiateKernel } from './kernel';
 import { type Bytes, readSafetensors, readShardedSafetensors } from './safetensors';
-import { Prng, logprobsOf, randomSeed, sampleToken } from './sampling';
-import { IncrementalDetokenizer, StopCutter, TextCodec } from './text';
-import {
-  type Engine,
-  EngineBudgetError,
-  type EngineInfo,
-  type GenerateEvent,
-  type GenerateParams,
-  type TokenLogprob,
-} from './types';
+import { generateTokens, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, MemoryBudget, validatePrompt } from './generation';
+import { TextCodec } from './text';
+import { type Engine, EngineBudgetError, type EngineInfo, type GenerateEvent, type GenerateParams } from './types';
 import { loadWeights } from './weights';
 
-/** Cloudflare's per-isolate limit. */
-export const ISOLATE_MEMORY_BYTES = 128 * 1024 * 1024;
-/** Reserved for the JS heap, script and tokenizer tables (measured tokenizer heap for the tiny model is ~2 MB). */
-export const JS_RESERVE_BYTES = 24 * 1024 * 1024;
+export { ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES };
 const DEFAULT_MAX_CHUNK = 64;
 const DEFAULT_MAX_CONTEXT = 4096;
 
@@ -74,7 +64,7 @@ export class ModelRunner {
 export class WasmEngine implements Engine {
   readonly info: EngineInfo;
   readonly runner: ModelRunner;
-  private activeSessionBytes = 0;
+  private readonly budget: MemoryBudget;
 
   constructor(
     private readonly kernel: Kernel,
@@ -85,6 +75,7 @@ export class WasmEngine implements Engine {
   ) {
     this.info = info;
     this.runner = new ModelRunner(kernel, cfg);
+    this.budget = new MemoryBudget(info, budgetBytes, () => this.baseBytes, (n) => this.requestBytes(n));
   }
 
   /** Bytes the engine holds with no request running: wasm weights + scratch + the JS reserve. */
@@ -112,85 +103,31 @@ export class WasmEngine implements Engine {
     return this.codec.applyChatTemplate(messages);
   }
 
-  /** Throws EngineBudgetError if the request cannot run now. */
-  private checkBudget(promptLen: number, maxTokens: number): number {
-    const positions = promptLen + maxTokens;
-    if (promptLen > this.info.maxContext)
-      throw new EngineBudgetError(`prompt has ${promptLen} tokens; this engine accepts at most ${this.info.maxContext}`, 'prompt');
-    if (positions > this.info.maxContext)
-      throw new EngineBudgetError(
-        `prompt (${promptLen}) + max_tokens (${maxTokens}) = ${positions} exceeds the engine context of ${this.info.maxContext} tokens`,
-      );
-    const need = this.baseBytes + this.activeSessionBytes + this.requestBytes(positions);
-    if (need > this.budgetBytes)
-      throw new EngineBudgetError(
-        `request needs ${(need / 2 ** 20).toFixed(1)} MiB (weights + running requests + this one's state for ${positions} tokens) ` +
-          `but the engine budget is ${(this.budgetBytes / 2 ** 20).toFixed(1)} MiB; lower max_tokens or retry later`,
-      );
-    return positions;
-  }
-
   generate(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncIterable<GenerateEvent> {
-    if (promptIds.length === 0) throw new RangeError('prompt must contain at least one token');
-    for (const id of promptIds)
-      if (!Number.isInteger(id) || id < 0 || id >= this.info.vocabSize)
-        throw new RangeError(`token id ${id} is outside the vocabulary (0..${this.info.vocabSize - 1})`);
-    this.checkBudget(promptIds.length, params.maxTokens);
+    validatePrompt(promptIds, this.info.vocabSize);
+    this.budget.check(promptIds.length, params.maxTokens);
     return this.run(promptIds, params, signal);
   }
 
   private async *run(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
-    // Re-checked here: other requests may have started between generate() and the first iteration.
-    const positions = this.checkBudget(promptIds.length, params.maxTokens);
-    const bytes = this.requestBytes(positions);
-    const session = this.kernel.createSession(positions);
-    this.activeSessionBytes += bytes;
-    const rng = new Prng(params.seed ?? randomSeed());
-    const detok = new IncrementalDetokenizer(this.codec);
-    const cutter = new StopCutter(params.stop);
-    const eos = new Set(this.cfg.eosTokenIds);
-    const logits = new Float32Array(this.info.vocabSize);
-    let produced = 0;
-    let finish: 'stop' | 'length' = 'length';
-    let hitStopString = false;
+    const { positions, free } = this.budget.reserve(promptIds.length, params.maxTokens);
+    let session: number;
     try {
-      if (params.maxTokens > 0 && !signal?.aborted) logits.set(this.runner.prefill(session, promptIds)[0]);
-      while (produced < params.maxTokens) {
-        if (signal?.aborted) { finish = 'stop'; break; }
-        const id = sampleToken(logits, params, rng);
-        produced++;
-        if (eos.has(id)) { finish = 'stop'; break; }
-        const lp = params.logprobs !== undefined ? [this.tokenLogprob(logits, id, params.logprobs)] : undefined;
-        const piece = cutter.push(detok.push(id));
-        if (piece.text || lp) yield { type: 'text', text: piece.text, ...(lp ? { logprobs: lp } : {}) };
-        if (piece.stopped) { finish = 'stop'; hitStopString = true; break; }
-        if (produced < params.maxTokens) {
-          // Let other requests of this isolate run (and streamed bytes flush) between tokens.
-          await new Promise<void>((r) => setTimeout(r, 0));
-          if (signal?.aborted) { finish = 'stop'; break; }
-          this.runner.decode(session, id, logits);
-        }
-      }
-      if (!hitStopString && !signal?.aborted) {
-        // text held back for an incomplete character or a possible stop string
-        const tail = cutter.push(detok.flush());
-        const rest = tail.stopped ? tail.text : tail.text + cutter.flush();
-        if (rest) yield { type: 'text', text: rest };
-      }
-      yield { type: 'done', finishReason: finish, promptTokens: promptIds.length, completionTokens: produced };
-    } finally {
-      this.kernel.freeSession(session);
-      this.activeSessionBytes -= bytes;
+      session = this.kernel.createSession(positions);
+    } catch (e) {
+      free();
+      throw e;
     }
-  }
-
-  private tokenLogprob(logits: Float32Array, id: number, top: number): TokenLogprob {
-    const r = logprobsOf(logits, id, top);
-    return {
-      token: this.codec.tokenText(id),
-      logprob: r.logprob,
-      top: r.top.map(([i, lp]) => ({ token: this.codec.tokenText(i), logprob: lp })),
+    const logits = new Float32Array(this.info.vocabSize);
+    const forward = {
+      prefill: (ids: number[]) => (logits.set(this.runner.prefill(session, ids)[0]), logits),
+      step: (id: number) => this.runner.decode(session, id, logits),
+      release: () => {
+        this.kernel.freeSession(session);
+        free();
+      },
     };
+    yield* generateTokens(forward, promptIds, params, this.codec, new Set(this.cfg.eosTokenIds), signal);
   }
 
   destroy(): void {

@@ -9,20 +9,12 @@
  * an estimate, compiled code excluded) and refuses a request whose states + KV cache + logits would exceed the budget.
  */
 import { parseJson } from '../engine/config';
-import { Prng, logprobsOf, randomSeed, sampleToken } from '../engine/sampling';
-import { IncrementalDetokenizer, StopCutter, TextCodec } from '../engine/text';
-import {
-  type Engine,
-  EngineBudgetError,
-  type EngineInfo,
-  type GenerateEvent,
-  type GenerateParams,
-  type TokenLogprob,
-} from '../engine/types';
+import { generateTokens, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, MemoryBudget, validatePrompt } from '../engine/generation';
+import { TextCodec } from '../engine/text';
+import { type Engine, EngineBudgetError, type EngineInfo, type GenerateEvent, type GenerateParams } from '../engine/types';
 import { type Ort, OrtStepModel, parseStepMeta } from './step-model';
 
-export const ISOLATE_MEMORY_BYTES = 128 * 1024 * 1024;
-export const JS_RESERVE_BYTES = 24 * 1024 * 1024;
+export { ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES };
 /** wasm heap bytes per .onnx byte after session creation (measured 2.7, rounded up). */
 export const ORT_HEAP_PER_MODEL_BYTE = 3;
 const DEFAULT_CHUNK = 64;
@@ -54,7 +46,7 @@ function eosIds(generationConfig: string | object | undefined, fallback: number[
 
 export class OrtEngine implements Engine {
   readonly info: EngineInfo;
-  private activeRequestBytes = 0;
+  private readonly budget: MemoryBudget;
 
   constructor(
     readonly model: OrtStepModel,
@@ -66,6 +58,7 @@ export class OrtEngine implements Engine {
     id: string,
   ) {
     this.info = { id, engine: 'ort-web', maxContext: model.meta.max_context, vocabSize: model.meta.vocab_size };
+    this.budget = new MemoryBudget(this.info, budgetBytes, () => baseBytes, (n) => this.requestBytes(n));
   }
 
   /** Bytes a request of `positions` tokens adds: states and KV cache, plus one chunk of logits. */
@@ -85,81 +78,36 @@ export class OrtEngine implements Engine {
     return this.codec.applyChatTemplate(messages);
   }
 
-  private checkBudget(promptLen: number, maxTokens: number): number {
-    const positions = promptLen + maxTokens;
-    if (promptLen > this.info.maxContext)
-      throw new EngineBudgetError(`prompt has ${promptLen} tokens; this engine accepts at most ${this.info.maxContext}`, 'prompt');
-    if (positions > this.info.maxContext)
-      throw new EngineBudgetError(
-        `prompt (${promptLen}) + max_tokens (${maxTokens}) = ${positions} exceeds the engine context of ${this.info.maxContext} tokens`,
-      );
-    const need = this.baseBytes + this.activeRequestBytes + this.requestBytes(positions);
-    if (need > this.budgetBytes)
-      throw new EngineBudgetError(
-        `request needs ${(need / 2 ** 20).toFixed(1)} MiB (model + running requests + this one's state for ${positions} tokens) ` +
-          `but the engine budget is ${(this.budgetBytes / 2 ** 20).toFixed(1)} MiB; lower max_tokens or retry later`,
-      );
-    return positions;
-  }
-
   generate(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncIterable<GenerateEvent> {
-    if (promptIds.length === 0) throw new RangeError('prompt must contain at least one token');
-    for (const id of promptIds)
-      if (!Number.isInteger(id) || id < 0 || id >= this.info.vocabSize)
-        throw new RangeError(`token id ${id} is outside the vocabulary (0..${this.info.vocabSize - 1})`);
-    this.checkBudget(promptIds.length, params.maxTokens);
+    validatePrompt(promptIds, this.info.vocabSize);
+    this.budget.check(promptIds.length, params.maxTokens);
     return this.run(promptIds, params, signal);
   }
 
   private async *run(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
-    // Re-checked: other requests may have started between generate() and the first iteration.
-    const bytes = this.requestBytes(this.checkBudget(promptIds.length, params.maxTokens));
-    this.activeRequestBytes += bytes;
-    const rng = new Prng(params.seed ?? randomSeed());
-    const detok = new IncrementalDetokenizer(this.codec);
-    const cutter = new StopCutter(params.stop);
-    let produced = 0;
-    let finish: 'stop' | 'length' = 'length';
-    let hitStopString = false;
+    const { free } = this.budget.reserve(promptIds.length, params.maxTokens);
+    let state: ReturnType<OrtStepModel['initialState']>;
     try {
-      let logits: Float32Array = new Float32Array(0);
-      let state = this.model.initialState();
-      if (params.maxTokens > 0 && !signal?.aborted) {
-        ({ logits, state } = await this.model.forward(promptIds, state, { chunk: this.chunk, lastOnly: true }));
-      }
-      while (produced < params.maxTokens) {
-        if (signal?.aborted) { finish = 'stop'; break; }
-        const id = sampleToken(logits, params, rng);
-        produced++;
-        if (this.eos.has(id)) { finish = 'stop'; break; }
-        const lp = params.logprobs !== undefined ? [this.tokenLogprob(logits, id, params.logprobs)] : undefined;
-        const piece = cutter.push(detok.push(id));
-        if (piece.text || lp) yield { type: 'text', text: piece.text, ...(lp ? { logprobs: lp } : {}) };
-        if (piece.stopped) { finish = 'stop'; hitStopString = true; break; }
-        if (produced < params.maxTokens) {
-          if (signal?.aborted) { finish = 'stop'; break; }
-          // session.run is asynchronous, so other requests of the isolate interleave between tokens here.
-          ({ logits, state } = await this.model.forward([id], state));
-        }
-      }
-      if (!hitStopString && !signal?.aborted) {
-        const tail = cutter.push(detok.flush());
-        const rest = tail.stopped ? tail.text : tail.text + cutter.flush();
-        if (rest) yield { type: 'text', text: rest };
-      }
-      yield { type: 'done', finishReason: finish, promptTokens: promptIds.length, completionTokens: produced };
-    } finally {
-      this.activeRequestBytes -= bytes;
+      state = this.model.initialState();
+    } catch (e) {
+      free();
+      throw e;
     }
-  }
-
-  private tokenLogprob(logits: Float32Array, id: number, top: number): TokenLogprob {
-    const r = logprobsOf(logits, id, top);
-    return {
-      token: this.codec.tokenText(id),
-      logprob: r.logprob,
-      top: r.top.map(([i, lp]) => ({ token: this.codec.tokenText(i), logprob: lp })),
+    // session.run is asynchronous, so other requests of the isolate also interleave inside each step.
+    const forward = {
+      prefill: async (ids: number[]) => {
+        const r = await this.model.forward(ids, state, { chunk: this.chunk, lastOnly: true });
+        state = r.state;
+        return r.logits;
+      },
+      step: async (id: number) => {
+        const r = await this.model.forward([id], state);
+        state = r.state;
+        return r.logits;
+      },
+      release: free,
     };
+    yield* generateTokens(forward, promptIds, params, this.codec, this.eos, signal);
   }
 
   async destroy(): Promise<void> {
