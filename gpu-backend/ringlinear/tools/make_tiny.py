@@ -9,7 +9,6 @@ the tokenizer is a byte-level BPE trained by the `tokenizers` library on a fixed
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import zlib
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from ..checkpoint import expected_tensors, save_checkpoint
 from ..config import RingLinearConfig
+from ..tokenizer_files import BOS_ID, EOT_ID, train_bpe, write_tokenizer_files
 
 # The tiny config of the architecture doc §9; it keeps every structural feature.
 TINY = {
@@ -68,16 +68,6 @@ VARIANTS: dict[str, dict] = {
     "tiny-hfslope": {"ringlinear_slope_rule": "hf"},
 }
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftext|>", "<|role_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<role>SYSTEM</role>{{ m['content'] }}<|role_end|>"
-    "{% elif m['role'] == 'user' %}<role>HUMAN</role>{{ m['content'] }}<|role_end|>"
-    "{% elif m['role'] == 'assistant' %}<role>ASSISTANT</role>{{ m['content'] }}<|role_end|>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
-)
-
 _SEED_TEXT = """The ring turns and the river runs. A small model reads the prompt, keeps a fixed state for each head,
 and answers one token at a time. Linear attention forgets old tokens at a constant rate per head, while every fourth
 layer still looks at the whole context with softmax attention. Experts are chosen by a router: eight of many, or two
@@ -89,9 +79,9 @@ def config_for(variant: str) -> RingLinearConfig:
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     d = dict(TINY, **VARIANTS[variant])
-    d["eos_token_id"] = 0
-    d["pad_token_id"] = 0
-    d["bos_token_id"] = 1
+    d["eos_token_id"] = EOT_ID
+    d["pad_token_id"] = EOT_ID
+    d["bos_token_id"] = BOS_ID
     return RingLinearConfig.from_dict(d)
 
 
@@ -110,19 +100,6 @@ def _corpus() -> list[str]:
             words.append(w.capitalize() if rng.random() < 0.1 else w)
         lines.append(" ".join(words) + rng.choice([".", ",", "!", "?", ""]))
     return lines
-
-
-def train_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    return tok
 
 
 def _tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -157,21 +134,7 @@ def make_tiny(variant: str, out: str | Path, seed: int = 0, shards: int = 1, dty
         td = {"float32": torch.float32, "float16": torch.float16}[dtype]
         tensors = {n: (t if n.endswith("expert_bias") else t.to(td)) for n, t in tensors.items()}
     save_checkpoint(out, cfg, tensors, shards=shards)
-    tok = train_tokenizer(cfg.vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|role_end|>",
-        "pad_token": "<|endoftext|>",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "model_max_length": cfg.max_position_embeddings,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    gen = {"eos_token_id": [0, 2], "pad_token_id": 0, "bos_token_id": 1}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_tokenizer_files(train_bpe(_corpus(), cfg.vocab_size), out, cfg.max_position_embeddings)
     return out
 
 

@@ -7,10 +7,7 @@ a dense first layer, a sigmoid group-limited MoE with a shared expert and expert
 from __future__ import annotations
 
 from ..config import RingLinearConfig
-
-# Special tokens at fixed ids 0, 1, 2 (the tokenizer trainer puts them first, in this order).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftext|>", "<|role_end|>"]
-EOT_ID, BOS_ID, ROLE_END_ID = 0, 1, 2
+from ..tokenizer_files import BOS_ID, EOT_ID, ROLE_END_ID, SPECIAL_TOKENS  # noqa: F401 (re-exported)
 
 # ~12.0M parameters: bf16 safetensors ~24 MB, int8 ~12 MB (edge budget 128 MB, leaving room for request state).
 DEFAULT = {
