@@ -7,26 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_helpers (pytest runs with --import-mode=importlib)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Two CI cores, shared with the server's threads: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_ckpt):
-    from ringlinear.tokenizer import ChatTokenizer
-
-    return ChatTokenizer(tiny_ckpt)
+def _single_thread(one_thread):
+    """Every engine/server test runs with one intra-op thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,67 @@ export function tokenLogprob(codec: TextCodec, logits: Float32Array, id: number,
   };
 }
 
+/**
+ * The shell every in-worker engine shares: text side, request validation, the memory budget and the token loop.
+ * A subclass says what the model costs (`baseBytes`, `requestBytes`) and opens one request's forward pass.
+ */
+export abstract class LocalEngine {
+  abstract readonly info: EngineInfo;
+  abstract readonly baseBytes: number;
+  abstract readonly budgetBytes: number;
+  private memory?: MemoryBudget;
+
+  constructor(
+    protected readonly codec: TextCodec,
+    private readonly eos: Set<number>,
+  ) {}
+
+  /** Bytes a request of `positions` tokens (prompt + max_tokens) adds. */
+  abstract requestBytes(positions: number): number;
+  /** One request's forward pass, with state for `positions` tokens. */
+  protected abstract open(positions: number): Forward;
+
+  private get budget(): MemoryBudget {
+    return (this.memory ??= new MemoryBudget(this.info, this.budgetBytes, () => this.baseBytes, (n) => this.requestBytes(n)));
+  }
+
+  encode(text: string): number[] {
+    return this.codec.encode(text);
+  }
+
+  decode(ids: number[]): string {
+    return this.codec.decode(ids);
+  }
+
+  applyChatTemplate(messages: { role: string; content: string }[]): string {
+    return this.codec.applyChatTemplate(messages);
+  }
+
+  /** Validates and checks the budget now (errors before any work), then runs lazily. */
+  generate(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncIterable<GenerateEvent> {
+    validatePrompt(promptIds, this.info.vocabSize);
+    this.budget.check(promptIds.length, params.maxTokens);
+    return this.run(promptIds, params, signal);
+  }
+
+  private async *run(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
+    // Re-checked inside reserve(): other requests may have started since generate().
+    const { positions, free } = this.budget.reserve(promptIds.length, params.maxTokens);
+    let forward: Forward;
+    try {
+      forward = this.open(positions);
+    } catch (e) {
+      free();
+      throw e;
+    }
+    const release = () => {
+      forward.release();
+      free();
+    };
+    yield* generateTokens({ prefill: forward.prefill, step: forward.step, release }, promptIds, params, this.codec, this.eos, signal);
+  }
+}
+
 /** The token loop. `forward` is released when the loop ends, however it ends. */
 export async function* generateTokens(
   forward: Forward,

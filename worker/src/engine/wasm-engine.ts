@@ -9,9 +9,9 @@
 import { parseJson, parseModelConfig, type ModelConfig } from './config';
 import { type Kernel, instantiateKernel } from './kernel';
 import { type Bytes, readSafetensors, readShardedSafetensors } from './safetensors';
-import { generateTokens, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, MemoryBudget, validatePrompt } from './generation';
+import { type Forward, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, LocalEngine } from './generation';
 import { TextCodec } from './text';
-import { type Engine, EngineBudgetError, type EngineInfo, type GenerateEvent, type GenerateParams } from './types';
+import { type Engine, EngineBudgetError, type EngineInfo } from './types';
 import { loadWeights } from './weights';
 
 export { ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES };
@@ -61,21 +61,20 @@ export class ModelRunner {
   }
 }
 
-export class WasmEngine implements Engine {
+export class WasmEngine extends LocalEngine implements Engine {
   readonly info: EngineInfo;
   readonly runner: ModelRunner;
-  private readonly budget: MemoryBudget;
 
   constructor(
     private readonly kernel: Kernel,
     private readonly cfg: ModelConfig,
-    private readonly codec: TextCodec,
+    codec: TextCodec,
     readonly budgetBytes: number,
     info: EngineInfo,
   ) {
+    super(codec, new Set(cfg.eosTokenIds));
     this.info = info;
     this.runner = new ModelRunner(kernel, cfg);
-    this.budget = new MemoryBudget(info, budgetBytes, () => this.baseBytes, (n) => this.requestBytes(n));
   }
 
   /** Bytes the engine holds with no request running: wasm weights + scratch + the JS reserve. */
@@ -91,43 +90,14 @@ export class WasmEngine implements Engine {
     return this.kernel.memoryBytes;
   }
 
-  encode(text: string): number[] {
-    return this.codec.encode(text);
-  }
-
-  decode(ids: number[]): string {
-    return this.codec.decode(ids);
-  }
-
-  applyChatTemplate(messages: { role: string; content: string }[]): string {
-    return this.codec.applyChatTemplate(messages);
-  }
-
-  generate(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncIterable<GenerateEvent> {
-    validatePrompt(promptIds, this.info.vocabSize);
-    this.budget.check(promptIds.length, params.maxTokens);
-    return this.run(promptIds, params, signal);
-  }
-
-  private async *run(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
-    const { positions, free } = this.budget.reserve(promptIds.length, params.maxTokens);
-    let session: number;
-    try {
-      session = this.kernel.createSession(positions);
-    } catch (e) {
-      free();
-      throw e;
-    }
+  protected open(positions: number): Forward {
+    const session = this.kernel.createSession(positions);
     const logits = new Float32Array(this.info.vocabSize);
-    const forward = {
+    return {
       prefill: (ids: number[]) => (logits.set(this.runner.prefill(session, ids)[0]), logits),
       step: (id: number) => this.runner.decode(session, id, logits),
-      release: () => {
-        this.kernel.freeSession(session);
-        free();
-      },
+      release: () => this.kernel.freeSession(session),
     };
-    yield* generateTokens(forward, promptIds, params, this.codec, new Set(this.cfg.eosTokenIds), signal);
   }
 
   destroy(): void {

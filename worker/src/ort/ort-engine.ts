@@ -9,9 +9,9 @@
  * an estimate, compiled code excluded) and refuses a request whose states + KV cache + logits would exceed the budget.
  */
 import { parseJson } from '../engine/config';
-import { generateTokens, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, MemoryBudget, validatePrompt } from '../engine/generation';
+import { type Forward, ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES, LocalEngine } from '../engine/generation';
 import { TextCodec } from '../engine/text';
-import { type Engine, EngineBudgetError, type EngineInfo, type GenerateEvent, type GenerateParams } from '../engine/types';
+import { type Engine, EngineBudgetError, type EngineInfo } from '../engine/types';
 import { type Ort, OrtStepModel, parseStepMeta } from './step-model';
 
 export { ISOLATE_MEMORY_BYTES, JS_RESERVE_BYTES };
@@ -44,21 +44,20 @@ function eosIds(generationConfig: string | object | undefined, fallback: number[
   return ids as number[];
 }
 
-export class OrtEngine implements Engine {
+export class OrtEngine extends LocalEngine implements Engine {
   readonly info: EngineInfo;
-  private readonly budget: MemoryBudget;
 
   constructor(
     readonly model: OrtStepModel,
-    private readonly codec: TextCodec,
-    private readonly eos: Set<number>,
+    codec: TextCodec,
+    eos: Set<number>,
     readonly baseBytes: number,
     readonly budgetBytes: number,
     private readonly chunk: number,
     id: string,
   ) {
+    super(codec, eos);
     this.info = { id, engine: 'ort-web', maxContext: model.meta.max_context, vocabSize: model.meta.vocab_size };
-    this.budget = new MemoryBudget(this.info, budgetBytes, () => baseBytes, (n) => this.requestBytes(n));
   }
 
   /** Bytes a request of `positions` tokens adds: states and KV cache, plus one chunk of logits. */
@@ -66,35 +65,10 @@ export class OrtEngine implements Engine {
     return this.model.stateBytes(positions) + 4 * this.chunk * this.info.vocabSize;
   }
 
-  encode(text: string): number[] {
-    return this.codec.encode(text);
-  }
-
-  decode(ids: number[]): string {
-    return this.codec.decode(ids);
-  }
-
-  applyChatTemplate(messages: { role: string; content: string }[]): string {
-    return this.codec.applyChatTemplate(messages);
-  }
-
-  generate(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncIterable<GenerateEvent> {
-    validatePrompt(promptIds, this.info.vocabSize);
-    this.budget.check(promptIds.length, params.maxTokens);
-    return this.run(promptIds, params, signal);
-  }
-
-  private async *run(promptIds: number[], params: GenerateParams, signal?: AbortSignal): AsyncGenerator<GenerateEvent> {
-    const { free } = this.budget.reserve(promptIds.length, params.maxTokens);
-    let state: ReturnType<OrtStepModel['initialState']>;
-    try {
-      state = this.model.initialState();
-    } catch (e) {
-      free();
-      throw e;
-    }
-    // session.run is asynchronous, so other requests of the isolate also interleave inside each step.
-    const forward = {
+  // session.run is asynchronous, so other requests of the isolate also interleave inside each step.
+  protected open(): Forward {
+    let state = this.model.initialState();
+    return {
       prefill: async (ids: number[]) => {
         const r = await this.model.forward(ids, state, { chunk: this.chunk, lastOnly: true });
         state = r.state;
@@ -105,9 +79,8 @@ export class OrtEngine implements Engine {
         state = r.state;
         return r.logits;
       },
-      release: free,
+      release: () => {},
     };
-    yield* generateTokens(forward, promptIds, params, this.codec, this.eos, signal);
   }
 
   async destroy(): Promise<void> {
