@@ -5,7 +5,8 @@
 
 Sections: ceilings (device-to-device copy bandwidth, bf16 matmul rate), lightning decode (ours vs fla
 fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16 D=128 (ours vs fla chunk_simple_gla),
-fused MoE at the Ring-mini config (decode batches vs the torch twin, prefill vs the torch twin). Writes
+fused MoE at the Ring-mini config with packed gate/up (decode batches vs the torch twin, prefill vs the old
+unpacked layout, the pre-CUDA-glue grouped path and the torch twin). Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -204,21 +205,57 @@ def bench_prefill(Ts):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def moe_weights(seed=0):
+def moe_weights(seed=0, packed=True):
+    """Ring-mini expert weights; packed=True stores gate/up (experts and shared) as views of one [.., 2I, D] buffer,
+    the layout the engine uses (moe.pack_gate_up)."""
     cfg = RING_MINI_ROUTER
     E, I, Dm = cfg.num_experts, 512, 2048
     g = torch.Generator(device="cuda").manual_seed(seed)
     mk = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
-    return dict(router_weight=torch.randn(E, Dm, device="cuda", generator=g) * 0.02,
-                expert_bias=torch.randn(E, device="cuda", generator=g) * 0.01,
-                w_gate=mk(E, I, Dm), w_up=mk(E, I, Dm), w_down=mk(E, Dm, I), shared=(mk(I, Dm), mk(I, Dm), mk(Dm, I)))
+    W = dict(router_weight=torch.randn(E, Dm, device="cuda", generator=g) * 0.02,
+             expert_bias=torch.randn(E, device="cuda", generator=g) * 0.01,
+             w_gate=mk(E, I, Dm), w_up=mk(E, I, Dm), w_down=mk(E, Dm, I), shared=(mk(I, Dm), mk(I, Dm), mk(Dm, I)))
+    if packed:
+        _, W["w_gate"], W["w_up"] = M.pack_gate_up(W["w_gate"], W["w_up"])
+        sg, su, sd = W["shared"]
+        _, sg, su = M.pack_gate_up(sg, su)
+        W["shared"] = (sg, su, sd)
+    return W
+
+
+def legacy_grouped_moe(x, W, cfg):
+    """The grouped path as it was before the CUDA glue (fp32 router GEMM, argsort, gather, 3 GEMMs, fp32 torch SwiGLU,
+    scatter, fp32 weighted sum, separate shared expert), kept here only as the side-by-side baseline of the prefill rows."""
+    import torch.nn.functional as F
+
+    N, k = x.shape[0], cfg.top_k
+    logits = x.float() @ W["router_weight"].float().t()  # the fp32 router GEMM (M.route splits it for many tokens)
+    ids = torch.empty(N, k, dtype=torch.int32, device=x.device)
+    w = torch.empty(N, k, dtype=torch.float32, device=x.device)
+    extension().moe_route(logits, W["expert_bias"].float().contiguous(), cfg.n_group, cfg.topk_group, k,
+                          cfg.norm_topk_prob, float(cfg.routed_scaling_factor), ids, w)
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    offs = torch.bincount(flat, minlength=cfg.num_experts).cumsum(0).to(torch.int32)
+    xs = x[order // k]
+    g = torch._grouped_mm(xs, W["w_gate"].transpose(1, 2), offs=offs)
+    u = torch._grouped_mm(xs, W["w_up"].transpose(1, 2), offs=offs)
+    ys = torch._grouped_mm((F.silu(g.float()) * u.float()).to(x.dtype), W["w_down"].transpose(1, 2), offs=offs)
+    y = torch.empty(N * k, x.shape[1], dtype=ys.dtype, device=x.device)
+    y[order] = ys
+    sg, su, sd = W["shared"]
+    s = F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd).float()
+    return ((y.view(N, k, -1).float() * w[..., None]).sum(1) + s).to(x.dtype)
 
 
 def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
-    W = moe_weights()
+    W = moe_weights()  # packed (engine layout)
+    Wu = moe_weights(packed=False)  # same values, separate gate/up tensors (the old layout), side by side
     cfg = RING_MINI_ROUTER
     Dm, I = 2048, 512
     shared_bytes = 3 * I * Dm * 2
+    twin = lambda x: moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"],  # noqa: E731
+                                   W["w_down"], W["shared"], cfg)
     rows = []
     for N in batches:
         x = torch.randn(N, Dm, device="cuda").to(torch.bfloat16)
@@ -230,8 +267,7 @@ def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
         except Exception as exc:  # noqa: BLE001
             record_error(f"moe_graph_N{N}", exc)
         row["grouped_ms"] = do_bench(lambda: M.fused_moe(x, **W, cfg=cfg, path="grouped"))
-        row["torch_twin_ms"] = do_bench(lambda: moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"],
-                                                              W["w_up"], W["w_down"], W["shared"], cfg), rep=100)
+        row["torch_twin_ms"] = do_bench(lambda: twin(x), rep=100)
         ids, _ = M.route(x, W["router_weight"], W["expert_bias"], cfg)
         nbytes = experts_touched_bytes(ids, W["w_gate"], W["w_down"]) + shared_bytes + W["router_weight"].numel() * 4
         row["distinct_experts"] = int(ids.unique().numel())
@@ -240,7 +276,7 @@ def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
         row["ours_GBps"] = nbytes / best / 1e6
         row["frac_of_copy_bw"] = row["ours_GBps"] / copy_gbs
         y = M.fused_moe(x, **W, cfg=cfg, path="decode").float()
-        y_ref = moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"], W["w_down"], W["shared"], cfg)
+        y_ref = twin(x)
         row["rel_err_vs_twin"] = ((y - y_ref).norm() / y_ref.norm()).item()
         rows.append(row)
         print(f"moe decode N={N}: ours {best*1e3:.1f} us ({row['ours_GBps']:.0f} GB/s, {100*row['frac_of_copy_bw']:.0f}% of copy) "
@@ -252,14 +288,20 @@ def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
         row = {"N": N}
         flops = 2.0 * N * (cfg.top_k + 1) * 3 * Dm * I + 2.0 * N * Dm * cfg.num_experts
         row["ours_ms"] = do_bench(lambda: M.fused_moe(x, **W, cfg=cfg, path="grouped"), rep=200)
-        row["torch_twin_ms"] = do_bench(lambda: moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"],
-                                                              W["w_up"], W["w_down"], W["shared"], cfg), rep=100)
+        row["unpacked_ms"] = do_bench(lambda: M.fused_moe(x, **Wu, cfg=cfg, path="grouped"), rep=200)
+        row["legacy_ms"] = do_bench(lambda: legacy_grouped_moe(x, Wu, cfg), rep=200)
+        row["torch_twin_ms"] = do_bench(lambda: twin(x), rep=100)
         row["ours_TFLOPs"] = flops / row["ours_ms"] / 1e9
         row["frac_of_bf16_peak"] = row["ours_TFLOPs"] / mm_tf
         row["speedup_vs_twin"] = row["torch_twin_ms"] / row["ours_ms"]
+        y = M.fused_moe(x, **W, cfg=cfg, path="grouped").float()
+        y_ref = twin(x)
+        row["rel_err_vs_twin"] = ((y - y_ref).norm() / y_ref.norm()).item()
         rows.append(row)
         print(f"moe prefill N={N}: ours {row['ours_ms']:.2f} ms ({row['ours_TFLOPs']:.0f} TFLOP/s, "
-              f"{100*row['frac_of_bf16_peak']:.0f}% of matmul) twin {row['torch_twin_ms']:.2f} ms", flush=True)
+              f"{100*row['frac_of_bf16_peak']:.0f}% of matmul) unpacked {row['unpacked_ms']:.2f} ms "
+              f"legacy glue {row['legacy_ms']:.2f} ms "
+              f"twin {row['torch_twin_ms']:.2f} ms", flush=True)
     RESULTS["moe_prefill"] = rows
 
 
@@ -316,9 +358,11 @@ def table():
         b = r.get("ours_graph_ms", r["ours_eager_ms"])
         print(f"     {r['N']:5d} | {b*1e3:7.1f} {r['ours_GBps']:5.0f} {100*r['frac_of_copy_bw']:4.0f}% | {r['grouped_ms']*1e3:9.1f} |"
               f" {r['torch_twin_ms']*1e3:8.1f} | {r['distinct_experts']}")
-    print("moe pre  N | ours ms TFLOP/s %peak | twin ms | speedup")
+    print("moe pre  N | ours ms TFLOP/s %peak | unpacked ms | legacy ms | twin ms | speedup | rel err")
     for r in RESULTS.get("moe_prefill", []):
-        print(f"     {r['N']:5d} | {r['ours_ms']:6.2f} {r['ours_TFLOPs']:6.0f} {100*r['frac_of_bf16_peak']:4.0f}% | {r['torch_twin_ms']:7.2f} | {r['speedup_vs_twin']:.1f}x")
+        print(f"     {r['N']:5d} | {r['ours_ms']:6.2f} {r['ours_TFLOPs']:6.0f} {100*r['frac_of_bf16_peak']:4.0f}% |"
+              f" {r.get('unpacked_ms', math.nan):11.2f} | {r.get('legacy_ms', math.nan):9.2f} | {r['torch_twin_ms']:7.2f} | {r['speedup_vs_twin']:6.1f}x |"
+              f" {r.get('rel_err_vs_twin', math.nan):.1e}")
     if RESULTS["errors"]:
         print("errors:", json.dumps(RESULTS["errors"], indent=1))
 

@@ -60,6 +60,7 @@ class EngineConfig:
     prefix_block: int = 64  # snapshot granularity (tokens); a multiple of block_size and of the lightning chunk (64)
     max_step_tokens: int = 512  # tokens per step (decodes + prompt chunks)
     kernels: bool | None = None  # CUDA kernels in the runner; None = wherever they apply (CUDA, bf16)
+    cuda_graphs: bool | None = None  # decode steps as CUDA graph replays; None = whenever the kernel path runs on CUDA
 
 
 @dataclass
@@ -72,7 +73,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.slots * self.slot_bytes + self.kv_blocks * self.block_bytes + self.prefix_bytes
+        return self.slots * self.slot_bytes + (self.kv_blocks + 1) * self.block_bytes + self.prefix_bytes  # + scratch
 
     @classmethod
     def make(cls, cfg: RingLinearConfig, ec: EngineConfig, dtype: torch.dtype, max_context: int) -> "MemoryPlan":
@@ -80,10 +81,10 @@ class MemoryPlan:
         block_b = max(1, PagedKVCache.bytes_per_block(cfg, ec.block_size, dtype))
         prefix = ec.memory_budget // 4 if ec.prefix_cache_bytes is None else ec.prefix_cache_bytes
         kv_bytes = ec.memory_budget - ec.max_batch * slot_b - prefix
-        blocks = kv_bytes // block_b if kv_bytes > 0 else 0
+        blocks = kv_bytes // block_b - 1 if kv_bytes > 0 else 0  # - the KV cache's scratch block
         need = -(-max_context // ec.block_size)
         if blocks < need:
-            floor = ec.max_batch * slot_b + prefix + need * block_b
+            floor = ec.max_batch * slot_b + prefix + (need + 1) * block_b
             raise EngineConfigError(
                 f"memory budget {ec.memory_budget} B cannot hold {ec.max_batch} state slots ({slot_b} B each), the prefix "
                 f"cache ({prefix} B) and one {max_context}-token context ({need} KV blocks of {block_b} B): "
@@ -140,7 +141,7 @@ class Engine:
         self.states = LinearStatePool(self.cfg, self.plan.slots, dev)
         self.kv = PagedKVCache(self.cfg, self.plan.kv_blocks, ec.block_size, model.dtype, dev)
         self.prefix = PrefixCache(ec.prefix_block, self.plan.prefix_bytes, self.kv.blocks)
-        self.runner = ModelRunner(model, self.states, self.kv, ec.kernels)
+        self.runner = ModelRunner(model, self.states, self.kv, ec.kernels, self.max_context, ec.cuda_graphs)
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_ids))
         self.waiting: deque[Request] = deque()

@@ -5,7 +5,8 @@ Both are allocated once, at start, from the memory plan; nothing in the serving 
     LinearStatePool   per linear layer a tensor [slots, H, d, d] fp32; a request owns one slot index for its life
     PagedKVCache      per softmax layer K and V tensors [blocks * block_size, Hkv, d] in the model dtype; a request
                       owns a block table (list of block ids); token at position p lives at row
-                      table[p // block_size] * block_size + p % block_size
+                      table[p // block_size] * block_size + p % block_size; one extra block past the allocator's
+                      (`scratch_row`) takes the K/V writes of padding rows in graphed decode steps
     BlockAllocator    free list + reference counts, so the prefix cache can share full blocks with requests
 """
 
@@ -101,7 +102,8 @@ class BlockAllocator:
 class PagedKVCache:
     def __init__(self, cfg: RingLinearConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         Hkv, d = cfg.num_key_value_heads, cfg.d_head
-        rows = num_blocks * block_size
+        rows = (num_blocks + 1) * block_size  # + the scratch block, never handed out
+        self.scratch_row = num_blocks * block_size
         self.k = {l: torch.zeros(rows, Hkv, d, dtype=dtype, device=device) for l in cfg.softmax_layers}
         self.v = {l: torch.zeros(rows, Hkv, d, dtype=dtype, device=device) for l in cfg.softmax_layers}
         self.block_size = block_size

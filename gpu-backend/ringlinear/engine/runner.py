@@ -16,9 +16,17 @@ Numerics follow `model.py` operator for operator, so a request's tokens do not d
 Kernel path (`kernels=True`, the default on CUDA in bf16 when the extension builds): the same step with the CUDA
 kernels of `ringlinear.kernels` - lightning decode updating the slot pool in place, varlen lightning prefill (all
 prompt chunks of a step in one launch per cut round, reading and writing their slots in place), fused MoE (router,
-decode expert kernels or grouped GEMMs) and a GQA decode attention without the head repeat. The reference path above
-stays the CPU path and the oracle; forcing `kernels=True` on CPU runs the kernels' reference twins, which is how the
-dispatch code is tested without a GPU.
+decode expert kernels or grouped GEMMs) and the paged-KV decode attention kernel, which reads each request's KV blocks
+in place through a per-slot block table kept on the device (`slot_tables`, written once per request: the engine
+allocates a request's blocks at admission and never changes them). The reference path above stays the CPU path and
+the oracle; forcing `kernels=True` on CPU runs the kernels' reference twins, which is how the dispatch code is tested
+without a GPU.
+
+Decode steps (every segment one generated token) on the kernel path run `_decode_step`, a function of three device
+tensors (token ids, positions, slots) that derives everything else on the device (KV rows, block tables, key counts).
+On CUDA it is captured once per padded batch size (`kernels.DecodeGraphs`) and replayed: a step is a handful of copies
+and one graph launch instead of ~1 500 kernel launches. Padding rows carry slot -1: the lightning kernel leaves every
+state untouched for them, their K/V go to the cache's scratch row and the attention sees zero keys.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from .. import kernels as cuda_kernels
 from ..model import MoE, RingLinearForCausalLM
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
+
+# Padded decode batch sizes captured as CUDA graphs (a decode step of B requests replays the smallest >= B).
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 _DECODE_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
@@ -60,9 +71,27 @@ def kernels_usable(model: RingLinearForCausalLM) -> bool:
             and model.config.d_head in cuda_kernels.lightning.SUPPORTED_HEAD_DIMS and cuda_kernels.available())
 
 
+def _pack_gate_up_weights(model: RingLinearForCausalLM) -> None:
+    """Store each MoE layer's gate and up weights (routed experts and shared expert) as the two halves of one buffer,
+    so `fused_moe` runs them as one GEMM; the parameters become views of it (no extra memory, same values, the
+    reference forward unchanged). Layer by layer: the transient extra memory is one layer's gate + up."""
+    from torch import nn
+
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if not isinstance(mlp, MoE) or cuda_kernels.moe.packed_gate_up(mlp.experts_gate_proj, mlp.experts_up_proj) is not None:
+            continue
+        _, g, u = cuda_kernels.moe.pack_gate_up(mlp.experts_gate_proj.data, mlp.experts_up_proj.data)
+        mlp.experts_gate_proj, mlp.experts_up_proj = nn.Parameter(g, requires_grad=False), nn.Parameter(u, requires_grad=False)
+        sh = mlp.shared_experts
+        if sh is not None:
+            _, g, u = cuda_kernels.moe.pack_gate_up(sh.gate_proj.weight.data, sh.up_proj.weight.data)
+            sh.gate_proj.weight, sh.up_proj.weight = nn.Parameter(g, requires_grad=False), nn.Parameter(u, requires_grad=False)
+
+
 class ModelRunner:
     def __init__(self, model: RingLinearForCausalLM, states: LinearStatePool, kv: PagedKVCache,
-                 kernels: bool | None = None):
+                 kernels: bool | None = None, max_context: int | None = None, cuda_graphs: bool | None = None):
         self.model, self.states, self.kv = model, states, kv
         cfg = model.config
         self.cfg = cfg
@@ -74,27 +103,68 @@ class ModelRunner:
         self.lightning_prefill = lightning_chunked
         # None = auto: the kernels wherever they apply. True on CPU runs the kernel path through the twins.
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
+        self.graphs: cuda_kernels.DecodeGraphs | None = None
         if self.use_kernels:
             self.gamma = {l: torch.exp(-r.float()) for l, r in self.decay.items()}  # per-step decay factor [H]
             self.router_cfg = cuda_kernels.RouterConfig(cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group,
                                                         cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
+            if model.device.type == "cuda":
+                _pack_gate_up_weights(model)
+            # Block table of the request in each state slot, [slots, max_blocks] int32 on the device.
+            bs = kv.block_size
+            self.max_blocks = -(-(max_context or cfg.max_position_embeddings) // bs)
+            self.slot_tables = torch.zeros(states.slots.n, self.max_blocks, dtype=torch.int32, device=model.device)
+            self._slot_blocks: dict[int, list[int]] = {}  # the list each slot's row was written from (held: `is` test)
+            use_graphs = model.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+            if use_graphs:
+                if model.device.type != "cuda":
+                    raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+                sizes = tuple(b for b in GRAPH_BATCH_SIZES if b < states.slots.n) + (
+                    (states.slots.n,) if states.slots.n <= GRAPH_BATCH_SIZES[-1] else ())
+                self.graphs = cuda_kernels.DecodeGraphs(self._decode_step, self._decode_inputs, sorted(set(sizes)),
+                                                        pad={"slots": -1})
+        elif cuda_graphs:
+            raise ValueError("cuda_graphs=True needs the kernel path (CUDA device, bf16 model)")
+
+    def capture_decode_graphs(self) -> int:
+        """Capture every decode graph now (server start-up) instead of at each batch size's first step."""
+        if self.graphs is None:
+            return 0
+        self.graphs.capture_all()
+        return len(self.graphs.batch_sizes)
 
     @torch.inference_mode()
     def execute(self, segs: list[Segment]) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
         """Run one step. Returns (logits [n, V] fp32 for the segments with want_logits, in order, or None;
         snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_at)."""
         model, cfg, dev = self.model, self.cfg, self.model.device
+        if self.use_kernels:
+            self._bind_tables(segs)
+            if all(s.decode for s in segs):
+                return self._decode(segs), {}
         lens = [len(s.tokens) for s in segs]
         offs = [0]
         for n in lens:
             offs.append(offs[-1] + n)
         ids = torch.tensor([t for s in segs for t in s.tokens], dtype=torch.int64, device=dev)
         pos = torch.cat([torch.arange(s.start, s.end) for s in segs]).to(dev)
-        cos, sin = rope_cos_sin(pos[None], cfg.rot_dim, cfg.rope_theta, self.acc)
         kv_rows = torch.cat([self.kv.rows(s.block_table, s.start, s.end, torch.device("cpu")) for s in segs]).to(dev)
-        plan = _StepPlan(segs, offs, self._decode_gather(segs, offs, dev) if any(s.decode for s in segs) else None)
+        dec = None
+        if any(s.decode for s in segs):
+            dec = self._decode_batch(segs, offs, dev) if self.use_kernels else self._decode_gather(segs, offs, dev)
+        plan = _StepPlan(segs, offs, dec)
         snaps: dict[int, dict[int, torch.Tensor]] = {}
+        x = self._forward(ids, pos, kv_rows, plan, snaps)
+        last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
+        if not last:
+            return None, snaps
+        return self._logits(x[0, torch.tensor(last, device=dev)]), snaps
 
+    def _forward(self, ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
+        """Embedding and every layer over the packed step: hidden states [1, N, D]."""
+        model, cfg = self.model, self.cfg
+        cos, sin = rope_cos_sin(pos[None], cfg.rot_dim, cfg.rope_theta, self.acc)
+        plan.pos = pos
         x = model.model.word_embeddings(ids)[None]  # [1, N, D]
         for l, layer in enumerate(model.model.layers):
             h = layer.input_layernorm(x)
@@ -104,11 +174,51 @@ class ModelRunner:
                 a = self._lightning(layer.attention, l, h, cos, sin, plan, snaps)
             x = x + a
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
-        if not last:
-            return None, snaps
-        hs = model.model.norm(x[0, torch.tensor(last, device=dev)])
-        return model.lm_head(hs).to(self.acc), snaps
+        return x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden)).to(self.acc)
+
+    # ------------------------------------------------------------------------------------------ decode steps
+
+    def _bind_tables(self, segs: list[Segment]) -> None:
+        """Write the device block table of each decoding request's slot the first time it decodes."""
+        for s in segs:
+            if s.decode and self._slot_blocks.get(s.slot) is not s.block_table:
+                if len(s.block_table) > self.max_blocks:
+                    raise ValueError(f"request has {len(s.block_table)} KV blocks, the runner's tables hold {self.max_blocks}")
+                row = torch.zeros(self.max_blocks, dtype=torch.int32)
+                row[: len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+                self.slot_tables[s.slot].copy_(row)
+                self._slot_blocks[s.slot] = s.block_table
+
+    def _decode(self, segs: list[Segment]) -> torch.Tensor:
+        """A decode-only step on the kernel path: logits [B, V], through the captured graph when there is one."""
+        host = torch.tensor([[s.tokens[0] for s in segs], [s.start for s in segs], [s.slot for s in segs]],
+                            dtype=torch.int64)
+        dev = host.to(self.model.device, non_blocking=True)
+        inputs = {"ids": dev[0], "pos": dev[1], "slots": dev[2]}
+        if self.graphs is not None and len(segs) <= self.graphs.batch_sizes[-1]:
+            return self.graphs(inputs)
+        return self._decode_step(inputs)
+
+    def _decode_inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        dev = self.model.device
+        return {name: torch.zeros(batch, dtype=torch.int64, device=dev) for name in ("ids", "pos", "slots")}
+
+    def _decode_step(self, inp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Graph body: ids, pos, slots [B] int64 (slot -1 = padding row) -> logits [B, V]. Device work only."""
+        ids, pos, slots = inp["ids"], inp["pos"], inp["slots"]
+        bs = self.kv.block_size
+        valid = slots >= 0
+        tables = self.slot_tables[slots.clamp_min(0)]  # [B, max_blocks]
+        block = tables.gather(1, (pos // bs)[:, None])[:, 0].to(torch.int64)
+        kv_rows = torch.where(valid, block * bs + pos % bs, self.kv.scratch_row)
+        lengths = torch.where(valid, pos + 1, 0).to(torch.int32)  # keys incl. this token's; 0: attend to nothing
+        plan = _StepPlan.decode_only(ids.shape[0], _DecodeGather(rows=slice(None), slots=slots, tables=tables, lengths=lengths,
+                                                      max_len=self.max_blocks * bs))
+        x = self._forward(ids, pos, kv_rows, plan, {})
+        return self._logits(x[0])
 
     def _mlp(self, mlp, x):
         if not (self.use_kernels and isinstance(mlp, MoE)):
@@ -127,6 +237,22 @@ class ModelRunner:
         cfg = self.cfg
         N = h.shape[1]
         H, d = cfg.num_attention_heads, cfg.d_head
+        pool, decay = self.states.states[l], self.decay[l]
+        if self.use_kernels:
+            # One pass from the projection to q, k, v (silu, QK-norm, RoPE) and one pass from the attention output to
+            # the dense input (group RMSNorm * sigmoid gate): same arithmetic as below, without the fp32 round trips.
+            # Prompt-only steps take bf16 q/k/v (what the prefill kernel's tensor cores read); decode rows keep fp32.
+            out_dtype = self.acc if plan.dec is not None or h.dtype != torch.bfloat16 else torch.bfloat16
+            qn = cfg.use_qk_norm
+            q, k, v = cuda_kernels.qkv_prologue(
+                att.query_key_value(h)[0], plan.pos, H, H, d, silu=cfg.linear_silu,
+                q_norm_weight=att.query_layernorm.weight if qn else None,
+                k_norm_weight=att.key_layernorm.weight if qn else None, eps=att.query_layernorm.eps,
+                rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=out_dtype)
+            o = self._lightning_kernels(l, q, k, v, pool, plan, snaps)
+            o = cuda_kernels.gated_group_rmsnorm(o.view(N, H * d), att.g_proj(h)[0], att.g_norm.weight,
+                                                 cfg.group_norm_size, cfg.rms_norm_eps, out_dtype=h.dtype)
+            return att.dense(o[None])
         qkv = att.query_key_value(h).to(self.acc)
         if cfg.linear_silu:
             qkv = F.silu(qkv)
@@ -134,11 +260,7 @@ class ModelRunner:
         if cfg.use_qk_norm:
             q, k = att.query_layernorm(q), att.key_layernorm(k)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        pool, decay = self.states.states[l], self.decay[l]
-        if self.use_kernels:
-            o = self._lightning_kernels(l, q[0], k[0], v[0], pool, plan, snaps)
-        else:
-            o = self._lightning_reference(l, q, k, v, pool, decay, plan, snaps)
+        o = self._lightning_reference(l, q, k, v, pool, decay, plan, snaps)
         o = group_rms_norm(o.reshape(1, N, H * d), att.g_norm.weight, cfg.group_norm_size, cfg.rms_norm_eps)
         o = o * torch.sigmoid(att.g_proj(h).to(self.acc))
         return att.dense(o.to(h.dtype))
@@ -172,16 +294,13 @@ class ModelRunner:
             rows = plan.dec.rows
             o[rows] = cuda_kernels.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma,
                                                     scale=self.scale)
-        pieces = {i: plan.cuts(i) for i in plan.prefill}
-        for r in range(max((len(p) - 1 for p in pieces.values()), default=0)):
-            batch = [(i, p[r], p[r + 1]) for i, p in pieces.items() if r + 1 < len(p)]
-            cu = [0]
-            for _, c0, c1 in batch:
-                cu.append(cu[-1] + c1 - c0)
+        for batch, cu, slots, prep in self._prefill_rounds(plan, q.device):
             cat = (lambda t: t[batch[0][1]:batch[0][2]]) if len(batch) == 1 else \
                 (lambda t: torch.cat([t[c0:c1] for _, c0, c1 in batch]))
-            slots = [plan.segs[i].slot for i, _, _ in batch]
-            o_r = cuda_kernels.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, slots, gamma, scale=self.scale)
+            if prep is not None:  # planned once per step, reused by every lightning layer
+                o_r = cuda_kernels.run_prepared_prefill(prep, cat(q), cat(k), cat(v), pool, gamma, scale=self.scale)
+            else:
+                o_r = cuda_kernels.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, slots, gamma, scale=self.scale)
             for (i, c0, c1), a in zip(batch, cu):
                 o[c0:c1] = o_r[a:a + c1 - c0]
                 s = plan.segs[i]
@@ -189,33 +308,56 @@ class ModelRunner:
                     snaps.setdefault(i, {})[l] = pool[s.slot].clone()
         return o
 
+    def _prefill_rounds(self, plan: "_StepPlan", device):
+        """The step's varlen prefill launches, one per cut round: (pieces, cu_seqlens, slots, prepared plan or None).
+        Computed by the first lightning layer of the step; the device plan (tables + workspace) is built once."""
+        if plan.rounds is None:
+            pieces = {i: plan.cuts(i) for i in plan.prefill}
+            plan.rounds = []
+            for r in range(max((len(p) - 1 for p in pieces.values()), default=0)):
+                batch = [(i, p[r], p[r + 1]) for i, p in pieces.items() if r + 1 < len(p)]
+                cu = [0]
+                for _, c0, c1 in batch:
+                    cu.append(cu[-1] + c1 - c0)
+                slots = [plan.segs[i].slot for i, _, _ in batch]
+                prep = None
+                if device.type == "cuda" and cuda_kernels.available():
+                    prep = cuda_kernels.prepare_prefill([b - a for a, b in zip(cu, cu[1:])], slots, [True] * len(slots),
+                                                        self.cfg.num_attention_heads, self.cfg.d_head, device)
+                plan.rounds.append((batch, cu, slots, prep))
+        return plan.rounds
+
     # ------------------------------------------------------------------------------------------ softmax layers
 
     def _softmax(self, att, l, h, cos, sin, kv_rows, plan: "_StepPlan"):
         cfg = self.cfg
         N = h.shape[1]
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
-        q, k, v = att.query_key_value(h).view(1, N, H + 2 * Hkv, d).split([H, Hkv, Hkv], dim=2)
-        if cfg.use_qk_norm:
-            q, k = att.query_layernorm(q), att.key_layernorm(k)
-        q = apply_partial_rope(q.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, H, d]
-        k = apply_partial_rope(k.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, Hkv, d]
+        if self.use_kernels:  # the fused prologue; QK-norm in the projection's dtype, as the modules below do
+            qn = cfg.use_qk_norm
+            q, k, v = cuda_kernels.qkv_prologue(
+                att.query_key_value(h)[0], plan.pos, H, Hkv, d, silu=False,
+                q_norm_weight=att.query_layernorm.weight if qn else None,
+                k_norm_weight=att.key_layernorm.weight if qn else None, eps=att.query_layernorm.eps,
+                rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=h.dtype, norm_dtype=h.dtype)
+            v = v[None]
+        else:
+            q, k, v = att.query_key_value(h).view(1, N, H + 2 * Hkv, d).split([H, Hkv, Hkv], dim=2)
+            if cfg.use_qk_norm:
+                q, k = att.query_layernorm(q), att.key_layernorm(k)
+            q = apply_partial_rope(q.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, H, d]
+            k = apply_partial_rope(k.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, Hkv, d]
         K, V = self.kv.k[l], self.kv.v[l]
         K[kv_rows] = k
         V[kv_rows] = v[0]
         rep, scale = H // Hkv, d ** -0.5
         out = torch.empty(N, H, d, dtype=h.dtype, device=h.device)
         if plan.dec is not None and self.use_kernels:
-            # Grouped queries: the rep query heads of a KV head ride as rep query rows of one SDPA head, so the
-            # gathered K/V are read once per KV head instead of being repeated rep times.
+            # Paged-KV decode: each request's blocks read in place through its table; the rep query heads of a KV
+            # head share one read of each K/V row.
             g = plan.dec
-            B = g.rows.numel()
-            qg = q[g.rows].view(B, Hkv, rep, d)
-            # Not cuDNN: its plan is rebuilt for every new key length, i.e. every decode step (~13 ms of host time).
-            with sdpa_kernel(_DECODE_SDPA):
-                o = F.scaled_dot_product_attention(qg, K[g.kv_index].transpose(1, 2), V[g.kv_index].transpose(1, 2),
-                                                   attn_mask=g.mask, scale=scale)  # [B, Hkv, rep, d]
-            out[g.rows] = o.reshape(B, H, d)
+            out[g.rows] = cuda_kernels.paged_decode_attention(q[g.rows], K, V, g.tables, g.lengths, self.kv.block_size,
+                                                              scale, max_len=g.max_len)
         elif plan.dec is not None:
             g = plan.dec
             Kd = K[g.kv_index].transpose(1, 2).repeat_interleave(rep, 1)  # [B, H, Lmax, d]
@@ -234,6 +376,15 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(qs, Ks, Vs, attn_mask=causal_lower_right(b - a, s.end), scale=scale)
             out[a:b] = o[0].transpose(0, 1)
         return att.dense(out.reshape(1, N, H * d))
+
+    def _decode_batch(self, segs, offs, dev) -> "_DecodeGather":
+        """Kernel path: the decode rows of a mixed step, attended through the slots' device block tables."""
+        idx = [i for i, s in enumerate(segs) if s.decode]
+        meta = torch.tensor([[offs[i] for i in idx], [segs[i].slot for i in idx], [segs[i].end for i in idx]],
+                            dtype=torch.int64).to(dev)
+        slots = meta[1]
+        return _DecodeGather(rows=meta[0], slots=slots, tables=self.slot_tables[slots], lengths=meta[2].to(torch.int32),
+                             max_len=max(segs[i].end for i in idx))
 
     def _decode_gather(self, segs, offs, dev) -> "_DecodeGather":
         idx = [i for i, s in enumerate(segs) if s.decode]
@@ -257,16 +408,27 @@ class ModelRunner:
 
 @dataclass
 class _DecodeGather:
-    rows: torch.Tensor  # [B] packed-row index of each decode token
-    slots: torch.Tensor  # [B] state-pool slot
-    kv_index: torch.Tensor  # [B, Lmax] KV cache rows
-    mask: torch.Tensor  # [B, 1, 1, Lmax] valid keys
+    rows: torch.Tensor | slice  # [B] packed-row index of each decode token (slice(None): every row)
+    slots: torch.Tensor  # [B] state-pool slot (-1: padding row)
+    kv_index: torch.Tensor | None = None  # reference path: [B, Lmax] KV cache rows
+    mask: torch.Tensor | None = None  # reference path: [B, 1, 1, Lmax] valid keys
+    tables: torch.Tensor | None = None  # kernel path: [B, max_blocks] int32 block tables
+    lengths: torch.Tensor | None = None  # kernel path: [B] int32 keys to attend (0: padding row)
+    max_len: int = 0  # kernel path: host bound on lengths (sizes the attention's key splits)
 
 
 class _StepPlan:
     def __init__(self, segs: list[Segment], offs: list[int], dec: _DecodeGather | None):
         self.segs, self.offs, self.dec = segs, offs, dec
         self.prefill = [i for i, s in enumerate(segs) if not s.decode]
+        self.rounds: list | None = None  # the kernel path's prefill launches (runner._prefill_rounds)
+        self.pos: torch.Tensor | None = None  # [N] positions of the packed rows (set by the forward pass)
+
+    @classmethod
+    def decode_only(cls, batch: int, dec: _DecodeGather) -> "_StepPlan":
+        """A step of `batch` decode rows described by device tensors alone (no host segments: graph capture)."""
+        plan = cls([], list(range(batch + 1)), dec)
+        return plan
 
     def cuts(self, i: int) -> list[int]:
         """Packed-row cut points of prompt segment i: where the reference prefill of the whole prompt would cut

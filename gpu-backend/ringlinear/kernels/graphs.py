@@ -6,9 +6,12 @@ are filled with each input's pad value (e.g. slot -1, which the lightning decode
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
@@ -35,6 +38,7 @@ class DecodeGraphs:
         self.warmup = warmup
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._pool = None
+        self.uncapturable: dict[int, str] = {}  # bucket -> why its capture failed (those batches run eagerly)
 
     def bucket(self, batch: int) -> int:
         for b in self.batch_sizes:
@@ -53,21 +57,29 @@ class DecodeGraphs:
                 self.step(inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.step(inputs)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.step(inputs)
+        except RuntimeError as exc:  # e.g. an op that synchronises with the host: this bucket stays eager
+            self.uncapturable[bp] = str(exc).splitlines()[0]
+            log.warning("decode graph for batch %d not captured, running it eagerly: %s", bp, self.uncapturable[bp])
+            torch.cuda.synchronize()
+            return
         self._pool = graph.pool()
         self._graphs[bp] = (graph, inputs, out)
 
     def capture_all(self):
         for b in self.batch_sizes:
-            if b not in self._graphs:
+            if b not in self._graphs and b not in self.uncapturable:
                 self._capture(b)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = next(iter(inputs.values())).shape[0]
         bp = self.bucket(batch)
-        if bp not in self._graphs:
+        if bp not in self._graphs and bp not in self.uncapturable:
             self._capture(bp)
+        if bp in self.uncapturable:
+            return self.step(inputs)
         graph, static, out = self._graphs[bp]
         for name, buf in static.items():
             src = inputs[name]

@@ -1,18 +1,28 @@
 """Fused MoE on the GPU: CUDA router (sigmoid + bias + group-limited top-k), CUDA assignment sort, and two expert
 paths - decode (<= DECODE_MAX_TOKENS tokens): CUDA weight-streaming kernels that read only the selected experts;
-prefill: tokens permuted by expert and two grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) with SwiGLU between.
+grouped (prefill): a CUDA stable sort of the assignments, tokens gathered by expert, grouped GEMMs
+(torch._grouped_mm, CUTLASS on sm90) - one for gate+up when they are views of one packed [E, 2I, D] buffer (see
+pack_gate_up) - a CUDA SwiGLU, and a CUDA combine that sums each token's k weighted rows plus the shared expert in
+fp32 straight from the sorted GEMM output. No host synchronisation on either path (decode is CUDA-graph captured).
 Twin: moe_reference.py. Without CUDA the wrappers run the twin.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import _build
-from .moe_reference import RING_MINI_ROUTER, RouterConfig, moe_reference, route_reference
+from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_reference,
+                            swiglu_rows_reference)
 
-DECODE_MAX_TOKENS = 64  # measured on H200: from 128 tokens the grouped-GEMM (tensor-core) path wins
+DECODE_MAX_TOKENS = 48  # H200, 2026-11-28: decode kernels 268 us vs grouped 331 us at 16 tokens, tied at 64 (570 / 568)
+DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
+SORT_BLOCK = 2048  # assignments per block of the CUDA moe_sort (kSortPerBlock): sizes its counts workspace
+# From here the fp32 router GEMM costs ~20 us or more (0.69 ms at 32k tokens on H200), so the 3 bf16 GEMMs pay off.
+ROUTER_SPLIT_MIN_TOKENS = 1024
 
 
 def pack_experts(gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor]):
@@ -20,6 +30,40 @@ def pack_experts(gate: list[torch.Tensor], up: list[torch.Tensor], down: list[to
     if not (len(gate) == len(up) == len(down) and gate):
         raise ValueError("pack_experts: gate/up/down lists must be non-empty and of equal length")
     return torch.stack(gate).contiguous(), torch.stack(up).contiguous(), torch.stack(down).contiguous()
+
+
+def pack_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor):
+    """Gate and up weights ([E, I, D] experts or [I, D] shared expert) -> (packed [.., 2I, D], gate view, up view).
+
+    The views share the packed buffer (no extra memory once the originals are dropped); passing them to fused_moe
+    lets it run gate and up as one GEMM."""
+    if w_gate.dim() not in (2, 3) or w_gate.shape != w_up.shape:
+        raise ValueError(f"pack_gate_up: gate/up must be equal [E, I, D] or [I, D], got {tuple(w_gate.shape)} / {tuple(w_up.shape)}")
+    if w_gate.dtype != w_up.dtype or w_gate.device != w_up.device:
+        raise ValueError("pack_gate_up: gate/up must share dtype and device")
+    I = w_gate.shape[-2]
+    packed = torch.cat([w_gate, w_up], dim=-2).contiguous()
+    return packed, packed[..., :I, :], packed[..., I:, :]
+
+
+def packed_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | None:
+    """The [.., 2I, D] buffer of which w_gate and w_up are the two adjacent halves (pack_gate_up's views), else None."""
+    if w_gate.dim() not in (2, 3) or w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype or w_gate.device != w_up.device:
+        return None
+    I, D = w_gate.shape[-2], w_gate.shape[-1]
+    strides = (2 * I * D, D, 1) if w_gate.dim() == 3 else (D, 1)
+    shape = (w_gate.shape[0], 2 * I, D) if w_gate.dim() == 3 else (2 * I, D)
+    if w_gate.numel() == 0 or w_gate.stride() != strides or w_up.stride() != strides:
+        return None
+    size = w_gate.element_size()
+    if w_up.data_ptr() != w_gate.data_ptr() + I * D * size:
+        return None
+    storage = w_gate.untyped_storage()
+    if w_up.untyped_storage().data_ptr() != storage.data_ptr():
+        return None
+    if (w_gate.storage_offset() + math.prod(shape)) * size > storage.nbytes():  # the packed buffer lies in this storage
+        return None
+    return w_gate.as_strided(shape, strides)
 
 
 def _check(x, router_weight, w_gate, w_up, w_down, cfg: RouterConfig):
@@ -36,10 +80,35 @@ def _check(x, router_weight, w_gate, w_up, w_down, cfg: RouterConfig):
         raise ValueError(f"moe: w_down must be [{E}, {D}, {w_gate.shape[1]}], got {tuple(w_down.shape)}")
 
 
+def split_bf16x3(w: torch.Tensor):
+    """fp32 w -> bf16 (hi, mid, lo) with hi + mid + lo == w exactly (8 + 8 + 8 significand bits cover fp32's 24)."""
+    w = w.float()
+    hi = w.to(torch.bfloat16)
+    r = w - hi.float()  # exact: hi is w rounded to 8 bits, same binade
+    mid = r.to(torch.bfloat16)
+    return hi, mid, (r - mid.float()).to(torch.bfloat16)
+
+
+def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits x W^T. For many bf16 tokens on the GPU: three bf16 tensor-core GEMMs against the exact bf16 split
+    of W (each product bf16 x bf16 is exact in fp32, sums accumulate in fp32), about 3x faster than the fp32 GEMM with
+    errors of fp32-summation size; otherwise the plain fp32 GEMM."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= ROUTER_SPLIT_MIN_TOKENS:
+        try:
+            hi, mid, lo = split_bf16x3(router_weight)
+            out = torch.mm(x, hi.t(), out_dtype=torch.float32)
+            out += torch.mm(x, mid.t(), out_dtype=torch.float32)
+            out += torch.mm(x, lo.t(), out_dtype=torch.float32)
+            return out
+        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): the fp32 GEMM below
+            pass
+    return x.float() @ router_weight.float().t()
+
+
 def route(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor | None,
           cfg: RouterConfig = RING_MINI_ROUTER):
     """Router in fp32: logits = x W^T, then selection. Returns (ids int32 [N, k], weights fp32 [N, k])."""
-    logits = x.float() @ router_weight.float().t()
+    logits = router_logits(x, router_weight)
     if logits.is_cuda and _build.available():
         N = x.shape[0]
         ids = torch.empty(N, cfg.top_k, dtype=torch.int32, device=x.device)
@@ -53,14 +122,53 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tenso
     return ids.to(torch.int32), w
 
 
-def _shared(x, shared):
+def _kernel_shapes_ok(*sizes: int) -> bool:
+    return all(n % 8 == 0 for n in sizes)  # 16-byte vectors of bf16 in the CUDA kernels
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """bf16 [M, I] halves (may be strided column slices of one [M, 2I] buffer) -> h = bf16(silu(g) * u), fp32 math."""
+    if g.is_cuda and g.dtype == torch.bfloat16 and _build.available() and g.shape[1] % 8 == 0 and g.stride(1) == 1 \
+            and u.stride() == g.stride() and g.stride(0) % 8 == 0 and g.data_ptr() % 16 == 0 and u.data_ptr() % 16 == 0:
+        h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        _build.extension().moe_swiglu(g, u, h)
+        return h
+    return swiglu_rows_reference(g, u)
+
+
+def combine(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None, shared: torch.Tensor | None,
+            top_k: int) -> torch.Tensor:
+    """out [N, D] bf16 = sum_j w[n, j] * ys[rows[n*k + j]] + shared[n], fp32 in a fixed j order (see moe_combine)."""
+    if ys.is_cuda and _build.available() and ys.shape[1] % 8 == 0:
+        N = (ys.shape[0] if rows is None else rows.numel()) // top_k
+        out = torch.empty(N, ys.shape[1], dtype=torch.bfloat16, device=ys.device)
+        _build.extension().moe_combine(ys.contiguous(), None if rows is None else rows.reshape(-1).contiguous(),
+                                       None if w is None else w.reshape(-1).float().contiguous(),
+                                       None if shared is None else shared.contiguous(), top_k, out)
+        return out
+    return combine_reference(ys, rows, w, shared, top_k)
+
+
+def _shared_hidden(x, shared):
+    """Shared expert down(silu(gate x) * up x) in x's dtype; gate+up as one GEMM when they are packed views."""
     if shared is None:
         return None
     g, u, d = shared
-    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d).float()
+    gu = packed_gate_up(g, u)
+    if gu is not None:
+        t = F.linear(x, gu)
+        gs, us = t[:, : g.shape[0]], t[:, g.shape[0]:]
+    else:
+        gs, us = F.linear(x, g), F.linear(x, u)
+    return F.linear(swiglu(gs, us), d)
 
 
-def _experts_decode(x, ids, w, w_gate, w_up, w_down):
+def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
+    """Per-expert [rows, cols] blocks must be row-major for the decode kernels (packed views already are)."""
+    return w if w.stride(2) == 1 and w.stride(1) == w.shape[2] else w.contiguous()
+
+
+def _experts_decode(x, ids, w, w_gate, w_up, w_down, shared_h):
     ext = _build.extension()
     N, D = x.shape
     k = ids.shape[1]
@@ -72,45 +180,52 @@ def _experts_decode(x, ids, w, w_gate, w_up, w_down):
     ext.moe_align(ids.reshape(-1).contiguous(), E, offsets, order, active)
     h = torch.empty(A, I, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
-    ext.moe_experts_decode(x.contiguous(), w_gate, w_up, w_down, offsets, order, active, w.reshape(-1).contiguous(), k, h, y)
-    return y.view(N, k, D).sum(1)
+    ext.moe_experts_decode(x.contiguous(), _rows_contiguous(w_gate), _rows_contiguous(w_up), _rows_contiguous(w_down),
+                           offsets, order, active, w.reshape(-1).contiguous(), k, h, y)
+    return combine(y, None, None, shared_h, k)  # y rows are already weighted, in assignment order
 
 
-def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor):
-    """a [M, K] rows grouped by expert, b_t [E, K, N] (a transposed view) -> [M, N].
+def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, ends: torch.Tensor, offsets: torch.Tensor):
+    """a [M, K] rows grouped by expert, b_t [E, K, N] (a transposed view), ends [E] int32 -> [M, N].
 
-    torch._grouped_mm (one CUTLASS grouped GEMM on sm90) when this torch has it, else one GEMM per expert."""
+    torch._grouped_mm (one CUTLASS grouped GEMM on sm90) when this torch has it, else one GEMM per expert (this
+    fallback reads the group sizes on the host)."""
     if hasattr(torch, "_grouped_mm"):
         try:
-            return torch._grouped_mm(a, b_t, offs=offs)
+            return torch._grouped_mm(a, b_t, offs=ends)
         except RuntimeError:  # e.g. a torch/GPU combination without the sm90 kernel
             pass
-    counts = counts.tolist()
+    bounds = offsets.tolist()
     out = a.new_empty(a.shape[0], b_t.shape[2])
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            out[start : start + c] = a[start : start + c] @ b_t[e]
-        start += c
+    for e in range(b_t.shape[0]):
+        s0, s1 = bounds[e], bounds[e + 1]
+        if s1 > s0:
+            out[s0:s1] = a[s0:s1] @ b_t[e]
     return out
 
 
-def _experts_grouped(x, ids, w, w_gate, w_up, w_down):
+def _experts_grouped(x, ids, w, w_gate, w_up, w_down, shared_h):
+    ext = _build.extension()
     N, D = x.shape
     k = ids.shape[1]
-    E = w_gate.shape[0]
-    flat = ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
-    offs = counts.cumsum(0).to(torch.int32)
-    xs = x[order // k]
-    g = _grouped_mm(xs, w_gate.transpose(1, 2), offs, counts)
-    u = _grouped_mm(xs, w_up.transpose(1, 2), offs, counts)
-    h = (F.silu(g.float()) * u.float()).to(x.dtype)
-    ys = _grouped_mm(h, w_down.transpose(1, 2), offs, counts)
-    y = torch.empty(N * k, D, dtype=ys.dtype, device=x.device)
-    y[order] = ys
-    return (y.view(N, k, D).float() * w[..., None]).sum(1)
+    E, I = w_gate.shape[0], w_gate.shape[1]
+    A = N * k
+    dev = x.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    counts = torch.empty(max(1, -(-A // SORT_BLOCK)) * E, **i32)
+    offsets, ends = torch.empty(E + 1, **i32), torch.empty(E, **i32)
+    sorted_a, inv, tok = torch.empty(A, **i32), torch.empty(A, **i32), torch.empty(A, **i32)
+    ext.moe_sort(ids.reshape(-1).contiguous(), E, k, counts, offsets, ends, sorted_a, inv, tok)
+    xs = x.index_select(0, tok)
+    gu = packed_gate_up(w_gate, w_up)
+    if gu is not None:
+        t = _grouped_mm(xs, gu.transpose(1, 2), ends, offsets)  # [A, 2I]: gate | up
+        g, u = t[:, :I], t[:, I:]
+    else:
+        g = _grouped_mm(xs, w_gate.transpose(1, 2), ends, offsets)
+        u = _grouped_mm(xs, w_up.transpose(1, 2), ends, offsets)
+    ys = _grouped_mm(swiglu(g, u), w_down.transpose(1, 2), ends, offsets)
+    return combine(ys, inv, w, shared_h, k)
 
 
 def fused_moe(
@@ -125,17 +240,25 @@ def fused_moe(
     *,
     path: str = "auto",
 ) -> torch.Tensor:
-    """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "grouped"."""
+    """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "grouped".
+
+    w_gate / w_up may be the views returned by pack_gate_up (and the shared expert's gate / up likewise): the grouped
+    path then runs one gate+up GEMM. "decode" with I > DECODE_MAX_INTERMEDIATE runs the grouped path."""
     _check(x, router_weight, w_gate, w_up, w_down, cfg)
     if path not in ("auto", "decode", "grouped"):
         raise ValueError(f"fused_moe: path must be auto, decode or grouped, got {path!r}")
-    if not (x.is_cuda and _build.available() and x.dtype == torch.bfloat16 and w_gate.dtype == torch.bfloat16):
+    N, D = x.shape
+    I = w_gate.shape[1]
+    bf16 = all(t.dtype == torch.bfloat16 for t in (x, w_gate, w_up, w_down))
+    if not (x.is_cuda and bf16 and _kernel_shapes_ok(D, I) and _build.available()):
         return moe_reference(x, router_weight, expert_bias, w_gate, w_up, w_down, shared, cfg).to(x.dtype)
+    if N == 0:
+        return x.new_empty(0, D)
     ids, w = route(x, router_weight, expert_bias, cfg)
-    use_decode = path == "decode" or (path == "auto" and x.shape[0] <= DECODE_MAX_TOKENS)
-    experts = (_experts_decode if use_decode else _experts_grouped)(x, ids, w, w_gate, w_up, w_down)
-    s = _shared(x, shared)
-    return (experts if s is None else experts + s).to(x.dtype)
+    use_decode = (path == "decode" or (path == "auto" and N <= DECODE_MAX_TOKENS)) and I <= DECODE_MAX_INTERMEDIATE
+    shared_h = _shared_hidden(x, shared)
+    return (_experts_decode if use_decode else _experts_grouped)(x, ids, w, w_gate, w_up, w_down, shared_h)
 
 
-__all__ = ["fused_moe", "route", "pack_experts", "DECODE_MAX_TOKENS", "RouterConfig", "RING_MINI_ROUTER"]
+__all__ = ["fused_moe", "route", "router_logits", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu", "combine", "DECODE_MAX_TOKENS",
+           "DECODE_MAX_INTERMEDIATE", "RouterConfig", "RING_MINI_ROUTER"]

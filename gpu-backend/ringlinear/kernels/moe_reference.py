@@ -81,6 +81,38 @@ def moe_reference(
     return y
 
 
+def sort_assignments_reference(ids: torch.Tensor, num_experts: int):
+    """ids [N, k] -> (sorted [A] assignment ids a = n*k + j grouped by expert, stable; inv [A] with inv[sorted[p]] = p;
+    offsets [E+1] expert starts). Twin of the CUDA moe_sort."""
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return order, inv, offsets
+
+
+def swiglu_rows_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u in fp32, rounded to g's dtype. Twin of the CUDA moe_swiglu."""
+    return (F.silu(g.float()) * u.float()).to(g.dtype)
+
+
+def combine_reference(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None, shared: torch.Tensor | None,
+                      top_k: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out[n] = sum_j w[n*k+j] * ys[rows[n*k+j]] + shared[n] in fp32 (rows None = identity, w None = ones), rounded
+    to out_dtype. Twin of the CUDA moe_combine."""
+    A = ys.shape[0] if rows is None else rows.numel()
+    idx = torch.arange(A, device=ys.device) if rows is None else rows.reshape(-1).long()
+    y = ys.float()[idx].view(A // top_k, top_k, ys.shape[1])
+    if w is not None:
+        y = y * w.reshape(-1, top_k, 1).float()
+    out = y.sum(1)
+    if shared is not None:
+        out = out + shared.float()
+    return out.to(out_dtype)
+
+
 def experts_touched_bytes(ids: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor) -> int:
     """HBM bytes of the distinct experts a batch selects (gate + up + down weights), the decode roofline numerator."""
     distinct = int(ids.unique().numel())
@@ -88,4 +120,5 @@ def experts_touched_bytes(ids: torch.Tensor, w_gate: torch.Tensor, w_down: torch
     return distinct * per_expert
 
 
-__all__ = ["RouterConfig", "RING_MINI_ROUTER", "route_reference", "swiglu_reference", "moe_reference", "experts_touched_bytes"]
+__all__ = ["RouterConfig", "RING_MINI_ROUTER", "route_reference", "swiglu_reference", "moe_reference", "experts_touched_bytes",
+           "sort_assignments_reference", "swiglu_rows_reference", "combine_reference"]

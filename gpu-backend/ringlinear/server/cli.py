@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from ..config import ConfigError, RingLinearConfig
 from ..engine import AsyncEngine, Engine, EngineConfig, EngineConfigError, random_model
 from ..tokenizer import ChatTokenizer
 from .app import PodSettings, create_app
+
+log = logging.getLogger("ringlinear.server")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the edge worker's bearer secret (default: env POD_SHARED_SECRET)")
     p.add_argument("--max-body-bytes", type=parse_size, default=parse_size("16MiB"))
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly (default on CUDA: replay CUDA graphs captured at start-up)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -101,11 +106,16 @@ def build_pod(args: argparse.Namespace):
         budget = int(torch.cuda.mem_get_info(device)[0] * AUTO_BUDGET_FRACTION) if device.type == "cuda" else 1 << 30
     ec = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, memory_budget=budget,
                       prefix_cache_bytes=args.prefix_cache_budget, max_queue=args.max_queue, block_size=args.block_size,
-                      prefix_block=args.prefix_block, max_step_tokens=args.max_step_tokens)
+                      prefix_block=args.prefix_block, max_step_tokens=args.max_step_tokens,
+                      cuda_graphs=False if args.no_cuda_graphs else None)
     try:
         engine = Engine(model, ec, tokenizer)
     except EngineConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    t0 = time.perf_counter()
+    captured = engine.runner.capture_decode_graphs()  # before serving: no capture pauses on the first requests
+    if captured:
+        log.info("captured %d decode CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
     keys = list(args.api_key) + ([args.shared_secret] if args.shared_secret else [])
     settings = PodSettings(model_name=name, api_keys=keys, max_body_bytes=args.max_body_bytes,
                            default_max_tokens=args.default_max_tokens)

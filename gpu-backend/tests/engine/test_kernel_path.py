@@ -97,3 +97,128 @@ def test_kernels_match_reference_ops_on_cuda(tiny_ckpt):
         if not torch.equal(a.argmax(-1), b.argmax(-1)):
             break
     assert compared >= 3, f"only {compared} steps compared"
+
+
+def _decode_inputs(segs, slots=None, pad_after=()):
+    """The runner's graph inputs for decode segments; a padding row (token 0, position 0, slot -1) after each index
+    in pad_after."""
+    ids, pos, sl = [], [], []
+    for i, s in enumerate(segs):
+        ids.append(s.tokens[0]), pos.append(s.start), sl.append(s.slot)
+        if i in pad_after:
+            ids.append(0), pos.append(0), sl.append(-1)
+    t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return {"ids": t(ids), "pos": t(pos), "slots": t(sl)}
+
+
+def test_graph_body_padding_rows_touch_nothing(tiny_model):
+    """`_decode_step`, the function CUDA graphs capture, run eagerly over the twins: padding rows (slot -1) leave the
+    real rows' logits, every linear state and every KV row but the cache's scratch row exactly as without them."""
+    eng = make_engine(tiny_model, max_batch=4, max_step_tokens=256, kernels=True)
+    reqs = [eng.add_request(random_prompt(n, seed), greedy(8)) for n, seed in ((40, 1), (9, 2), (23, 3))]
+    while not all(r.output for r in reqs):
+        eng.step()
+    segs, _ = eng._schedule()
+    assert len(segs) == 3 and all(s.decode for s in segs)
+    runner = eng.runner
+    runner._bind_tables(segs)
+    states0 = {l: s.clone() for l, s in eng.states.states.items()}
+    kv0 = {l: (eng.kv.k[l].clone(), eng.kv.v[l].clone()) for l in eng.kv.k}
+
+    def run(inp):
+        for l, s in eng.states.states.items():
+            s.copy_(states0[l])
+        for l in eng.kv.k:
+            eng.kv.k[l].copy_(kv0[l][0]), eng.kv.v[l].copy_(kv0[l][1])
+        with torch.inference_mode():
+            logits = runner._decode_step(inp).clone()
+        return logits, {l: s.clone() for l, s in eng.states.states.items()}, \
+            {l: (eng.kv.k[l].clone(), eng.kv.v[l].clone()) for l in eng.kv.k}
+
+    plain, st_plain, kv_plain = run(_decode_inputs(segs))
+    padded, st_pad, kv_pad = run(_decode_inputs(segs, pad_after=(0, 2)))
+    assert padded.shape[0] == 5
+    real = torch.tensor([0, 2, 3])
+    # CPU GEMMs may block differently for 3 and 5 rows: equal up to fp32 rounding
+    torch.testing.assert_close(padded[real], plain, rtol=1e-5, atol=1e-5)
+    for l in st_plain:
+        torch.testing.assert_close(st_pad[l], st_plain[l], rtol=1e-5, atol=1e-5)
+    scratch = eng.kv.scratch_row
+    for l in kv_plain:
+        for a, b in zip(kv_pad[l], kv_plain[l]):
+            keep = torch.ones(a.shape[0], dtype=torch.bool)
+            keep[scratch] = False
+            torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+    # the step really wrote the new tokens' K/V (so the comparison above is not vacuous)
+    l0 = next(iter(kv_plain))
+    assert not torch.equal(kv_plain[l0][0], kv0[l0][0])
+
+
+def test_decode_step_matches_mixed_step_path(tiny_model):
+    """The same decode rows through `_decode_step` (device-derived tables, rows and lengths) and through the general
+    step with a prompt chunk beside them (`_decode_batch`): equal logits for the decode rows."""
+    ker = make_engine(tiny_model, max_batch=4, max_step_tokens=256, kernels=True)
+    ref = make_engine(tiny_model, max_batch=4, max_step_tokens=256, kernels=False)
+    outs = []
+    for eng in (ker, ref):
+        reqs = [eng.add_request(random_prompt(n, seed), greedy(12)) for n, seed in ((40, 1), (9, 2))]
+        while not all(r.output for r in reqs):
+            eng.step()
+        late = eng.add_request(random_prompt(100, 4), greedy(2))  # a prompt chunk next to the decodes: mixed steps
+        while eng.has_work():
+            eng.step()
+        outs.append([r.output for r in reqs + [late]])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_decode_matches_eager_decode_on_cuda(tiny_ckpt):
+    """Decode steps replayed from CUDA graphs (padded to the captured batch sizes) against the same engine without
+    graphs: the same greedy tokens, logits equal up to bf16 GEMM blocking differences between batch sizes."""
+    from ringlinear.checkpoint import load_model
+
+    if not K.available():
+        pytest.skip("CUDA extension unavailable")
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
+    eager = make_engine(model, max_batch=6, max_step_tokens=64, cuda_graphs=False)
+    graphed = make_engine(model, max_batch=6, max_step_tokens=64)  # auto: graphs on CUDA
+    assert graphed.runner.graphs is not None and eager.runner.graphs is None
+    log_e, log_g = _record_logits(eager), _record_logits(graphed)
+    outs = []
+    for eng in (eager, graphed):
+        reqs = [eng.add_request(random_prompt(n, seed), greedy(10)) for n, seed in ((150, 1), (70, 2), (5, 3), (33, 4), (2, 5))]
+        while eng.has_work():
+            eng.step()
+        outs.append([r.output for r in reqs])
+    assert graphed.runner.graphs._graphs, "no decode graph was captured"
+    compared = 0
+    for step, (a, b) in enumerate(zip(log_e, log_g)):
+        if a is None:
+            continue
+        err = ((a - b).abs().amax(-1) / a.abs().amax(-1)).max().item()
+        assert err <= 2e-2, f"step {step}: graphed logits differ by {err:.2e} of their range"
+        compared += 1
+        if not torch.equal(a.argmax(-1), b.argmax(-1)):
+            break
+    assert compared >= 5
+    assert graphed.runner.capture_decode_graphs() == len(graphed.runner.graphs.batch_sizes)
+
+
+def test_gate_up_packing_keeps_the_model(tiny_ckpt):
+    """The runner's MoE weight packing (gate and up as halves of one buffer, for one GEMM): parameters become views
+    of one buffer, values and the reference forward unchanged."""
+    from ringlinear.checkpoint import load_model
+    from ringlinear.engine.runner import _pack_gate_up_weights
+
+    model = load_model(tiny_ckpt)
+    ids = torch.tensor([random_prompt(20, 9)])
+    before = model(ids)[0]
+    moe = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts_gate_proj"))
+    g0, u0 = moe.experts_gate_proj.detach().clone(), moe.experts_up_proj.detach().clone()
+    _pack_gate_up_weights(model)
+    assert K.moe.packed_gate_up(moe.experts_gate_proj, moe.experts_up_proj) is not None
+    assert torch.equal(moe.experts_gate_proj, g0) and torch.equal(moe.experts_up_proj, u0)
+    if moe.shared_experts is not None:
+        sh = moe.shared_experts
+        assert K.moe.packed_gate_up(sh.gate_proj.weight, sh.up_proj.weight) is not None
+    assert torch.equal(model(ids)[0], before)

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ringlinear.kernels.moe import fused_moe, pack_experts, route
-from ringlinear.kernels.moe_reference import RouterConfig, experts_touched_bytes, moe_reference, route_reference
+from ringlinear.kernels.moe import (_grouped_mm, fused_moe, pack_experts, pack_gate_up, packed_gate_up, route, router_logits,
+                                   split_bf16x3)
+from ringlinear.kernels.moe_reference import (RouterConfig, combine_reference, experts_touched_bytes, moe_reference,
+                                              route_reference, sort_assignments_reference, swiglu_rows_reference)
 
 SMALL = RouterConfig(num_experts=16, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
@@ -107,3 +109,149 @@ def test_bad_weight_shapes_rejected():
         fused_moe(torch.zeros(2, D), wr, bias, wg, wu, wd.transpose(1, 2), shared, SMALL)
     with pytest.raises(ValueError, match="router_weight"):
         fused_moe(torch.zeros(2, D), wr[:, :4], bias, wg, wu, wd, shared, SMALL)
+
+
+# ------------------------------------------------------------------------------------------------ packed gate/up
+@pytest.mark.parametrize("shape", [(3, 4, 8), (4, 8)], ids=["experts", "shared"])
+def test_pack_gate_up_views_share_storage(shape):
+    g = torch.Generator().manual_seed(7)
+    gate, up = torch.randn(*shape, generator=g).to(torch.bfloat16), torch.randn(*shape, generator=g).to(torch.bfloat16)
+    packed, gv, uv = pack_gate_up(gate, up)
+    I, D = shape[-2], shape[-1]
+    assert packed.shape == (*shape[:-2], 2 * I, D) and packed.is_contiguous()
+    assert torch.equal(gv, gate) and torch.equal(uv, up)
+    assert gv.data_ptr() == packed.data_ptr() and uv.data_ptr() == packed.data_ptr() + I * D * packed.element_size()
+    found = packed_gate_up(gv, uv)
+    assert found is not None and found.data_ptr() == packed.data_ptr() and torch.equal(found, packed)
+    gv.mul_(2)  # writes through to the packed buffer
+    assert torch.equal(packed[..., :I, :], gate * 2)
+
+
+def test_packed_gate_up_rejects_other_layouts():
+    gate, up = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    assert packed_gate_up(gate, up) is None  # separate tensors
+    packed, gv, uv = pack_gate_up(gate, up)
+    assert packed_gate_up(uv, gv) is None  # wrong order
+    assert packed_gate_up(gv[:, :2], uv[:, :2]) is None  # not the full halves
+    big = torch.randn(3, 12, 8)
+    assert packed_gate_up(big[:, :4], big[:, 8:]) is None  # not adjacent
+    assert packed_gate_up(big[:, :4], big[:, 4:8]) is None  # adjacent rows but the expert stride is 12 rows, not 8
+    flat = torch.randn(8, 8)
+    assert packed_gate_up(flat[:4], flat[4:]) is not None  # a [2I, D] buffer's halves are a packed shared expert
+    with pytest.raises(ValueError, match="pack_gate_up"):
+        pack_gate_up(gate, up[:, :2])
+
+
+def test_fused_moe_cpu_fallback_accepts_packed_views():
+    E, I, D, N = SMALL.num_experts, 32, 24, 5
+    wr, bias, wg, wu, wd, shared = _weights(E, I, D, 8)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(9))
+    _, pg, pu = pack_gate_up(wg, wu)
+    _, psg, psu = pack_gate_up(shared[0], shared[1])
+    want = fused_moe(x, wr, bias, wg, wu, wd, shared, SMALL)
+    assert torch.allclose(fused_moe(x, wr, bias, pg, pu, wd, (psg, psu, shared[2]), SMALL), want, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ grouped-path twins
+def test_sort_assignments_reference_is_stable_and_inverse():
+    g = torch.Generator().manual_seed(10)
+    E, N, k = 16, 50, 4
+    ids = torch.randint(0, 12, (N, k), generator=g)  # experts 12..15 unused
+    order, inv, offsets = sort_assignments_reference(ids, E)
+    flat = ids.reshape(-1)
+    assert torch.equal(inv[order], torch.arange(N * k)) and torch.equal(order[inv], torch.arange(N * k))
+    for e in range(E):
+        rows = order[offsets[e]:offsets[e + 1]]
+        assert torch.equal(rows, (flat == e).nonzero().flatten())  # this expert's assignments in ascending order
+    assert offsets[0] == 0 and offsets[-1] == N * k and (offsets[13:] == offsets[12]).all()
+
+
+def test_combine_reference_equals_scatter_then_weighted_sum():
+    """The combine twin against the old un-permute formulation (y[order] = ys; sum_j w_j y[n, j] + shared)."""
+    g = torch.Generator().manual_seed(11)
+    N, k, D, E = 9, 4, 16, 8
+    ids = torch.randint(0, E, (N, k), generator=g)
+    order, inv, _ = sort_assignments_reference(ids, E)
+    ys = torch.randn(N * k, D, generator=g)
+    w = torch.rand(N, k, generator=g)
+    shared = torch.randn(N, D, generator=g)
+    y = torch.empty_like(ys)
+    y[order] = ys
+    want = (y.view(N, k, D) * w[..., None]).sum(1) + shared
+    assert torch.allclose(combine_reference(ys, inv, w, shared, k, torch.float32), want, atol=1e-6)
+    plain = combine_reference(ys, None, None, None, k, torch.float32)  # identity rows, unit weights
+    assert torch.allclose(plain, ys.view(N, k, D).sum(1), atol=1e-6)
+
+
+def test_swiglu_rows_reference():
+    g, u = torch.randn(5, 8), torch.randn(5, 8)
+    assert torch.allclose(swiglu_rows_reference(g, u), g * torch.sigmoid(g) * u, atol=1e-6)
+    assert swiglu_rows_reference(g.to(torch.bfloat16), u.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_grouped_mm_per_expert_groups():
+    """The grouped GEMM wrapper (torch._grouped_mm, or its per-expert fallback) on groups incl. empty ones."""
+    g = torch.Generator().manual_seed(12)
+    E, K, Nn = 4, 16, 8
+    counts = [3, 0, 5, 2]
+    offsets = torch.tensor([0, 3, 3, 8, 10], dtype=torch.int32)
+    a = torch.randn(10, K, generator=g)
+    b = torch.randn(E, Nn, K, generator=g)  # [E, N, K] like w_down, used transposed
+    out = _grouped_mm(a, b.transpose(1, 2), offsets[1:].contiguous(), offsets)
+    start = 0
+    for e, c in enumerate(counts):
+        assert torch.allclose(out[start:start + c], a[start:start + c] @ b[e].t(), atol=1e-4)
+        start += c
+
+
+def test_split_bf16x3_is_exact():
+    g = torch.Generator().manual_seed(13)
+    w = torch.cat([torch.randn(4096, generator=g) * 0.02, torch.randn(4096, generator=g) * 1e3,
+                   torch.tensor([0.0, -0.0, 1.0, -3.0e-30, 7.0e30])])
+    hi, mid, lo = split_bf16x3(w)
+    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.double() + mid.double() + lo.double(), w.double())
+
+
+def test_router_logits_on_cpu_is_the_fp32_gemm():
+    x = torch.randn(3000, 16).to(torch.bfloat16)  # many tokens, but on the CPU: the plain fp32 GEMM
+    w = torch.randn(8, 16)
+    assert torch.equal(router_logits(x, w), x.float() @ w.t())
+
+
+class _TwinSortExtension:
+    """Stands in for the CUDA extension's moe_sort (filled from the reference twin) so that the grouped path's
+    Python orchestration - gather, packed gate/up split, SwiGLU, combine through the inverse permutation - runs on
+    the CPU; SwiGLU and combine already fall back to their twins off the GPU."""
+
+    @staticmethod
+    def moe_sort(ids, E, k, counts, offsets, ends, sorted_a, inv, tok):
+        order, inv_ref, off = sort_assignments_reference(ids, E)
+        sorted_a.copy_(order)
+        inv.copy_(inv_ref)
+        tok.copy_(order // k)
+        offsets.copy_(off)
+        ends.copy_(off[1:])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("with_shared", [True, False], ids=["shared", "no-shared"])
+def test_grouped_path_orchestration_matches_twin_on_cpu(monkeypatch, packed, with_shared):
+    from ringlinear.kernels import moe as M
+
+    monkeypatch.setattr(M._build, "extension", lambda: _TwinSortExtension)
+    E, I, D, N = SMALL.num_experts, 32, 24, 11
+    wr, bias, wg, wu, wd, shared = _weights(E, I, D, 14)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(15))
+    if packed:
+        _, pg, pu = pack_gate_up(wg, wu)
+        _, psg, psu = pack_gate_up(shared[0], shared[1])
+        run_shared = (psg, psu, shared[2])
+    else:
+        pg, pu, run_shared = wg, wu, shared
+    ids, w = route(x, wr, bias, SMALL)
+    shared_h = M._shared_hidden(x, run_shared) if with_shared else None
+    y = M._experts_grouped(x, ids, w, pg, pu, wd, shared_h)
+    want = moe_reference(x, wr, bias, wg, wu, wd, shared if with_shared else None, SMALL)
+    assert y.shape == (N, D) and y.dtype == torch.bfloat16  # combine writes bf16 (x's dtype on the kernel path)
+    assert torch.allclose(y.float(), want, rtol=2.0**-8, atol=1e-6)  # fp32 math, one final bf16 rounding (2^-9 rel)

@@ -16,6 +16,20 @@ void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor
 void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
                         const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& active,
                         const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y);
+void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts, at::Tensor& offsets, at::Tensor& ends,
+              at::Tensor& sorted, at::Tensor& inv, at::Tensor& tok);
+void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h);
+void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
+                 const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out);
+void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
+                            double scale, int64_t cap, int64_t split_len, int64_t num_splits, at::Tensor& out,
+                            at::Tensor& ws_acc, at::Tensor& ws_ml);
+void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
+                  const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
+                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta);
+void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
+                         int64_t groups, double eps);
 }  // namespace ringlinear
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,4 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_route", &ringlinear::moe_route, "sigmoid group-limited top-k routing");
   m.def("moe_align", &ringlinear::moe_align, "sort assignments by expert");
   m.def("moe_experts_decode", &ringlinear::moe_experts_decode, "selected-expert SwiGLU (decode path)");
+  m.def("moe_sort", &ringlinear::moe_sort, "stable multi-block sort of assignments by expert (grouped path)");
+  m.def("moe_swiglu", &ringlinear::moe_swiglu, "bf16 silu(g) * u computed in fp32");
+  m.def("moe_combine", &ringlinear::moe_combine, "weighted sum of each token's expert rows + shared expert -> bf16");
+  m.def("paged_decode_attention", &ringlinear::paged_decode_attention, "paged-KV GQA decode attention (split-K)");
+  m.def("qkv_prologue", &ringlinear::qkv_prologue, "fused qkv split + silu + QK RMSNorm + partial RoPE");
+  m.def("gated_group_rmsnorm", &ringlinear::gated_group_rmsnorm, "fused group RMSNorm * sigmoid(gate)");
 }

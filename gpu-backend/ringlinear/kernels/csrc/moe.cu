@@ -4,7 +4,12 @@
 //   moe_route_kernel     one warp per token: scores, group top-2 sums, kept groups, top-k, normalised weights
 //   moe_align_kernel     one block: per-expert counts, offsets, assignment indices sorted by expert, active experts
 //   moe_gate_up_kernel   per (expert, row tile): h = silu(x Wg^T) * (x Wu^T) for the expert's assignments
-//   moe_down_kernel      per (expert, row tile): y[a] = w_a * (h Wd^T), written at the assignment's own row
+//   moe_down_kernel      per (expert, row tile): y[a] = w_a * (h Wd^T), written at the assignment's own row; the
+//                        weight rows stay in registers across 8-token passes
+//   moe_sort_*_kernel    grouped path: stable counting sort of the N*k assignments by expert over many blocks
+//                        (count -> scan -> scatter), giving sorted ids, their inverse and the gather token of each row
+//   moe_swiglu_kernel    h = bf16(silu(g) * u) in fp32 from gate/up rows (one [M, 2I] buffer or two [M, I])
+//   moe_combine_kernel   out[n] = bf16(sum_j w[n,j] * ys[row(n,j)] + shared[n]), fixed j order, fp32 accumulation
 // Every per-assignment result is computed with one fixed reduction order, so outputs do not depend on how the
 // align kernel's atomics ordered assignments inside an expert.
 #include <ATen/cuda/CUDAContext.h>
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(1024) moe_align_kernel(const int32_t* __restri
 constexpr int kMoeWarps = 8;
 constexpr int kMoeMT = 8;          // assignments per pass (activations held in shared memory)
 constexpr int kGateUpRowsPerWarp = 2;
-constexpr int kDownRowsPerWarp = 4;
+constexpr int kMoeDownMaxI = 32 * 8 * 8;  // down kernel: a lane holds at most 8 16-byte chunks of a weight row
 
 RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
   const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
@@ -153,12 +158,14 @@ RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
   }
 }
 
-// x: [N, Dm] bf16; wg, wu: [E, I, Dm]; h: [A, I] bf16 (row = sorted position). grid.y walks the active experts.
+// x: [N, Dm] bf16; wg, wu: [E, I, Dm] with rows of Dm contiguous and expert strides sg, su; h: [A, I] bf16
+// (row = sorted position). grid.y walks the active experts.
 // Each lane issues the loads of all its rows for one 16-byte column step before any arithmetic (bytes in flight).
 __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ wg,
                                                              const __nv_bfloat16* __restrict__ wu, const int32_t* __restrict__ offsets,
                                                              const int32_t* __restrict__ sorted, const int32_t* __restrict__ active,
-                                                             int E, int topk, int Dm, int I, __nv_bfloat16* __restrict__ h) {
+                                                             int E, int topk, int Dm, int I, int64_t sg, int64_t su,
+                                                             __nv_bfloat16* __restrict__ h) {
   extern __shared__ __align__(16) __nv_bfloat16 xs[];  // [kMoeMT, Dm]
   if ((int)blockIdx.y >= active[E]) return;
   const int e = active[blockIdx.y];
@@ -166,8 +173,8 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_
   constexpr int R = kGateUpRowsPerWarp;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kMoeWarps + w) * R;
-  const __nv_bfloat16* Wg = wg + (int64_t)e * I * Dm;
-  const __nv_bfloat16* Wu = wu + (int64_t)e * I * Dm;
+  const __nv_bfloat16* Wg = wg + (int64_t)e * sg;  // sg/su = I*Dm unpacked, 2*I*Dm for views of a packed [E, 2I, Dm]
+  const __nv_bfloat16* Wu = wu + (int64_t)e * su;
   const uint4* g4[R];
   const uint4* u4[R];
 #pragma unroll
@@ -218,26 +225,38 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_
   }
 }
 
-// h: [A, I] bf16 (sorted rows); wd: [E, Dm, I]; y: [A, Dm] fp32 indexed by assignment id a = token * topk + j.
-__global__ void __launch_bounds__(kMoeWarps * 32) moe_down_kernel(const __nv_bfloat16* __restrict__ h, const __nv_bfloat16* __restrict__ wd,
+// h: [A, I] bf16 (sorted rows); wd: [E, Dm, I] (rows of I contiguous, expert stride sd); y: [A, Dm] fp32 indexed by
+// assignment id a = token * topk + j. Each lane loads its CPL 16-byte chunks of the warp's R weight rows into registers
+// first (before the activations are staged, so the weight latency overlaps the index loads and the staging), and keeps
+// them for every 8-token pass: an expert's weights are read once however many tokens it has. Needs I <= 256 * CPL.
+// Two blocks per SM (<= 128 registers) keep 2 x 256 lanes x R*CPL*16 B = 64 KB of weights in flight per SM.
+template <int R, int CPL>
+__global__ void __launch_bounds__(kMoeWarps * 32, 2) moe_down_kernel(const __nv_bfloat16* __restrict__ h, const __nv_bfloat16* __restrict__ wd,
                                                           const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted,
                                                           const int32_t* __restrict__ active, int E, const float* __restrict__ weights,
-                                                          int Dm, int I, float* __restrict__ y) {
+                                                          int Dm, int I, int64_t sd, float* __restrict__ y) {
   extern __shared__ __align__(16) __nv_bfloat16 hs[];  // [kMoeMT, I]
   if ((int)blockIdx.y >= active[E]) return;
   const int e = active[blockIdx.y];
-  const int p0 = offsets[e], p1 = offsets[e + 1];
-  constexpr int R = kDownRowsPerWarp;
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kMoeWarps + w) * R;
-  const __nv_bfloat16* W = wd + (int64_t)e * Dm * I;
-  const uint4* w4[R];
+  const int I8 = I / 8;
+  const __nv_bfloat16* W = wd + (int64_t)e * sd;
+  uint4 wv[R][CPL];
 #pragma unroll
-  for (int rr = 0; rr < R; ++rr) w4[rr] = reinterpret_cast<const uint4*>(W + (int64_t)min(row0 + rr, Dm - 1) * I);
+  for (int rr = 0; rr < R; ++rr) {
+    const uint4* w4 = reinterpret_cast<const uint4*>(W + (int64_t)min(row0 + rr, Dm - 1) * I);  // rows past Dm: dup, no store
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) {
+      const int c = lane + 32 * i;
+      wv[rr][i] = c < I8 ? __ldg(w4 + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  const int p0 = offsets[e], p1 = offsets[e + 1];
   for (int pb = p0; pb < p1; pb += kMoeMT) {
     const int m = min(kMoeMT, p1 - pb);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < m * (I / 8); idx += blockDim.x)
+    for (int idx = threadIdx.x; idx < m * I8; idx += blockDim.x)
       reinterpret_cast<uint4*>(hs)[idx] = reinterpret_cast<const uint4*>(h + (int64_t)pb * I)[idx];
     __syncthreads();
     float acc[R][kMoeMT];
@@ -245,17 +264,17 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_down_kernel(const __nv_bfl
     for (int rr = 0; rr < R; ++rr)
 #pragma unroll
       for (int t = 0; t < kMoeMT; ++t) acc[rr][t] = 0.f;
-#pragma unroll 2
-    for (int c = lane; c < I / 8; c += 32) {
-      uint4 wv[R];
 #pragma unroll
-      for (int rr = 0; rr < R; ++rr) wv[rr] = __ldg(w4[rr] + c);
+    for (int i = 0; i < CPL; ++i) {
+      const int c = lane + 32 * i;
+      if (c < I8) {
 #pragma unroll
-      for (int t = 0; t < kMoeMT; ++t) {
-        if (t < m) {
-          const uint4 hv = reinterpret_cast<const uint4*>(hs + t * I)[c];
+        for (int t = 0; t < kMoeMT; ++t) {
+          if (t < m) {
+            const uint4 hv = reinterpret_cast<const uint4*>(hs + t * I)[c];
 #pragma unroll
-          for (int rr = 0; rr < R; ++rr) dot8_acc(acc[rr][t], wv[rr], hv);
+            for (int rr = 0; rr < R; ++rr) dot8_acc(acc[rr][t], wv[rr][i], hv);
+          }
         }
       }
     }
@@ -272,6 +291,204 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_down_kernel(const __nv_bfl
         }
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Grouped path: stable counting sort of assignments by expert (deterministic: no order depends on atomics)
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kSortWarps = 8;
+constexpr int kSortPerWarp = 256;                          // consecutive assignments per warp
+constexpr int kSortPerBlock = kSortWarps * kSortPerWarp;  // 2048 assignments per block
+
+// Out-of-range ids (never produced by moe_route) are clamped so that every index stays in bounds.
+RL_DEVICE int clamp_expert(int e, int E) { return min(max(e, 0), E - 1); }
+
+// counts [B, E]: assignments of each expert inside block b's 2048-assignment slice.
+__global__ void __launch_bounds__(kSortWarps * 32) moe_sort_count_kernel(const int32_t* __restrict__ ids, int A, int E,
+                                                                         int32_t* __restrict__ counts) {
+  __shared__ int hist[kMaxExperts];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int a0 = blockIdx.x * kSortPerBlock, a1 = min(A, a0 + kSortPerBlock);
+  for (int a = a0 + threadIdx.x; a < a1; a += blockDim.x) atomicAdd(&hist[clamp_expert(ids[a], E)], 1);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[(int64_t)blockIdx.x * E + e] = hist[e];
+}
+
+// One block of 1024 threads (thread e owns expert e). counts [B, E] becomes each block's exclusive start inside its
+// expert; offsets [E+1] = expert starts (offsets[E] = A); ends [E] = inclusive ends (torch._grouped_mm's offs).
+__global__ void __launch_bounds__(1024) moe_sort_scan_kernel(int32_t* __restrict__ counts, int B, int E,
+                                                             int32_t* __restrict__ offsets, int32_t* __restrict__ ends) {
+  __shared__ int warp_tot[32];
+  const int e = threadIdx.x, lane = e & 31, wid = e >> 5;
+  int run = 0;
+  if (e < E) {
+    int b = 0;
+    for (; b + 4 <= B; b += 4) {  // four independent loads in flight per step
+      const int c0 = counts[(int64_t)b * E + e], c1 = counts[(int64_t)(b + 1) * E + e];
+      const int c2 = counts[(int64_t)(b + 2) * E + e], c3 = counts[(int64_t)(b + 3) * E + e];
+      counts[(int64_t)b * E + e] = run;
+      counts[(int64_t)(b + 1) * E + e] = run + c0;
+      counts[(int64_t)(b + 2) * E + e] = run + c0 + c1;
+      counts[(int64_t)(b + 3) * E + e] = run + c0 + c1 + c2;
+      run += c0 + c1 + c2 + c3;
+    }
+    for (; b < B; ++b) {
+      const int c = counts[(int64_t)b * E + e];
+      counts[(int64_t)b * E + e] = run;
+      run += c;
+    }
+  }
+  // block-wide inclusive scan of the expert totals
+  int incl = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_tot[wid] = incl;
+  __syncthreads();
+  if (wid == 0) {
+    int t = warp_tot[lane];  // blockDim is 1024: all 32 warps wrote
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, t, o);
+      if (lane >= o) t += v;
+    }
+    warp_tot[lane] = t;
+  }
+  __syncthreads();
+  if (wid > 0) incl += warp_tot[wid - 1];
+  if (e < E) {
+    offsets[e] = incl - run;
+    ends[e] = incl;
+    if (e == E - 1) offsets[E] = incl;
+  }
+}
+
+// Each warp walks its 256 assignments in order; within a block, warps follow each other through per-warp starting
+// cursors, so the result is the stable sort. sorted[p] = assignment at sorted row p, inv[a] = row of assignment a,
+// tok[p] = its token (sorted[p] / topk), the gather index of the grouped GEMM's input.
+__global__ void __launch_bounds__(kSortWarps * 32) moe_sort_scatter_kernel(const int32_t* __restrict__ ids, int A, int E, int topk,
+                                                                           const int32_t* __restrict__ block_start,
+                                                                           const int32_t* __restrict__ offsets,
+                                                                           int32_t* __restrict__ sorted, int32_t* __restrict__ inv,
+                                                                           int32_t* __restrict__ tok) {
+  __shared__ int cur[kSortWarps][kMaxExperts];  // per-warp counts, then per-warp cursors
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < kSortWarps * E; i += blockDim.x) cur[i / E][i % E] = 0;
+  __syncthreads();
+  const int a0 = blockIdx.x * kSortPerBlock + w * kSortPerWarp;
+  const int a1 = min(A, a0 + kSortPerWarp);
+  const unsigned lt = (1u << lane) - 1u;
+  for (int base = a0; base < a1; base += 32) {  // a0/a1 are warp-uniform, so is this loop
+    const int a = base + lane;
+    const int e = a < a1 ? clamp_expert(ids[a], E) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    if (e >= 0 && (peers & lt) == 0) cur[w][e] += __popc(peers);  // one leader per expert: no conflict
+    __syncwarp();
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int run = offsets[e] + block_start[(int64_t)blockIdx.x * E + e];
+#pragma unroll
+    for (int ww = 0; ww < kSortWarps; ++ww) {
+      const int c = cur[ww][e];
+      cur[ww][e] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+  for (int base = a0; base < a1; base += 32) {
+    const int a = base + lane;
+    const int e = a < a1 ? clamp_expert(ids[a], E) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    if (e >= 0) {
+      const int p = cur[w][e] + __popc(peers & lt);
+      sorted[p] = a;
+      inv[a] = p;
+      tok[p] = a / topk;
+    }
+    __syncwarp();
+    if (e >= 0 && (peers & lt) == 0) cur[w][e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Grouped path: SwiGLU between the grouped GEMMs, and the weighted combine back to token order
+// ---------------------------------------------------------------------------------------------------------------
+RL_DEVICE void load8(const __nv_bfloat16* p, float* v) {
+  const uint4 r = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(b[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+RL_DEVICE void load8(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+RL_DEVICE void store8(__nv_bfloat16* p, const float* v) {
+  uint4 r;
+  r.x = pack_bf16(v[0], v[1]); r.y = pack_bf16(v[2], v[3]); r.z = pack_bf16(v[4], v[5]); r.w = pack_bf16(v[6], v[7]);
+  *reinterpret_cast<uint4*>(p) = r;
+}
+
+// g, u: [M, I] rows with row stride ld (g = gu, u = gu + I, ld = 2I for one packed gate/up GEMM output); h: [M, I].
+__global__ void __launch_bounds__(256) moe_swiglu_kernel(const __nv_bfloat16* __restrict__ g, const __nv_bfloat16* __restrict__ u,
+                                                         int64_t ld, int64_t M, int I, __nv_bfloat16* __restrict__ h) {
+  const int I8 = I / 8;
+  const int64_t total = M * I8;
+  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = idx / I8;
+    const int c = (int)(idx - r * I8) * 8;
+    float gv[8], uv[8], hv[8];
+    load8(g + r * ld + c, gv);
+    load8(u + r * ld + c, uv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) hv[i] = gv[i] / (1.f + expf(-gv[i])) * uv[i];
+    store8(h + r * I + c, hv);
+  }
+}
+
+// out[n, :] = bf16( sum_{j < k} w[n*k + j] * ys[row(n*k + j), :] + shared[n, :] ), j ascending, fp32 accumulation.
+// row(a) = rows[a] (the inverse sort permutation) or a when rows is null; w null = all ones; shared optional.
+template <typename TY, typename TS>
+__global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__ ys, const int32_t* __restrict__ rows,
+                                                          const float* __restrict__ w, const TS* __restrict__ shared, int N,
+                                                          int topk, int Dm, __nv_bfloat16* __restrict__ out) {
+  __shared__ int srow[32];
+  __shared__ float sw[32];
+  const int n = blockIdx.x;
+  if (threadIdx.x < topk) {
+    const int a = n * topk + threadIdx.x;
+    srow[threadIdx.x] = rows != nullptr ? rows[a] : a;
+    sw[threadIdx.x] = w != nullptr ? w[a] : 1.f;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x * 8; c < Dm; c += blockDim.x * 8) {
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    for (int j = 0; j < topk; ++j) {
+      float v[8];
+      load8(ys + (int64_t)srow[j] * Dm + c, v);
+      const float wj = sw[j];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = fmaf(wj, v[i], acc[i]);
+    }
+    if (shared != nullptr) {
+      float s[8];
+      load8(shared + (int64_t)n * Dm + c, s);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += s[i];
+    }
+    store8(out + (int64_t)n * Dm + c, acc);
   }
 }
 
@@ -305,29 +522,145 @@ void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <int R, int CPL>
+static void launch_down(const __nv_bfloat16* h, const __nv_bfloat16* wd, const at::Tensor& offsets, const at::Tensor& sorted,
+                        const at::Tensor& active, int E, const at::Tensor& weights, int Dm, int I, int64_t sd, float* y,
+                        int grid_e, int smem, cudaStream_t stream) {
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(moe_down_kernel<R, CPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr int rows = kMoeWarps * R;
+  moe_down_kernel<R, CPL><<<dim3((Dm + rows - 1) / rows, grid_e), kMoeWarps * 32, smem, stream>>>(
+      h, wd, offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), active.data_ptr<int32_t>(), E, weights.data_ptr<float>(),
+      Dm, I, sd, y);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// wg, wu may be views of one packed [E, 2I, Dm] buffer (expert stride 2*I*Dm); every weight needs contiguous rows.
 void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
                         const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& active,
                         const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y) {
   const int E = wg.size(0), I = wg.size(1), Dm = wg.size(2);
   const int grid_e = (int)std::min<int64_t>(E, sorted.numel());  // distinct experts can not exceed assignments
   TORCH_CHECK(Dm % 8 == 0 && I % 8 == 0, "moe_experts_decode: hidden and expert sizes must be multiples of 8");
+  TORCH_CHECK(I <= kMoeDownMaxI, "moe_experts_decode: expert size must be <= ", kMoeDownMaxI);
+  TORCH_CHECK(x.is_contiguous(), "moe_experts_decode: x must be contiguous");
+  for (const at::Tensor* t : {&wg, &wu})
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == Dm && t->stride(0) % 8 == 0,
+                "moe_experts_decode: w_gate/w_up need contiguous [I, D] rows per expert");
+  TORCH_CHECK(wd.stride(2) == 1 && wd.stride(1) == I && wd.stride(0) % 8 == 0,
+              "moe_experts_decode: w_down needs contiguous [D, I] rows per expert");
   if (sorted.numel() == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   auto bf = [](const at::Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr()); };
   const int smem1 = kMoeMT * Dm * 2, smem2 = kMoeMT * I * 2;
   if (smem1 > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(moe_gate_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem1));
-  if (smem2 > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(moe_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem2));
-  const int rows1 = kMoeWarps * kGateUpRowsPerWarp, rows2 = kMoeWarps * kDownRowsPerWarp;
+  const int rows1 = kMoeWarps * kGateUpRowsPerWarp;
   moe_gate_up_kernel<<<dim3((I + rows1 - 1) / rows1, grid_e), kMoeWarps * 32, smem1, stream>>>(
       bf(x), bf(wg), bf(wu), offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), active.data_ptr<int32_t>(), E,
-      (int)topk, Dm, I,
+      (int)topk, Dm, I, wg.stride(0), wu.stride(0),
       reinterpret_cast<__nv_bfloat16*>(h.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  moe_down_kernel<<<dim3((Dm + rows2 - 1) / rows2, grid_e), kMoeWarps * 32, smem2, stream>>>(
-      reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), bf(wd), offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
-      active.data_ptr<int32_t>(), E, weights.data_ptr<float>(), Dm, I, y.data_ptr<float>());
+  const __nv_bfloat16* hp = reinterpret_cast<const __nv_bfloat16*>(h.data_ptr());
+  float* yp = y.data_ptr<float>();
+  const int64_t sd = wd.stride(0);
+  const int chunks = I / 8;  // 16-byte chunks per weight row; a lane holds ceil(chunks / 32) of them per row
+  if (chunks <= 32) launch_down<4, 1>(hp, bf(wd), offsets, sorted, active, E, weights, Dm, I, sd, yp, grid_e, smem2, stream);
+  else if (chunks <= 64) launch_down<4, 2>(hp, bf(wd), offsets, sorted, active, E, weights, Dm, I, sd, yp, grid_e, smem2, stream);
+  else if (chunks <= 128) launch_down<2, 4>(hp, bf(wd), offsets, sorted, active, E, weights, Dm, I, sd, yp, grid_e, smem2, stream);
+  else launch_down<1, 8>(hp, bf(wd), offsets, sorted, active, E, weights, Dm, I, sd, yp, grid_e, smem2, stream);
+}
+
+// ids [A] int32 -> stable sort by expert. counts: workspace of >= ceil(A / 2048) * E int32; offsets [E+1], ends [E],
+// sorted / inv / tok [A] int32 (see moe_sort_scatter_kernel). Three launches, no host synchronisation.
+void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts, at::Tensor& offsets, at::Tensor& ends,
+              at::Tensor& sorted, at::Tensor& inv, at::Tensor& tok) {
+  TORCH_CHECK(ids.is_contiguous() && ids.scalar_type() == at::kInt, "moe_sort: ids must be contiguous int32");
+  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_sort: at most ", kMaxExperts, " experts");
+  TORCH_CHECK(topk >= 1, "moe_sort: top-k must be positive");
+  const int64_t A = ids.numel();
+  TORCH_CHECK(A < (int64_t)1 << 31, "moe_sort: too many assignments");
+  const int B = (int)((A + kSortPerBlock - 1) / kSortPerBlock);
+  TORCH_CHECK(counts.numel() >= (int64_t)B * E && offsets.numel() == E + 1 && ends.numel() == E && sorted.numel() == A &&
+                  inv.numel() == A && tok.numel() == A,
+              "moe_sort: workspace / output sizes do not match");
+  for (const at::Tensor* t : {&counts, &offsets, &ends, &sorted, &inv, &tok})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kInt, "moe_sort: outputs must be contiguous int32");
+  const at::cuda::CUDAGuard guard(ids.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (B > 0)
+    moe_sort_count_kernel<<<B, kSortWarps * 32, 0, stream>>>(ids.data_ptr<int32_t>(), (int)A, (int)E, counts.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  moe_sort_scan_kernel<<<1, 1024, 0, stream>>>(counts.data_ptr<int32_t>(), B, (int)E, offsets.data_ptr<int32_t>(),
+                                               ends.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (B > 0)
+    moe_sort_scatter_kernel<<<B, kSortWarps * 32, 0, stream>>>(ids.data_ptr<int32_t>(), (int)A, (int)E, (int)topk,
+                                                               counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                                                               sorted.data_ptr<int32_t>(), inv.data_ptr<int32_t>(),
+                                                               tok.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+static bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// g, u: [M, I] bf16 with unit column stride and one common row stride (e.g. the two halves of a [M, 2I] buffer);
+// h: [M, I] bf16 contiguous.
+void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h) {
+  TORCH_CHECK(g.dim() == 2 && u.sizes() == g.sizes() && h.sizes() == g.sizes(), "moe_swiglu: g, u, h must be [M, I] alike");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&g, &u, &h})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->stride(1) == 1 && aligned16(*t), "moe_swiglu: bf16, unit column stride, 16-byte aligned");
+  const int64_t M = g.size(0);
+  const int I = g.size(1);
+  TORCH_CHECK(I % 8 == 0 && g.stride(0) == u.stride(0) && g.stride(0) % 8 == 0 && h.stride(0) == I,
+              "moe_swiglu: I and the row stride must be multiples of 8, g/u share the row stride, h contiguous");
+  if (M == 0) return;
+  const at::cuda::CUDAGuard guard(g.device());
+  const int64_t total = M * (I / 8);
+  const int grid = (int)std::min<int64_t>((total + 255) / 256, 132 * 16);
+  moe_swiglu_kernel<<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const __nv_bfloat16*>(g.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(u.data_ptr()), g.stride(0),
+      M, I, reinterpret_cast<__nv_bfloat16*>(h.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ys [R, D] bf16 or fp32 rows; rows [N*k] int32 (optional: row of assignment a, else a itself); w [N*k] fp32 (optional,
+// else 1); shared [N, D] bf16 or fp32 (optional); out [N, D] bf16.
+void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
+                 const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kBFloat16, "moe_combine: out must be contiguous bf16 [N, D]");
+  const int N = out.size(0), Dm = out.size(1);
+  TORCH_CHECK(topk >= 1 && topk <= 32, "moe_combine: top-k must be in 1..32");
+  TORCH_CHECK(Dm % 8 == 0 && aligned16(out), "moe_combine: D must be a multiple of 8");
+  TORCH_CHECK(ys.dim() == 2 && ys.size(1) == Dm && ys.is_contiguous() && aligned16(ys) &&
+                  (ys.scalar_type() == at::kBFloat16 || ys.scalar_type() == at::kFloat),
+              "moe_combine: ys must be contiguous bf16/fp32 [R, D]");
+  TORCH_CHECK(rows || ys.size(0) == (int64_t)N * topk, "moe_combine: without rows, ys must have N*k rows");
+  if (rows) TORCH_CHECK(rows->is_contiguous() && rows->scalar_type() == at::kInt && rows->numel() == (int64_t)N * topk, "moe_combine: rows must be int32 [N*k]");
+  if (w) TORCH_CHECK(w->is_contiguous() && w->scalar_type() == at::kFloat && w->numel() == (int64_t)N * topk, "moe_combine: w must be fp32 [N*k]");
+  if (shared)
+    TORCH_CHECK(shared->is_contiguous() && shared->size(0) == N && shared->size(1) == Dm && aligned16(*shared) &&
+                    (shared->scalar_type() == at::kBFloat16 || shared->scalar_type() == at::kFloat),
+                "moe_combine: shared must be contiguous bf16/fp32 [N, D]");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(out.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int threads = std::min(256, std::max(32, ((Dm / 8 + 31) / 32) * 32));
+  const int32_t* rp = rows ? rows->data_ptr<int32_t>() : nullptr;
+  const float* wp = w ? w->data_ptr<float>() : nullptr;
+  __nv_bfloat16* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  auto launch = [&](auto* yp, auto* sp) {
+    using TY = std::remove_const_t<std::remove_pointer_t<decltype(yp)>>;
+    using TS = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
+    moe_combine_kernel<TY, TS><<<N, threads, 0, stream>>>(yp, rp, wp, sp, N, (int)topk, Dm, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  auto with_shared = [&](auto* yp) {
+    if (shared && shared->scalar_type() == at::kFloat) launch(yp, shared->data_ptr<float>());
+    else launch(yp, shared ? reinterpret_cast<const __nv_bfloat16*>(shared->data_ptr()) : (const __nv_bfloat16*)nullptr);
+  };
+  if (ys.scalar_type() == at::kFloat) with_shared(ys.data_ptr<float>());
+  else with_shared(reinterpret_cast<const __nv_bfloat16*>(ys.data_ptr()));
 }
 
 }  // namespace ringlinear

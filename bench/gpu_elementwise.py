@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Fused attention elementwise kernels vs the runner's eager torch sequences, side by side in one run.
+
+    PYTHONPATH=gpu-backend python3 bench/gpu_elementwise.py --out DIR [--quick]
+
+Ring-mini shapes (H = 16, d = 128, rotary 64, 4 KV heads in the softmax layers, group_norm_size 4 = 4 groups of 512)
+at N = 1, 64, 4096, 32768 tokens per step:
+
+    lightning-prologue  bf16 qkv [N, 48*128] -> fp32 cast, QK RMSNorm, partial RoPE (runner._lightning) vs ours
+                        with fp32 output (the same bytes) and bf16 output
+    softmax-prologue    bf16 qkv [N, 24*128] -> bf16 QK RMSNorm, fp32 RoPE, bf16 q/k (runner._softmax) vs ours
+                        (norm_dtype=bf16: the same numbers)
+    gate                fp32 o [N, 2048], bf16 gate -> group RMSNorm * sigmoid(gate) -> bf16 (runner._lightning)
+
+The peer excludes rope_cos_sin, which the runner computes once per step for all layers; ours recomputes the angles
+in every call. Norm weights are passed to ours in fp32 (convert once at load: bf16 weights cost a conversion launch
+per call). GB/s counts the bytes ours must move (inputs read once, outputs written once), for both columns; % copy
+is against a device-to-device copy measured in the same run. --quick: small N and few repetitions; it also runs on
+a CPU (the twins then stand in for the kernels) as a smoke test of the harness. Writes DIR/gpu_elementwise.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "gpu-backend"))
+
+from ringlinear.kernels import _build  # noqa: E402
+from ringlinear.kernels.elementwise import gated_group_rmsnorm, qkv_prologue  # noqa: E402
+from ringlinear.kernels.elementwise_reference import gated_group_rmsnorm_bytes, qkv_prologue_bytes  # noqa: E402
+from ringlinear.ops import apply_partial_rope, group_rms_norm, rms_norm, rope_cos_sin  # noqa: E402
+from ringlinear.tools.params import PRESETS  # noqa: E402
+
+MINI = PRESETS["ring-mini-linear-2.0"]
+H, HKV, D = MINI["num_attention_heads"], MINI["num_key_value_heads"], MINI["head_dim"]
+ROT = int(D * MINI["partial_rotary_factor"])
+GROUPS = MINI["group_norm_size"]  # number of groups (ops.group_rms_norm's argument)
+THETA, EPS = float(MINI["rope_theta"]), MINI["rms_norm_eps"]
+C = H * D
+
+
+def timer(dev: torch.device, quick: bool):
+    """Median microseconds of fn(): triton.testing.do_bench when importable, else CUDA events; perf_counter on CPU."""
+    if dev.type != "cuda":
+        def run_cpu(fn):
+            fn()
+            ts = []
+            for _ in range(3 if quick else 20):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts) * 1e6
+        return run_cpu
+    try:
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=20 if quick else 200, return_mode="median") * 1e3
+    except ImportError:
+        def run_events(fn):
+            for _ in range(10):
+                fn()
+            ts = []
+            for _ in range(10 if quick else 100):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            return statistics.median(ts) * 1e3
+        return run_events
+
+
+def copy_gbs(dev, bench, quick) -> float:
+    n = (64 if quick else 1024) << 20
+    a = torch.empty(n, dtype=torch.uint8, device=dev).random_()
+    b = torch.empty_like(a)
+    return 2 * n / bench(lambda: b.copy_(a)) / 1e3
+
+
+# ------------------------------------------------------------------------------------ the runner's sequences
+def peer_lightning_prologue(qkv_proj, cos, sin, qw, kw):
+    N = qkv_proj.shape[0]
+    qkv = qkv_proj.to(torch.float32)  # linear_silu is false for Ring-mini
+    q, k, v = qkv.view(1, N, 3, H, D).unbind(2)
+    q, k = rms_norm(q, qw, EPS), rms_norm(k, kw, EPS)
+    return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+
+def peer_softmax_prologue(qkv_proj, cos, sin, qw, kw):
+    N = qkv_proj.shape[0]
+    q, k, v = qkv_proj.view(1, N, H + 2 * HKV, D).split([H, HKV, HKV], dim=2)
+    q, k = rms_norm(q, qw, EPS), rms_norm(k, kw, EPS)
+    q = apply_partial_rope(q.to(torch.float32), cos, sin).to(qkv_proj.dtype)
+    k = apply_partial_rope(k.to(torch.float32), cos, sin).to(qkv_proj.dtype)
+    return q, k, v
+
+
+def peer_gate(o, gate, w):
+    N = o.shape[0]
+    y = group_rms_norm(o.reshape(1, N, C), w, GROUPS, EPS)
+    return (y * torch.sigmoid(gate.to(torch.float32))).to(torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------ cases
+def cases(N: int, dev: torch.device):
+    g = torch.Generator(device=dev).manual_seed(N)
+    pos = torch.randint(0, 100_000, (N,), device=dev, generator=g)
+    cos, sin = rope_cos_sin(pos[None], ROT, THETA, torch.float32)
+    qw = (torch.rand(D, device=dev, generator=g) + 0.5).to(torch.bfloat16)
+    kw = (torch.rand(D, device=dev, generator=g) + 0.5).to(torch.bfloat16)
+    qw32, kw32 = qw.float(), kw.float()
+    lin = torch.randn(N, 3 * H * D, device=dev, generator=g).to(torch.bfloat16)
+    soft = torch.randn(N, (H + 2 * HKV) * D, device=dev, generator=g).to(torch.bfloat16)
+    o = torch.randn(N, C, device=dev, generator=g)
+    gate = torch.randn(N, C, device=dev, generator=g).to(torch.bfloat16)
+    gw = (torch.rand(C, device=dev, generator=g) + 0.5).to(torch.bfloat16)
+    gw32 = gw.float()
+    common = dict(q_norm_weight=qw32, k_norm_weight=kw32, eps=EPS, rotary_dim=ROT, rope_theta=THETA)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        yield (f"lightning-prologue out={str(out_dtype)[6:]}",
+               lambda: peer_lightning_prologue(lin, cos, sin, qw, kw),
+               lambda od=out_dtype: qkv_prologue(lin, pos, H, H, D, silu=False, out_dtype=od, **common),
+               qkv_prologue_bytes(N, H, H, D, torch.bfloat16, out_dtype))
+    yield ("softmax-prologue out=bfloat16",
+           lambda: peer_softmax_prologue(soft, cos, sin, qw, kw),
+           lambda: qkv_prologue(soft, pos, H, HKV, D, silu=False, norm_dtype=torch.bfloat16, **common),
+           qkv_prologue_bytes(N, H, HKV, D, torch.bfloat16, torch.bfloat16))
+    yield ("gate out=bfloat16", lambda: peer_gate(o, gate, gw), lambda: gated_group_rmsnorm(o, gate, gw32, GROUPS, EPS),
+           gated_group_rmsnorm_bytes(N, C, torch.bfloat16, torch.bfloat16))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda" and not a.quick:
+        sys.exit("gpu_elementwise: needs a CUDA device (or --quick for the CPU smoke test)")
+    kernels = dev.type == "cuda" and _build.available()
+    bench = timer(dev, a.quick)
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "kernels": kernels, "quick": a.quick, "shapes": dict(H=H, Hkv=HKV, d=D, rotary_dim=ROT, groups=GROUPS),
+           "copy_gbs": None, "rows": [], "errors": {}}
+    res["copy_gbs"] = cbw = copy_gbs(dev, bench, a.quick)
+    print(f"device {res['device']}  kernels={kernels}  copy {cbw:.0f} GB/s", flush=True)
+    hdr = f"{'case':32s} {'N':>6s} {'peer us':>10s} {'ours us':>10s} {'ratio':>7s} {'ours GB/s':>10s} {'% copy':>7s}"
+    print(hdr)
+    for N in ((1, 64, 512) if a.quick else (1, 64, 4096, 32768)):
+        for name, peer, ours, nbytes in cases(N, dev):
+            try:
+                tp, to = bench(peer), bench(ours)
+            except Exception as exc:  # noqa: BLE001 - record and keep measuring the other cases
+                res["errors"][f"{name} N={N}"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                continue
+            gbs = nbytes / to / 1e3
+            row = dict(case=name, N=N, peer_us=tp, ours_us=to, ratio=tp / to, bytes=nbytes, ours_gbs=gbs,
+                       peer_gbs=nbytes / tp / 1e3, pct_copy=100 * gbs / cbw)
+            res["rows"].append(row)
+            print(f"{name:32s} {N:6d} {tp:10.1f} {to:10.1f} {tp / to:6.2f}x {gbs:10.0f} {row['pct_copy']:6.1f}%",
+                  flush=True)
+    (out / "gpu_elementwise.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {out / 'gpu_elementwise.json'}")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

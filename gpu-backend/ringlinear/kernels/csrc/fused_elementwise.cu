@@ -1,0 +1,337 @@
+// Fused per-token fp32 elementwise steps of the attention layers (twins: kernels/elementwise_reference.py).
+//
+//   qkv_prologue          qkv row -> [silu] -> round to the norm dtype -> per-head RMSNorm of q, k (* weight)
+//                         -> partial NeoX RoPE of q, k -> q, k, v in the output dtype
+//   gated_group_rmsnorm   o row -> RMSNorm per contiguous group (* weight) * sigmoid(gate) -> output dtype
+//
+// One CTA per token row; memory-bound, so the aim is one pass over the row with 16-byte loads. Products and sums
+// that the eager reference rounds separately use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs:
+// RoPE then matches torch bit for bit given the same inputs. RoPE angles are computed in fp64 like
+// ops.rope_cos_sin (pos * theta^(-2i/r) in double, cos/sin in double, rounded to fp32): an fp32 angle at position
+// 1e6 would be off by up to 0.03 rad.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "common.cuh"
+
+namespace ringlinear {
+namespace {
+
+constexpr int kPrologueThreads = 256;
+constexpr int kPrologueWarps = kPrologueThreads / 32;
+constexpr int kPrologueRounds = 4;  // head vectors a lane loads before computing any (memory-level parallelism)
+constexpr int kPrologueMinBlocks = 4;  // <= 64 registers: 4 CTAs (1024 threads) per SM keep enough loads in flight
+constexpr int kGateThreads = 256;
+constexpr int kGateWarps = kGateThreads / 32;
+constexpr int kGateMaxVec = 8;  // float4 vectors per thread: rows of up to 8192 channels
+
+// Codes of the dtype the QK-norm rounds to (ops.rms_norm works in its input's dtype). Keep in sync with elementwise.py.
+constexpr int kNormF32 = 0, kNormBF16 = 1, kNormF16 = 2;
+
+RL_DEVICE float round_to(float x, int code) {
+  if (code == kNormBF16) return __bfloat162float(__float2bfloat16_rn(x));
+  if (code == kNormF16) return __half2float(__float2half_rn(x));
+  return x;
+}
+
+// 16 bytes of T (V = 16 / sizeof(T) elements) -> floats. p must be 16-byte aligned.
+template <typename T, int V>
+RL_DEVICE void load16(const T* p, float* f) {
+  static_assert(V * sizeof(T) == 16, "one 16-byte vector");
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < V; ++i) f[i] = to_float(e[i]);
+}
+
+// Four elements of T -> floats (8 or 16 bytes; p aligned to that).
+template <typename T>
+RL_DEVICE void load4(const T* p, float* f) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 u = __ldg(reinterpret_cast<const float4*>(p));
+    f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w;
+  } else {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = to_float(e[i]);
+  }
+}
+
+// V floats -> V elements of T at p (aligned to V * sizeof(T), which is 8, 16 or 32 bytes).
+template <typename T, int V>
+RL_DEVICE void store(T* p, const float* f) {
+  constexpr int kBytes = V * sizeof(T);
+  static_assert(kBytes == 8 || kBytes % 16 == 0, "8-byte or 16-byte multiple stores");
+  alignas(16) T tmp[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) tmp[i] = from_float<T>(f[i]);
+  if constexpr (kBytes == 8) {
+    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(tmp);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kBytes / 16; ++c) reinterpret_cast<uint4*>(p)[c] = reinterpret_cast<const uint4*>(tmp)[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// qkv prologue
+// ---------------------------------------------------------------------------------------------------------------
+// A head's D elements are spread over LPH = D / V lanes (V elements of 16 bytes each), so a warp covers HPW = 32 / LPH
+// heads per pass and the per-head RMS is a shuffle reduction inside an aligned group of LPH lanes. RoPE partners
+// (element e and e +- r/2) may sit in other lanes: they are exchanged through a per-warp shared buffer.
+template <typename Tin, typename Tout, int D>
+__global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
+    qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, const int64_t* __restrict__ positions,
+                        const float* __restrict__ q_w, const float* __restrict__ k_w, Tout* __restrict__ q_out,
+                        Tout* __restrict__ k_out, Tout* __restrict__ v_out, int Hq, int Hkv, int silu, int norm_code,
+                        float eps, int rot, double theta) {
+  constexpr int V = 16 / sizeof(Tin);
+  constexpr int LPH = D / V;
+  constexpr int HPW = 32 / LPH;
+  static_assert(D % V == 0 && LPH >= 1 && LPH <= 32 && 32 % LPH == 0, "head must split evenly over lanes");
+  constexpr int kHeadsPerPass = kPrologueWarps * HPW;
+
+  __shared__ float cos_s[D / 2], sin_s[D / 2];
+  __shared__ float xch[kPrologueWarps][HPW * D];
+
+  const int n = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane % LPH, hslot = lane / LPH;
+  const int H = Hq + 2 * Hkv, half = rot / 2;
+  const Tin* row = qkv + (int64_t)n * row_stride;
+
+  // cos/sin of this token's angles, once for all heads: exactly ops.rope_cos_sin's fp64 arithmetic. (Computing
+  // them after issuing the first loads overlaps better but keeps 32 more registers live across the fp64 code: spills.)
+  if (threadIdx.x < half) {
+    const double inv_freq = 1.0 / pow(theta, (double)(2 * threadIdx.x) / (double)rot);
+    double s, c;
+    sincos((double)positions[n] * inv_freq, &s, &c);
+    cos_s[threadIdx.x] = (float)c;
+    sin_s[threadIdx.x] = (float)s;
+  }
+  __syncthreads();
+
+  float* xs = xch[warp] + hslot * D;
+  for (int h0 = 0; h0 < H; h0 += kHeadsPerPass * kPrologueRounds) {  // block-uniform loop
+    float x[kPrologueRounds][V];
+#pragma unroll
+    for (int r = 0; r < kPrologueRounds; ++r) {
+      const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
+      if (h < H) {
+        load16<Tin, V>(row + (int64_t)h * D + sub * V, x[r]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) x[r][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kPrologueRounds; ++r) {
+      if (h0 + r * kHeadsPerPass >= H) break;  // block-uniform
+      // Lanes whose head is past the end (h >= H) still run the shuffles and __syncwarp below, then store nothing.
+      const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
+      float* f = x[r];
+      if (silu) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[i] = f[i] / (1.f + expf(-f[i]));  // torch's silu: x / (1 + exp(-x))
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) f[i] = round_to(f[i], norm_code);
+      const bool is_q = h < Hq, is_k = h >= Hq && h < Hq + Hkv;
+      const float* w = is_q ? q_w : (is_k ? k_w : nullptr);
+
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) ss += f[i] * f[i];
+#pragma unroll
+      for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (w != nullptr) {
+        // ops.rms_norm: normed = (x * rsqrt(mean(x^2) + eps)) in the norm dtype, then weight(norm dtype) * normed.
+        const float rs = rsqrtf(__fdiv_rn(ss, (float)D) + eps);
+        float wv[V];
+#pragma unroll
+        for (int c = 0; c < V / 4; ++c) load4<float>(w + sub * V + 4 * c, wv + 4 * c);
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          f[i] = round_to(__fmul_rn(round_to(wv[i], norm_code), round_to(__fmul_rn(f[i], rs), norm_code)), norm_code);
+      }
+
+      if (rot > 0) {  // block-uniform
+#pragma unroll
+        for (int i = 0; i < V; ++i) xs[sub * V + i] = f[i];
+        __syncwarp();
+        if (is_q || is_k) {
+          // ops.apply_partial_rope: y = x * cos + rotate_half(x) * sin over the first rot dims, products rounded.
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const int e = sub * V + i;
+            if (e < half) {
+              f[i] = __fsub_rn(__fmul_rn(f[i], cos_s[e]), __fmul_rn(xs[e + half], sin_s[e]));
+            } else if (e < rot) {
+              f[i] = __fadd_rn(__fmul_rn(f[i], cos_s[e - half]), __fmul_rn(xs[e - half], sin_s[e - half]));
+            }
+          }
+        }
+        __syncwarp();  // the buffer is rewritten by the next round
+      }
+
+      if (h < H) {
+        Tout* dst = is_q ? q_out + ((int64_t)n * Hq + h) * D
+                         : (is_k ? k_out + ((int64_t)n * Hkv + (h - Hq)) * D
+                                 : v_out + ((int64_t)n * Hkv + (h - Hq - Hkv)) * D);
+        store<Tout, V>(dst + sub * V, f);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// gated group RMSNorm
+// ---------------------------------------------------------------------------------------------------------------
+// Each thread keeps its float4 vectors of the row in registers; per-vector sums of squares go to shared memory and
+// one warp per group sums its group's in a fixed order (deterministic, no atomics).
+template <typename Tg, typename Tout>
+__global__ void __launch_bounds__(kGateThreads)
+    gated_group_rmsnorm_kernel(const float* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
+                               int64_t gate_stride, const float* __restrict__ weight, Tout* __restrict__ out, int C,
+                               int groups, float eps) {
+  extern __shared__ float smem[];
+  const int nvec = C / 4, gsize = C / groups, gvec = gsize / 4;
+  float* part = smem;          // [nvec] sum of squares of each float4
+  float* scale = smem + nvec;  // [groups] rsqrt(mean + eps)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* orow = o + (int64_t)blockIdx.x * o_stride;
+  const Tg* grow = gate + (int64_t)blockIdx.x * gate_stride;
+  Tout* yrow = out + (int64_t)blockIdx.x * C;
+
+  float x[kGateMaxVec][4];
+#pragma unroll
+  for (int i = 0; i < kGateMaxVec; ++i) {
+    const int v = threadIdx.x + i * kGateThreads;
+    if (v < nvec) {
+      load4<float>(orow + 4 * v, x[i]);
+      part[v] = x[i][0] * x[i][0] + x[i][1] * x[i][1] + x[i][2] * x[i][2] + x[i][3] * x[i][3];
+    }
+  }
+  __syncthreads();
+  for (int g = warp; g < groups; g += kGateWarps) {
+    float s = 0.f;
+    for (int v = lane; v < gvec; v += 32) s += part[g * gvec + v];
+    s = warp_sum(s);
+    if (lane == 0) scale[g] = rsqrtf(__fdiv_rn(s, (float)gsize) + eps);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kGateMaxVec; ++i) {
+    const int v = threadIdx.x + i * kGateThreads;
+    if (v < nvec) {
+      const float rs = scale[(4 * v) / gsize];  // a float4 never straddles groups: gsize % 4 == 0
+      float g[4], w[4], y[4];
+      load4<Tg>(grow + 4 * v, g);
+      load4<float>(weight + 4 * v, w);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // ops.group_rms_norm then * torch.sigmoid (1 / (1 + exp(-g))), each product rounded as in eager torch.
+        const float sig = 1.f / (1.f + expf(-g[j]));
+        y[j] = __fmul_rn(__fmul_rn(w[j], __fmul_rn(x[i][j], rs)), sig);
+      }
+      store<Tout, 4>(yrow + 4 * v, y);
+    }
+  }
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    case at::kHalf: f(__half{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host entry points (shapes and dtypes are validated by elementwise.py; the checks here guard the raw pointers)
+// ---------------------------------------------------------------------------------------------------------------
+void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
+                  const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
+                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta) {
+  TORCH_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
+  const int64_t N = q_out.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
+  TORCH_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && v_out.is_contiguous(), "qkv_prologue: outputs must be contiguous");
+  TORCH_CHECK(k_out.sizes() == v_out.sizes() && k_out.size(0) == N && k_out.size(2) == D, "qkv_prologue: k/v output shapes");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == N && qkv.size(1) == (Hq + 2 * Hkv) * D && qkv.stride(1) == 1,
+              "qkv_prologue: qkv must be [N, (Hq + 2 Hkv) d] with unit column stride");
+  TORCH_CHECK(aligned16(qkv) && (qkv.stride(0) * qkv.element_size()) % 16 == 0, "qkv_prologue: qkv rows must be 16-byte aligned");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == N,
+              "qkv_prologue: positions must be contiguous int64 [N]");
+  for (const auto* w : {&q_w, &k_w}) {
+    if (w->has_value()) {
+      TORCH_CHECK((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D && aligned16(**w),
+                  "qkv_prologue: norm weights must be contiguous, 16-byte aligned float32 [d]");
+    }
+  }
+  TORCH_CHECK(D == 64 || D == 128, "qkv_prologue: head_dim must be 64 or 128");
+  TORCH_CHECK(rot >= 0 && rot <= D && rot % 2 == 0, "qkv_prologue: rotary_dim must be even and <= head_dim");
+  TORCH_CHECK(norm_code >= kNormF32 && norm_code <= kNormF16, "qkv_prologue: bad norm dtype code");
+  TORCH_CHECK(q_out.scalar_type() == k_out.scalar_type() && k_out.scalar_type() == v_out.scalar_type(),
+              "qkv_prologue: outputs must share a dtype");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(qkv.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(qkv.scalar_type(), "qkv_prologue: qkv", [&](auto in_tag) {
+    using Tin = decltype(in_tag);
+    dispatch_float(q_out.scalar_type(), "qkv_prologue: out_dtype", [&](auto out_tag) {
+      using Tout = decltype(out_tag);
+      auto launch = [&](auto kernel) {
+        kernel<<<(unsigned)N, kPrologueThreads, 0, stream>>>(
+            reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), positions.data_ptr<int64_t>(),
+            q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
+            reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
+            reinterpret_cast<Tout*>(v_out.data_ptr()), (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
+            (int)rot, theta);
+      };
+      if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64>);
+      else launch(qkv_prologue_kernel<Tin, Tout, 128>);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
+                         int64_t groups, double eps) {
+  TORCH_CHECK(o.dim() == 2 && o.scalar_type() == at::kFloat && o.stride(1) == 1, "gated_group_rmsnorm: o must be fp32 [N, C]");
+  const int64_t N = o.size(0), C = o.size(1);
+  TORCH_CHECK(C % 4 == 0 && C <= 4 * kGateThreads * kGateMaxVec, "gated_group_rmsnorm: C must be a multiple of 4 and <= ",
+              4 * kGateThreads * kGateMaxVec);
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && (C / groups) % 4 == 0,
+              "gated_group_rmsnorm: groups must divide C into groups of a multiple of 4 channels");
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == N && gate.size(1) == C && gate.stride(1) == 1,
+              "gated_group_rmsnorm: gate must be [N, C] with unit column stride");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == C && aligned16(weight),
+              "gated_group_rmsnorm: weight must be contiguous, 16-byte aligned float32 [C]");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == C, "gated_group_rmsnorm: out must be contiguous [N, C]");
+  TORCH_CHECK(aligned16(o) && o.stride(0) % 4 == 0, "gated_group_rmsnorm: o rows must be 16-byte aligned");
+  TORCH_CHECK(aligned16(gate) && gate.stride(0) % 4 == 0, "gated_group_rmsnorm: gate rows must be aligned to 4 elements");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(o.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const size_t smem = (size_t)(C / 4 + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
+  dispatch_float(gate.scalar_type(), "gated_group_rmsnorm: gate", [&](auto g_tag) {
+    using Tg = decltype(g_tag);
+    dispatch_float(out.scalar_type(), "gated_group_rmsnorm: out_dtype", [&](auto out_tag) {
+      using Tout = decltype(out_tag);
+      gated_group_rmsnorm_kernel<Tg, Tout><<<(unsigned)N, kGateThreads, smem, stream>>>(
+          o.data_ptr<float>(), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()), gate.stride(0),
+          weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups, (float)eps);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace ringlinear

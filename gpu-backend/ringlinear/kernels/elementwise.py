@@ -1,0 +1,211 @@
+"""Fused per-token elementwise kernels of the attention layers, each beside its twin (elementwise_reference.py).
+
+    qkv_prologue          the fused QKV projection's output -> [silu] -> per-head QK RMSNorm -> partial NeoX RoPE
+                          -> q, k, v [N, H, d], in one pass over the rows instead of ~15 eager launches
+    gated_group_rmsnorm   lightning output -> group RMSNorm * sigmoid(gate) -> out dtype, in one pass
+
+Arguments are validated (ValueError naming the argument) before any work. On CUDA with the extension the kernel runs
+(head_dim 64/128; group width a multiple of 4 channels, C <= 8192; fp16/bf16/fp32 tensors); anything else (CPU, fp64
+golden runs, other shapes) runs the twin, so callers never branch. Neither path synchronises with the host, so both
+can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from . import _build
+from .elementwise_reference import gated_group_rmsnorm_reference, qkv_prologue_reference
+
+PROLOGUE_HEAD_DIMS = (64, 128)
+GATE_MAX_CHANNELS = 8192  # csrc: 256 threads x 8 float4 vectors per row
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NORM_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc kNormF32 / kNormBF16 / kNormF16
+_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+def _int(name: str, fn: str, value, lo: int) -> int:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{fn}: {name} must be an int, got {type(value).__name__}") from None
+    if isinstance(value, bool) or v < lo:
+        raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {value!r}")
+    return v
+
+
+def _float(name: str, fn: str, value, positive: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: {name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{fn}: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
+def _tensor(name: str, fn: str, t, dim: int, device: torch.device | None = None, floating: bool = True):
+    if not torch.is_tensor(t) or t.dim() != dim:
+        raise ValueError(f"{fn}: {name} must be a {dim}-d tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if floating and t.dtype not in _DTYPES:
+        raise ValueError(f"{fn}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device}")
+    return t
+
+
+def _dtype(name: str, fn: str, dtype) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ValueError(f"{fn}: {name} must be one of {[str(d) for d in _DTYPES]}, got {dtype!r}")
+    return dtype
+
+
+def _aligned_rows(t: torch.Tensor, row_align: int) -> torch.Tensor:
+    """t with unit column stride, a 16-byte aligned base and row strides a multiple of row_align elements."""
+    if t.stride(-1) != 1 or t.stride(0) % row_align or t.data_ptr() % 16:
+        t = t.contiguous()
+        if t.data_ptr() % 16:  # a contiguous view at an odd offset
+            t = t.clone()
+    return t
+
+
+def _weight_f32(w: torch.Tensor | None) -> torch.Tensor | None:
+    if w is None:
+        return None
+    w = w.to(torch.float32).contiguous()
+    return w.clone() if w.data_ptr() % 16 else w
+
+
+def _use_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda and _build.available()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def qkv_prologue(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    silu: bool,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    rotary_dim: int,
+    rope_theta: float,
+    out_dtype: torch.dtype = torch.bfloat16,
+    norm_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused projection qkv [N, (Hq + 2 Hkv) d] (q heads, then k heads, then v heads) into q [N, Hq, d],
+    k [N, Hkv, d], v [N, Hkv, d] (contiguous, out_dtype), computing in fp32:
+
+        x = qkv.float(); if silu: x = silu(x)          (all of q, k, v)
+        q, k = RMSNorm per head * q_norm_weight / k_norm_weight   (skipped where the weight is None)
+        q, k = NeoX RoPE on the first rotary_dim dims at positions [N] (int, on qkv's device; 0 = no RoPE)
+
+    exactly as ops.rms_norm / ops.rope_cos_sin / ops.apply_partial_rope (angles in fp64). norm_dtype: the dtype
+    the QK-norm rounds to, as ops.rms_norm does in its input's dtype. None (default) = fp32: the lightning layers,
+    which cast the projection to fp32 first. The softmax layers normalise the bf16 projection itself: pass
+    norm_dtype=qkv.dtype there to reproduce model.py bit for bit (the fp32 norm differs by <= 1 bf16 ulp).
+    """
+    fn = "qkv_prologue"
+    _tensor("qkv", fn, qkv, 2)
+    dev = qkv.device
+    Hq = _int("num_q_heads", fn, num_q_heads, 1)
+    Hkv = _int("num_kv_heads", fn, num_kv_heads, 1)
+    d = _int("head_dim", fn, head_dim, 1)
+    N, W = qkv.shape
+    if W != (Hq + 2 * Hkv) * d:
+        raise ValueError(f"{fn}: qkv has {W} columns, expected (num_q_heads + 2 * num_kv_heads) * head_dim = "
+                         f"{(Hq + 2 * Hkv) * d}")
+    _tensor("positions", fn, positions, 1, dev, floating=False)
+    if positions.shape[0] != N or positions.dtype.is_floating_point or positions.dtype.is_complex \
+            or positions.dtype == torch.bool:
+        raise ValueError(f"{fn}: positions must be an integer tensor [{N}], got {positions.dtype} {tuple(positions.shape)}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None:
+            _tensor(name, fn, w, 1, dev)
+            if w.shape[0] != d:
+                raise ValueError(f"{fn}: {name} must be [{d}], got {tuple(w.shape)}")
+    if not isinstance(silu, bool):
+        raise ValueError(f"{fn}: silu must be a bool, got {silu!r}")
+    eps = _float("eps", fn, eps)
+    rot = _int("rotary_dim", fn, rotary_dim, 0)
+    if rot % 2 or rot > d:
+        raise ValueError(f"{fn}: rotary_dim must be even and <= head_dim ({d}), got {rot}")
+    theta = _float("rope_theta", fn, rope_theta, positive=True) if rot else 0.0  # unused without RoPE
+    _dtype("out_dtype", fn, out_dtype)
+    if norm_dtype is not None:
+        _dtype("norm_dtype", fn, norm_dtype)
+
+    kernel_ok = (d in PROLOGUE_HEAD_DIMS and qkv.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
+                 and (norm_dtype is None or norm_dtype in _KERNEL_DTYPES))
+    if not (kernel_ok and _use_cuda(qkv)):
+        return qkv_prologue_reference(qkv, positions, Hq, Hkv, d, silu=silu, q_norm_weight=q_norm_weight,
+                                      k_norm_weight=k_norm_weight, eps=eps, rotary_dim=rot, rope_theta=theta,
+                                      out_dtype=out_dtype, norm_dtype=norm_dtype)
+    q = torch.empty(N, Hq, d, dtype=out_dtype, device=dev)
+    k = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
+    v = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
+    if N == 0:
+        return q, k, v
+    _build.extension().qkv_prologue(
+        _aligned_rows(qkv, 16 // qkv.element_size()),
+        positions.to(torch.int64).contiguous(),
+        _weight_f32(q_norm_weight),
+        _weight_f32(k_norm_weight),
+        q, k, v,
+        silu,
+        _NORM_CODES[norm_dtype or torch.float32],
+        eps,
+        rot,
+        theta,
+    )
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def gated_group_rmsnorm(
+    o: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    eps: float,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """ops.group_rms_norm(o, weight, groups, eps) * sigmoid(gate.float()) in out_dtype [N, C].
+
+    o [N, C] (the attention output, fp32 on the kernel path), gate [N, C] (the gate projection, any float dtype),
+    weight [C]. `groups` is the NUMBER of contiguous groups (C / groups channels each), the meaning of
+    ops.group_rms_norm's argument and of the config's group_norm_size (Ring-mini: 4 groups of 512 channels).
+    """
+    fn = "gated_group_rmsnorm"
+    _tensor("o", fn, o, 2)
+    dev = o.device
+    N, C = o.shape
+    _tensor("gate", fn, gate, 2, dev)
+    if gate.shape != o.shape:
+        raise ValueError(f"{fn}: gate must have o's shape {tuple(o.shape)}, got {tuple(gate.shape)}")
+    _tensor("weight", fn, weight, 1, dev)
+    if weight.shape[0] != C:
+        raise ValueError(f"{fn}: weight must be [{C}], got {tuple(weight.shape)}")
+    G = _int("groups", fn, groups, 1)
+    if C % G:
+        raise ValueError(f"{fn}: groups={G} must divide the {C} channels")
+    eps = _float("eps", fn, eps)
+    _dtype("out_dtype", fn, out_dtype)
+
+    kernel_ok = (o.dtype == torch.float32 and gate.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
+                 and (C // G) % 4 == 0 and C <= GATE_MAX_CHANNELS)
+    if not (kernel_ok and _use_cuda(o)):
+        return gated_group_rmsnorm_reference(o, gate, weight, G, eps, out_dtype)
+    out = torch.empty(N, C, dtype=out_dtype, device=dev)
+    if N == 0:
+        return out
+    _build.extension().gated_group_rmsnorm(_aligned_rows(o, 4), _aligned_rows(gate, 4), _weight_f32(weight), out,
+                                           G, eps)
+    return out

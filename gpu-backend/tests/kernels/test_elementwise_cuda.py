@@ -1,0 +1,213 @@
+"""GPU tests: the fused elementwise kernels (csrc/fused_elementwise.cu) against their twins on the same device.
+
+The twins run on the GPU too, so RoPE's fp64 cos/sin come from the same device math as the kernel's: differences
+left are the RMS reductions' summation order, rsqrtf (<= 2 ulp) and expf in silu / sigmoid.
+"""
+
+import pytest
+import torch
+
+from ringlinear.kernels import available
+from ringlinear.kernels.elementwise import gated_group_rmsnorm, qkv_prologue
+from ringlinear.kernels.elementwise_reference import gated_group_rmsnorm_reference, qkv_prologue_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EPS = 1e-6
+THETA = 1e6
+# fp32 outputs: each element is a few fp32 roundings away from the twin's (reduction order, rsqrtf, expf), so the
+# error relative to the row's largest magnitude stays a few fp32 ulps; 1e-5 leaves ~50x headroom yet catches any
+# wrong index, missing rounding step or fp32 RoPE angle (0.03 rad at position 1e6).
+FP32_REL = 1e-5
+# bf16/fp16 outputs: the fp32 values before the final rounding agree within FP32_REL of the row's largest magnitude
+# (as for fp32 outputs), then the rounding can flip one output ulp. Both terms matter: an element near zero after RoPE
+# (x1 cos - x2 sin cancelling) has an fp32 error worth several of its own bf16 ulps (seen on the H200: 2 of 2M outputs).
+LOW_ULPS = 1
+# With norm_dtype=bf16 the kernel rounds the normalised value to bf16 before RoPE like ops.rms_norm does; a 1e-7
+# difference at that rounding flips one bf16 ulp (<= 2^-7 relative), which RoPE mixes into two outputs
+# (|cos| + |sin| <= sqrt 2), plus one output ulp: within 2^-6 of the row's largest magnitude.
+BF16_NORM_REL = 4 * 2.0**-8
+BF16_NORM_FLIP_FRACTION = 0.01  # such flips are rare: the inputs sit on a rounding boundary
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One ulp of dtype at |x| (fp32 math)."""
+    mant = {torch.bfloat16: 8, torch.float16: 11}[dtype]
+    _, e = torch.frexp(x.float().abs().clamp_min(torch.finfo(dtype).tiny))
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), e - mant)
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, what: str):
+    assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous(), what
+    assert torch.isfinite(got).all(), what
+    if got.dtype == torch.float32:
+        scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        err = ((got - want).abs() / scale).max().item()
+        assert err <= FP32_REL, f"{what}: rel err {err:.3g}"
+    else:
+        diff = (got.float() - want.float()).abs()
+        row = want.float().abs().amax(-1, keepdim=True)
+        tol = LOW_ULPS * torch.maximum(_ulp(got, got.dtype), _ulp(want, got.dtype)) + FP32_REL * row
+        assert (diff <= tol).all(), f"{what}: max diff {diff.max().item():.3g} ({(diff > tol).sum().item()} elements)"
+
+
+def _inputs(N, H, Hkv, d, dtype, seed, pos_hi=1_000_000):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = (torch.randn(N, (H + 2 * Hkv) * d, device="cuda", generator=g) * 2).to(dtype)
+    pos = torch.randint(0, pos_hi, (N,), device="cuda", generator=g)
+    qw = (0.5 + torch.rand(d, device="cuda", generator=g)).to(torch.bfloat16)
+    kw = (0.5 + torch.rand(d, device="cuda", generator=g)).to(torch.bfloat16)
+    return qkv, pos, qw, kw
+
+
+def test_extension_builds():
+    assert available()
+
+
+CASES = [  # (name, Hq, Hkv, d, rotary_dim, silu, norm)
+    ("lightning", 16, 16, 128, 64, True, True),
+    ("lightning-nosilu", 16, 16, 128, 64, False, True),
+    ("softmax-gqa", 16, 4, 128, 64, False, True),
+    ("d64", 8, 8, 64, 32, True, True),
+    ("d64-gqa-full-rotary", 8, 2, 64, 64, False, True),
+    ("no-norm", 16, 4, 128, 64, True, False),
+    ("rotary0", 16, 4, 128, 0, False, True),
+    ("rotary2", 3, 1, 128, 2, True, True),  # half = 1: partners in the same lane
+    ("rotary-odd-half", 5, 3, 64, 22, False, True),  # half = 11: partners straddle lanes unevenly
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 37, 1000])
+def test_prologue_matches_twin(case, in_dtype, out_dtype, N):
+    _, H, Hkv, d, rot, silu, norm = case
+    qkv, pos, qw, kw = _inputs(N, H, Hkv, d, in_dtype, seed=N + H + d + rot)
+    args = dict(silu=silu, q_norm_weight=qw if norm else None, k_norm_weight=kw if norm else None, eps=EPS,
+                rotary_dim=rot, rope_theta=THETA, out_dtype=out_dtype)
+    got = qkv_prologue(qkv, pos, H, Hkv, d, **args)
+    want = qkv_prologue_reference(qkv, pos, H, Hkv, d, **args)
+    for g, w, nm in zip(got, want, "qkv"):
+        _check(g, w, f"{case[0]} {nm}")
+    if not silu and in_dtype == out_dtype:
+        assert torch.equal(got[2], want[2])  # v is a plain copy
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_prologue_bf16_norm_dtype(out_dtype, d):
+    """The softmax layers' exact semantics: QK-norm rounded to bf16 as ops.rms_norm does on the bf16 projection."""
+    N, H, Hkv = 500, 16, 4
+    qkv, pos, qw, kw = _inputs(N, H, Hkv, d, torch.bfloat16, seed=d)
+    args = dict(silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=d // 2, rope_theta=THETA,
+                out_dtype=out_dtype, norm_dtype=torch.bfloat16)
+    got = qkv_prologue(qkv, pos, H, Hkv, d, **args)
+    want = qkv_prologue_reference(qkv, pos, H, Hkv, d, **args)
+    fp32_norm = qkv_prologue_reference(qkv, pos, H, Hkv, d, **{**args, "norm_dtype": None})
+    for g, w, f in zip(got[:2], want[:2], fp32_norm[:2]):
+        scale = w.float().abs().amax(-1, keepdim=True)
+        diff = (g.float() - w.float()).abs()
+        assert (diff <= BF16_NORM_REL * scale).all()
+        assert (diff > 1e-6 * scale).float().mean().item() <= BF16_NORM_FLIP_FRACTION
+        # and it is the bf16 semantics, not the fp32 one: far more elements agree with the bf16-norm twin
+        assert (diff == 0).sum() > (g.float() == f.float()).sum()
+    assert torch.equal(got[2], want[2])
+
+
+def test_prologue_large_positions_and_int32_positions():
+    N, H, Hkv, d = 64, 4, 4, 128
+    qkv, _, qw, kw = _inputs(N, H, Hkv, d, torch.float32, seed=3)
+    pos = torch.arange(1_000_000 - N, 1_000_000, device="cuda")
+    args = dict(silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=64, rope_theta=THETA,
+                out_dtype=torch.float32)
+    want = qkv_prologue_reference(qkv, pos, H, Hkv, d, **args)
+    for p in (pos, pos.to(torch.int32)):
+        for g, w in zip(qkv_prologue(qkv, p, H, Hkv, d, **args), want):
+            _check(g, w, "large positions")
+
+
+def test_prologue_strided_and_misaligned_qkv():
+    N, H, Hkv, d = 50, 4, 2, 64
+    W = (H + 2 * Hkv) * d
+    base, pos, qw, kw = _inputs(N, H, Hkv, d, torch.bfloat16, seed=9)
+    args = dict(silu=True, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=32, rope_theta=THETA)
+    want = qkv_prologue_reference(base, pos, H, Hkv, d, **args)
+    wide = torch.zeros(N, W + 64, dtype=torch.bfloat16, device="cuda")
+    wide[:, 8:8 + W] = base  # a column slice: aligned row stride, 16-byte aligned start (used in place)
+    shifted = torch.zeros(N, W + 64, dtype=torch.bfloat16, device="cuda")
+    shifted[:, 1:1 + W] = base  # a column slice starting 2 bytes off alignment (copied first)
+    odd = torch.zeros(N * W + 1, dtype=torch.bfloat16, device="cuda")
+    odd[1:].view(N, W).copy_(base)  # contiguous but 2 bytes off alignment (cloned first)
+    for x in (wide[:, 8:8 + W], shifted[:, 1:1 + W], odd[1:].view(N, W)):
+        for g, w in zip(qkv_prologue(x, pos, H, Hkv, d, **args), want):
+            _check(g, w, "strided")
+
+
+def test_prologue_empty():
+    q, k, v = qkv_prologue(torch.empty(0, 24 * 128, device="cuda", dtype=torch.bfloat16),
+                           torch.empty(0, dtype=torch.int64, device="cuda"), 16, 4, 128, silu=False,
+                           q_norm_weight=None, k_norm_weight=None, eps=EPS, rotary_dim=64, rope_theta=THETA)
+    assert q.shape == (0, 16, 128) and k.shape == v.shape == (0, 4, 128) and q.is_cuda
+
+
+GATE_CASES = [(2048, 4), (2048, 1), (2048, 512), (4096, 8), (8192, 4), (96, 3), (1024, 16)]
+
+
+@pytest.mark.parametrize("C,groups", GATE_CASES, ids=[f"C{c}-G{g}" for c, g in GATE_CASES])
+@pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 37, 1000])
+def test_gate_matches_twin(C, groups, gate_dtype, out_dtype, N):
+    g = torch.Generator(device="cuda").manual_seed(C + groups + N)
+    o = torch.randn(N, C, device="cuda", generator=g) * torch.rand(N, 1, device="cuda", generator=g) * 5
+    gate = (torch.randn(N, C, device="cuda", generator=g) * 3).to(gate_dtype)
+    w = (0.5 + torch.rand(C, device="cuda", generator=g)).to(torch.bfloat16)
+    got = gated_group_rmsnorm(o, gate, w, groups, EPS, out_dtype)
+    want = gated_group_rmsnorm_reference(o, gate, w, groups, EPS, out_dtype)
+    _check(got, want, f"gate C={C} G={groups}")
+
+
+def test_gate_strided_inputs_and_empty():
+    N, C = 40, 2048
+    fused = torch.randn(N, 2 * C, device="cuda").to(torch.bfloat16)  # e.g. gate sliced from a fused projection
+    o_wide = torch.randn(N, C + 4, device="cuda")
+    o, gate = o_wide[:, 4:], fused[:, C:]
+    w = torch.rand(C, device="cuda") + 0.5
+    _check(gated_group_rmsnorm(o, gate, w, 4, EPS), gated_group_rmsnorm_reference(o, gate, w, 4, EPS), "strided gate")
+    odd = torch.randn(N * C + 1, device="cuda")[1:].view(N, C)  # 4 bytes off alignment
+    _check(gated_group_rmsnorm(odd, gate, w, 4, EPS), gated_group_rmsnorm_reference(odd, gate, w, 4, EPS), "misaligned o")
+    y = gated_group_rmsnorm(torch.empty(0, C, device="cuda"), torch.empty(0, C, device="cuda"), w, 4, EPS)
+    assert y.shape == (0, C) and y.is_cuda
+
+
+def test_cuda_graph_capture_and_replay():
+    N, H, d, C = 256, 16, 128, 2048
+    qkv, pos, qw, kw = _inputs(N, H, H, d, torch.bfloat16, seed=21)
+    o = torch.randn(N, C, device="cuda")
+    gate = torch.randn(N, C, device="cuda").to(torch.bfloat16)
+    gw = torch.rand(C, device="cuda").to(torch.bfloat16) + 0.5
+    args = dict(silu=True, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=64, rope_theta=THETA)
+
+    def step():
+        return qkv_prologue(qkv, pos, H, H, d, **args), gated_group_rmsnorm(o, gate, gw, 4, EPS)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up (builds the extension, caches allocations) outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (q, k, v), y = step()
+    for seed in (1, 2):  # new inputs in the captured buffers, then replay
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        qkv.copy_(torch.randn(qkv.shape, device="cuda", generator=g))
+        pos.copy_(torch.randint(0, 1_000_000, pos.shape, device="cuda", generator=g))
+        o.copy_(torch.randn(o.shape, device="cuda", generator=g))
+        gate.copy_(torch.randn(gate.shape, device="cuda", generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip((q, k, v), qkv_prologue_reference(qkv, pos, H, H, d, **args)):
+            _check(a, b, "graph prologue")
+        _check(y, gated_group_rmsnorm_reference(o, gate, gw, 4, EPS), "graph gate")
