@@ -11,6 +11,9 @@ at N = 1, 64, 4096, 32768 tokens per step:
     softmax-prologue    bf16 qkv [N, 24*128] -> bf16 QK RMSNorm, fp32 RoPE, bf16 q/k (runner._softmax) vs ours
                         (norm_dtype=bf16: the same numbers)
     gate                fp32 o [N, 2048], bf16 gate -> group RMSNorm * sigmoid(gate) -> bf16 (runner._lightning)
+    add-rmsnorm         bf16 residual x [N, 2048] + bf16 attention output, then RMSNorm (runner._forward's
+                        `x = x + a` then post_attention_layernorm) vs ours (both s and the normed rows written)
+    rmsnorm             bf16 [N, 2048] -> RMSNorm alone (input_layernorm of layer 0, the final norm) vs ours
 
 The peer excludes rope_cos_sin, which the runner computes once per step for all layers; ours recomputes the angles
 in every call. Norm weights are passed to ours in fp32 (convert once at load: bf16 weights cost a conversion launch
@@ -35,8 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gpu-backend"))
 
 from ringlinear.kernels import _build  # noqa: E402
-from ringlinear.kernels.elementwise import gated_group_rmsnorm, qkv_prologue  # noqa: E402
-from ringlinear.kernels.elementwise_reference import gated_group_rmsnorm_bytes, qkv_prologue_bytes  # noqa: E402
+from ringlinear.kernels.elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue  # noqa: E402
+from ringlinear.kernels.elementwise_reference import (  # noqa: E402
+    add_rms_norm_bytes,
+    gated_group_rmsnorm_bytes,
+    qkv_prologue_bytes,
+)
 from ringlinear.ops import apply_partial_rope, group_rms_norm, rms_norm, rope_cos_sin  # noqa: E402
 from ringlinear.tools.params import PRESETS  # noqa: E402
 
@@ -111,6 +118,11 @@ def peer_gate(o, gate, w):
     return (y * torch.sigmoid(gate.to(torch.float32))).to(torch.bfloat16)
 
 
+def peer_add_rms_norm(x, a, w):
+    s = x + a
+    return s, rms_norm(s, w, EPS)
+
+
 # ------------------------------------------------------------------------------------ cases
 def cases(N: int, dev: torch.device):
     g = torch.Generator(device=dev).manual_seed(N)
@@ -137,6 +149,14 @@ def cases(N: int, dev: torch.device):
            qkv_prologue_bytes(N, H, HKV, D, torch.bfloat16, torch.bfloat16))
     yield ("gate out=bfloat16", lambda: peer_gate(o, gate, gw), lambda: gated_group_rmsnorm(o, gate, gw32, GROUPS, EPS),
            gated_group_rmsnorm_bytes(N, C, torch.bfloat16, torch.bfloat16))
+    hidden = MINI["hidden_size"]
+    x = torch.randn(N, hidden, device=dev, generator=g).to(torch.bfloat16)
+    a = torch.randn(N, hidden, device=dev, generator=g).to(torch.bfloat16)
+    nw = (torch.rand(hidden, device=dev, generator=g) + 0.5).to(torch.bfloat16)
+    yield ("add-rmsnorm bfloat16", lambda: peer_add_rms_norm(x, a, nw), lambda: add_rms_norm(x, a, nw, EPS),
+           add_rms_norm_bytes(N, hidden, torch.bfloat16, True))
+    yield ("rmsnorm bfloat16", lambda: rms_norm(x, nw, EPS), lambda: add_rms_norm(x, None, nw, EPS),
+           add_rms_norm_bytes(N, hidden, torch.bfloat16, False))
 
 
 def main(argv=None):

@@ -215,6 +215,36 @@ def best_at(rows: list[dict], ctx: int) -> dict | None:
     return max(at, key=lambda r: r["batch"]) if at else None
 
 
+def plot(res: dict, path: Path) -> None:
+    """PNG: prefill tokens/s vs context (ours, twin) and decode tokens/s vs batch per context (matplotlib, guarded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, style in (("ours", "o-"), ("twin", "s--")):
+        rows = res.get(name, {}).get("prefill", [])
+        if rows:
+            a.plot([r["context"] for r in rows], [r["tok_s"] for r in rows], style,
+                   label=f"{name} ({'16 lightning + 4 softmax' if name == 'ours' else '20 softmax'} layers)")
+    contexts = sorted({r["context"] for n in ("ours", "twin") for r in res.get(n, {}).get("decode", [])})
+    for name, style in (("ours", "o-"), ("twin", "s--")):
+        for i, ctx in enumerate(contexts):  # one colour per context, one line style per model
+            rows = sorted((r for r in res.get(name, {}).get("decode", []) if r["context"] == ctx), key=lambda r: r["batch"])
+            b.plot([r["batch"] for r in rows], [r["tok_s"] for r in rows], style, color=f"C{i}",
+                   label=f"{name}, {ctx // 1024}k context")
+    a.set(xscale="log", xlabel="prompt tokens (one request)", ylabel="prefill tokens/s", title="Prefill, time to first token")
+    b.set(xscale="log", yscale="log", xlabel="batch (requests)", ylabel="decode tokens/s", title="Decode (CUDA graphs)")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Ring-mini-linear-2.0 vs softmax twin, random bf16 weights, {res.get('device', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="ring-mini-linear-2.0", choices=sorted(PRESETS))
@@ -229,6 +259,7 @@ def main(argv=None) -> None:
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds per model; later measurements are skipped")
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (default: CUDA graphs on CUDA)")
     p.add_argument("--json")
+    p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -285,6 +316,8 @@ def main(argv=None) -> None:
                       f"B={t['batch']} {t['tok_s']:.1f} tok/s = {largest[-1]['ratio']:.2f}x (roofline {largest[-1]['roofline_ratio']:.2f}x)")
         res["decode_largest_batch"] = largest
         dump()
+    if a.plot:
+        plot(res, Path(a.plot))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
-#   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [e2e] [e2e-decode]
+#   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -18,7 +18,10 @@ for step in "$@"; do
     tests) TAIL=25 run tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib gpu-backend/tests/kernels \
              gpu-backend/tests/engine/test_kernel_path.py "gpu-backend/tests/model/test_model.py::test_f32_reference_meets_golden_tolerance" ;;
     kernels) TAIL=40 run kernels sh -c "python3 bench/gpu_paged_attention.py --out $OUT && python3 bench/gpu_elementwise.py --out $OUT && python3 bench/gpu_kernels.py --only ceilings,decode,moe --out $OUT" ;;
-    e2e) TAIL=30 run e2e python3 bench/pod_e2e.py --device cuda --decode-contexts "" --time-budget 150 --json "$OUT/e2e_prefill.json" ;;
+    elementwise) TAIL=25 run elementwise python3 bench/gpu_elementwise.py --out "$OUT" ;;
+    e2e) TAIL=45 run e2e python3 bench/pod_e2e.py --device cuda --batches 1,8,32,64,128,256 --decode-steps 6 \
+             --time-budget 200 --json "$OUT/e2e.json" --plot "$OUT/pod_e2e.png" ;;
+    e2e-prefill) TAIL=30 run e2e_prefill python3 bench/pod_e2e.py --device cuda --decode-contexts "" --time-budget 150 --json "$OUT/e2e_prefill.json" ;;
     e2e-decode) TAIL=40 run e2e_decode python3 bench/pod_e2e.py --device cuda --prefill-contexts "" --decode-contexts 65536,16384,4096 \
              --batches 1,8,32,64,128,256 --decode-steps 4 --time-budget 150 --json "$OUT/e2e_decode.json" ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -166,15 +166,25 @@ class ModelRunner:
         cos, sin = rope_cos_sin(pos[None], cfg.rot_dim, cfg.rope_theta, self.acc)
         plan.pos = pos
         x = model.model.word_embeddings(ids)[None]  # [1, N, D]
+        pending = None  # the last MLP's output, added to the residual stream by the next norm's pass
         for l, layer in enumerate(model.model.layers):
-            h = layer.input_layernorm(x)
+            x, h = self._add_norm(x, pending, layer.input_layernorm)
             if layer.is_softmax:
                 a = self._softmax(layer.attention, l, h, cos, sin, kv_rows, plan)
             else:
                 a = self._lightning(layer.attention, l, h, cos, sin, plan, snaps)
-            x = x + a
-            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        return x
+            x, h = self._add_norm(x, a, layer.post_attention_layernorm)
+            pending = self._mlp(layer.mlp, h)
+        return x + pending
+
+    def _add_norm(self, x, delta, norm):
+        """(x + delta, norm(x + delta)): the residual add and the next RMSNorm, one fused pass on the kernel path."""
+        if self.use_kernels:
+            s, h = cuda_kernels.add_rms_norm(x[0], None if delta is None else delta[0], norm.weight, norm.eps)
+            return s[None], h[None]
+        if delta is not None:
+            x = x + delta
+        return x, norm(x)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(hidden)).to(self.acc)

@@ -7,6 +7,7 @@
 | MoE router / experts | `moe.route`, `moe.fused_moe` | `moe_reference.route_reference`, `moe_reference.moe_reference` |
 | paged-KV GQA decode attention (block tables read in place, split-K) | `paged_attention.paged_decode_attention` | `paged_attention_reference.paged_decode_attention_reference` |
 | fused attention elementwise (qkv split + silu + QK-norm + RoPE; group RMSNorm * sigmoid gate) | `elementwise.qkv_prologue`, `elementwise.gated_group_rmsnorm` | `elementwise_reference.qkv_prologue_reference`, `elementwise_reference.gated_group_rmsnorm_reference` |
+| fused residual add + RMSNorm (s = x + delta; rms_norm(s)) | `elementwise.add_rms_norm` | `elementwise_reference.add_rms_norm_reference` |
 | decode CUDA graphs | `graphs.DecodeGraphs` | eager calls |
 
 The extension is compiled on first use (torch.utils.cpp_extension.load, sm_90a); without CUDA every wrapper runs its
@@ -14,7 +15,7 @@ twin. `available()` says whether the compiled path is in use.
 """
 
 from ._build import KernelUnavailable, available
-from .elementwise import gated_group_rmsnorm, qkv_prologue
+from .elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
 from .graphs import DecodeGraphs
 from .lightning import lightning_decode, lightning_prefill, plan_prefill, prepare_prefill, run_prepared_prefill
 from .moe import fused_moe, pack_experts, route
@@ -25,6 +26,7 @@ from .paged_attention_reference import paged_decode_attention_reference
 __all__ = [
     "qkv_prologue",
     "gated_group_rmsnorm",
+    "add_rms_norm",
     "KernelUnavailable",
     "available",
     "DecodeGraphs",

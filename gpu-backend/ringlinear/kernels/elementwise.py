@@ -3,9 +3,11 @@
     qkv_prologue          the fused QKV projection's output -> [silu] -> per-head QK RMSNorm -> partial NeoX RoPE
                           -> q, k, v [N, H, d], in one pass over the rows instead of ~15 eager launches
     gated_group_rmsnorm   lightning output -> group RMSNorm * sigmoid(gate) -> out dtype, in one pass
+    add_rms_norm          residual add + the next RMSNorm (s = x + delta; rms_norm(s)) in one pass, both outputs
 
 Arguments are validated (ValueError naming the argument) before any work. On CUDA with the extension the kernel runs
-(head_dim 64/128; group width a multiple of 4 channels, C <= 8192; fp16/bf16/fp32 tensors); anything else (CPU, fp64
+(head_dim 64/128; group width a multiple of 4 channels, C <= 8192; add_rms_norm rows of whole 16-byte vectors,
+D <= 8192; fp16/bf16/fp32 tensors); anything else (CPU, fp64
 golden runs, other shapes) runs the twin, so callers never branch. Neither path synchronises with the host, so both
 can be captured in CUDA graphs.
 """
@@ -18,10 +20,11 @@ import operator
 import torch
 
 from . import _build
-from .elementwise_reference import gated_group_rmsnorm_reference, qkv_prologue_reference
+from .elementwise_reference import add_rms_norm_reference, gated_group_rmsnorm_reference, qkv_prologue_reference
 
 PROLOGUE_HEAD_DIMS = (64, 128)
 GATE_MAX_CHANNELS = 8192  # csrc: 256 threads x 8 float4 vectors per row
+ADD_NORM_MAX_DIM = 8192  # csrc kAddNormMaxDim: 256 threads x <= 4 (16-bit) / 8 (fp32) 16-byte vectors per row
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NORM_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc kNormF32 / kNormBF16 / kNormF16
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -209,3 +212,54 @@ def gated_group_rmsnorm(
     _build.extension().gated_group_rmsnorm(_aligned_rows(o, 4), _aligned_rows(gate, 4), _weight_f32(weight), out,
                                            G, eps)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def add_rms_norm(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, normed) with s = x + delta and normed = ops.rms_norm(s, weight, eps), in one pass over the rows.
+
+    x [N, D] (a 2-d view of the residual stream), delta None or [N, D] of x's dtype (the attention / MLP output),
+    weight [D] (cast to x's dtype as ops.rms_norm does). s is torch's `x + delta` bit for bit (fp32 sum, one rounding
+    to x's dtype), contiguous; without delta s is x itself, not a copy. normed is contiguous in x's dtype and follows
+    ops.rms_norm's roundings (s * rsqrt(mean(s^2) + eps) rounded to x's dtype, then times the weight, rounded); only
+    the fp32 sum of squares is reduced in another order than torch's, so it may differ from the twin by one ulp.
+    """
+    fn = "add_rms_norm"
+    _tensor("x", fn, x, 2)
+    dev = x.device
+    N, D = x.shape
+    if delta is not None:
+        _tensor("delta", fn, delta, 2, dev)
+        if delta.shape != x.shape or delta.dtype != x.dtype:
+            raise ValueError(f"{fn}: delta must be {x.dtype} {tuple(x.shape)} like x, got {delta.dtype} "
+                             f"{tuple(delta.shape)}")
+    _tensor("weight", fn, weight, 1, dev)
+    if weight.shape[0] != D:
+        raise ValueError(f"{fn}: weight must be [{D}], got {tuple(weight.shape)}")
+    eps = _float("eps", fn, eps)
+
+    vec = 16 // x.element_size()
+    kernel_ok = x.dtype in _KERNEL_DTYPES and D % vec == 0 and D <= ADD_NORM_MAX_DIM
+    if not (kernel_ok and _use_cuda(x)):
+        return add_rms_norm_reference(x, delta, weight, eps)
+    s = x if delta is None else torch.empty(N, D, dtype=x.dtype, device=dev)
+    y = torch.empty(N, D, dtype=x.dtype, device=dev)
+    if N == 0:
+        return s, y
+    w = weight.to(x.dtype).contiguous()
+    if w.data_ptr() % 16:
+        w = w.clone()
+    _build.extension().add_rms_norm(
+        _aligned_rows(x, vec),
+        None if delta is None else _aligned_rows(delta, vec),
+        w,
+        None if delta is None else s,
+        y,
+        eps,
+    )
+    return s, y

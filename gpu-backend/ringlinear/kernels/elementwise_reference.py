@@ -7,6 +7,8 @@ they are the reference model's semantics by construction:
                                    q, k = ops.rms_norm per head (if a weight is given); q, k = ops.apply_partial_rope
                                    with ops.rope_cos_sin at `positions`; q, k, v cast to out_dtype
     gated_group_rmsnorm_reference  ops.group_rms_norm(o, weight, groups, eps) * sigmoid(gate in the compute dtype)
+    add_rms_norm_reference         s = x + delta (torch's add in x's dtype; x itself without delta),
+                                   ops.rms_norm(s, weight, eps): the runner's residual step and the next norm
 
 `norm_dtype` exists because the two layer kinds normalise in different dtypes today: lightning layers cast the
 projection to fp32 before QK-norm (norm_dtype = compute dtype, the default), softmax layers normalise the projection
@@ -66,6 +68,18 @@ def gated_group_rmsnorm_reference(
     """o, gate [N, C] -> group_rms_norm(o) * sigmoid(gate) [N, C] in out_dtype; `groups` contiguous groups of C/groups."""
     acc = accum_dtype(o.dtype)
     return (group_rms_norm(o, weight, groups, eps) * torch.sigmoid(gate.to(acc))).to(out_dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s, weight, eps)) with s = x + delta, or s = x itself (the same tensor) when delta is None."""
+    s = x if delta is None else x + delta
+    return s, rms_norm(s, weight, eps)
+
+
+def add_rms_norm_bytes(N: int, D: int, dtype: torch.dtype, with_delta: bool) -> int:
+    """Bytes the fused step must move: x (and delta) in, s (with delta) and the normed rows out."""
+    return N * D * _size(dtype) * (4 if with_delta else 2)
 
 
 def qkv_prologue_bytes(N: int, num_q_heads: int, num_kv_heads: int, head_dim: int, in_dtype: torch.dtype,

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ringlinear.kernels.elementwise import gated_group_rmsnorm, qkv_prologue
-from ringlinear.kernels.elementwise_reference import gated_group_rmsnorm_reference, qkv_prologue_reference
+from ringlinear.kernels.elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
+from ringlinear.kernels.elementwise_reference import (add_rms_norm_reference, gated_group_rmsnorm_reference,
+                                                      qkv_prologue_reference)
 from ringlinear.model import RMSNorm
 from ringlinear.ops import accum_dtype, apply_partial_rope, group_rms_norm, rope_cos_sin
 
@@ -247,3 +248,79 @@ def test_gate_validation(over, name):
     a.update(over)
     with pytest.raises(ValueError, match=name):
         gated_group_rmsnorm(**a)
+
+
+# ------------------------------------------------------------------------- residual add + RMSNorm
+def residual_oracle(x, a, norm):
+    """runner._forward: `x = x + a` then the next layer's norm (input_layernorm / post_attention_layernorm / final)."""
+    if a is not None:
+        x = x + a
+    return x, norm(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [64, 48, 2048, 20])
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("wrapper", [False, True])
+def test_add_rms_norm_twin_is_the_runner_sequence(dtype, D, with_delta, wrapper):
+    N = 5
+    x = _rand(N, D, seed=D, dtype=dtype) * 3
+    a = _rand(N, D, seed=D + 1, dtype=dtype) if with_delta else None
+    norm = _norm(D, 13, dtype)
+    want_s, want_y = residual_oracle(x, a, norm)
+    fn = add_rms_norm if wrapper else add_rms_norm_reference
+    with torch.no_grad():
+        s, y = fn(x, a, norm.weight, EPS)
+    _same(s, want_s)
+    _same(y, want_y)
+    if with_delta:  # the add really rounds once in x's dtype (not a no-op, not kept in fp32)
+        assert torch.equal(s, (x.double() + a.double()).to(dtype)) or dtype == torch.float64
+
+
+def test_add_rms_norm_weight_is_cast_to_x_dtype_first():
+    """An fp32 weight on bf16 rows: ops.rms_norm rounds the weight to bf16 before the product."""
+    N, D = 4, 64
+    x, a = _rand(N, D, seed=1, dtype=torch.bfloat16), _rand(N, D, seed=2, dtype=torch.bfloat16)
+    w = 0.5 + torch.rand(D, generator=torch.Generator().manual_seed(3))
+    s, y = add_rms_norm(x, a, w, EPS)
+    norm = _norm(D, 0, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(w.to(torch.bfloat16))
+        _same(y, norm(x + a))
+
+
+@pytest.mark.parametrize("wrapper", [False, True])
+def test_add_rms_norm_without_delta_returns_x_itself(wrapper):
+    x = _rand(3, 64, seed=4, dtype=torch.bfloat16)
+    fn = add_rms_norm if wrapper else add_rms_norm_reference
+    s, y = fn(x, None, torch.ones(64), EPS)
+    assert s is x
+    assert y.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("N", [0, 1])
+def test_add_rms_norm_small_batches(N):
+    x, a = _rand(N, 64, seed=5, dtype=torch.bfloat16), _rand(N, 64, seed=6, dtype=torch.bfloat16)
+    s, y = add_rms_norm(x, a, torch.ones(64), EPS)
+    assert s.shape == y.shape == (N, 64) and s.dtype == y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("over,name", [
+    (dict(x=torch.zeros(1, 2, 64)), "x"),
+    (dict(x=torch.zeros(2, 64, dtype=torch.int32)), "x"),
+    (dict(x=[[0.0] * 64]), "x"),
+    (dict(delta=torch.zeros(2, 32)), "delta"),
+    (dict(delta=torch.zeros(2, 64, dtype=torch.float64)), "delta"),
+    (dict(delta=torch.zeros(128)), "delta"),
+    (dict(weight=torch.ones(32)), "weight"),
+    (dict(weight=torch.ones(1, 64)), "weight"),
+    (dict(weight=torch.ones(64, dtype=torch.int64)), "weight"),
+    (dict(eps=-1e-6), "eps"),
+    (dict(eps=float("inf")), "eps"),
+    (dict(eps=None), "eps"),
+])
+def test_add_rms_norm_validation(over, name):
+    a = dict(x=torch.zeros(2, 64), delta=torch.zeros(2, 64), weight=torch.ones(64), eps=EPS)
+    a.update(over)
+    with pytest.raises(ValueError, match=name):
+        add_rms_norm(**a)

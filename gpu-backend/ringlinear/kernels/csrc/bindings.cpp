@@ -30,6 +30,8 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
                   bool silu, int64_t norm_code, double eps, int64_t rot, double theta);
 void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
                          int64_t groups, double eps);
+void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& s_out, at::Tensor& y_out, double eps);
 }  // namespace ringlinear
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -44,4 +46,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &ringlinear::paged_decode_attention, "paged-KV GQA decode attention (split-K)");
   m.def("qkv_prologue", &ringlinear::qkv_prologue, "fused qkv split + silu + QK RMSNorm + partial RoPE");
   m.def("gated_group_rmsnorm", &ringlinear::gated_group_rmsnorm, "fused group RMSNorm * sigmoid(gate)");
+  m.def("add_rms_norm", &ringlinear::add_rms_norm, "fused residual add + RMSNorm (s = x + delta; rms_norm(s))");
 }

@@ -3,6 +3,7 @@
 //   qkv_prologue          qkv row -> [silu] -> round to the norm dtype -> per-head RMSNorm of q, k (* weight)
 //                         -> partial NeoX RoPE of q, k -> q, k, v in the output dtype
 //   gated_group_rmsnorm   o row -> RMSNorm per contiguous group (* weight) * sigmoid(gate) -> output dtype
+//   add_rms_norm          s = x [+ delta] (rounded to x's dtype) -> ops.rms_norm(s, weight) in x's dtype
 //
 // One CTA per token row; memory-bound, so the aim is one pass over the row with 16-byte loads. Products and sums
 // that the eager reference rounds separately use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs:
@@ -25,6 +26,9 @@ constexpr int kPrologueMinBlocks = 4;  // <= 64 registers: 4 CTAs (1024 threads)
 constexpr int kGateThreads = 256;
 constexpr int kGateWarps = kGateThreads / 32;
 constexpr int kGateMaxVec = 8;  // float4 vectors per thread: rows of up to 8192 channels
+constexpr int kAddNormThreads = 256;
+constexpr int kAddNormWarps = kAddNormThreads / 32;
+constexpr int kAddNormMaxDim = 8192;  // 16-byte vectors per thread: <= 4 (16-bit) or 8 (fp32) at 256 threads
 
 // Codes of the dtype the QK-norm rounds to (ops.rms_norm works in its input's dtype). Keep in sync with elementwise.py.
 constexpr int kNormF32 = 0, kNormBF16 = 1, kNormF16 = 2;
@@ -241,6 +245,64 @@ __global__ void __launch_bounds__(kGateThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// residual add + RMSNorm
+// ---------------------------------------------------------------------------------------------------------------
+// The residual stream's per-layer step (runner._forward): s = x + delta, then ops.rms_norm(s, weight, eps), in one
+// pass. Each thread holds VPT 16-byte vectors of s in registers (vector v = threadIdx.x + i * blockDim.x); the sum of
+// squares is reduced by warp shuffles, then across warps through shared memory in a fixed order (deterministic).
+// Every rounding of the eager sequence is kept: s rounded to T (torch's x + delta), s * r rounded to T, then
+// weight(T) * that in fp32 rounded to T; __fmul_rn / __fadd_rn keep nvcc from contracting them into FMAs.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kAddNormThreads)
+    add_rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ delta, int64_t d_stride,
+                        const T* __restrict__ weight, T* __restrict__ s_out, T* __restrict__ y_out, int D,
+                        float eps) {
+  constexpr int V = 16 / sizeof(T);
+  __shared__ float warp_ss[kAddNormWarps];
+  const int nvec = D / V;
+  const int64_t n = blockIdx.x;
+  const T* xrow = x + n * x_stride;
+  const T* drow = delta != nullptr ? delta + n * d_stride : nullptr;
+
+  float f[VPT][V];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int v = threadIdx.x + i * blockDim.x;
+    if (v < nvec) {
+      load16<T, V>(xrow + v * V, f[i]);
+      if (drow != nullptr) {
+        float d[V];
+        load16<T, V>(drow + v * V, d);
+#pragma unroll
+        for (int j = 0; j < V; ++j) f[i][j] = to_float(from_float<T>(__fadd_rn(f[i][j], d[j])));
+        store<T, V>(s_out + n * D + v * V, f[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) ss += f[i][j] * f[i][j];
+    }
+  }
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int w = 0; w < (int)(blockDim.x / 32); ++w) ss += warp_ss[w];
+  const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)D), eps));
+
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int v = threadIdx.x + i * blockDim.x;
+    if (v < nvec) {
+      float w[V], y[V];
+      load16<T, V>(weight + v * V, w);
+#pragma unroll
+      for (int j = 0; j < V; ++j) y[j] = __fmul_rn(w[j], to_float(from_float<T>(__fmul_rn(f[i][j], r))));
+      store<T, V>(y_out + n * D + v * V, y);
+    }
+  }
+}
+
 template <typename F>
 void dispatch_float(at::ScalarType t, const char* what, F&& f) {
   switch (t) {
@@ -330,6 +392,53 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
           o.data_ptr<float>(), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()), gate.stride(0),
           weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups, (float)eps);
     });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& s_out, at::Tensor& y_out, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "add_rms_norm: x must be [N, D] with unit column stride");
+  const int64_t N = x.size(0), D = x.size(1);
+  const int64_t V = 16 / x.element_size();
+  TORCH_CHECK(D % V == 0 && D <= kAddNormMaxDim, "add_rms_norm: D must be a multiple of ", V, " and <= ", kAddNormMaxDim);
+  TORCH_CHECK(aligned16(x) && x.stride(0) % V == 0, "add_rms_norm: x rows must be 16-byte aligned");
+  TORCH_CHECK(delta.has_value() == s_out.has_value(), "add_rms_norm: delta and s_out go together");
+  if (delta) {
+    TORCH_CHECK(delta->dim() == 2 && delta->size(0) == N && delta->size(1) == D && delta->stride(1) == 1 &&
+                    delta->scalar_type() == x.scalar_type(),
+                "add_rms_norm: delta must be [N, D] of x's dtype with unit column stride");
+    TORCH_CHECK(aligned16(*delta) && delta->stride(0) % V == 0, "add_rms_norm: delta rows must be 16-byte aligned");
+    TORCH_CHECK(s_out->is_contiguous() && s_out->sizes() == x.sizes() && s_out->scalar_type() == x.scalar_type() &&
+                    aligned16(*s_out),
+                "add_rms_norm: s_out must be contiguous, 16-byte aligned [N, D] of x's dtype");
+  }
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == D && weight.scalar_type() == x.scalar_type() && aligned16(weight),
+              "add_rms_norm: weight must be contiguous, 16-byte aligned [D] of x's dtype");
+  TORCH_CHECK(y_out.is_contiguous() && y_out.sizes() == x.sizes() && y_out.scalar_type() == x.scalar_type() &&
+                  aligned16(y_out),
+              "add_rms_norm: out must be contiguous, 16-byte aligned [N, D] of x's dtype");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int nvec = (int)(D / V);
+  int vpt = 1;  // smallest power of two with kAddNormThreads * vpt >= nvec
+  while (vpt * kAddNormThreads < nvec) vpt *= 2;
+  const int per = (nvec + vpt - 1) / vpt;
+  const int threads = (int)std::min<int64_t>(kAddNormThreads, (per + 31) / 32 * 32);  // threads * vpt >= nvec
+  dispatch_float(x.scalar_type(), "add_rms_norm: x", [&](auto tag) {
+    using T = decltype(tag);
+    auto launch = [&](auto kernel) {
+      kernel<<<(unsigned)N, threads, 0, stream>>>(
+          reinterpret_cast<const T*>(x.data_ptr()), x.stride(0),
+          delta ? reinterpret_cast<const T*>(delta->data_ptr()) : nullptr, delta ? delta->stride(0) : 0,
+          reinterpret_cast<const T*>(weight.data_ptr()), s_out ? reinterpret_cast<T*>(s_out->data_ptr()) : nullptr,
+          reinterpret_cast<T*>(y_out.data_ptr()), (int)D, (float)eps);
+    };
+    if (vpt == 1) launch(add_rms_norm_kernel<T, 1>);
+    else if (vpt == 2) launch(add_rms_norm_kernel<T, 2>);
+    else if (vpt == 4) launch(add_rms_norm_kernel<T, 4>);
+    else if constexpr (sizeof(T) == 4) launch(add_rms_norm_kernel<T, 8>);  // 16-bit rows of <= 8192 need <= 4
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
