@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -36,7 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gpu-backend"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from gpu_timing import copy_gbs, timer  # noqa: E402
 from ringlinear.kernels import _build  # noqa: E402
 from ringlinear.kernels.elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue  # noqa: E402
 from ringlinear.kernels.elementwise_reference import (  # noqa: E402
@@ -55,46 +55,6 @@ THETA, EPS = float(MINI["rope_theta"]), MINI["rms_norm_eps"]
 C = H * D
 
 
-def timer(dev: torch.device, quick: bool):
-    """Median microseconds of fn(): triton.testing.do_bench when importable, else CUDA events; perf_counter on CPU."""
-    if dev.type != "cuda":
-        def run_cpu(fn):
-            fn()
-            ts = []
-            for _ in range(3 if quick else 20):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts) * 1e6
-        return run_cpu
-    try:
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=20 if quick else 200, return_mode="median") * 1e3
-    except ImportError:
-        def run_events(fn):
-            for _ in range(10):
-                fn()
-            ts = []
-            for _ in range(10 if quick else 100):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            return statistics.median(ts) * 1e3
-        return run_events
-
-
-def copy_gbs(dev, bench, quick) -> float:
-    n = (64 if quick else 1024) << 20
-    a = torch.empty(n, dtype=torch.uint8, device=dev).random_()
-    b = torch.empty_like(a)
-    return 2 * n / bench(lambda: b.copy_(a)) / 1e3
-
-
-# ------------------------------------------------------------------------------------ the runner's sequences
 def peer_lightning_prologue(qkv_proj, cos, sin, qw, kw):
     N = qkv_proj.shape[0]
     qkv = qkv_proj.to(torch.float32)  # linear_silu is false for Ring-mini
@@ -170,11 +130,12 @@ def main(argv=None):
     if dev.type != "cuda" and not a.quick:
         sys.exit("gpu_elementwise: needs a CUDA device (or --quick for the CPU smoke test)")
     kernels = dev.type == "cuda" and _build.available()
-    bench = timer(dev, a.quick)
+    _, ms = timer(dev, a.quick)
+    bench = lambda fn: ms(fn) * 1e3  # noqa: E731 - microseconds
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "kernels": kernels, "quick": a.quick, "shapes": dict(H=H, Hkv=HKV, d=D, rotary_dim=ROT, groups=GROUPS),
            "copy_gbs": None, "rows": [], "errors": {}}
-    res["copy_gbs"] = cbw = copy_gbs(dev, bench, a.quick)
+    res["copy_gbs"] = cbw = copy_gbs(dev, ms, a.quick)
     print(f"device {res['device']}  kernels={kernels}  copy {cbw:.0f} GB/s", flush=True)
     hdr = f"{'case':32s} {'N':>6s} {'peer us':>10s} {'ours us':>10s} {'ratio':>7s} {'ours GB/s':>10s} {'% copy':>7s}"
     print(hdr)

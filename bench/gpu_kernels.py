@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "gpu-backend"))
 
 from ringlinear.kernels import lightning as L  # noqa: E402
 from ringlinear.kernels import moe as M  # noqa: E402
+from gpu_timing import graph_of  # noqa: E402
 from ringlinear.kernels._build import extension  # noqa: E402
 from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops  # noqa: E402
 from ringlinear.kernels.moe_reference import RING_MINI_ROUTER, experts_touched_bytes, moe_reference  # noqa: E402
@@ -40,20 +41,6 @@ def do_bench(fn, rep=200, warmup=25):
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
-def graph_of(fn):
-    """Capture fn (after warm-up on a side stream) and return a replay closure."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def record_error(key, exc):

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -32,7 +30,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gpu-backend"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from gpu_timing import copy_gbs as copy_bandwidth, graph_of, timer  # noqa: E402
 from ringlinear.kernels.paged_attention import paged_decode_attention, plan_splits  # noqa: E402
 from ringlinear.kernels.paged_attention_reference import paged_kv_bytes  # noqa: E402
 
@@ -41,68 +41,6 @@ REP = H // HKV
 DTYPE = torch.bfloat16
 CONTEXTS = (4096, 16384, 65536)
 BATCHES = (1, 8, 32, 128)
-
-
-def timer(cuda: bool):
-    """Median milliseconds of fn: triton.testing.do_bench when importable, else CUDA events (or perf_counter)."""
-    if cuda:
-        try:
-            import triton.testing
-
-            return "triton.do_bench", lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-        except ImportError:
-            pass
-
-        def events(fn, iters=100):
-            for _ in range(10):
-                fn()
-            times = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-
-        return "cuda events", events
-
-    def wall(fn, iters=5):
-        fn()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-
-    return "perf_counter (CPU smoke test)", wall
-
-
-def graph_of(fn, cuda: bool):
-    """Capture fn after a warm-up on a side stream; return the replay closure (or fn itself without CUDA)."""
-    if not cuda:
-        return fn
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def copy_bandwidth(bench, device) -> float:
-    n = (1 << 30) if device.type == "cuda" else (64 << 20)
-    a = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    del a, b
-    return 2 * n / ms / 1e6  # GB/s, read + write
 
 
 def footprint(ctx: int, batch: int) -> int:
@@ -191,8 +129,8 @@ def main() -> int:
     contexts, batches = CONTEXTS, BATCHES
     if args.quick:
         contexts, batches = ((4096, 16384), (1, 32)) if cuda else ((64, 200), (1, 3))
-    method, bench = timer(cuda)
-    copy_gbs = copy_bandwidth(bench, device)
+    method, bench = timer(device)
+    copy_gbs = copy_bandwidth(device, bench)
     result = {
         "machine": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .. import kernels as cuda_kernels
@@ -46,7 +45,6 @@ from .pools import LinearStatePool, PagedKVCache
 # Padded decode batch sizes captured as CUDA graphs (a decode step of B requests replays the smallest >= B).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
-_DECODE_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
 
 
@@ -137,7 +135,7 @@ class ModelRunner:
     def execute(self, segs: list[Segment]) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
         """Run one step. Returns (logits [n, V] fp32 for the segments with want_logits, in order, or None;
         snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_at)."""
-        model, cfg, dev = self.model, self.cfg, self.model.device
+        dev = self.model.device
         if self.use_kernels:
             self._bind_tables(segs)
             if all(s.decode for s in segs):

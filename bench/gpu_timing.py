@@ -1,0 +1,80 @@
+"""Timing helpers shared by the GPU benchmarks: one timer, CUDA-graph capture, the copy-bandwidth ceiling.
+
+    method, ms = timer(device, quick)   # ms(fn) -> median milliseconds of fn()
+    replay = graph_of(fn)               # fn captured once, replayed (fn itself off CUDA)
+    copy_gbs(device, ms)                # device-to-device copy, read + write bytes, GB/s
+
+On CUDA the timer is triton.testing.do_bench (L2 flushed between repetitions) when triton imports, else CUDA events;
+on a CPU it is perf_counter, so the benches' --quick modes smoke-test their harness without a GPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def timer(device: torch.device, quick: bool = False) -> tuple[str, Callable[[Callable[[], object]], float]]:
+    if device.type == "cuda":
+        try:
+            import triton.testing
+
+            return "triton.do_bench", lambda fn: triton.testing.do_bench(fn, warmup=25, rep=20 if quick else 200,
+                                                                         return_mode="median")
+        except ImportError:
+            pass
+
+        def events(fn):
+            for _ in range(10):
+                fn()
+            times = []
+            for _ in range(10 if quick else 100):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            return statistics.median(times)
+
+        return "cuda events", events
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(3 if quick else 20):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    return "perf_counter (CPU smoke test)", wall
+
+
+def graph_of(fn: Callable[[], object], cuda: bool = True) -> Callable[[], object]:
+    """Capture fn after a warm-up on a side stream; return the replay closure (or fn itself without CUDA)."""
+    if not cuda:
+        return fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def copy_gbs(device: torch.device, ms: Callable[[Callable[[], object]], float], quick: bool = False) -> float:
+    """Device-to-device copy of 1 GiB (64 MiB with quick or on a CPU): bytes read + written per second, in GB/s."""
+    n = (1 << 30) if device.type == "cuda" and not quick else (64 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+    t = ms(lambda: b.copy_(a))
+    del a, b
+    return 2 * n / t / 1e6
