@@ -42,9 +42,6 @@ from ..model import MoE, RingLinearForCausalLM
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
 
-# Padded decode batch sizes captured as CUDA graphs (a decode step of B requests replays the smallest >= B).
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-
 LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
 
 
@@ -108,6 +105,12 @@ class ModelRunner:
                                                         cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
             if model.device.type == "cuda":
                 _pack_gate_up_weights(model)
+            # fp32 copies of the attention norms' weights, made once: the fused elementwise kernels read fp32 weights
+            # (handing them bf16 would convert on every call, inside every decode graph too)
+            f32 = lambda m: None if m is None else m.weight.detach().float()  # noqa: E731
+            self.norm_f32 = [(f32(a.query_layernorm) if cfg.use_qk_norm else None,
+                              f32(a.key_layernorm) if cfg.use_qk_norm else None, f32(getattr(a, "g_norm", None)))
+                             for a in (layer.attention for layer in model.model.layers)]  # per layer: (q, k, gate)
             # Block table of the request in each state slot, [slots, max_blocks] int32 on the device.
             bs = kv.block_size
             self.max_blocks = -(-(max_context or cfg.max_position_embeddings) // bs)
@@ -117,10 +120,11 @@ class ModelRunner:
             if use_graphs:
                 if model.device.type != "cuda":
                     raise ValueError("cuda_graphs=True needs the model on a CUDA device")
-                sizes = tuple(b for b in GRAPH_BATCH_SIZES if b < states.slots.n) + (
-                    (states.slots.n,) if states.slots.n <= GRAPH_BATCH_SIZES[-1] else ())
-                self.graphs = cuda_kernels.DecodeGraphs(self._decode_step, self._decode_inputs, sorted(set(sizes)),
-                                                        pad={"slots": -1})
+                # the standard padded sizes below the slot count, then the slot count itself
+                standard = cuda_kernels.graphs.DEFAULT_BATCH_SIZES
+                n = states.slots.n
+                sizes = tuple(b for b in standard if b < n) + ((n,) if n <= standard[-1] else ())
+                self.graphs = cuda_kernels.DecodeGraphs(self._decode_step, self._decode_inputs, sizes, pad={"slots": -1})
         elif cuda_graphs:
             raise ValueError("cuda_graphs=True needs the kernel path (CUDA device, bf16 model)")
 
@@ -251,14 +255,13 @@ class ModelRunner:
             # the dense input (group RMSNorm * sigmoid gate): same arithmetic as below, without the fp32 round trips.
             # Prompt-only steps take bf16 q/k/v (what the prefill kernel's tensor cores read); decode rows keep fp32.
             out_dtype = self.acc if plan.dec is not None or h.dtype != torch.bfloat16 else torch.bfloat16
-            qn = cfg.use_qk_norm
+            qw, kw, gw = self.norm_f32[l]
             q, k, v = cuda_kernels.qkv_prologue(
                 att.query_key_value(h)[0], plan.pos, H, H, d, silu=cfg.linear_silu,
-                q_norm_weight=att.query_layernorm.weight if qn else None,
-                k_norm_weight=att.key_layernorm.weight if qn else None, eps=att.query_layernorm.eps,
+                q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=out_dtype)
             o = self._lightning_kernels(l, q, k, v, pool, plan, snaps)
-            o = cuda_kernels.gated_group_rmsnorm(o.view(N, H * d), att.g_proj(h)[0], att.g_norm.weight,
+            o = cuda_kernels.gated_group_rmsnorm(o.view(N, H * d), att.g_proj(h)[0], gw,
                                                  cfg.group_norm_size, cfg.rms_norm_eps, out_dtype=h.dtype)
             return att.dense(o[None])
         qkv = att.query_key_value(h).to(self.acc)
@@ -342,11 +345,10 @@ class ModelRunner:
         N = h.shape[1]
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
         if self.use_kernels:  # the fused prologue; QK-norm in the projection's dtype, as the modules below do
-            qn = cfg.use_qk_norm
+            qw, kw, _ = self.norm_f32[l]
             q, k, v = cuda_kernels.qkv_prologue(
                 att.query_key_value(h)[0], plan.pos, H, Hkv, d, silu=False,
-                q_norm_weight=att.query_layernorm.weight if qn else None,
-                k_norm_weight=att.key_layernorm.weight if qn else None, eps=att.query_layernorm.eps,
+                q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=h.dtype, norm_dtype=h.dtype)
             v = v[None]
         else:
@@ -435,8 +437,7 @@ class _StepPlan:
     @classmethod
     def decode_only(cls, batch: int, dec: _DecodeGather) -> "_StepPlan":
         """A step of `batch` decode rows described by device tensors alone (no host segments: graph capture)."""
-        plan = cls([], list(range(batch + 1)), dec)
-        return plan
+        return cls([], list(range(batch + 1)), dec)
 
     def cuts(self, i: int) -> list[int]:
         """Packed-row cut points of prompt segment i: where the reference prefill of the whole prompt would cut
