@@ -247,27 +247,38 @@ def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
     for N in batches:
         x = torch.randn(N, Dm, device="cuda").to(torch.bfloat16)
         row = {"N": N}
-        ours = lambda: M.fused_moe(x, **W, cfg=cfg, path="decode")  # noqa: E731
-        row["ours_eager_ms"] = do_bench(ours)
-        try:
-            row["ours_graph_ms"] = do_bench(graph_of(ours))
-        except Exception as exc:  # noqa: BLE001
-            record_error(f"moe_graph_N{N}", exc)
-        row["grouped_ms"] = do_bench(lambda: M.fused_moe(x, **W, cfg=cfg, path="grouped"))
+        # every expert path, CUDA-graph replays (how the engine runs decode steps); "auto" = fused_moe's own choice
+        for path in ("decode", "stream", "grouped"):
+            try:
+                row[f"{path}_graph_ms"] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path=path)))  # noqa: B023
+            except Exception as exc:  # noqa: BLE001
+                record_error(f"moe_{path}_N{N}", exc)
+        for stages in (3, 4):  # pipeline depth of the stream kernel, side by side (STREAM_STAGES is the default)
+            saved, M.STREAM_STAGES = M.STREAM_STAGES, stages
+            try:
+                row[f"stream_stages{stages}_graph_ms"] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="stream")))  # noqa: B023
+            finally:
+                M.STREAM_STAGES = saved
+        auto = "decode" if N <= M.DECODE_MAX_TOKENS else "stream" if N <= M.STREAM_MAX_TOKENS else "grouped"
+        row["auto_path"] = auto
         row["torch_twin_ms"] = do_bench(lambda: twin(x), rep=100)
         ids, _ = M.route(x, W["router_weight"], W["expert_bias"], cfg)
         nbytes = experts_touched_bytes(ids, W["w_gate"], W["w_down"]) + shared_bytes + W["router_weight"].numel() * 4
         row["distinct_experts"] = int(ids.unique().numel())
         row["bytes_MB"] = nbytes / 1e6
-        best = row.get("ours_graph_ms", row["ours_eager_ms"])
+        best = row[f"{auto}_graph_ms"]
         row["ours_GBps"] = nbytes / best / 1e6
         row["frac_of_copy_bw"] = row["ours_GBps"] / copy_gbs
-        y = M.fused_moe(x, **W, cfg=cfg, path="decode").float()
         y_ref = twin(x)
-        row["rel_err_vs_twin"] = ((y - y_ref).norm() / y_ref.norm()).item()
+        for path in ("decode", "stream"):
+            y = M.fused_moe(x, **W, cfg=cfg, path=path).float()
+            row[f"rel_err_vs_twin_{path}"] = ((y - y_ref).norm() / y_ref.norm()).item()
         rows.append(row)
-        print(f"moe decode N={N}: ours {best*1e3:.1f} us ({row['ours_GBps']:.0f} GB/s, {100*row['frac_of_copy_bw']:.0f}% of copy) "
-              f"grouped {row['grouped_ms']*1e3:.1f} us twin {row['torch_twin_ms']*1e3:.1f} us", flush=True)
+        print(f"moe decode N={N}: auto={auto} {best*1e3:.1f} us ({row['ours_GBps']:.0f} GB/s, "
+              f"{100*row['frac_of_copy_bw']:.0f}% of copy) | decode {row.get('decode_graph_ms', math.nan)*1e3:.1f} "
+              f"stream {row.get('stream_graph_ms', math.nan)*1e3:.1f} (3 stages {row['stream_stages3_graph_ms']*1e3:.1f}, "
+              f"4: {row['stream_stages4_graph_ms']*1e3:.1f}) grouped {row.get('grouped_graph_ms', math.nan)*1e3:.1f} us "
+              f"twin {row['torch_twin_ms']*1e3:.1f} us", flush=True)
     RESULTS["moe_decode"] = rows
     rows = []
     for N in prefill_tokens:
@@ -340,11 +351,13 @@ def table():
     for r in RESULTS.get("prefill", []):
         print(f"  {r['T']:7d} | {r.get('state_pass_plus_scan_ms', math.nan):.3f} | {r.get('scan_only_ms', math.nan):.3f} |"
               f" {r.get('scan_plus_output_pass_ms', math.nan):.3f} | {r.get('ours_jsplit2_ms', math.nan):.3f} ({r.get('jsplit2_block_len')})")
-    print("moe dec  N | ours us  GB/s %copy | grouped us | twin us | experts")
+    print("moe dec  N | auto path  us  GB/s %copy | decode us | stream us (3 / 4 stages) | grouped us | twin us | experts")
     for r in RESULTS.get("moe_decode", []):
-        b = r.get("ours_graph_ms", r["ours_eager_ms"])
-        print(f"     {r['N']:5d} | {b*1e3:7.1f} {r['ours_GBps']:5.0f} {100*r['frac_of_copy_bw']:4.0f}% | {r['grouped_ms']*1e3:9.1f} |"
-              f" {r['torch_twin_ms']*1e3:8.1f} | {r['distinct_experts']}")
+        b = r[f"{r['auto_path']}_graph_ms"]
+        print(f"     {r['N']:5d} | {r['auto_path']:>7s} {b*1e3:7.1f} {r['ours_GBps']:5.0f} {100*r['frac_of_copy_bw']:4.0f}% |"
+              f" {r.get('decode_graph_ms', math.nan)*1e3:9.1f} | {r.get('stream_graph_ms', math.nan)*1e3:9.1f}"
+              f" ({r['stream_stages3_graph_ms']*1e3:.1f} / {r['stream_stages4_graph_ms']*1e3:.1f}) |"
+              f" {r.get('grouped_graph_ms', math.nan)*1e3:10.1f} | {r['torch_twin_ms']*1e3:8.1f} | {r['distinct_experts']}")
     print("moe pre  N | ours ms TFLOP/s %peak | unpacked ms | legacy ms | twin ms | speedup | rel err")
     for r in RESULTS.get("moe_prefill", []):
         print(f"     {r['N']:5d} | {r['ours_ms']:6.2f} {r['ours_TFLOPs']:6.0f} {100*r['frac_of_bf16_peak']:4.0f}% |"
@@ -382,7 +395,7 @@ def main():
     if "moe" in only:
         c = RESULTS.get("ceilings", {})
         try:
-            bench_moe([1, 4, 16, 64, 128, 256], [4096] if args.quick else [4096, 16384, 32768],
+            bench_moe([1, 4, 16, 32, 48, 64, 128, 256, 512, 1024, 2048], [4096] if args.quick else [4096, 16384, 32768],
                       c.get("copy_GBps", 4300.0), c.get("bf16_matmul_TFLOPs", 790.0))
         except Exception as exc:  # noqa: BLE001
             record_error("moe", exc)

@@ -135,8 +135,11 @@ def max_batch_fitting(cfg, ctx: int, dtype, dev) -> int:
 def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng) -> list:
     """Admit B requests of ctx tokens (context = prompt + max_tokens) and mark their prompts computed."""
     vocab = eng.cfg.vocab_size
-    prompt = [17] * (ctx - steps - 2)  # never computed: only its length matters
-    reqs = [eng.add_request(prompt, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+    prompt = [17] * (ctx - steps - 3)  # never computed: only its length matters
+    # one output token is installed, the warm step and `steps` timed steps add steps + 1: with max_tokens = steps + 3
+    # no request finishes inside the timed steps (finishing frees each request's KV blocks on the host: ~0.25 ms for a
+    # 64k context, which would land on one timed step for the whole batch at once)
+    reqs = [eng.add_request(prompt, SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True))
             for _ in range(B)]
     eng._admit()
     if any(r.slot is None for r in reqs):
@@ -177,24 +180,31 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
             try:
                 eng.step()  # warm at this shape
                 sync(dev)
+                gc0 = [g["collections"] for g in gc.get_stats()]
                 t0 = time.perf_counter()
                 n0 = eng.generation_tokens_total
+                each = []
                 for _ in range(steps):
-                    eng.step()
+                    t1 = time.perf_counter()
+                    eng.step()  # returns after the step's tokens reached the host (a device sync)
+                    each.append(1e3 * (time.perf_counter() - t1))
                 sync(dev)
+                dt = time.perf_counter() - t0  # before the aborts below
+                gcs = [g["collections"] - c for g, c in zip(gc.get_stats(), gc0)]
             except torch.OutOfMemoryError:
                 print(f"decode   ctx={ctx} B={B}: out of memory", flush=True)
                 continue
             finally:
                 for r in reqs:
                     eng.abort(r.id)
-            dt = time.perf_counter() - t0
             toks = eng.generation_tokens_total - n0
             t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
             rows.append({"context": ctx, "batch": B, "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+                         "step_ms_each": [round(t, 2) for t in each], "gc_collections_by_generation": gcs,
                          "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
             print(f"decode   ctx={ctx:6d} B={B:3d}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
-                  f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]", flush=True)
+                  f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
+                  f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
         del eng
         gc.collect()
         if dev.type == "cuda":
@@ -260,7 +270,19 @@ def main(argv=None) -> None:
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (default: CUDA graphs on CUDA)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
+    p.add_argument("--plot-from", nargs="+", metavar="JSON",
+                   help="measure nothing: plot --plot from these --json outputs (e.g. a prefill run and a decode run)")
     a = p.parse_args(argv)
+    if a.plot_from:
+        merged: dict = {}
+        for f in a.plot_from:
+            r = json.loads(Path(f).read_text())
+            merged.setdefault("device", r.get("device", ""))
+            for name in ("ours", "twin"):
+                for kind in ("prefill", "decode"):
+                    merged.setdefault(name, {}).setdefault(kind, []).extend(r.get(name, {}).get(kind, []))
+        plot(merged, Path(a.plot or "pod_e2e.png"))
+        return
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     base = json.loads((ROOT / "test/fixtures/tiny/config.json").read_text()) if a.tiny else PRESETS[a.preset]

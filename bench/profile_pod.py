@@ -57,6 +57,7 @@ def main(argv=None):
     p.add_argument("--decode", default="64x4096", help="comma list of BATCHxCONTEXT")
     p.add_argument("--moe", default="", help="comma list of token counts for fused_moe alone")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--no-graphs", action="store_true", help="decode steps run eagerly (per-kernel rows in the table)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -84,7 +85,8 @@ def main(argv=None):
         B, ctx = (int(x) for x in spec.split("x"))
         budget = B * (LinearStatePool.bytes_per_slot(cfg) + -(-ctx // BLOCK) * block_b) + block_b  # + scratch block
         eng = Engine(model, EngineConfig(max_batch=B, max_context=ctx, memory_budget=budget, prefix_cache_bytes=0,
-                                         max_step_tokens=max(64, B), max_queue=B, block_size=BLOCK), eos_ids=set())
+                                         max_step_tokens=max(64, B), max_queue=B, block_size=BLOCK,
+                                         cuda_graphs=False if a.no_graphs else None), eos_ids=set())
         install_contexts(eng, B, ctx, 8, rng)
         run_profiled(eng.step, dev, a.rows, f"decode B={B} ctx={ctx}")
         del eng

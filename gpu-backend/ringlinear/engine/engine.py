@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -105,10 +106,11 @@ class RequestOutput:
     cached_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `req in self.running` must not compare prompts field by field
 class Request:
     id: str
-    prompt: list[int]
+    prompt: array  # int64 token ids: unlike a list, the garbage collector does not visit each token (a full
+    # collection over 200 lists of 64k ints costs tens of ms, paid by whichever step triggers it)
     params: SamplingParams
     sampler: Sampler
     detok: IncrementalDetokenizer | None
@@ -175,7 +177,7 @@ class Engine:
         if rid in self.requests:
             raise RequestRejected(f"duplicate request id {rid}")
         detok = IncrementalDetokenizer(self.tokenizer.decode, params.stop) if self.tokenizer is not None else None
-        req = Request(rid, list(prompt), params, Sampler(params), detok)
+        req = Request(rid, array("q", prompt), params, Sampler(params), detok)
         self.requests[rid] = req
         self.waiting.append(req)
         return req

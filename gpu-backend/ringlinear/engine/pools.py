@@ -93,10 +93,12 @@ class BlockAllocator:
             self.refs[b] += 1
 
     def release(self, blocks: list[int]) -> None:
+        refs, free = self.refs, self.free  # locals: a 64k-token request frees 4096 blocks
         for b in blocks:
-            self.refs[b] -= 1
-            if self.refs[b] == 0:
-                self.free.append(b)
+            r = refs[b] - 1
+            refs[b] = r
+            if not r:
+                free.append(b)
 
 
 class PagedKVCache:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "lightning_decode.cu", "lightning_prefill.cu", "moe.cu", "paged_attention.cu",
+SOURCES = ("bindings.cpp", "lightning_decode.cu", "lightning_prefill.cu", "moe.cu", "moe_stream.cu", "paged_attention.cu",
            "paged_attention_f32.cu", "paged_attention_bf16.cu", "paged_attention_f16.cu", "fused_elementwise.cu")
 # sm_90a: Hopper (H100/H200). mma.sync/ldmatrix/cp.async only need sm_80, but the pod targets H200 and the
 # a-suffixed target keeps wgmma available to later kernels. No --use_fast_math: decode/MoE want IEEE expf/sincosf

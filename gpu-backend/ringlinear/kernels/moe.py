@@ -1,9 +1,15 @@
-"""Fused MoE on the GPU: CUDA router (sigmoid + bias + group-limited top-k), CUDA assignment sort, and two expert
-paths - decode (<= DECODE_MAX_TOKENS tokens): CUDA weight-streaming kernels that read only the selected experts;
-grouped (prefill): a CUDA stable sort of the assignments, tokens gathered by expert, grouped GEMMs
-(torch._grouped_mm, CUTLASS on sm90) - one for gate+up when they are views of one packed [E, 2I, D] buffer (see
-pack_gate_up) - a CUDA SwiGLU, and a CUDA combine that sums each token's k weighted rows plus the shared expert in
-fp32 straight from the sorted GEMM output. No host synchronisation on either path (decode is CUDA-graph captured).
+"""Fused MoE on the GPU: CUDA router (sigmoid + bias + group-limited top-k), CUDA assignment sort, and three expert
+paths, all reading only the experts the batch selected:
+
+    decode   (<= DECODE_MAX_TOKENS tokens): CUDA-core weight-streaming kernels, a warp per few weight rows
+    stream   (<= STREAM_MAX_TOKENS): a CUDA stable sort of the assignments, then two tensor-core grouped GEMMs that
+             stream each expert's weights once for its few rows (moe_stream.cu: weights on the MMA's M side, tokens on
+             the narrow N side; x rows gathered in the kernel, SwiGLU fused into the gate+up GEMM)
+    grouped  (prefill): the same sort, tokens gathered by expert, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
+             one for gate+up when they are views of one packed [E, 2I, D] buffer (see pack_gate_up) - and a CUDA SwiGLU
+
+and a CUDA combine that sums each token's k weighted rows plus the shared expert in fp32 straight from the sorted
+GEMM output. No host synchronisation on any path (decode steps are CUDA-graph captured).
 Twin: moe_reference.py. Without CUDA the wrappers run the twin.
 """
 
@@ -16,9 +22,13 @@ import torch.nn.functional as F
 
 from . import _build
 from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_reference,
-                            swiglu_rows_reference)
+                            stream_gemm_reference, swiglu_rows_reference)
 
-DECODE_MAX_TOKENS = 48  # H200, 2026-11-28: decode kernels 268 us vs grouped 331 us at 16 tokens, tied at 64 (570 / 568)
+# Path crossovers, H200 2026-11-28 (bench/gpu_kernels.py, graph replays, Ring-mini): decode 76 us vs stream 93 us at
+# 1 token, 128 vs 121 at 4; stream 506 vs grouped 622 us at 512 tokens, 770 vs 657 at 1024.
+DECODE_MAX_TOKENS = 2
+STREAM_MAX_TOKENS = 768  # above: the CUTLASS grouped GEMM (an expert's rows take several 32-row passes here)
+STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
 DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
 SORT_BLOCK = 2048  # assignments per block of the CUDA moe_sort (kSortPerBlock): sizes its counts workspace
 # From here the fp32 router GEMM costs ~20 us or more (0.69 ms at 32k tokens on H200), so the 3 bf16 GEMMs pay off.
@@ -149,6 +159,22 @@ def combine(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None,
     return combine_reference(ys, rows, w, shared, top_k)
 
 
+def stream_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
+                offsets: torch.Tensor, stages: int | None = None) -> torch.Tensor:
+    """Per expert e, rows offsets[e]..offsets[e+1] of x (or of x[gather]) times w[e]^T -> bf16 [A, F]; with w_up the
+    SwiGLU bf16(silu(x Wg^T) * (x Wu^T)). w, w_up: [E, F, K] with contiguous rows (packed views are). Few rows per
+    expert: the tensor-core weight-streaming kernel of moe_stream.cu; stages None = STREAM_STAGES (read per call)."""
+    A = x.shape[0] if gather is None else gather.numel()
+    if (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and (w_up is None or w_up.dtype == torch.bfloat16)
+            and x.shape[1] % 8 == 0 and _build.available()):
+        y = torch.empty(A, w.shape[1], dtype=torch.bfloat16, device=x.device)
+        _build.extension().moe_stream_gemm(x.contiguous(), gather, _rows_contiguous(w),
+                                           None if w_up is None else _rows_contiguous(w_up), offsets, y,
+                                           STREAM_STAGES if stages is None else stages)
+        return y
+    return stream_gemm_reference(x, gather, w, w_up, offsets)
+
+
 def _shared_hidden(x, shared):
     """Shared expert down(silu(gate x) * up x) in x's dtype; gate+up as one GEMM when they are packed views."""
     if shared is None:
@@ -204,18 +230,28 @@ def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, ends: torch.Tensor, offsets:
     return out
 
 
-def _experts_grouped(x, ids, w, w_gate, w_up, w_down, shared_h):
-    ext = _build.extension()
-    N, D = x.shape
-    k = ids.shape[1]
-    E, I = w_gate.shape[0], w_gate.shape[1]
-    A = N * k
-    dev = x.device
-    i32 = dict(dtype=torch.int32, device=dev)
+def _sort(ids: torch.Tensor, E: int):
+    """Stable CUDA sort of the N*k assignments by expert: (offsets [E+1], ends [E], inv [A], tok [A]) int32."""
+    A, k = ids.numel(), ids.shape[1]
+    i32 = dict(dtype=torch.int32, device=ids.device)
     counts = torch.empty(max(1, -(-A // SORT_BLOCK)) * E, **i32)
     offsets, ends = torch.empty(E + 1, **i32), torch.empty(E, **i32)
     sorted_a, inv, tok = torch.empty(A, **i32), torch.empty(A, **i32), torch.empty(A, **i32)
-    ext.moe_sort(ids.reshape(-1).contiguous(), E, k, counts, offsets, ends, sorted_a, inv, tok)
+    _build.extension().moe_sort(ids.reshape(-1).contiguous(), E, k, counts, offsets, ends, sorted_a, inv, tok)
+    return offsets, ends, inv, tok
+
+
+def _experts_stream(x, ids, w, w_gate, w_up, w_down, shared_h):
+    offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
+    h = stream_gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
+    ys = stream_gemm(h, None, w_down, None, offsets)  # [A, D]
+    return combine(ys, inv, w, shared_h, ids.shape[1])
+
+
+def _experts_grouped(x, ids, w, w_gate, w_up, w_down, shared_h):
+    k = ids.shape[1]
+    I = w_gate.shape[1]
+    offsets, ends, inv, tok = _sort(ids, w_gate.shape[0])
     xs = x.index_select(0, tok)
     gu = packed_gate_up(w_gate, w_up)
     if gu is not None:
@@ -240,13 +276,14 @@ def fused_moe(
     *,
     path: str = "auto",
 ) -> torch.Tensor:
-    """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "grouped".
+    """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "stream" | "grouped"
+    ("auto": decode up to DECODE_MAX_TOKENS tokens, stream up to STREAM_MAX_TOKENS, grouped above).
 
     w_gate / w_up may be the views returned by pack_gate_up (and the shared expert's gate / up likewise): the grouped
-    path then runs one gate+up GEMM. "decode" with I > DECODE_MAX_INTERMEDIATE runs the grouped path."""
+    path then runs one gate+up GEMM. "decode" with I > DECODE_MAX_INTERMEDIATE runs the stream path."""
     _check(x, router_weight, w_gate, w_up, w_down, cfg)
-    if path not in ("auto", "decode", "grouped"):
-        raise ValueError(f"fused_moe: path must be auto, decode or grouped, got {path!r}")
+    if path not in ("auto", "decode", "stream", "grouped"):
+        raise ValueError(f"fused_moe: path must be auto, decode, stream or grouped, got {path!r}")
     N, D = x.shape
     I = w_gate.shape[1]
     bf16 = all(t.dtype == torch.bfloat16 for t in (x, w_gate, w_up, w_down))
@@ -255,10 +292,14 @@ def fused_moe(
     if N == 0:
         return x.new_empty(0, D)
     ids, w = route(x, router_weight, expert_bias, cfg)
-    use_decode = (path == "decode" or (path == "auto" and N <= DECODE_MAX_TOKENS)) and I <= DECODE_MAX_INTERMEDIATE
-    shared_h = _shared_hidden(x, shared)
-    return (_experts_decode if use_decode else _experts_grouped)(x, ids, w, w_gate, w_up, w_down, shared_h)
+    if path == "auto":
+        path = "decode" if N <= DECODE_MAX_TOKENS else "stream" if N <= STREAM_MAX_TOKENS else "grouped"
+    if path == "decode" and I > DECODE_MAX_INTERMEDIATE:
+        path = "stream"
+    experts = {"decode": _experts_decode, "stream": _experts_stream, "grouped": _experts_grouped}[path]
+    return experts(x, ids, w, w_gate, w_up, w_down, _shared_hidden(x, shared))
 
 
-__all__ = ["fused_moe", "route", "router_logits", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu", "combine", "DECODE_MAX_TOKENS",
-           "DECODE_MAX_INTERMEDIATE", "RouterConfig", "RING_MINI_ROUTER"]
+__all__ = ["fused_moe", "route", "router_logits", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
+           "combine", "stream_gemm", "DECODE_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE", "RouterConfig",
+           "RING_MINI_ROUTER"]

@@ -98,6 +98,23 @@ def swiglu_rows_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (F.silu(g.float()) * u.float()).to(g.dtype)
 
 
+def stream_gemm_reference(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
+                          offsets: torch.Tensor) -> torch.Tensor:
+    """Twin of the CUDA moe_stream_gemm. Rows offsets[e]..offsets[e+1] (of x, or of x[gather]) belong to expert e:
+    y = bf16(rows . w[e]^T) in fp32, or with w_up the SwiGLU bf16(silu(bf16(rows . w[e]^T)) * bf16(rows . w_up[e]^T))."""
+    rows = x if gather is None else x[gather.long()]
+    bounds = offsets.tolist()
+    y = torch.zeros(rows.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    for e in range(len(bounds) - 1):
+        s0, s1 = bounds[e], bounds[e + 1]
+        if s1 <= s0:
+            continue
+        a = rows[s0:s1].float()
+        g = (a @ w[e].float().t()).to(x.dtype)
+        y[s0:s1] = g if w_up is None else swiglu_rows_reference(g, (a @ w_up[e].float().t()).to(x.dtype))
+    return y
+
+
 def combine_reference(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None, shared: torch.Tensor | None,
                       top_k: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """out[n] = sum_j w[n*k+j] * ys[rows[n*k+j]] + shared[n] in fp32 (rows None = identity, w None = ones), rounded

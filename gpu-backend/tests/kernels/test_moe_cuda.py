@@ -5,9 +5,10 @@ import torch
 
 from ringlinear.kernels import _build
 from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SORT_BLOCK, combine, fused_moe, pack_gate_up, packed_gate_up,
-                                   route, router_logits, swiglu)
+                                   route, router_logits, stream_gemm, swiglu)
 from ringlinear.kernels.moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference,
-                                              route_reference, sort_assignments_reference, swiglu_rows_reference)
+                                              route_reference, sort_assignments_reference, stream_gemm_reference,
+                                              swiglu_rows_reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -159,7 +160,7 @@ SHAPES = {
 
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("with_shared", [True, False], ids=["shared", "no-shared"])
-@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "stream", "grouped"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_fused_moe_matches_twin(path, shape, with_shared, packed):
     E, I, D, N, cfg = shape
@@ -201,7 +202,8 @@ def test_many_tokens_per_expert_decode_passes():
     assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
 
 
-@pytest.mark.parametrize("path, shape, seed", [("decode", "mini-64", 11), ("grouped", "mini-300", 12)])
+@pytest.mark.parametrize("path, shape, seed", [("decode", "mini-64", 11), ("stream", "mini-300", 14),
+                                               ("grouped", "mini-300", 12)])
 def test_path_captures_in_a_cuda_graph(path, shape, seed):
     """Neither path synchronises with the host (capture would fail on one); the replay equals the eager result."""
     E, I, D, N, cfg = SHAPES[shape]
@@ -220,7 +222,7 @@ def test_path_captures_in_a_cuda_graph(path, shape, seed):
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "stream", "grouped"])
 def test_gate_view_with_separate_up(path):
     """w_gate a strided view of a bigger buffer (expert stride 2I*D) but w_up a separate tensor: not packed, so two
     gate/up GEMMs on the grouped path and different expert strides for gate and up in the decode kernel."""
@@ -231,5 +233,89 @@ def test_gate_view_with_separate_up(path):
     y = fused_moe(x, wr, bias, pg, wu, wd, shared, cfg, path=path)
     y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
     assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
-    if path == "decode":  # same arithmetic as contiguous weights
+    if path in ("decode", "stream"):  # same arithmetic as contiguous weights
         assert torch.equal(y, fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_stream_gemm (the stream path's tensor-core grouped GEMM) against its twin
+STREAM_CASES = {
+    # name: (rows per expert, F, K): empty experts, 1..8 rows (one n8 tile), 9..32 (several), > 32 (several passes);
+    # F and K not multiples of the 64/128-row and 64-column tiles (bounds and zero-filled k tails)
+    "ragged": ([0, 1, 7, 8, 9, 33, 70, 0, 5, 32], 200, 136),
+    "mini-gate-up": (None, 512, 2048),
+    "mini-down": (None, 2048, 512),
+}
+
+
+def _stream_inputs(case, gate_up, seed):
+    counts, F, K = STREAM_CASES[case]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if counts is None:  # Ring-mini decode batch: 256 experts, ~8 rows each (256 tokens x top-8), some empty
+        counts = torch.randint(0, 17, (256,), generator=g, device="cuda").tolist()
+    E = len(counts)
+    offsets = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
+    A = int(offsets[-1])
+    N = max(1, A // 3)
+    x = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+    gather = torch.randint(0, N, (A,), generator=g, device="cuda").to(torch.int32) if gate_up else None
+    if not gate_up:
+        x = torch.randn(A, K, device="cuda", generator=g).to(torch.bfloat16)
+    mk = lambda: (torch.randn(E, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)  # noqa: E731
+    return x, gather, mk(), mk() if gate_up else None, offsets
+
+
+def _assert_bf16_close(y, y_ref):
+    """Both sides are one fp32 dot product per element rounded to bf16 (after SwiGLU for gate/up); the kernel's k order
+    differs from the twin's GEMM, so a rounding may flip by one bf16 step (two through the SwiGLU's double rounding)."""
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == torch.bfloat16
+    d, r = (y.float() - y_ref.float()).abs(), y_ref.float().abs()
+    bound = 2 * BF16_STEP * r + 1e-3 * r.max()
+    assert (d <= bound).all(), (d - bound).max().item()
+    assert (d == 0).float().mean().item() > 0.9  # most roundings agree exactly
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("gate_up", [True, False], ids=["gate-up-swiglu", "plain"])
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_stream_gemm_matches_twin(case, gate_up, stages):
+    if case.startswith("mini") and gate_up != (case == "mini-gate-up"):
+        pytest.skip("the Ring-mini shapes run as the engine uses them")
+    x, gather, w, w_up, offsets = _stream_inputs(case, gate_up, seed=len(case) + stages)
+    y = stream_gemm(x, gather, w, w_up, offsets, stages=stages)
+    _assert_bf16_close(y, stream_gemm_reference(x, gather, w, w_up, offsets))
+    assert torch.equal(y, stream_gemm(x, gather, w, w_up, offsets, stages=stages))  # deterministic
+    assert torch.equal(y, stream_gemm(x, gather, w, w_up, offsets, stages=7 - stages))  # depth changes no arithmetic
+
+
+def test_stream_gemm_gate_up_is_swiglu_of_two_plain_gemms():
+    """The fused epilogue equals the CUDA SwiGLU (the grouped path's) applied to the two plain GEMMs' bf16 outputs,
+    bit for bit: the same k order per element and the same fp32 formula."""
+    x, gather, w, w_up, offsets = _stream_inputs("ragged", True, seed=3)
+    g = stream_gemm(x, gather, w, None, offsets)
+    u = stream_gemm(x, gather, w_up, None, offsets)
+    assert torch.equal(stream_gemm(x, gather, w, w_up, offsets), swiglu(g, u))
+
+
+def test_stream_gemm_rejects_bad_inputs():
+    """The extension's argument checks raise ValueError naming the argument (RL_CHECK), with nothing written."""
+    x, gather, w, w_up, offsets = _stream_inputs("ragged", True, seed=4)
+    ext = _build.extension()
+    y = torch.zeros(gather.numel(), w.shape[1], dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="stages"):
+        ext.moe_stream_gemm(x, gather, w, w_up, offsets, y, 5)
+    with pytest.raises(ValueError, match=r"w_up must be bf16 \[10, 200, 136\]"):
+        ext.moe_stream_gemm(x, gather, w, w_up[:, :-1], offsets, y, 4)
+    with pytest.raises(ValueError, match="gather"):
+        ext.moe_stream_gemm(x, gather[:-1], w, w_up, offsets, y, 4)
+    with pytest.raises(ValueError, match="offsets"):
+        ext.moe_stream_gemm(x, gather, w, w_up, offsets.long(), y, 4)
+    assert not y.any()
+
+
+def test_formatted_check_messages_raise_in_other_kernels_too():
+    """A failing check with a formatted message (ints in it) raises instead of crashing the process: moe_align."""
+    ids = torch.zeros(4, dtype=torch.int32, device="cuda")
+    out = torch.empty(5001, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="at most 1024 experts"):
+        _build.extension().moe_align(ids, 5000, out, ids.clone(), out)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from ringlinear.kernels.moe import (_grouped_mm, fused_moe, pack_experts, pack_gate_up, packed_gate_up, route, router_logits,
                                    split_bf16x3)
 from ringlinear.kernels.moe_reference import (RouterConfig, combine_reference, experts_touched_bytes, moe_reference,
-                                              route_reference, sort_assignments_reference, swiglu_rows_reference)
+                                              route_reference, sort_assignments_reference, stream_gemm_reference,
+                                              swiglu_rows_reference)
 
 SMALL = RouterConfig(num_experts=16, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
@@ -255,3 +256,22 @@ def test_grouped_path_orchestration_matches_twin_on_cpu(monkeypatch, packed, wit
     want = moe_reference(x, wr, bias, wg, wu, wd, shared if with_shared else None, SMALL)
     assert y.shape == (N, D) and y.dtype == torch.bfloat16  # combine writes bf16 (x's dtype on the kernel path)
     assert torch.allclose(y.float(), want, rtol=2.0**-8, atol=1e-6)  # fp32 math, one final bf16 rounding (2^-9 rel)
+
+
+def test_stream_twin_composes_to_the_moe_twin():
+    """The stream path's twins (gate+up SwiGLU over gathered rows, down, combine) give the MoE twin's output."""
+    torch.manual_seed(0)
+    E, I, D, N, k = 16, 32, 64, 9, 4
+    cfg = RouterConfig(num_experts=E, top_k=k, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    x = torch.randn(N, D).to(torch.bfloat16)
+    wr = torch.randn(E, D) * 0.1
+    wg, wu = (torch.randn(E, I, D) * 0.1).to(torch.bfloat16), (torch.randn(E, I, D) * 0.1).to(torch.bfloat16)
+    wd = (torch.randn(E, D, I) * 0.1).to(torch.bfloat16)
+    ids, w = route_reference(x.float() @ wr.t(), None, cfg)
+    order, inv, offsets = sort_assignments_reference(ids, E)
+    tok = (order // k).to(torch.int32)
+    h = stream_gemm_reference(x, tok, wg, wu, offsets)
+    ys = stream_gemm_reference(h, None, wd, None, offsets)
+    y = combine_reference(ys, inv, w, None, k)
+    y_ref = moe_reference(x, wr, None, wg, wu, wd, None, cfg)
+    assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < 2e-2

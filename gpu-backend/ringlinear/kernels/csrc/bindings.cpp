@@ -18,6 +18,8 @@ void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Ten
                         const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y);
 void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts, at::Tensor& offsets, at::Tensor& ends,
               at::Tensor& sorted, at::Tensor& inv, at::Tensor& tok);
+void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
+                     const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages);
 void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h);
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
                  const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out);
@@ -41,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_align", &ringlinear::moe_align, "sort assignments by expert");
   m.def("moe_experts_decode", &ringlinear::moe_experts_decode, "selected-expert SwiGLU (decode path)");
   m.def("moe_sort", &ringlinear::moe_sort, "stable multi-block sort of assignments by expert (grouped path)");
+  m.def("moe_stream_gemm", &ringlinear::moe_stream_gemm, "weight-streaming grouped GEMM, few rows per expert (+ SwiGLU)");
   m.def("moe_swiglu", &ringlinear::moe_swiglu, "bf16 silu(g) * u computed in fp32");
   m.def("moe_combine", &ringlinear::moe_combine, "weighted sum of each token's expert rows + shared expert -> bf16");
   m.def("paged_decode_attention", &ringlinear::paged_decode_attention, "paged-KV GQA decode attention (split-K)");

@@ -4,9 +4,51 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
 #define RL_DEVICE __device__ __forceinline__
 
+// Argument checks of the host entry points: RL_CHECK(cond, message parts...) throws std::invalid_argument (Python
+// ValueError) whose message joins the parts (strings, integers, floats). Not TORCH_CHECK, and no std::ostream: on the
+// GPU machine (torch 2.11) a failing check whose message formats a number - TORCH_CHECK's c10::str, or an
+// std::ostringstream here - killed the process with a segfault instead of raising, while literal-only messages
+// raised (H200, 2026-11-28); so numbers are formatted by hand below.
+#define RL_CHECK(cond, ...)                                   \
+  do {                                                        \
+    if (!(cond)) ::ringlinear::check_failed(__VA_ARGS__);     \
+  } while (0)
+
 namespace ringlinear {
+
+inline void append_part(std::string& s, const char* p) { s += p; }
+inline void append_part(std::string& s, const std::string& p) { s += p; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void append_part(std::string& s, T v) {
+  char digits[24];
+  int n = 0;
+  bool negative = false;
+  if constexpr (std::is_signed_v<T>) negative = v < 0;
+  unsigned long long u = negative ? 0ull - (unsigned long long)v : (unsigned long long)v;
+  do { digits[n++] = char('0' + u % 10); u /= 10; } while (u);
+  if (negative) s += '-';
+  while (n) s += digits[--n];
+}
+template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+inline void append_part(std::string& s, T v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", (double)v);
+  s += buf;
+}
+
+template <typename... Parts>
+[[noreturn]] inline void check_failed(const Parts&... parts) {
+  std::string msg;
+  (append_part(msg, parts), ...);
+  throw std::invalid_argument(msg);
+}
 
 RL_DEVICE float to_float(float x) { return x; }
 RL_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -309,7 +309,7 @@ void dispatch_float(at::ScalarType t, const char* what, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kBFloat16: f(__nv_bfloat16{}); break;
     case at::kHalf: f(__half{}); break;
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+    default: RL_CHECK(false, what, " must be float32, bfloat16 or float16, got ", c10::toString(t));
   }
 }
 
@@ -323,25 +323,25 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
                   const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
                   bool silu, int64_t norm_code, double eps, int64_t rot, double theta) {
-  TORCH_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
+  RL_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
   const int64_t N = q_out.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
-  TORCH_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && v_out.is_contiguous(), "qkv_prologue: outputs must be contiguous");
-  TORCH_CHECK(k_out.sizes() == v_out.sizes() && k_out.size(0) == N && k_out.size(2) == D, "qkv_prologue: k/v output shapes");
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == N && qkv.size(1) == (Hq + 2 * Hkv) * D && qkv.stride(1) == 1,
+  RL_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && v_out.is_contiguous(), "qkv_prologue: outputs must be contiguous");
+  RL_CHECK(k_out.sizes() == v_out.sizes() && k_out.size(0) == N && k_out.size(2) == D, "qkv_prologue: k/v output shapes");
+  RL_CHECK(qkv.dim() == 2 && qkv.size(0) == N && qkv.size(1) == (Hq + 2 * Hkv) * D && qkv.stride(1) == 1,
               "qkv_prologue: qkv must be [N, (Hq + 2 Hkv) d] with unit column stride");
-  TORCH_CHECK(aligned16(qkv) && (qkv.stride(0) * qkv.element_size()) % 16 == 0, "qkv_prologue: qkv rows must be 16-byte aligned");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == N,
+  RL_CHECK(aligned16(qkv) && (qkv.stride(0) * qkv.element_size()) % 16 == 0, "qkv_prologue: qkv rows must be 16-byte aligned");
+  RL_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == N,
               "qkv_prologue: positions must be contiguous int64 [N]");
   for (const auto* w : {&q_w, &k_w}) {
     if (w->has_value()) {
-      TORCH_CHECK((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D && aligned16(**w),
+      RL_CHECK((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D && aligned16(**w),
                   "qkv_prologue: norm weights must be contiguous, 16-byte aligned float32 [d]");
     }
   }
-  TORCH_CHECK(D == 64 || D == 128, "qkv_prologue: head_dim must be 64 or 128");
-  TORCH_CHECK(rot >= 0 && rot <= D && rot % 2 == 0, "qkv_prologue: rotary_dim must be even and <= head_dim");
-  TORCH_CHECK(norm_code >= kNormF32 && norm_code <= kNormF16, "qkv_prologue: bad norm dtype code");
-  TORCH_CHECK(q_out.scalar_type() == k_out.scalar_type() && k_out.scalar_type() == v_out.scalar_type(),
+  RL_CHECK(D == 64 || D == 128, "qkv_prologue: head_dim must be 64 or 128");
+  RL_CHECK(rot >= 0 && rot <= D && rot % 2 == 0, "qkv_prologue: rotary_dim must be even and <= head_dim");
+  RL_CHECK(norm_code >= kNormF32 && norm_code <= kNormF16, "qkv_prologue: bad norm dtype code");
+  RL_CHECK(q_out.scalar_type() == k_out.scalar_type() && k_out.scalar_type() == v_out.scalar_type(),
               "qkv_prologue: outputs must share a dtype");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(qkv.device());
@@ -367,19 +367,19 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
 
 void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
                          int64_t groups, double eps) {
-  TORCH_CHECK(o.dim() == 2 && o.scalar_type() == at::kFloat && o.stride(1) == 1, "gated_group_rmsnorm: o must be fp32 [N, C]");
+  RL_CHECK(o.dim() == 2 && o.scalar_type() == at::kFloat && o.stride(1) == 1, "gated_group_rmsnorm: o must be fp32 [N, C]");
   const int64_t N = o.size(0), C = o.size(1);
-  TORCH_CHECK(C % 4 == 0 && C <= 4 * kGateThreads * kGateMaxVec, "gated_group_rmsnorm: C must be a multiple of 4 and <= ",
+  RL_CHECK(C % 4 == 0 && C <= 4 * kGateThreads * kGateMaxVec, "gated_group_rmsnorm: C must be a multiple of 4 and <= ",
               4 * kGateThreads * kGateMaxVec);
-  TORCH_CHECK(groups >= 1 && C % groups == 0 && (C / groups) % 4 == 0,
+  RL_CHECK(groups >= 1 && C % groups == 0 && (C / groups) % 4 == 0,
               "gated_group_rmsnorm: groups must divide C into groups of a multiple of 4 channels");
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == N && gate.size(1) == C && gate.stride(1) == 1,
+  RL_CHECK(gate.dim() == 2 && gate.size(0) == N && gate.size(1) == C && gate.stride(1) == 1,
               "gated_group_rmsnorm: gate must be [N, C] with unit column stride");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == C && aligned16(weight),
+  RL_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == C && aligned16(weight),
               "gated_group_rmsnorm: weight must be contiguous, 16-byte aligned float32 [C]");
-  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == C, "gated_group_rmsnorm: out must be contiguous [N, C]");
-  TORCH_CHECK(aligned16(o) && o.stride(0) % 4 == 0, "gated_group_rmsnorm: o rows must be 16-byte aligned");
-  TORCH_CHECK(aligned16(gate) && gate.stride(0) % 4 == 0, "gated_group_rmsnorm: gate rows must be aligned to 4 elements");
+  RL_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == C, "gated_group_rmsnorm: out must be contiguous [N, C]");
+  RL_CHECK(aligned16(o) && o.stride(0) % 4 == 0, "gated_group_rmsnorm: o rows must be 16-byte aligned");
+  RL_CHECK(aligned16(gate) && gate.stride(0) % 4 == 0, "gated_group_rmsnorm: gate rows must be aligned to 4 elements");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(o.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -398,24 +398,24 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
 
 void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& s_out, at::Tensor& y_out, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "add_rms_norm: x must be [N, D] with unit column stride");
+  RL_CHECK(x.dim() == 2 && x.stride(1) == 1, "add_rms_norm: x must be [N, D] with unit column stride");
   const int64_t N = x.size(0), D = x.size(1);
   const int64_t V = 16 / x.element_size();
-  TORCH_CHECK(D % V == 0 && D <= kAddNormMaxDim, "add_rms_norm: D must be a multiple of ", V, " and <= ", kAddNormMaxDim);
-  TORCH_CHECK(aligned16(x) && x.stride(0) % V == 0, "add_rms_norm: x rows must be 16-byte aligned");
-  TORCH_CHECK(delta.has_value() == s_out.has_value(), "add_rms_norm: delta and s_out go together");
+  RL_CHECK(D % V == 0 && D <= kAddNormMaxDim, "add_rms_norm: D must be a multiple of ", V, " and <= ", kAddNormMaxDim);
+  RL_CHECK(aligned16(x) && x.stride(0) % V == 0, "add_rms_norm: x rows must be 16-byte aligned");
+  RL_CHECK(delta.has_value() == s_out.has_value(), "add_rms_norm: delta and s_out go together");
   if (delta) {
-    TORCH_CHECK(delta->dim() == 2 && delta->size(0) == N && delta->size(1) == D && delta->stride(1) == 1 &&
+    RL_CHECK(delta->dim() == 2 && delta->size(0) == N && delta->size(1) == D && delta->stride(1) == 1 &&
                     delta->scalar_type() == x.scalar_type(),
                 "add_rms_norm: delta must be [N, D] of x's dtype with unit column stride");
-    TORCH_CHECK(aligned16(*delta) && delta->stride(0) % V == 0, "add_rms_norm: delta rows must be 16-byte aligned");
-    TORCH_CHECK(s_out->is_contiguous() && s_out->sizes() == x.sizes() && s_out->scalar_type() == x.scalar_type() &&
+    RL_CHECK(aligned16(*delta) && delta->stride(0) % V == 0, "add_rms_norm: delta rows must be 16-byte aligned");
+    RL_CHECK(s_out->is_contiguous() && s_out->sizes() == x.sizes() && s_out->scalar_type() == x.scalar_type() &&
                     aligned16(*s_out),
                 "add_rms_norm: s_out must be contiguous, 16-byte aligned [N, D] of x's dtype");
   }
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == D && weight.scalar_type() == x.scalar_type() && aligned16(weight),
+  RL_CHECK(weight.is_contiguous() && weight.numel() == D && weight.scalar_type() == x.scalar_type() && aligned16(weight),
               "add_rms_norm: weight must be contiguous, 16-byte aligned [D] of x's dtype");
-  TORCH_CHECK(y_out.is_contiguous() && y_out.sizes() == x.sizes() && y_out.scalar_type() == x.scalar_type() &&
+  RL_CHECK(y_out.is_contiguous() && y_out.sizes() == x.sizes() && y_out.scalar_type() == x.scalar_type() &&
                   aligned16(y_out),
               "add_rms_norm: out must be contiguous, 16-byte aligned [N, D] of x's dtype");
   if (N == 0) return;

@@ -129,7 +129,7 @@ static void launch_decode_typed(const DecodeArgs& a, at::ScalarType dt, int B, c
     case at::kFloat: lightning_decode_kernel<D, COLS, FUSE, float><<<grid, kDecodeThreads, 0, stream>>>(a); break;
     case at::kBFloat16: lightning_decode_kernel<D, COLS, FUSE, __nv_bfloat16><<<grid, kDecodeThreads, 0, stream>>>(a); break;
     case at::kHalf: lightning_decode_kernel<D, COLS, FUSE, __half><<<grid, kDecodeThreads, 0, stream>>>(a); break;
-    default: TORCH_CHECK(false, "lightning_decode: q/k/v dtype must be float32, bfloat16 or float16");
+    default: RL_CHECK(false, "lightning_decode: q/k/v dtype must be float32, bfloat16 or float16");
   }
 }
 
@@ -140,12 +140,12 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       double eps, const c10::optional<at::Tensor>& positions,
                       const c10::optional<at::Tensor>& inv_freq, int64_t cols) {
   const int B = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "lightning_decode: head dim must be 64 or 128, got ", D);
-  TORCH_CHECK(cols == 64 || cols == 32, "lightning_decode: cols per block must be 64 or 32");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "lightning_decode: last dim must be contiguous");
-  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_decode: state must be contiguous fp32");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "lightning_decode: out must be contiguous fp32");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && gamma.scalar_type() == at::kFloat, "lightning_decode: slots int64, gamma fp32");
+  RL_CHECK(D == 64 || D == 128, "lightning_decode: head dim must be 64 or 128, got ", D);
+  RL_CHECK(cols == 64 || cols == 32, "lightning_decode: cols per block must be 64 or 32");
+  RL_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "lightning_decode: last dim must be contiguous");
+  RL_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_decode: state must be contiguous fp32");
+  RL_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "lightning_decode: out must be contiguous fp32");
+  RL_CHECK(slots.scalar_type() == at::kLong && gamma.scalar_type() == at::kFloat, "lightning_decode: slots int64, gamma fp32");
   if (B == 0) return;
   const at::cuda::CUDAGuard guard(q.device());
   DecodeArgs a{};

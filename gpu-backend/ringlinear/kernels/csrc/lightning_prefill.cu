@@ -329,12 +329,12 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
                        const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit) {
   const int H = q.size(1), D = q.size(2);
-  TORCH_CHECK(jsplit == 1 || (jsplit == 2 && D == 128), "lightning_prefill: jsplit must be 1, or 2 with head dim 128");
-  TORCH_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
+  RL_CHECK(jsplit == 1 || (jsplit == 2 && D == 128), "lightning_prefill: jsplit must be 1, or 2 with head dim 128");
+  RL_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &o})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "lightning_prefill: q/k/v/o must be contiguous bf16");
-  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_prefill: state must be contiguous fp32");
-  TORCH_CHECK(ws.is_contiguous() && ws.scalar_type() == at::kFloat, "lightning_prefill: workspace must be contiguous fp32");
+    RL_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "lightning_prefill: q/k/v/o must be contiguous bf16");
+  RL_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_prefill: state must be contiguous fp32");
+  RL_CHECK(ws.is_contiguous() && ws.scalar_type() == at::kFloat, "lightning_prefill: workspace must be contiguous fp32");
   const at::cuda::CUDAGuard guard(q.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   PrefillArgs a{};
@@ -343,7 +343,7 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.v = reinterpret_cast<const __nv_bfloat16*>(v.data_ptr());
   a.o = reinterpret_cast<__nv_bfloat16*>(o.data_ptr());
   a.ws = ws.data_ptr<float>(); a.state = state.data_ptr<float>();
-  TORCH_CHECK(gamma.is_contiguous() && gamma.scalar_type() == at::kFloat && gamma.numel() == H, "lightning_prefill: gamma must be fp32 [H]");
+  RL_CHECK(gamma.is_contiguous() && gamma.scalar_type() == at::kFloat && gamma.numel() == H, "lightning_prefill: gamma must be fp32 [H]");
   a.gamma = gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
 
   a.items = reinterpret_cast<const PrefillItem*>(items_state.data_ptr<int32_t>());

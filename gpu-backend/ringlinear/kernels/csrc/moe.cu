@@ -497,10 +497,10 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__
 // ---------------------------------------------------------------------------------------------------------------
 void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
                int64_t topk, bool renormalize, double scaling, at::Tensor& ids, at::Tensor& weights) {
-  TORCH_CHECK(logits.is_contiguous() && logits.scalar_type() == at::kFloat, "moe_route: logits must be contiguous fp32");
+  RL_CHECK(logits.is_contiguous() && logits.scalar_type() == at::kFloat, "moe_route: logits must be contiguous fp32");
   const int N = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(topk >= 1 && topk <= 32, "moe_route: top-k must be in 1..32");
-  TORCH_CHECK(n_group >= 1 && n_group <= 32 && E % n_group == 0, "moe_route: n_group must divide the experts and be <= 32");
+  RL_CHECK(topk >= 1 && topk <= 32, "moe_route: top-k must be in 1..32");
+  RL_CHECK(n_group >= 1 && n_group <= 32 && E % n_group == 0, "moe_route: n_group must divide the experts and be <= 32");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(logits.device());
   const size_t smem = (size_t)kRouteWarps * 2 * E * sizeof(float);
@@ -513,8 +513,8 @@ void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, 
 }
 
 void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor& sorted, at::Tensor& active) {
-  TORCH_CHECK(ids.is_contiguous() && ids.scalar_type() == at::kInt, "moe_align: ids must be contiguous int32");
-  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_align: at most ", kMaxExperts, " experts");
+  RL_CHECK(ids.is_contiguous() && ids.scalar_type() == at::kInt, "moe_align: ids must be contiguous int32");
+  RL_CHECK(E >= 1 && E <= kMaxExperts, "moe_align: at most ", kMaxExperts, " experts");
   const at::cuda::CUDAGuard guard(ids.device());
   moe_align_kernel<<<1, 1024, 0, at::cuda::getCurrentCUDAStream()>>>(ids.data_ptr<int32_t>(), ids.numel(), (int)E,
                                                                       offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
@@ -541,13 +541,13 @@ void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Ten
                         const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y) {
   const int E = wg.size(0), I = wg.size(1), Dm = wg.size(2);
   const int grid_e = (int)std::min<int64_t>(E, sorted.numel());  // distinct experts can not exceed assignments
-  TORCH_CHECK(Dm % 8 == 0 && I % 8 == 0, "moe_experts_decode: hidden and expert sizes must be multiples of 8");
-  TORCH_CHECK(I <= kMoeDownMaxI, "moe_experts_decode: expert size must be <= ", kMoeDownMaxI);
-  TORCH_CHECK(x.is_contiguous(), "moe_experts_decode: x must be contiguous");
+  RL_CHECK(Dm % 8 == 0 && I % 8 == 0, "moe_experts_decode: hidden and expert sizes must be multiples of 8");
+  RL_CHECK(I <= kMoeDownMaxI, "moe_experts_decode: expert size must be <= ", kMoeDownMaxI);
+  RL_CHECK(x.is_contiguous(), "moe_experts_decode: x must be contiguous");
   for (const at::Tensor* t : {&wg, &wu})
-    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == Dm && t->stride(0) % 8 == 0,
+    RL_CHECK(t->stride(2) == 1 && t->stride(1) == Dm && t->stride(0) % 8 == 0,
                 "moe_experts_decode: w_gate/w_up need contiguous [I, D] rows per expert");
-  TORCH_CHECK(wd.stride(2) == 1 && wd.stride(1) == I && wd.stride(0) % 8 == 0,
+  RL_CHECK(wd.stride(2) == 1 && wd.stride(1) == I && wd.stride(0) % 8 == 0,
               "moe_experts_decode: w_down needs contiguous [D, I] rows per expert");
   if (sorted.numel() == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
@@ -575,17 +575,17 @@ void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Ten
 // sorted / inv / tok [A] int32 (see moe_sort_scatter_kernel). Three launches, no host synchronisation.
 void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts, at::Tensor& offsets, at::Tensor& ends,
               at::Tensor& sorted, at::Tensor& inv, at::Tensor& tok) {
-  TORCH_CHECK(ids.is_contiguous() && ids.scalar_type() == at::kInt, "moe_sort: ids must be contiguous int32");
-  TORCH_CHECK(E >= 1 && E <= kMaxExperts, "moe_sort: at most ", kMaxExperts, " experts");
-  TORCH_CHECK(topk >= 1, "moe_sort: top-k must be positive");
+  RL_CHECK(ids.is_contiguous() && ids.scalar_type() == at::kInt, "moe_sort: ids must be contiguous int32");
+  RL_CHECK(E >= 1 && E <= kMaxExperts, "moe_sort: at most ", kMaxExperts, " experts");
+  RL_CHECK(topk >= 1, "moe_sort: top-k must be positive");
   const int64_t A = ids.numel();
-  TORCH_CHECK(A < (int64_t)1 << 31, "moe_sort: too many assignments");
+  RL_CHECK(A < (int64_t)1 << 31, "moe_sort: too many assignments");
   const int B = (int)((A + kSortPerBlock - 1) / kSortPerBlock);
-  TORCH_CHECK(counts.numel() >= (int64_t)B * E && offsets.numel() == E + 1 && ends.numel() == E && sorted.numel() == A &&
+  RL_CHECK(counts.numel() >= (int64_t)B * E && offsets.numel() == E + 1 && ends.numel() == E && sorted.numel() == A &&
                   inv.numel() == A && tok.numel() == A,
               "moe_sort: workspace / output sizes do not match");
   for (const at::Tensor* t : {&counts, &offsets, &ends, &sorted, &inv, &tok})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kInt, "moe_sort: outputs must be contiguous int32");
+    RL_CHECK(t->is_contiguous() && t->scalar_type() == at::kInt, "moe_sort: outputs must be contiguous int32");
   const at::cuda::CUDAGuard guard(ids.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   if (B > 0)
@@ -607,12 +607,12 @@ static bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(
 // g, u: [M, I] bf16 with unit column stride and one common row stride (e.g. the two halves of a [M, 2I] buffer);
 // h: [M, I] bf16 contiguous.
 void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h) {
-  TORCH_CHECK(g.dim() == 2 && u.sizes() == g.sizes() && h.sizes() == g.sizes(), "moe_swiglu: g, u, h must be [M, I] alike");
+  RL_CHECK(g.dim() == 2 && u.sizes() == g.sizes() && h.sizes() == g.sizes(), "moe_swiglu: g, u, h must be [M, I] alike");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&g, &u, &h})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->stride(1) == 1 && aligned16(*t), "moe_swiglu: bf16, unit column stride, 16-byte aligned");
+    RL_CHECK(t->scalar_type() == at::kBFloat16 && t->stride(1) == 1 && aligned16(*t), "moe_swiglu: bf16, unit column stride, 16-byte aligned");
   const int64_t M = g.size(0);
   const int I = g.size(1);
-  TORCH_CHECK(I % 8 == 0 && g.stride(0) == u.stride(0) && g.stride(0) % 8 == 0 && h.stride(0) == I,
+  RL_CHECK(I % 8 == 0 && g.stride(0) == u.stride(0) && g.stride(0) % 8 == 0 && h.stride(0) == I,
               "moe_swiglu: I and the row stride must be multiples of 8, g/u share the row stride, h contiguous");
   if (M == 0) return;
   const at::cuda::CUDAGuard guard(g.device());
@@ -628,18 +628,18 @@ void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h) {
 // else 1); shared [N, D] bf16 or fp32 (optional); out [N, D] bf16.
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
                  const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out) {
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kBFloat16, "moe_combine: out must be contiguous bf16 [N, D]");
+  RL_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kBFloat16, "moe_combine: out must be contiguous bf16 [N, D]");
   const int N = out.size(0), Dm = out.size(1);
-  TORCH_CHECK(topk >= 1 && topk <= 32, "moe_combine: top-k must be in 1..32");
-  TORCH_CHECK(Dm % 8 == 0 && aligned16(out), "moe_combine: D must be a multiple of 8");
-  TORCH_CHECK(ys.dim() == 2 && ys.size(1) == Dm && ys.is_contiguous() && aligned16(ys) &&
+  RL_CHECK(topk >= 1 && topk <= 32, "moe_combine: top-k must be in 1..32");
+  RL_CHECK(Dm % 8 == 0 && aligned16(out), "moe_combine: D must be a multiple of 8");
+  RL_CHECK(ys.dim() == 2 && ys.size(1) == Dm && ys.is_contiguous() && aligned16(ys) &&
                   (ys.scalar_type() == at::kBFloat16 || ys.scalar_type() == at::kFloat),
               "moe_combine: ys must be contiguous bf16/fp32 [R, D]");
-  TORCH_CHECK(rows || ys.size(0) == (int64_t)N * topk, "moe_combine: without rows, ys must have N*k rows");
-  if (rows) TORCH_CHECK(rows->is_contiguous() && rows->scalar_type() == at::kInt && rows->numel() == (int64_t)N * topk, "moe_combine: rows must be int32 [N*k]");
-  if (w) TORCH_CHECK(w->is_contiguous() && w->scalar_type() == at::kFloat && w->numel() == (int64_t)N * topk, "moe_combine: w must be fp32 [N*k]");
+  RL_CHECK(rows || ys.size(0) == (int64_t)N * topk, "moe_combine: without rows, ys must have N*k rows");
+  if (rows) RL_CHECK(rows->is_contiguous() && rows->scalar_type() == at::kInt && rows->numel() == (int64_t)N * topk, "moe_combine: rows must be int32 [N*k]");
+  if (w) RL_CHECK(w->is_contiguous() && w->scalar_type() == at::kFloat && w->numel() == (int64_t)N * topk, "moe_combine: w must be fp32 [N*k]");
   if (shared)
-    TORCH_CHECK(shared->is_contiguous() && shared->size(0) == N && shared->size(1) == Dm && aligned16(*shared) &&
+    RL_CHECK(shared->is_contiguous() && shared->size(0) == N && shared->size(1) == Dm && aligned16(*shared) &&
                     (shared->scalar_type() == at::kBFloat16 || shared->scalar_type() == at::kFloat),
                 "moe_combine: shared must be contiguous bf16/fp32 [N, D]");
   if (N == 0) return;

@@ -9,24 +9,24 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             double scale, int64_t cap, int64_t split_len, int64_t num_splits, at::Tensor& out,
                             at::Tensor& ws_acc, at::Tensor& ws_ml) {
   const int B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  TORCH_CHECK(D == 64 || D == 128, "paged_decode_attention: head dim must be 64 or 128, got ", D);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "paged_decode_attention: H must be a multiple of Hkv");
-  TORCH_CHECK(q.stride(2) == 1, "paged_decode_attention: q's last dim must be contiguous");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(),
+  RL_CHECK(D == 64 || D == 128, "paged_decode_attention: head dim must be 64 or 128, got ", D);
+  RL_CHECK(Hkv > 0 && H % Hkv == 0, "paged_decode_attention: H must be a multiple of Hkv");
+  RL_CHECK(q.stride(2) == 1, "paged_decode_attention: q's last dim must be contiguous");
+  RL_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(),
               "paged_decode_attention: caches and out must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
+  RL_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(), "paged_decode_attention: q, caches and out dtypes differ");
-  TORCH_CHECK(block_size > 0 && split_len > 0 && split_len % block_size == 0 && num_splits > 0,
+  RL_CHECK(block_size > 0 && split_len > 0 && split_len % block_size == 0 && num_splits > 0,
               "paged_decode_attention: bad split plan");
-  TORCH_CHECK((int64_t)split_len * num_splits >= cap, "paged_decode_attention: splits do not cover max_len");
+  RL_CHECK((int64_t)split_len * num_splits >= cap, "paged_decode_attention: splits do not cover max_len");
   const auto tt = block_tables.scalar_type(), lt = lengths.scalar_type();
-  TORCH_CHECK((tt == at::kInt || tt == at::kLong) && (lt == at::kInt || lt == at::kLong),
+  RL_CHECK((tt == at::kInt || tt == at::kLong) && (lt == at::kInt || lt == at::kLong),
               "paged_decode_attention: block_tables and lengths must be int32 or int64");
-  TORCH_CHECK(num_splits == 1 || (ws_acc.scalar_type() == at::kFloat && ws_ml.scalar_type() == at::kFloat &&
+  RL_CHECK(num_splits == 1 || (ws_acc.scalar_type() == at::kFloat && ws_ml.scalar_type() == at::kFloat &&
                                   ws_acc.numel() >= (int64_t)B * H * num_splits * D &&
                                   ws_ml.numel() >= (int64_t)B * H * num_splits * 2),
               "paged_decode_attention: workspace too small");
-  TORCH_CHECK(num_splits <= INT32_MAX && cap <= INT32_MAX && k_cache.size(0) <= INT32_MAX,
+  RL_CHECK(num_splits <= INT32_MAX && cap <= INT32_MAX && k_cache.size(0) <= INT32_MAX,
               "paged_decode_attention: sizes exceed 32-bit key/row indices");
   if (B == 0) return;
   const at::cuda::CUDAGuard guard(q.device());
@@ -47,7 +47,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     case at::kFloat: paged_launch_f32(a, D, H / Hkv, B, stream); break;
     case at::kBFloat16: paged_launch_bf16(a, D, H / Hkv, B, stream); break;
     case at::kHalf: paged_launch_f16(a, D, H / Hkv, B, stream); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: dtype must be float32, bfloat16 or float16");
+    default: RL_CHECK(false, "paged_decode_attention: dtype must be float32, bfloat16 or float16");
   }
 }
 

@@ -366,7 +366,7 @@ static void launch_typed(const PagedArgs& a, int rep, int B, cudaStream_t stream
     case 4: launch_split<T, D, 4>(a, B, stream); break;
     case 8: launch_split<T, D, 8>(a, B, stream); break;
     case 16: launch_split<T, D, 16>(a, B, stream); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: query heads per KV head must be 1, 2, 4, 8 or 16, got ", rep);
+    default: RL_CHECK(false, "paged_decode_attention: query heads per KV head must be 1, 2, 4, 8 or 16, got ", rep);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
