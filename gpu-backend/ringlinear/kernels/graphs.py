@@ -68,8 +68,8 @@ class DecodeGraphs:
             return
         self._pool = graph.pool()
         self._graphs[bp] = (graph, inputs, out)
-        # One replay on the padding inputs (they touch no request's state): a graph's first launch also uploads it
-        # to the device, which otherwise lands on the first real step (H200: that step took ~12 ms more at batch 32).
+        # One replay on the padding inputs (they touch no request's state): the first launch of an instantiated graph
+        # also uploads it to the device, work that belongs to start-up, not to the first request's step.
         graph.replay()
 
     def capture_all(self):
