@@ -140,7 +140,7 @@ def bench_prefill(Ts):
         flops = lightning_flops(T, H, D)
         auto = L.plan_prefill([T], [0], [True], H, nsm).block_len
         best = None
-        for bl in sorted({auto, max(64, auto // 2 // 64 * 64), auto * 2}):
+        for bl in sorted({auto, max(64, auto // 2 // 64 * 64), max(64, auto // 4 // 64 * 64), auto * 2}):
             prep = L.prepare_prefill([T], [0], [True], H, D, "cuda", bl)
             ms = do_bench(lambda: L.run_prepared_prefill(prep, q, k, v, state, gamma))
             row[f"ours_ms_L{bl}"] = ms
@@ -315,7 +315,7 @@ def plot(out: Path):
         return
     Ts = [r["T"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(Ts, [r["T"] / r["ours_ms"] / 1e3 for r in rows], "o-", label="ours (CUDA mma.sync, auto block length)")
+    ax.plot(Ts, [r["T"] / r["ours_ms"] / 1e3 for r in rows], "o-", label="ours (CUDA wgmma, auto block length)")
     if all("fla_ms" in r for r in rows):
         ax.plot(Ts, [r["T"] / r["fla_ms"] / 1e3 for r in rows], "s--", label="fla chunk_simple_gla (same run)")
     quoted = {t: ms for t, ms in FLA_ISSUE_MS.items() if t in Ts}

@@ -17,7 +17,7 @@ for step in "$@"; do
     build) run build python3 -c "import time; t=time.time(); from ringlinear.kernels import _build; _build.extension(); print(f'built in {time.time()-t:.0f} s')" ;;
     tests) TAIL=25 run tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib gpu-backend/tests/kernels \
              gpu-backend/tests/engine/test_kernel_path.py "gpu-backend/tests/model/test_model.py::test_f32_reference_meets_golden_tolerance" ;;
-    kernels) TAIL=40 run kernels sh -c "python3 bench/gpu_paged_attention.py --out $OUT && python3 bench/gpu_elementwise.py --out $OUT && python3 bench/gpu_kernels.py --only ceilings,decode,moe --out $OUT" ;;
+    kernels) TAIL=40 run kernels sh -c "python3 bench/gpu_paged_attention.py --out $OUT && python3 bench/gpu_elementwise.py --out $OUT && python3 bench/gpu_kernels.py --only ceilings,decode,prefill,moe --out $OUT" ;;
     elementwise) TAIL=25 run elementwise python3 bench/gpu_elementwise.py --out "$OUT" ;;
     e2e) TAIL=45 run e2e python3 bench/pod_e2e.py --device cuda --batches 1,8,32,64,128,256 --decode-steps 6 \
              --time-budget 200 --json "$OUT/e2e.json" --plot "$OUT/pod_e2e.png" ;;

@@ -11,9 +11,9 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("bindings.cpp", "lightning_decode.cu", "lightning_prefill.cu", "moe.cu", "moe_stream.cu", "paged_attention.cu",
            "paged_attention_f32.cu", "paged_attention_bf16.cu", "paged_attention_f16.cu", "fused_elementwise.cu")
-# sm_90a: Hopper (H100/H200). mma.sync/ldmatrix/cp.async only need sm_80, but the pod targets H200 and the
-# a-suffixed target keeps wgmma available to later kernels. No --use_fast_math: decode/MoE want IEEE expf/sincosf
-# (RoPE at large positions, router ties), and the prefill kernel's exp2f calls are already the fast instruction.
+# sm_90a: Hopper (H100/H200). The lightning prefill needs the a-suffixed target for wgmma; the other kernels use
+# mma.sync/ldmatrix/cp.async (sm_80+). No --use_fast_math: decode/MoE want IEEE expf/sincosf (RoPE at large
+# positions, router ties); the prefill's decay powers are a per-CTA table of exp2f values.
 NVCC_FLAGS = ["-O3", "-gencode", "arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr", "-lineinfo"]
 
 _lock = threading.Lock()

@@ -20,7 +20,7 @@ from .lightning_reference import (
 CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 DECODE_COLS = 64  # state columns per decode block (64 or 32; 32 = twice the blocks, a shorter last wave)
-JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: two CTAs per SM)
+JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: each recomputes the scores; slower)
 # Prefill block length L (H200 sweep at B=1, H=16, d=128; best L: 4k -> 512, 16k -> 1024, 64k -> 1984, 128k -> 3968):
 # at least CTAS_PER_SM (block, head) CTAs per SM for long prompts, but never fewer than MIN_BLOCK_CHUNKS chunks per
 # block, nor shorter than min(SHORT_PROMPT_BLOCK_CAP, T / 16) (short prompts: fewer, longer blocks win).

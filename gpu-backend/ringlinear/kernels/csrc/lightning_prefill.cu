@@ -1,4 +1,4 @@
-// Lightning-attention prefill on tensor cores (mma.sync m16n8k16, bf16 operands, fp32 accumulate), varlen.
+// Lightning-attention prefill on Hopper tensor cores (wgmma, bf16 operands, fp32 accumulate), varlen.
 //
 // Math per sequence and head (gamma = per-head decay, chunk of C = 64 tokens, incoming state S [d_k, d_v]):
 //   O[t]  = d^-1/2 ( gamma^{t+1} q_t S  +  sum_{s<=t} gamma^{t-s} (q_t . k_s) v_s )
@@ -11,18 +11,18 @@
 //   pass 3 (output kernel): every block starts from its entering state and walks its chunks, writing outputs;
 //           the last block of a sequence writes the final state back into the request's slot.
 //
-// Register layout of one CTA (D/16 warps): warp w owns rows j = 16w..16w+15 of S^T (v index j, k index i) as
-// mma accumulators, so S^T doubles as the A operand of O^T = S^T Q^T without touching shared memory.
+// Register layout of one CTA (D/16 warps = D/64 warpgroups): warp w owns rows j = 16w..16w+15 of S^T (v index j,
+// k index i) as wgmma accumulators, so S^T doubles as the register A operand of O^T = S^T Q^T.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace ringlinear {
 
 constexpr int kChunk = 64;
-constexpr int kPRow = kChunk + 8;  // padded shared-memory row of the score tile (bank-conflict-free ldmatrix)
 
 // One CTA's work: tokens [start, start+len) of one sequence (all heads share the item, grid.y = head).
 struct PrefillItem {
@@ -41,218 +41,256 @@ struct PrefillArgs {
   int H; float scale;
 };
 
-// JS = CTAs that share one (block, head), each owning D/JS rows j of S^T; NBUF = Q/K/V buffers (2: next chunk's
-// cp.async overlaps this chunk; 1: the output pass with JS = 2 fits two CTAs per SM instead).
+// Every chunk GEMM is a warpgroup MMA that reads its shared-memory operand once per 64 rows (the previous kernel's
+// per-warp mma.sync re-read it for every 16 rows and was shared-memory bound: 1.43 ms at T=128k vs 1.01 ms, H200).
+// Warpgroup wg owns rows j = 64 wg .. 64 wg + 63 of the CTA's S^T; the wgmma accumulator layout per warp is the
+// mma.sync m16n8 one (csrc/wgmma.cuh). Per chunk:
+//   scores  P = Q K^T           SS, split over the warpgroups along s; decay mask in registers -> P tile (bf16)
+//   inter   O^T = S^T Q^T        RS (S^T from registers, rounded to bf16), then scaled by gamma^{t+1} per column t
+//   intra   O^T += V^T P^T       RS (V^T fragments from ldmatrix.trans)
+//   state   S^T = g^C S^T + (V^T diag(gamma^{Lc-1-s})) K   RS, the decay folded into the A fragments (no Kd tile)
+// Tiles are [64, D] bf16 in 128-byte-swizzled halves of 64 columns (swz), loaded NBUF - 1 chunks ahead by cp.async.
+RL_DEVICE int swz(int r, int c) { return (c >> 6) * (kChunk * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7); }
+
 template <int D, bool STATE_ONLY, int JS>
 struct PrefillSmem {
-  static constexpr int NBUF = (STATE_ONLY || JS == 1) ? 2 : 1;
-  static constexpr int ROW = D + 8;
-  static constexpr int TILE = kChunk * ROW;  // elements of one [C, D] tile
-  // Tile slots: [Q x NBUF] K x NBUF, V x NBUF, Kd, [Os, P]; the state pass has no Q, Os or P.
-  static constexpr int K_AT = STATE_ONLY ? 0 : NBUF, V_AT = K_AT + NBUF, KD_AT = V_AT + NBUF, OS_AT = KD_AT + 1,
-                       P_AT = OS_AT + 1;
-  static constexpr int BYTES = STATE_ONLY ? (KD_AT + 1) * TILE * 2 : (P_AT * TILE + kChunk * kPRow) * 2;
-  static constexpr int THREADS = D * 2 / JS;  // D / 16 / JS warps
-  static constexpr int MIN_BLOCKS = (STATE_ONLY || JS > 1) ? 2 : 1;
+  static constexpr int JW = D / JS;  // S^T rows per CTA
+  static constexpr int NWG = JW / 64;
+  static constexpr int THREADS = NWG * 128;
+  static constexpr int NBUF = 3;
+  static constexpr int TILES = STATE_ONLY ? 2 : 3;  // per stage: (Q,) K, V
+  static constexpr int TILE = kChunk * D;
+  static constexpr int P_AT = NBUF * TILES * TILE;  // score tile [C, C], one swizzled half
+  static constexpr int OS_ROW = JW + 8;            // output staging [C, JW] (padded rows), double-buffered
+  static constexpr int OS_AT = P_AT + kChunk * kChunk;
+  static constexpr int POW_AT = STATE_ONLY ? P_AT : OS_AT + 2 * kChunk * OS_ROW;  // gamma^k and scale gamma^k, k <= C
+  static constexpr int BYTES = POW_AT * 2 + 2 * (kChunk + 1) * 4 + 1024;  // + alignment slack
+  static constexpr int MIN_BLOCKS = STATE_ONLY ? 2 : 1;
 };
 
-template <int D>
-RL_DEVICE void load_chunk_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t tok_stride, int first_valid_row_end,
-                                int tid, int nthreads) {
-  constexpr int ROW = D + 8;
-  constexpr int PIECES = D / 8;
-  for (int idx = tid; idx < kChunk * PIECES; idx += nthreads) {
-    const int r = idx / PIECES, p = idx % PIECES;
-    const bool ok = r < first_valid_row_end;
-    cp_async_16(dst + r * ROW + p * 8, ok ? src + (int64_t)r * tok_stride + p * 8 : src, ok ? 16 : 0);
+// One thread's share of copying a [C, D] chunk into a swizzled tile: NT threads cover ROWS rows per step, so each
+// thread always copies the same 16-byte piece p of rows r0, r0 + ROWS, ...; with ROWS a multiple of 8 the swizzle
+// XOR (r % 8) is fixed too, and every copy is a precomputed offset plus a compile-time step.
+template <int D, int NT>
+struct ChunkCopier {
+  static constexpr int PIECES = D / 8, ROWS = NT / PIECES, STEPS = kChunk / ROWS;
+  static_assert(NT % PIECES == 0 && ROWS % 8 == 0 && kChunk % ROWS == 0, "copier shape");
+  int r0, smem_off;
+  int64_t gmem_off, gmem_step;
+  RL_DEVICE ChunkCopier(int tid, int64_t tok_stride)
+      : r0(tid / PIECES), smem_off(swz(tid / PIECES, 8 * (tid % PIECES))),
+        gmem_off((int64_t)(tid / PIECES) * tok_stride + 8 * (tid % PIECES)), gmem_step((int64_t)ROWS * tok_stride) {}
+  // rows past `rows` are zero-filled
+  RL_DEVICE void load(__nv_bfloat16* tile, const __nv_bfloat16* src, int rows) const {
+    const __nv_bfloat16* g = src + gmem_off;
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+      const bool ok = r0 + i * ROWS < rows;
+      cp_async_16(tile + smem_off + i * ROWS * 64, ok ? g + i * gmem_step : src, ok ? 16 : 0);
+    }
   }
+};
+
+RL_DEVICE uint32_t scale_bf16x2(uint32_t x, float f0, float f1) {
+  __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&x);
+  const float2 fx = __bfloat1622float2(v);
+  return pack_bf16(fx.x * f0, fx.y * f1);
 }
 
 template <int D, bool STATE_ONLY, int JS>
 __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, PrefillSmem<D, STATE_ONLY, JS>::MIN_BLOCKS)
     lightning_prefill_kernel(PrefillArgs a) {
   using SM = PrefillSmem<D, STATE_ONLY, JS>;
-  constexpr int NT = SM::THREADS, NW = NT / 32, NBUF = SM::NBUF;
-  constexpr int ROW = SM::ROW, TILE = SM::TILE;
-  constexpr int JW = D / JS;  // rows j of S^T owned by this CTA
-  constexpr int NI = D / 8;  // n8 tiles of S^T along i
-  extern __shared__ __align__(16) __nv_bfloat16 smem[];
-  // Q, K, V double buffers at smem + (slot + buf) * TILE (computed, not indexed, to stay out of local memory).
-  __nv_bfloat16* Kd = smem + SM::KD_AT * TILE;
-  __nv_bfloat16* Os = smem + SM::OS_AT * TILE;  // unused by the state pass
-  __nv_bfloat16* Ps = smem + SM::P_AT * TILE;   // unused by the state pass
+  constexpr int NT = SM::THREADS, NBUF = SM::NBUF, JW = SM::JW, NWG = SM::NWG;
+  constexpr int NS = D / 2;       // S^T accumulators per thread: [64, D] per warpgroup
+  constexpr int SCN = 64 / NWG;   // score columns s per warpgroup
+  constexpr int KI = STATE_ONLY ? 0 : 1, VI = KI + 1;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u));
+  __nv_bfloat16* Ps = smem + SM::P_AT;
+  // gamma^k and scale * gamma^k (k = 0..C): every decay factor of a chunk is one of these; the output scale rides on
+  // the factors of P and of the inter-chunk term.
+  float* pw = reinterpret_cast<float*>(smem + SM::POW_AT);
+  float* pws = pw + kChunk + 1;
 
   const PrefillItem it = a.items[blockIdx.x];
   const int h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int jbase = blockIdx.z * JW;
-  const float lg = log2f(a.gamma[h]);
+  const int jl = 16 * w + g;  // this thread's S^T rows jl, jl + 8 (CTA-local)
   const int64_t tok_stride = (int64_t)a.H * D;
   const int64_t base = (int64_t)it.start * tok_stride + (int64_t)h * D;
+  if (tid <= kChunk) {  // visible after the loop's first barrier
+    pw[tid] = exp2f((float)tid * log2f(a.gamma[h]));
+    pws[tid] = pw[tid] * a.scale;
+  }
 
-  // S^T accumulators: st[n][.] covers j = 16w + g (+8), i = 8n + 2tig (+1).
-  float st[NI][4];
-  const int j0 = jbase + 16 * w + g;
+  // st[4n + x]: S^T[jbase + jl + 8 (x >> 1)][8n + 2 tig + (x & 1)]
+  float st[NS];
   if constexpr (STATE_ONLY) {
 #pragma unroll
-    for (int n = 0; n < NI; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
+    for (int i = 0; i < NS; ++i) st[i] = 0.f;
   } else {
-    const float* S = a.ws + ((int64_t)it.ws * a.H + h) * D * D;
+    const float* S = a.ws + ((int64_t)it.ws * a.H + h) * D * D + jbase + jl;
 #pragma unroll
-    for (int n = 0; n < NI; ++n) {
+    for (int n = 0; n < D / 8; ++n) {
       const int i = 8 * n + 2 * tig;
-      st[n][0] = S[i * D + j0]; st[n][1] = S[(i + 1) * D + j0];
-      st[n][2] = S[i * D + j0 + 8]; st[n][3] = S[(i + 1) * D + j0 + 8];
+      st[4 * n] = S[i * D]; st[4 * n + 1] = S[(i + 1) * D];
+      st[4 * n + 2] = S[i * D + 8]; st[4 * n + 3] = S[(i + 1) * D + 8];
     }
   }
 
   const int nchunks = (it.len + kChunk - 1) / kChunk;
+  auto tile = [&](int buf, int which) { return smem + (buf * SM::TILES + which) * SM::TILE; };
+  const ChunkCopier<D, NT> copier(tid, tok_stride);
   auto issue = [&](int c) {
-    const int buf = c % NBUF;
-    const int rows = min(kChunk, it.len - c * kChunk);
-    const int64_t off = base + (int64_t)c * kChunk * tok_stride;
-    if constexpr (!STATE_ONLY) load_chunk_async<D>(smem + buf * TILE, a.q + off, tok_stride, rows, tid, NT);
-    // (the whole V tile is loaded even when JS > 1: the intra-chunk product only reads this CTA's columns)
-    load_chunk_async<D>(smem + (SM::K_AT + buf) * TILE, a.k + off, tok_stride, rows, tid, NT);
-    load_chunk_async<D>(smem + (SM::V_AT + buf) * TILE, a.v + off, tok_stride, rows, tid, NT);
-    cp_async_commit();
+    if (c < nchunks) {
+      const int buf = c % NBUF;
+      const int rows = min(kChunk, it.len - c * kChunk);
+      const int64_t off = base + (int64_t)c * kChunk * tok_stride;
+      if constexpr (!STATE_ONLY) copier.load(tile(buf, 0), a.q + off, rows);
+      copier.load(tile(buf, KI), a.k + off, rows);
+      copier.load(tile(buf, VI), a.v + off, rows);
+    }
+    cp_async_commit();  // empty groups keep the wait count uniform
   };
-  if (nchunks > 0) issue(0);
+#pragma unroll
+  for (int c = 0; c < NBUF - 1; ++c) issue(c);
+  // Output chunk c: staging buffer c % 2 -> rows of o (16-byte stores, the JW columns of this CTA).
+  auto out_stage = [&](int c) { return smem + SM::OS_AT + (c & 1) * kChunk * SM::OS_ROW; };
+  // (fixed piece per thread, as in ChunkCopier)
+  constexpr int OUT_PIECES = JW / 8, OUT_ROWS = NT / OUT_PIECES;
+  static_assert(NT % OUT_PIECES == 0 && kChunk % OUT_ROWS == 0, "output copy shape");
+  const int out_t0 = tid / OUT_PIECES, out_p = 8 * (tid % OUT_PIECES);
+  auto store_out = [&](int c) {
+    const __nv_bfloat16* Os = out_stage(c) + out_t0 * SM::OS_ROW + out_p;
+    __nv_bfloat16* o = a.o + base + (int64_t)(c * kChunk + out_t0) * tok_stride + jbase + out_p;
+    const int rows = min(kChunk, it.len - c * kChunk);
+#pragma unroll
+    for (int i = 0; i < kChunk / OUT_ROWS; ++i)
+      if (out_t0 + i * OUT_ROWS < rows)
+        *reinterpret_cast<uint4*>(o + (int64_t)i * OUT_ROWS * tok_stride) =
+            *reinterpret_cast<const uint4*>(Os + i * OUT_ROWS * SM::OS_ROW);
+  };
 
   for (int c = 0; c < nchunks; ++c) {
+    cp_async_wait<NBUF - 2>();
+    fence_proxy_async();
+    __syncthreads();  // chunk c landed everywhere; every warp is done with chunk c - 1's buffers, P and Os
+    issue(c + NBUF - 1);
+    if constexpr (!STATE_ONLY) if (c > 0) store_out(c - 1);  // its staging buffer is complete (the barrier above)
     const int buf = c % NBUF;
-    if (NBUF == 2 && c + 1 < nchunks) { issue(c + 1); cp_async_wait<1>(); } else { cp_async_wait<0>(); }
-    __syncthreads();
     const int Lc = min(kChunk, it.len - c * kChunk);
-    const __nv_bfloat16* Q = smem + buf * TILE;
-    const __nv_bfloat16* K = smem + (SM::K_AT + buf) * TILE;
-    const __nv_bfloat16* V = smem + (SM::V_AT + buf) * TILE;
+    const uint32_t k_addr = smem_addr(tile(buf, KI));
+    const __nv_bfloat16* V = tile(buf, VI);
 
-    // Kd[s] = gamma^{Lc-1-s} k_s (rows past Lc are already zero).
-    for (int idx = tid; idx < kChunk * (D / 8); idx += NT) {
-      const int s = idx / (D / 8), p = idx % (D / 8);
-      const float f = s < Lc ? exp2f((float)(Lc - 1 - s) * lg) : 0.f;
-      uint4 raw = *reinterpret_cast<const uint4*>(K + s * ROW + p * 8);
-      __nv_bfloat162* x = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float2 fx = __bfloat1622float2(x[e]);
-        x[e] = __floats2bfloat162_rn(fx.x * f, fx.y * f);
-      }
-      *reinterpret_cast<uint4*>(Kd + s * ROW + p * 8) = raw;
-    }
-
-    if constexpr (!STATE_ONLY) {
-      // Scores P[t][s] = gamma^{t-s} (q_t . k_s) for s <= t; 32 m16n8 tiles shared among the warps.
-      constexpr int TPW = 32 / NW;
-#pragma unroll
-      for (int x = 0; x < TPW; x += 2) {
-        const int idx = w * TPW + x;
-        const int mt = idx >> 3, nt = idx & 7;  // tiles (mt, nt) and (mt, nt+1)
-        float pc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        if (8 * nt <= 16 * mt + 15) {
-#pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t a0, a1, a2, a3, b0, b1, b2, b3;
-            ldmatrix_x4(a0, a1, a2, a3, Q + (16 * mt + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + 16 * kk + (lane >> 4) * 8);
-            ldmatrix_x4(b0, b1, b2, b3, K + (8 * nt + (lane & 7) + (lane >> 4) * 8) * ROW + 16 * kk + ((lane >> 3) & 1) * 8);
-            mma_bf16_16816(pc[0], a0, a1, a2, a3, b0, b1);
-            mma_bf16_16816(pc[1], a0, a1, a2, a3, b2, b3);
-          }
-        }
-#pragma unroll
-        for (int y = 0; y < 2; ++y) {
-          const int s = 8 * (nt + y) + 2 * tig;
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int t = 16 * mt + g + 8 * half;
-            const float p0 = s <= t ? pc[y][2 * half] * exp2f((float)(t - s) * lg) : 0.f;
-            const float p1 = s + 1 <= t ? pc[y][2 * half + 1] * exp2f((float)(t - s - 1) * lg) : 0.f;
-            *reinterpret_cast<uint32_t*>(Ps + t * kPRow + s) = pack_bf16(p0, p1);
-          }
-        }
-      }
-    }
-    __syncthreads();
-
-    // A fragments of V^T (m = j of this warp, k = s), reused by the output and the state update.
+    // A fragments of V^T (rows j of this warp, k = s), shared by the intra-chunk product and the state update.
     uint32_t va[kChunk / 16][4];
+    auto load_va = [&]() {
 #pragma unroll
-    for (int kk = 0; kk < kChunk / 16; ++kk)
-      ldmatrix_x4_trans(va[kk][0], va[kk][1], va[kk][2], va[kk][3],
-                        V + (16 * kk + (lane & 7) + (lane >> 4) * 8) * ROW + jbase + 16 * w + ((lane >> 3) & 1) * 8);
+      for (int kk = 0; kk < kChunk / 16; ++kk)
+        ldmatrix_x4_trans(va[kk][0], va[kk][1], va[kk][2], va[kk][3],
+                          V + swz(16 * kk + (lane & 7) + (lane >> 4) * 8, jbase + 16 * w + ((lane >> 3) & 1) * 8));
+    };
 
+    float acc[32];  // O^T [64 j, 64 t] of this warpgroup: acc[4n + x] = (jl + 8 (x >> 1), t = 8n + 2 tig + (x & 1))
     if constexpr (!STATE_ONLY) {
-      float acc[kChunk / 8][4];
-#pragma unroll
-      for (int n = 0; n < kChunk / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-      // Inter-chunk: O^T += S^T Q^T (S^T from registers, rounded to bf16).
+      const uint32_t q_addr = smem_addr(tile(buf, 0));
+      const int s0 = (w >> 2) * SCN;
+      float sc[SCN / 2];  // P [64 t, SCN s]: sc[4n + x] = (t = 16 (w & 3) + g + 8 (x >> 1), s = s0 + 8n + 2 tig + (x & 1))
+      // S^T as bf16 A fragments, all packed before the batch: reading accumulator registers between the wgmmas of a
+      // batch makes ptxas drain the pipeline before each read.
+      uint32_t sa[D / 16][4];
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t a0 = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-        const uint32_t a1 = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-        const uint32_t a2 = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-        const uint32_t a3 = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        sa[kk][0] = pack_bf16(st[8 * kk], st[8 * kk + 1]); sa[kk][1] = pack_bf16(st[8 * kk + 2], st[8 * kk + 3]);
+        sa[kk][2] = pack_bf16(st[8 * kk + 4], st[8 * kk + 5]); sa[kk][3] = pack_bf16(st[8 * kk + 6], st[8 * kk + 7]);
+      }
+      wgmma_fence();
 #pragma unroll
-        for (int p = 0; p < kChunk / 16; ++p) {
-          uint32_t b0, b1, b2, b3;
-          ldmatrix_x4(b0, b1, b2, b3, Q + (16 * p + (lane & 7) + (lane >> 4) * 8) * ROW + 16 * kk + ((lane >> 3) & 1) * 8);
-          mma_bf16_16816(acc[2 * p], a0, a1, a2, a3, b0, b1);
-          mma_bf16_16816(acc[2 * p + 1], a0, a1, a2, a3, b2, b3);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t koff = (kk >> 2) * (kChunk * 128) + (kk & 3) * 32;  // 16 columns of i: half, then 32 bytes
+        const uint64_t dq = smem_desc(q_addr + koff, 16, 1024);
+        if constexpr (SCN == 32) wgmma_m64n32k16_ss(sc, dq, smem_desc(k_addr + s0 * 128 + koff, 16, 1024), kk > 0);
+        else wgmma_m64n64k16_ss(sc, dq, smem_desc(k_addr + s0 * 128 + koff, 16, 1024), kk > 0);
+        wgmma_m64n64k16_rs<0>(acc, sa[kk][0], sa[kk][1], sa[kk][2], sa[kk][3], dq, kk > 0);
+      }
+      wgmma_commit();
+      load_va();
+      wgmma_wait<0>();
+      fence_regs(sc);
+      fence_regs(acc);
+#pragma unroll
+      for (int n = 0; n < SCN / 8; ++n) {
+        const int s = s0 + 8 * n + 2 * tig;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int t = 16 * (w & 3) + g + 8 * half;
+          const float p0 = s <= t ? sc[4 * n + 2 * half] * pws[t - s] : 0.f;
+          const float p1 = s + 1 <= t ? sc[4 * n + 2 * half + 1] * pws[t - s - 1] : 0.f;
+          *reinterpret_cast<uint32_t*>(Ps + swz(t, s)) = pack_bf16(p0, p1);
         }
       }
 #pragma unroll
-      for (int n = 0; n < kChunk / 8; ++n) {
+      for (int n = 0; n < 8; ++n) {
         const int t = 8 * n + 2 * tig;
-        const float f0 = exp2f((float)(t + 1) * lg), f1 = exp2f((float)(t + 2) * lg);
-        acc[n][0] *= f0; acc[n][1] *= f1; acc[n][2] *= f0; acc[n][3] *= f1;
+        const float f0 = pws[t + 1], f1 = pws[t + 2];
+        acc[4 * n] *= f0; acc[4 * n + 1] *= f1; acc[4 * n + 2] *= f0; acc[4 * n + 3] *= f1;
       }
-      // Intra-chunk: O^T += V^T P^T (blocks entirely above the diagonal are skipped).
+      fence_proxy_async();
+      __syncthreads();  // the whole score tile is in P
+      const uint32_t p_addr = smem_addr(Ps);
+      wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kChunk / 16; ++kk) {
-#pragma unroll
-        for (int p = 0; p < kChunk / 16; ++p) {
-          if (kk > p) continue;
-          uint32_t b0, b1, b2, b3;
-          ldmatrix_x4(b0, b1, b2, b3, Ps + (16 * p + (lane & 7) + (lane >> 4) * 8) * kPRow + 16 * kk + ((lane >> 3) & 1) * 8);
-          mma_bf16_16816(acc[2 * p], va[kk][0], va[kk][1], va[kk][2], va[kk][3], b0, b1);
-          mma_bf16_16816(acc[2 * p + 1], va[kk][0], va[kk][1], va[kk][2], va[kk][3], b2, b3);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < kChunk / 8; ++n) {
-        const int t = 8 * n + 2 * tig;
-        Os[t * ROW + j0] = __float2bfloat16(acc[n][0] * a.scale);
-        Os[(t + 1) * ROW + j0] = __float2bfloat16(acc[n][1] * a.scale);
-        Os[t * ROW + j0 + 8] = __float2bfloat16(acc[n][2] * a.scale);
-        Os[(t + 1) * ROW + j0 + 8] = __float2bfloat16(acc[n][3] * a.scale);
-      }
+      for (int kk = 0; kk < kChunk / 16; ++kk)
+        wgmma_m64n64k16_rs<0>(acc, va[kk][0], va[kk][1], va[kk][2], va[kk][3], smem_desc(p_addr + kk * 32, 16, 1024), 1);
+      wgmma_commit();
     }
 
-    // State update: S^T = gamma^{Lc} S^T + V^T Kd.
-    const float fc = exp2f((float)Lc * lg);
+    // State update with the per-row decay gamma^{Lc-1-s} applied to the V^T fragments (0 past the chunk's end).
+    const float fc = pw[Lc];
 #pragma unroll
-    for (int n = 0; n < NI; ++n) { st[n][0] *= fc; st[n][1] *= fc; st[n][2] *= fc; st[n][3] *= fc; }
+    for (int i = 0; i < NS; ++i) st[i] *= fc;
+    if constexpr (STATE_ONLY) load_va();
+    uint32_t vd_own[STATE_ONLY ? 1 : kChunk / 16][4];  // the state pass scales va in place
+    auto& vd = *reinterpret_cast<uint32_t(*)[kChunk / 16][4]>(STATE_ONLY ? &va[0][0] : &vd_own[0][0]);
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk) {
-#pragma unroll
-      for (int p = 0; p < D / 16; ++p) {
-        uint32_t b0, b1, b2, b3;
-        ldmatrix_x4_trans(b0, b1, b2, b3, Kd + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + 16 * p + (lane >> 4) * 8);
-        mma_bf16_16816(st[2 * p], va[kk][0], va[kk][1], va[kk][2], va[kk][3], b0, b1);
-        mma_bf16_16816(st[2 * p + 1], va[kk][0], va[kk][1], va[kk][2], va[kk][3], b2, b3);
-      }
+      const int s = 16 * kk + 2 * tig;
+      auto f = [&](int x) { return x < Lc ? pw[Lc - 1 - x] : 0.f; };
+      const float f0 = f(s), f1 = f(s + 1), f8 = f(s + 8), f9 = f(s + 9);
+      vd[kk][0] = scale_bf16x2(va[kk][0], f0, f1); vd[kk][1] = scale_bf16x2(va[kk][1], f0, f1);
+      vd[kk][2] = scale_bf16x2(va[kk][2], f8, f9); vd[kk][3] = scale_bf16x2(va[kk][3], f8, f9);
     }
-    __syncthreads();
-    if (NBUF == 1 && c + 1 < nchunks) issue(c + 1);  // single buffer: refill only once every warp is done with it
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      const uint64_t dk = smem_desc(k_addr + kk * 2048, kChunk * 128, 1024);  // K as MN-major B: rows s, i contiguous
+      if constexpr (D == 128) wgmma_m64n128k16_rs<1>(st, vd[kk][0], vd[kk][1], vd[kk][2], vd[kk][3], dk, 1);
+      else wgmma_m64n64k16_rs<1>(st, vd[kk][0], vd[kk][1], vd[kk][2], vd[kk][3], dk, 1);
+    }
+    wgmma_commit();
 
     if constexpr (!STATE_ONLY) {
-      __nv_bfloat16* o = a.o + base + (int64_t)c * kChunk * tok_stride + jbase;
-      for (int idx = tid; idx < Lc * (JW / 8); idx += NT) {
-        const int t = idx / (JW / 8), p = idx % (JW / 8);
-        *reinterpret_cast<uint4*>(o + (int64_t)t * tok_stride + p * 8) =
-            *reinterpret_cast<const uint4*>(Os + t * ROW + jbase + p * 8);
+      wgmma_wait<1>();  // the intra-chunk product is done (the state update may still run)
+      fence_regs(acc);
+      // O^T fragments -> staging rows t (stmatrix.trans: each 8x8 block of (j, t) lands as 8 rows t of 8 columns j).
+      __nv_bfloat16* Os = out_stage(c);
+      const int r = lane & 7, m = lane >> 3;
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp) {
+        const float* x = acc + 8 * pp;
+        stmatrix_x4_trans(Os + (16 * pp + (m >> 1) * 8 + r) * SM::OS_ROW + 16 * w + (m & 1) * 8, pack_bf16(x[0], x[1]),
+                          pack_bf16(x[2], x[3]), pack_bf16(x[4], x[5]), pack_bf16(x[6], x[7]));
       }
+    }
+    wgmma_wait<0>();
+    fence_regs(st);
+  }
+  if constexpr (!STATE_ONLY) {
+    if (nchunks > 0) {
+      __syncthreads();
+      store_out(nchunks - 1);
     }
   }
 
@@ -263,11 +301,12 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
     if (it.slot_out >= 0) dst = a.state + ((int64_t)it.slot_out * a.H + h) * D * D;
   }
   if (dst != nullptr) {
+    dst += jbase + jl;
 #pragma unroll
-    for (int n = 0; n < NI; ++n) {
+    for (int n = 0; n < D / 8; ++n) {
       const int i = 8 * n + 2 * tig;
-      dst[i * D + j0] = st[n][0]; dst[(i + 1) * D + j0] = st[n][1];
-      dst[i * D + j0 + 8] = st[n][2]; dst[(i + 1) * D + j0 + 8] = st[n][3];
+      dst[i * D] = st[4 * n]; dst[(i + 1) * D] = st[4 * n + 1];
+      dst[i * D + 8] = st[4 * n + 2]; dst[(i + 1) * D + 8] = st[4 * n + 3];
     }
   }
 }
