@@ -5,7 +5,6 @@ twin, so callers never need to branch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +20,11 @@ CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 DECODE_COLS = 64  # state columns per decode block (64 or 32; 32 = twice the blocks, a shorter last wave)
 JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: each recomputes the scores; slower)
-# Prefill block length L (H200 sweep at B=1, H=16, d=128; best L: 4k -> 512, 16k -> 1024, 64k -> 1984, 128k -> 3968):
-# at least CTAS_PER_SM (block, head) CTAs per SM for long prompts, but never fewer than MIN_BLOCK_CHUNKS chunks per
-# block, nor shorter than min(SHORT_PROMPT_BLOCK_CAP, T / 16) (short prompts: fewer, longer blocks win).
-CTAS_PER_SM = 4
-MIN_BLOCK_CHUNKS = 8
-SHORT_PROMPT_BLOCK_CAP = 1024
+# Prefill block length L: the smallest (a multiple of CHUNK, at least MIN_BLOCK_CHUNKS chunks) whose output pass is one
+# wave, heads x blocks <= SMs (one 8-warp CTA fits per SM), or one block per sequence when the sequences alone exceed
+# that. H200 sweep (bench/sweep_prefill_block.py, H=16): best L = 512 / 1024 / 2048 / 4096 / 8192 / 16384 at
+# T = 4k / 8k / 16k / 32k / 64k / 128k and 2048 / 8192 for 4 x 4k / 4 x 16k - exactly this rule (8 blocks per head).
+MIN_BLOCK_CHUNKS = 8  # shorter blocks lose: the state pass and scan cost more than the extra parallelism gains
 
 _inv_freq_cache: dict[tuple, torch.Tensor] = {}
 
@@ -159,14 +157,29 @@ class PrefillPlan:
     n_ws: int
 
 
+def _one_wave_block_len(seq_lens: list[int], heads: int, num_sms: int) -> int:
+    """The rule above: smallest chunk-multiple L >= MIN_BLOCK_CHUNKS chunks with sum(ceil(len / L)) <= the budget."""
+    lens = [n for n in seq_lens if n > 0]
+    low = CHUNK * MIN_BLOCK_CHUNKS
+    if not lens:
+        return low
+    budget = max(num_sms // max(1, heads), len(lens))
+    blocks = lambda L: sum(-(-n // L) for n in lens)  # noqa: E731 - non-increasing in L
+    lo, hi = low // CHUNK, max(low // CHUNK, -(-max(lens) // CHUNK))  # in chunks; blocks(hi) = len(lens) <= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if blocks(mid * CHUNK) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo * CHUNK
+
+
 def plan_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool], heads: int, num_sms: int,
                  block_len: int | None = None) -> PrefillPlan:
     """Choose the block length (a multiple of CHUNK; rule above) and list the work of the three passes."""
-    total = sum(seq_lens)
     if block_len is None:
-        down = lambda x: max(CHUNK, math.floor(x / CHUNK) * CHUNK)  # noqa: E731
-        block_len = max(CHUNK * MIN_BLOCK_CHUNKS, down(total * heads / max(1, CTAS_PER_SM * num_sms)),
-                        min(SHORT_PROMPT_BLOCK_CAP, down(total / 16)))
+        block_len = _one_wave_block_len(seq_lens, heads, num_sms)
     if block_len % CHUNK:
         raise ValueError(f"plan_prefill: block_len must be a multiple of {CHUNK}, got {block_len}")
     items_state, items_out, scan = [], [], []

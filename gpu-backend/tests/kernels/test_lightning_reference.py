@@ -127,9 +127,20 @@ def test_plan_covers_every_token_once(lens, block):
     assert plan.n_ws == len(plan.items_out)
 
 
-def test_plan_fills_the_gpu_at_batch_one():
-    plan = plan_prefill([131072], [0], [True], heads=16, num_sms=132)
-    assert len(plan.items_out) * 16 >= 2 * 132
+@pytest.mark.parametrize(
+    "lens,expected",
+    [([4096], 512), ([8192], 1024), ([16384], 2048), ([32768], 4096), ([65536], 8192), ([131072], 16384),
+     ([4096] * 4, 2048), ([16384] * 4, 8192), ([1000], 512), ([131072, 1024], 18752), ([300] * 20, 512),
+     ([5000] * 20, 5056), ([0, 0], 512)],
+)
+def test_plan_block_length_is_one_wave_of_output_ctas(lens, expected):
+    """The H200 sweep's best L at every measured shape: heads x blocks <= SMs (8 blocks per head at H=16, 132 SMs),
+    never under 8 chunks, one block per sequence when the sequences alone exceed the SMs."""
+    plan = plan_prefill(lens, list(range(len(lens))), [True] * len(lens), heads=16, num_sms=132)
+    assert plan.block_len == expected
+    live = [n for n in lens if n > 0]
+    assert len(plan.items_out) == sum(-(-n // expected) for n in live)
+    assert len(plan.items_out) * 16 <= max(132, 16 * len(live))
 
 
 def test_wrappers_fall_back_to_the_twin_on_cpu():
