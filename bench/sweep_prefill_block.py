@@ -46,7 +46,8 @@ def main():
                                               rep=200, return_mode="median")
         best = min(res, key=res.get)
         rows.append({"T": T, "seqs": n, "auto": auto, "ms": res, "best": best})
-        print(f"{n} x T={T:6d} auto L={auto} {res[auto]:.4f} ms | best L={best} {res[best]:.4f} ms | "
+        print(f"{n} x T={T:6d} auto L={auto} {res[auto]:.4f} ms | best L={best} {res[best]:.4f} ms "
+              f"({res[auto] / res[best]:.2f}x the auto L) | "
               + " ".join(f"{bl}:{ms:.4f}" for bl, ms in res.items()), flush=True)
         del q, k, v
     if args.json:

@@ -22,26 +22,24 @@ out.append('''// Hopper warpgroup MMA (wgmma.mma_async, sm_90a) wrappers used by
 // scale_d = 0 overwrites D (D = A B), 1 accumulates. Every call must be fenced (wgmma_fence) after the registers it
 // reads were written, committed (wgmma_commit) and waited for (wgmma_wait) before D is read.
 #pragma once
-#include <stdint.h>
+#include "common.cuh"
 
 namespace ringlinear {
 
-#define RL_DEVICE_WG __device__ __forceinline__
-
-RL_DEVICE_WG void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
-RL_DEVICE_WG void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }
-template <int N> RL_DEVICE_WG void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\\n" ::"n"(N) : "memory"); }
+RL_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
+RL_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }
+template <int N> RL_DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\\n" ::"n"(N) : "memory"); }
 // Generic-proxy shared-memory writes (st.shared, cp.async) must be fenced before wgmma (async proxy) reads them.
-RL_DEVICE_WG void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory"); }
+RL_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory"); }
 // Keeps the compiler from moving reads of an accumulator across wgmma_wait.
-template <int N> RL_DEVICE_WG void fence_regs(float (&d)[N]) {
+template <int N> RL_DEVICE void fence_regs(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading / stride byte offsets (16-byte units).
 // The tile must sit in 1024-byte aligned swizzle atoms (8 rows of 128 bytes); K-steps inside an atom move the start.
-RL_DEVICE_WG uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+RL_DEVICE uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo_bytes >> 4) << 16) | ((uint64_t)(sbo_bytes >> 4) << 32) |
          (1ull << 62);
 }
@@ -52,7 +50,7 @@ for N in (64, 128):
     nd = N // 2
     out.append(f'''// D[64 x {N}] (+)= A (registers) x B (shared, descriptor); TRANS_B: B stored N-contiguous (MN-major).
 template <int TRANS_B>
-RL_DEVICE_WG void wgmma_m64n{N}k16_rs(float (&d)[{nd}], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t desc_b,
+RL_DEVICE void wgmma_m64n{N}k16_rs(float (&d)[{nd}], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t desc_b,
                                      int scale_d) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 5}, 0;\\n"
@@ -64,7 +62,7 @@ RL_DEVICE_WG void wgmma_m64n{N}k16_rs(float (&d)[{nd}], uint32_t a0, uint32_t a1
 for N in (32, 64):
     nd = N // 2
     out.append(f'''// D[64 x {N}] (+)= A (shared, K-major) x B (shared, K-major).
-RL_DEVICE_WG void wgmma_m64n{N}k16_ss(float (&d)[{nd}], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
+RL_DEVICE void wgmma_m64n{N}k16_ss(float (&d)[{nd}], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.bf16.bf16 {{{regs(nd)}}}, %{nd}, %{nd + 1}, p, 1, 1, 0, 0;\\n}}\\n"
@@ -72,7 +70,7 @@ RL_DEVICE_WG void wgmma_m64n{N}k16_ss(float (&d)[{nd}], uint64_t desc_a, uint64_
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }}
 ''')
-out.append("#undef RL_DEVICE_WG\n\n}  // namespace ringlinear\n")
+out.append("}  // namespace ringlinear\n")
 if __name__ == "__main__":
     import sys
 
