@@ -10,13 +10,14 @@ at N = 1, 64, 4096, 32768 tokens per step:
                         with fp32 output (the same bytes) and bf16 output
     softmax-prologue    bf16 qkv [N, 24*128] -> bf16 QK RMSNorm, fp32 RoPE, bf16 q/k (runner._softmax) vs ours
                         (norm_dtype=bf16: the same numbers)
-    gate                fp32 o [N, 2048], bf16 gate -> group RMSNorm * sigmoid(gate) -> bf16 (runner._lightning)
+    gate                fp32 o [N, 2048], bf16 gate -> group RMSNorm * sigmoid(gate) -> bf16 (runner._lightning), and
+                        with the bf16 o that prompt-only steps pass straight from the prefill kernel
     add-rmsnorm         bf16 residual x [N, 2048] + bf16 attention output, then RMSNorm (runner._forward's
                         `x = x + a` then post_attention_layernorm) vs ours (both s and the normed rows written)
     rmsnorm             bf16 [N, 2048] -> RMSNorm alone (input_layernorm of layer 0, the final norm) vs ours
 
 The peer excludes rope_cos_sin, which the runner computes once per step for all layers; ours recomputes the angles
-in every call. Norm weights are passed to ours in fp32 (convert once at load: bf16 weights cost a conversion launch
+in every call, except in the "tables" rows, which pass those tables as the runner does. Norm weights are passed to ours in fp32 (convert once at load: bf16 weights cost a conversion launch
 per call). GB/s counts the bytes ours must move (inputs read once, outputs written once), for both columns; % copy
 is against a device-to-device copy measured in the same run. --quick: small N and few repetitions; it also runs on
 a CPU (the twins then stand in for the kernels) as a smoke test of the harness. Writes DIR/gpu_elementwise.json.
@@ -103,12 +104,22 @@ def cases(N: int, dev: torch.device):
                lambda: peer_lightning_prologue(lin, cos, sin, qw, kw),
                lambda od=out_dtype: qkv_prologue(lin, pos, H, H, D, silu=False, out_dtype=od, **common),
                qkv_prologue_bytes(N, H, H, D, torch.bfloat16, out_dtype))
-    yield ("softmax-prologue out=bfloat16",
-           lambda: peer_softmax_prologue(soft, cos, sin, qw, kw),
-           lambda: qkv_prologue(soft, pos, H, HKV, D, silu=False, norm_dtype=torch.bfloat16, **common),
-           qkv_prologue_bytes(N, H, HKV, D, torch.bfloat16, torch.bfloat16))
+    yield ("lightning-prologue tables out=bfloat16",  # the runner's call: the step's rope_cos_sin tables
+           lambda: peer_lightning_prologue(lin, cos, sin, qw, kw),
+           lambda: qkv_prologue(lin, pos, H, H, D, silu=False, out_dtype=torch.bfloat16, rope_cos_sin=(cos, sin), **common),
+           qkv_prologue_bytes(N, H, H, D, torch.bfloat16, torch.bfloat16))
+    for tables in (None, (cos, sin)):
+        yield (f"softmax-prologue {'tables ' if tables else ''}out=bfloat16",
+               lambda: peer_softmax_prologue(soft, cos, sin, qw, kw),
+               lambda t=tables: qkv_prologue(soft, pos, H, HKV, D, silu=False, norm_dtype=torch.bfloat16,
+                                             rope_cos_sin=t, **common),
+               qkv_prologue_bytes(N, H, HKV, D, torch.bfloat16, torch.bfloat16))
     yield ("gate out=bfloat16", lambda: peer_gate(o, gate, gw), lambda: gated_group_rmsnorm(o, gate, gw32, GROUPS, EPS),
            gated_group_rmsnorm_bytes(N, C, torch.bfloat16, torch.bfloat16))
+    o16 = o.to(torch.bfloat16)  # the prefill kernel's output, as prompt-only steps pass it
+    yield ("gate o=bf16 out=bfloat16", lambda: peer_gate(o16, gate, gw),
+           lambda: gated_group_rmsnorm(o16, gate, gw32, GROUPS, EPS),
+           gated_group_rmsnorm_bytes(N, C, torch.bfloat16, torch.bfloat16, torch.bfloat16))
     hidden = MINI["hidden_size"]
     x = torch.randn(N, hidden, device=dev, generator=g).to(torch.bfloat16)
     a = torch.randn(N, hidden, device=dev, generator=g).to(torch.bfloat16)
@@ -137,7 +148,7 @@ def main(argv=None):
            "copy_gbs": None, "rows": [], "errors": {}}
     res["copy_gbs"] = cbw = copy_gbs(dev, ms, a.quick)
     print(f"device {res['device']}  kernels={kernels}  copy {cbw:.0f} GB/s", flush=True)
-    hdr = f"{'case':32s} {'N':>6s} {'peer us':>10s} {'ours us':>10s} {'ratio':>7s} {'ours GB/s':>10s} {'% copy':>7s}"
+    hdr = f"{'case':40s} {'N':>6s} {'peer us':>10s} {'ours us':>10s} {'ratio':>7s} {'ours GB/s':>10s} {'% copy':>7s}"
     print(hdr)
     for N in ((1, 64, 512) if a.quick else (1, 64, 4096, 32768)):
         for name, peer, ours, nbytes in cases(N, dev):
@@ -151,7 +162,7 @@ def main(argv=None):
             row = dict(case=name, N=N, peer_us=tp, ours_us=to, ratio=tp / to, bytes=nbytes, ours_gbs=gbs,
                        peer_gbs=nbytes / tp / 1e3, pct_copy=100 * gbs / cbw)
             res["rows"].append(row)
-            print(f"{name:32s} {N:6d} {tp:10.1f} {to:10.1f} {tp / to:6.2f}x {gbs:10.0f} {row['pct_copy']:6.1f}%",
+            print(f"{name:40s} {N:6d} {tp:10.1f} {to:10.1f} {tp / to:6.2f}x {gbs:10.0f} {row['pct_copy']:6.1f}%",
                   flush=True)
     (out / "gpu_elementwise.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {out / 'gpu_elementwise.json'}")

@@ -102,6 +102,7 @@ def qkv_prologue(
     rope_theta: float,
     out_dtype: torch.dtype = torch.bfloat16,
     norm_dtype: torch.dtype | None = None,
+    rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused projection qkv [N, (Hq + 2 Hkv) d] (q heads, then k heads, then v heads) into q [N, Hq, d],
     k [N, Hkv, d], v [N, Hkv, d] (contiguous, out_dtype), computing in fp32:
@@ -114,6 +115,9 @@ def qkv_prologue(
     the QK-norm rounds to, as ops.rms_norm does in its input's dtype. None (default) = fp32: the lightning layers,
     which cast the projection to fp32 first. The softmax layers normalise the bf16 projection itself: pass
     norm_dtype=qkv.dtype there to reproduce model.py bit for bit (the fp32 norm differs by <= 1 bf16 ulp).
+    rope_cos_sin: ops.rope_cos_sin(positions, rotary_dim, rope_theta) for these positions ([..., N, rotary_dim]
+    each), when the caller has it (the runner computes it once per step): the kernel then reads the angles' cos/sin
+    instead of computing them in fp64 for every token of every layer. Same values either way.
     """
     fn = "qkv_prologue"
     _tensor("qkv", fn, qkv, 2)
@@ -144,6 +148,17 @@ def qkv_prologue(
     _dtype("out_dtype", fn, out_dtype)
     if norm_dtype is not None:
         _dtype("norm_dtype", fn, norm_dtype)
+    tables = None
+    if rope_cos_sin is not None and rot:
+        if len(rope_cos_sin) != 2:
+            raise ValueError(f"{fn}: rope_cos_sin must be the (cos, sin) pair of ops.rope_cos_sin")
+        tables = []
+        for name, t in zip(("cos", "sin"), rope_cos_sin):
+            if not (torch.is_tensor(t) and t.is_floating_point() and t.device == dev and t.dim() >= 1
+                    and t.shape[-1] == rot and t.numel() == N * rot):
+                raise ValueError(f"{fn}: rope_cos_sin {name} must be a float tensor [..., {N}, {rot}] on {dev}, "
+                                 f"got {getattr(t, 'shape', type(t).__name__)}")
+            tables.append(t.reshape(N, rot).to(torch.float32).contiguous())
 
     kernel_ok = (d in PROLOGUE_HEAD_DIMS and qkv.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
                  and (norm_dtype is None or norm_dtype in _KERNEL_DTYPES))
@@ -167,6 +182,7 @@ def qkv_prologue(
         eps,
         rot,
         theta,
+        *(tables or (None, None)),
     )
     return q, k, v
 
@@ -182,7 +198,7 @@ def gated_group_rmsnorm(
 ) -> torch.Tensor:
     """ops.group_rms_norm(o, weight, groups, eps) * sigmoid(gate.float()) in out_dtype [N, C].
 
-    o [N, C] (the attention output, fp32 on the kernel path), gate [N, C] (the gate projection, any float dtype),
+    o [N, C] (the attention output: fp32, or bf16 straight from the prefill kernel - read as fp32), gate [N, C] (the gate projection, any float dtype),
     weight [C]. `groups` is the NUMBER of contiguous groups (C / groups channels each), the meaning of
     ops.group_rms_norm's argument and of the config's group_norm_size (Ring-mini: 4 groups of 512 channels).
     """
@@ -202,7 +218,7 @@ def gated_group_rmsnorm(
     eps = _float("eps", fn, eps)
     _dtype("out_dtype", fn, out_dtype)
 
-    kernel_ok = (o.dtype == torch.float32 and gate.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
+    kernel_ok = (o.dtype in _KERNEL_DTYPES and gate.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
                  and (C // G) % 4 == 0 and C <= GATE_MAX_CHANNELS)
     if not (kernel_ok and _use_cuda(o)):
         return gated_group_rmsnorm_reference(o, gate, weight, G, eps, out_dtype)

@@ -89,9 +89,10 @@ def qkv_prologue_bytes(N: int, num_q_heads: int, num_kv_heads: int, head_dim: in
     return N * (W * (_size(in_dtype) + _size(out_dtype)) + 8)
 
 
-def gated_group_rmsnorm_bytes(N: int, C: int, gate_dtype: torch.dtype, out_dtype: torch.dtype) -> int:
-    """Bytes the fused gate must move: o (fp32) and gate in, the result out."""
-    return N * C * (4 + _size(gate_dtype) + _size(out_dtype))
+def gated_group_rmsnorm_bytes(N: int, C: int, gate_dtype: torch.dtype, out_dtype: torch.dtype,
+                              o_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the fused gate must move: o and gate in, the result out."""
+    return N * C * (_size(o_dtype) + _size(gate_dtype) + _size(out_dtype))
 
 
 def _size(dtype: torch.dtype) -> int:

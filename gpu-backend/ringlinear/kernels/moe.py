@@ -5,7 +5,7 @@ paths, all reading only the experts the batch selected:
     stream   (<= STREAM_MAX_TOKENS): a CUDA stable sort of the assignments, then two tensor-core grouped GEMMs that
              stream each expert's weights once for its few rows (moe_stream.cu: weights on the MMA's M side, tokens on
              the narrow N side; x rows gathered in the kernel, SwiGLU fused into the gate+up GEMM)
-    grouped  (prefill): the same sort, tokens gathered by expert, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
+    grouped  (prefill): the same sort, token rows scattered into expert order, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
              one for gate+up when they are views of one packed [E, 2I, D] buffer (see pack_gate_up) - and a CUDA SwiGLU
 
 and a CUDA combine that sums each token's k weighted rows plus the shared expert in fp32 straight from the sorted
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import _build
 from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_reference,
-                            stream_gemm_reference, swiglu_rows_reference)
+                            scatter_rows_reference, stream_gemm_reference, swiglu_rows_reference)
 
 # Path crossovers, H200 2026-11-28 (bench/gpu_kernels.py, graph replays, Ring-mini): decode 76 us vs stream 93 us at
 # 1 token, 128 vs 121 at 4; stream 506 vs grouped 622 us at 512 tokens, 770 vs 657 at 1024.
@@ -146,6 +146,17 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return swiglu_rows_reference(g, u)
 
 
+def scatter_rows(x: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+    """xs [N*k, D] with xs[inv[n*k + j]] = x[n] (inv: the sort's inverse permutation): the grouped GEMM's input.
+    Equal to x.index_select(0, tok) with tok the sorted token list, but each x row is read once instead of k times."""
+    if (x.is_cuda and _build.available() and x.stride(1) == 1 and (x.shape[1] * x.element_size()) % 16 == 0
+            and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and 1 <= top_k <= 32):
+        xs = torch.empty(inv.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+        _build.extension().moe_scatter_rows(x, inv.reshape(-1).to(torch.int32).contiguous(), top_k, xs)
+        return xs
+    return scatter_rows_reference(x, inv, top_k)
+
+
 def combine(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None, shared: torch.Tensor | None,
             top_k: int) -> torch.Tensor:
     """out [N, D] bf16 = sum_j w[n, j] * ys[rows[n*k + j]] + shared[n], fp32 in a fixed j order (see moe_combine)."""
@@ -251,8 +262,8 @@ def _experts_stream(x, ids, w, w_gate, w_up, w_down, shared_h):
 def _experts_grouped(x, ids, w, w_gate, w_up, w_down, shared_h):
     k = ids.shape[1]
     I = w_gate.shape[1]
-    offsets, ends, inv, tok = _sort(ids, w_gate.shape[0])
-    xs = x.index_select(0, tok)
+    offsets, ends, inv, _ = _sort(ids, w_gate.shape[0])
+    xs = scatter_rows(x, inv, k)
     gu = packed_gate_up(w_gate, w_up)
     if gu is not None:
         t = _grouped_mm(xs, gu.transpose(1, 2), ends, offsets)  # [A, 2I]: gate | up
@@ -301,5 +312,5 @@ def fused_moe(
 
 
 __all__ = ["fused_moe", "route", "router_logits", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
-           "combine", "stream_gemm", "DECODE_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE", "RouterConfig",
+           "scatter_rows", "combine", "stream_gemm", "DECODE_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE", "RouterConfig",
            "RING_MINI_ROUTER"]

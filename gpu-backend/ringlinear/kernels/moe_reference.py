@@ -93,6 +93,13 @@ def sort_assignments_reference(ids: torch.Tensor, num_experts: int):
     return order, inv, offsets
 
 
+def scatter_rows_reference(x: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+    """xs [N*k, D] with xs[inv[n*k + j]] = x[n]: the token rows in expert-sorted order. Twin of moe_scatter_rows."""
+    xs = x.new_empty(inv.numel(), x.shape[1])
+    xs[inv.reshape(-1).long()] = x.repeat_interleave(top_k, 0)
+    return xs
+
+
 def swiglu_rows_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u in fp32, rounded to g's dtype. Twin of the CUDA moe_swiglu."""
     return (F.silu(g.float()) * u.float()).to(g.dtype)
@@ -138,4 +145,4 @@ def experts_touched_bytes(ids: torch.Tensor, w_gate: torch.Tensor, w_down: torch
 
 
 __all__ = ["RouterConfig", "RING_MINI_ROUTER", "route_reference", "swiglu_reference", "moe_reference", "experts_touched_bytes",
-           "sort_assignments_reference", "swiglu_rows_reference", "combine_reference"]
+           "sort_assignments_reference", "scatter_rows_reference", "swiglu_rows_reference", "combine_reference"]

@@ -11,6 +11,7 @@ from ringlinear.kernels import available
 from ringlinear.kernels.elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
 from ringlinear.kernels.elementwise_reference import (add_rms_norm_reference, gated_group_rmsnorm_reference,
                                                       qkv_prologue_reference)
+from ringlinear.ops.rope import rope_cos_sin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -116,6 +117,26 @@ def test_prologue_bf16_norm_dtype(out_dtype, d):
     assert torch.equal(got[2], want[2])
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[4]], ids=[c[0] for c in CASES if c[4]])
+def test_prologue_reads_rope_tables(case):
+    """The runner passes ops.rope_cos_sin's tables (once per step): same outputs as the in-kernel fp64 angles."""
+    _, H, Hkv, d, rot, silu, norm = case
+    N = 700
+    qkv, _, qw, kw = _inputs(N, H, Hkv, d, torch.bfloat16, seed=rot)
+    pos = torch.randint(0, 200_000, (N,), device="cuda")
+    args = dict(silu=silu, q_norm_weight=qw if norm else None, k_norm_weight=kw if norm else None, eps=EPS,
+                rotary_dim=rot, rope_theta=THETA, out_dtype=torch.bfloat16)
+    tables = rope_cos_sin(pos[None], rot, THETA, torch.float32)  # [1, N, rot] each, as the runner has them
+    got = qkv_prologue(qkv, pos, H, Hkv, d, rope_cos_sin=tables, **args)
+    own = qkv_prologue(qkv, pos, H, Hkv, d, **args)
+    want = qkv_prologue_reference(qkv, pos, H, Hkv, d, **args)
+    for g, o, w, nm in zip(got, own, want, "qkv"):
+        _check(g, w, f"{case[0]} {nm}")
+        assert (g == o).float().mean().item() > 0.999, f"{case[0]} {nm}: tables and fp64 angles disagree"
+    with pytest.raises(ValueError, match="rope_cos_sin"):
+        qkv_prologue(qkv, pos, H, Hkv, d, rope_cos_sin=(tables[0][:, :-1], tables[1][:, :-1]), **args)
+
+
 def test_prologue_large_positions_and_int32_positions():
     N, H, Hkv, d = 64, 4, 4, 128
     qkv, _, qw, kw = _inputs(N, H, Hkv, d, torch.float32, seed=3)
@@ -167,6 +188,19 @@ def test_gate_matches_twin(C, groups, gate_dtype, out_dtype, N):
     got = gated_group_rmsnorm(o, gate, w, groups, EPS, out_dtype)
     want = gated_group_rmsnorm_reference(o, gate, w, groups, EPS, out_dtype)
     _check(got, want, f"gate C={C} G={groups}")
+
+
+@pytest.mark.parametrize("o_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,groups", [(2048, 4), (96, 3)])
+def test_gate_reads_half_precision_attention_output(o_dtype, C, groups):
+    # The prefill kernel's bf16 output goes to the gate without an fp32 copy: same result as the fp32 copy.
+    g = torch.Generator(device="cuda").manual_seed(C)
+    o = (torch.randn(300, C, device="cuda", generator=g) * 4).to(o_dtype)
+    gate = torch.randn(300, C, device="cuda", generator=g).to(torch.bfloat16)
+    w = 0.5 + torch.rand(C, device="cuda", generator=g)
+    got = gated_group_rmsnorm(o, gate, w, groups, EPS, torch.bfloat16)
+    _check(got, gated_group_rmsnorm(o.float(), gate, w, groups, EPS, torch.bfloat16), "half o vs fp32 o")
+    _check(got, gated_group_rmsnorm_reference(o, gate, w, groups, EPS, torch.bfloat16), "half o vs twin")
 
 
 def test_gate_strided_inputs_and_empty():

@@ -5,10 +5,10 @@ import torch
 
 from ringlinear.kernels import _build
 from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SORT_BLOCK, combine, fused_moe, pack_gate_up, packed_gate_up,
-                                   route, router_logits, stream_gemm, swiglu)
+                                   route, router_logits, scatter_rows, stream_gemm, swiglu)
 from ringlinear.kernels.moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference,
-                                              route_reference, sort_assignments_reference, stream_gemm_reference,
-                                              swiglu_rows_reference)
+                                              route_reference, scatter_rows_reference, sort_assignments_reference,
+                                              stream_gemm_reference, swiglu_rows_reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -87,6 +87,22 @@ def test_sort_kernel_is_the_stable_sort(N, k, E, used):
     assert torch.equal(tok.long(), order // k)
     assert torch.equal(offsets.long(), off_ref)
     assert torch.equal(ends.long(), off_ref[1:])
+
+
+@pytest.mark.parametrize("N,k,D,dtype", [(1, 8, 2048, torch.bfloat16), (37, 4, 256, torch.bfloat16),
+                                         (5000, 8, 2048, torch.bfloat16), (300, 8, 520, torch.bfloat16),
+                                         (70, 3, 100, torch.float32), (9, 32, 64, torch.float16)])
+def test_scatter_rows_is_the_sorted_gather(N, k, D, dtype):
+    # the grouped path's input rows: xs[p] = x[tok[p]], written token by token through the inverse permutation
+    g = torch.Generator(device="cuda").manual_seed(N + k + D)
+    ids = torch.randint(0, 256, (N, k), device="cuda", generator=g)
+    _, inv, tok, _, _ = _sort_cuda(ids, 256)
+    x_wide = torch.randn(N, D + 8, device="cuda", generator=g).to(dtype)
+    for x in (x_wide[:, :D].contiguous(), x_wide[:, :D]):  # contiguous and strided rows
+        xs = scatter_rows(x, inv, k)
+        assert xs.shape == (N * k, D) and xs.dtype == dtype
+        assert torch.equal(xs, x.index_select(0, tok.long()))
+        assert torch.equal(xs, scatter_rows_reference(x, inv, k))
 
 
 # ------------------------------------------------------------------------------------------------ SwiGLU / combine

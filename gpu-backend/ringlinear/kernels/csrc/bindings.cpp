@@ -21,6 +21,7 @@ void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts
 void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
                      const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages);
 void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h);
+void moe_scatter_rows(const at::Tensor& x, const at::Tensor& inv, int64_t topk, at::Tensor& xs);
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
                  const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out);
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -29,7 +30,8 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             at::Tensor& ws_acc, at::Tensor& ws_ml);
 void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
                   const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
-                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta);
+                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta,
+                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab);
 void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
                          int64_t groups, double eps);
 void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
@@ -45,6 +47,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_sort", &ringlinear::moe_sort, "stable multi-block sort of assignments by expert (grouped path)");
   m.def("moe_stream_gemm", &ringlinear::moe_stream_gemm, "weight-streaming grouped GEMM, few rows per expert (+ SwiGLU)");
   m.def("moe_swiglu", &ringlinear::moe_swiglu, "bf16 silu(g) * u computed in fp32");
+  m.def("moe_scatter_rows", &ringlinear::moe_scatter_rows, "token rows to their k expert-sorted positions");
   m.def("moe_combine", &ringlinear::moe_combine, "weighted sum of each token's expert rows + shared expert -> bf16");
   m.def("paged_decode_attention", &ringlinear::paged_decode_attention, "paged-KV GQA decode attention (split-K)");
   m.def("qkv_prologue", &ringlinear::qkv_prologue, "fused qkv split + silu + QK RMSNorm + partial RoPE");

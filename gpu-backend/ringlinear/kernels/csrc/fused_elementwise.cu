@@ -5,14 +5,19 @@
 //   gated_group_rmsnorm   o row -> RMSNorm per contiguous group (* weight) * sigmoid(gate) -> output dtype
 //   add_rms_norm          s = x [+ delta] (rounded to x's dtype) -> ops.rms_norm(s, weight) in x's dtype
 //
-// One CTA per token row; memory-bound, so the aim is one pass over the row with 16-byte loads. Products and sums
-// that the eager reference rounds separately use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs:
-// RoPE then matches torch bit for bit given the same inputs. RoPE angles are computed in fp64 like
-// ops.rope_cos_sin (pos * theta^(-2i/r) in double, cos/sin in double, rounded to fp32): an fp32 angle at position
-// 1e6 would be off by up to 0.03 rad.
+// Memory-bound, so the aim is one pass over each row with 16-byte accesses: one CTA per row for the norms; the
+// prologue's CTAs each walk many rows through a 3-deep cp.async ring so loads overlap the arithmetic. Products and
+// sums that the eager reference rounds separately use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs:
+// RoPE then matches torch bit for bit given the same inputs. RoPE angles are ops.rope_cos_sin's (pos *
+// theta^(-2i/r) in double, cos/sin in double, rounded to fp32; an fp32 angle at position 1e6 would be off by up to
+// 0.03 rad): read from its tables when the caller passes them, else computed the same way per token.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "common.cuh"
 
@@ -22,7 +27,9 @@ namespace {
 constexpr int kPrologueThreads = 256;
 constexpr int kPrologueWarps = kPrologueThreads / 32;
 constexpr int kPrologueRounds = 4;  // head vectors a lane loads before computing any (memory-level parallelism)
-constexpr int kPrologueMinBlocks = 4;  // <= 64 registers: 4 CTAs (1024 threads) per SM keep enough loads in flight
+constexpr int kPrologueMinBlocks = 4;  // <= 64 registers: 4 CTAs (1024 threads) per SM
+constexpr int kPrologueStages = 3;     // tokens of a block in flight: 2 loading while 1 computes
+constexpr int kPrologueMaxRing = 200 * 1024;  // bytes of that ring (3 fp32 rows of 16K elements)
 constexpr int kGateThreads = 256;
 constexpr int kGateWarps = kGateThreads / 32;
 constexpr int kGateMaxVec = 8;  // float4 vectors per thread: rows of up to 8192 channels
@@ -37,6 +44,21 @@ RL_DEVICE float round_to(float x, int code) {
   if (code == kNormBF16) return __bfloat162float(__float2bfloat16_rn(x));
   if (code == kNormF16) return __half2float(__float2half_rn(x));
   return x;
+}
+
+// 16 bytes of T in shared memory -> floats.
+template <typename T, int V>
+RL_DEVICE void load16_shared(const T* p, float* f) {
+  static_assert(V * sizeof(T) == 16, "one 16-byte vector");
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < V; ++i) f[i] = to_float(e[i]);
+}
+
+// 4-byte global->shared copy (cp.async's smallest size, .ca: the 16-byte form alone may bypass L1).
+RL_DEVICE void cp_async_4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 
 // 16 bytes of T (V = 16 / sizeof(T) elements) -> floats. p must be 16-byte aligned.
@@ -87,117 +109,150 @@ RL_DEVICE void store(T* p, const float* f) {
 // (element e and e +- r/2) may sit in other lanes: they are exchanged through a per-warp shared buffer.
 template <typename Tin, typename Tout, int D>
 __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
-    qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, const int64_t* __restrict__ positions,
+    qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, int N, const int64_t* __restrict__ positions,
                         const float* __restrict__ q_w, const float* __restrict__ k_w, Tout* __restrict__ q_out,
                         Tout* __restrict__ k_out, Tout* __restrict__ v_out, int Hq, int Hkv, int silu, int norm_code,
-                        float eps, int rot, double theta) {
+                        float eps, int rot, double theta, const float* __restrict__ cos_tab,
+                        const float* __restrict__ sin_tab) {
   constexpr int V = 16 / sizeof(Tin);
   constexpr int LPH = D / V;
   constexpr int HPW = 32 / LPH;
   static_assert(D % V == 0 && LPH >= 1 && LPH <= 32 && 32 % LPH == 0, "head must split evenly over lanes");
   constexpr int kHeadsPerPass = kPrologueWarps * HPW;
+  constexpr int S = kPrologueStages;
 
-  __shared__ float cos_s[D / 2], sin_s[D / 2];
+  extern __shared__ uint4 ring[];  // [S][row16]: the raw rows of this block's next tokens
+  __shared__ float cos_s[S][D / 2], sin_s[S][D / 2];
   __shared__ float xch[kPrologueWarps][HPW * D];
 
-  const int n = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane % LPH, hslot = lane / LPH;
   const int H = Hq + 2 * Hkv, half = rot / 2;
-  const Tin* row = qkv + (int64_t)n * row_stride;
+  const int row16 = H * D * (int)sizeof(Tin) / 16;
+  const bool tables = cos_tab != nullptr;
 
-  // cos/sin of this token's angles, once for all heads: exactly ops.rope_cos_sin's fp64 arithmetic. (Computing
-  // them after issuing the first loads overlaps better but keeps 32 more registers live across the fp64 code: spills.)
-  if (threadIdx.x < half) {
-    const double inv_freq = 1.0 / pow(theta, (double)(2 * threadIdx.x) / (double)rot);
-    double s, c;
-    sincos((double)positions[n] * inv_freq, &s, &c);
-    cos_s[threadIdx.x] = (float)c;
-    sin_s[threadIdx.x] = (float)s;
-  }
-  __syncthreads();
+  // The block walks tokens blockIdx.x, + gridDim.x, ...; token j of its walk lands in stage j % S through cp.async,
+  // S - 1 tokens ahead of the one being computed, so loads stay in flight while the arithmetic runs. The rope
+  // tables (ops.rope_cos_sin's output, computed once per step for every layer) ride along; without them the angles
+  // are ops.rope_cos_sin's fp64 arithmetic, per token.
+  auto fetch = [&](int j) {
+    const int n = blockIdx.x + j * gridDim.x;
+    if (n < N) {
+      const int st = j % S;
+      const uint4* src = reinterpret_cast<const uint4*>(qkv + (int64_t)n * row_stride);
+      for (int c = threadIdx.x; c < row16; c += kPrologueThreads) cp_async_16(ring + st * row16 + c, src + c, 16);
+      if (tables && (int)threadIdx.x < half) {
+        cp_async_4(&cos_s[st][threadIdx.x], cos_tab + (int64_t)n * rot + threadIdx.x);
+        cp_async_4(&sin_s[st][threadIdx.x], sin_tab + (int64_t)n * rot + threadIdx.x);
+      }
+    }
+    cp_async_commit();  // possibly empty: one group per token keeps the wait count uniform
+  };
+  for (int j = 0; j < S - 1; ++j) fetch(j);
 
   float* xs = xch[warp] + hslot * D;
-  for (int h0 = 0; h0 < H; h0 += kHeadsPerPass * kPrologueRounds) {  // block-uniform loop
-    float x[kPrologueRounds][V];
-#pragma unroll
-    for (int r = 0; r < kPrologueRounds; ++r) {
-      const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
-      if (h < H) {
-        load16<Tin, V>(row + (int64_t)h * D + sub * V, x[r]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) x[r][i] = 0.f;
-      }
+  for (int j = 0;; ++j) {
+    const int n = blockIdx.x + j * gridDim.x;
+    if (n >= N) break;  // block-uniform
+    const int st = j % S;
+    fetch(j + S - 1);  // into the stage read in iteration j - 1 (released by its closing barrier)
+    if (!tables && (int)threadIdx.x < half) {
+      const double inv_freq = 1.0 / pow(theta, (double)(2 * threadIdx.x) / (double)rot);
+      double sn, cs;
+      sincos((double)positions[n] * inv_freq, &sn, &cs);
+      cos_s[st][threadIdx.x] = (float)cs;
+      sin_s[st][threadIdx.x] = (float)sn;
     }
+    cp_async_wait<S - 1>();  // this thread's copies of token n have landed
+    __syncthreads();         // everyone's
+    const Tin* row = reinterpret_cast<const Tin*>(ring + st * row16);
+    const float* cs_ = cos_s[st];
+    const float* sn_ = sin_s[st];
+    for (int h0 = 0; h0 < H; h0 += kHeadsPerPass * kPrologueRounds) {  // block-uniform loop
+      float x[kPrologueRounds][V];
 #pragma unroll
-    for (int r = 0; r < kPrologueRounds; ++r) {
-      if (h0 + r * kHeadsPerPass >= H) break;  // block-uniform
-      // Lanes whose head is past the end (h >= H) still run the shuffles and __syncwarp below, then store nothing.
-      const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
-      float* f = x[r];
-      if (silu) {
+      for (int r = 0; r < kPrologueRounds; ++r) {
+        const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
+        if (h < H) {
+          load16_shared<Tin, V>(row + h * D + sub * V, x[r]);
+        } else {
 #pragma unroll
-        for (int i = 0; i < V; ++i) f[i] = f[i] / (1.f + expf(-f[i]));  // torch's silu: x / (1 + exp(-x))
+          for (int i = 0; i < V; ++i) x[r][i] = 0.f;
+        }
       }
 #pragma unroll
-      for (int i = 0; i < V; ++i) f[i] = round_to(f[i], norm_code);
-      const bool is_q = h < Hq, is_k = h >= Hq && h < Hq + Hkv;
-      const float* w = is_q ? q_w : (is_k ? k_w : nullptr);
+      for (int r = 0; r < kPrologueRounds; ++r) {
+        if (h0 + r * kHeadsPerPass >= H) break;  // block-uniform
+        // Lanes whose head is past the end (h >= H) still run the shuffles and __syncwarp below, then store nothing.
+        const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
+        float* f = x[r];
+        if (silu) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) f[i] = f[i] / (1.f + expf(-f[i]));  // torch's silu: x / (1 + exp(-x))
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[i] = round_to(f[i], norm_code);
+        const bool is_q = h < Hq, is_k = h >= Hq && h < Hq + Hkv;
+        const float* w = is_q ? q_w : (is_k ? k_w : nullptr);
 
-      float ss = 0.f;
+        float ss = 0.f;
 #pragma unroll
-      for (int i = 0; i < V; ++i) ss += f[i] * f[i];
+        for (int i = 0; i < V; ++i) ss += f[i] * f[i];
 #pragma unroll
-      for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      if (w != nullptr) {
-        // ops.rms_norm: normed = (x * rsqrt(mean(x^2) + eps)) in the norm dtype, then weight(norm dtype) * normed.
-        const float rs = rsqrtf(__fdiv_rn(ss, (float)D) + eps);
-        float wv[V];
+        for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (w != nullptr) {
+          // ops.rms_norm: normed = (x * rsqrt(mean(x^2) + eps)) in the norm dtype, then weight(norm dtype) * normed.
+          const float rs = rsqrtf(__fdiv_rn(ss, (float)D) + eps);
+          float wv[V];
 #pragma unroll
-        for (int c = 0; c < V / 4; ++c) load4<float>(w + sub * V + 4 * c, wv + 4 * c);
+          for (int c = 0; c < V / 4; ++c) load4<float>(w + sub * V + 4 * c, wv + 4 * c);
 #pragma unroll
-        for (int i = 0; i < V; ++i)
-          f[i] = round_to(__fmul_rn(round_to(wv[i], norm_code), round_to(__fmul_rn(f[i], rs), norm_code)), norm_code);
-      }
+          for (int i = 0; i < V; ++i)
+            f[i] = round_to(__fmul_rn(round_to(wv[i], norm_code), round_to(__fmul_rn(f[i], rs), norm_code)), norm_code);
+        }
 
-      if (rot > 0) {  // block-uniform
+        if (rot > 0) {  // block-uniform
 #pragma unroll
-        for (int i = 0; i < V; ++i) xs[sub * V + i] = f[i];
-        __syncwarp();
-        if (is_q || is_k) {
-          // ops.apply_partial_rope: y = x * cos + rotate_half(x) * sin over the first rot dims, products rounded.
+          for (int i = 0; i < V; ++i) xs[sub * V + i] = f[i];
+          __syncwarp();
+          if (is_q || is_k) {
+            // ops.apply_partial_rope: y = x * cos + rotate_half(x) * sin over the first rot dims, products rounded.
 #pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const int e = sub * V + i;
-            if (e < half) {
-              f[i] = __fsub_rn(__fmul_rn(f[i], cos_s[e]), __fmul_rn(xs[e + half], sin_s[e]));
-            } else if (e < rot) {
-              f[i] = __fadd_rn(__fmul_rn(f[i], cos_s[e - half]), __fmul_rn(xs[e - half], sin_s[e - half]));
+            for (int i = 0; i < V; ++i) {
+              const int e = sub * V + i;
+              if (e < half) {
+                f[i] = __fsub_rn(__fmul_rn(f[i], cs_[e]), __fmul_rn(xs[e + half], sn_[e]));
+              } else if (e < rot) {
+                f[i] = __fadd_rn(__fmul_rn(f[i], cs_[e - half]), __fmul_rn(xs[e - half], sn_[e - half]));
+              }
             }
           }
+          __syncwarp();  // the buffer is rewritten by the next round
         }
-        __syncwarp();  // the buffer is rewritten by the next round
-      }
 
-      if (h < H) {
-        Tout* dst = is_q ? q_out + ((int64_t)n * Hq + h) * D
-                         : (is_k ? k_out + ((int64_t)n * Hkv + (h - Hq)) * D
-                                 : v_out + ((int64_t)n * Hkv + (h - Hq - Hkv)) * D);
-        store<Tout, V>(dst + sub * V, f);
+        if (h < H) {
+          Tout* dst = is_q ? q_out + ((int64_t)n * Hq + h) * D
+                           : (is_k ? k_out + ((int64_t)n * Hkv + (h - Hq)) * D
+                                   : v_out + ((int64_t)n * Hkv + (h - Hq - Hkv)) * D);
+          store<Tout, V>(dst + sub * V, f);
+        }
       }
     }
+    __syncthreads();  // stage st and its cos/sin are free for the fetch of iteration j + 1
   }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // gated group RMSNorm
 // ---------------------------------------------------------------------------------------------------------------
-// Each thread keeps its float4 vectors of the row in registers; per-vector sums of squares go to shared memory and
-// one warp per group sums its group's in a fixed order (deterministic, no atomics).
-template <typename Tg, typename Tout>
+// Each thread keeps its float4 vectors of the row (and of the gate, loaded with them so both streams are in flight
+// before the first barrier) in registers; per-vector sums of squares go to shared memory and one warp per group sums
+// its group's in a fixed order (deterministic, no atomics). MAXV = float4 vectors per thread: 2 for rows of up to
+// 2048 channels (few registers: 8 blocks per SM), kGateMaxVec above.
+template <typename To, typename Tg, typename Tout, int MAXV>
 __global__ void __launch_bounds__(kGateThreads)
-    gated_group_rmsnorm_kernel(const float* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
+    gated_group_rmsnorm_kernel(const To* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
                                int64_t gate_stride, const float* __restrict__ weight, Tout* __restrict__ out, int C,
                                int groups, float eps) {
   extern __shared__ float smem[];
@@ -205,18 +260,23 @@ __global__ void __launch_bounds__(kGateThreads)
   float* part = smem;          // [nvec] sum of squares of each float4
   float* scale = smem + nvec;  // [groups] rsqrt(mean + eps)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* orow = o + (int64_t)blockIdx.x * o_stride;
+  const To* orow = o + (int64_t)blockIdx.x * o_stride;
   const Tg* grow = gate + (int64_t)blockIdx.x * gate_stride;
   Tout* yrow = out + (int64_t)blockIdx.x * C;
 
-  float x[kGateMaxVec][4];
+  float x[MAXV][4], gv[MAXV][4];
 #pragma unroll
-  for (int i = 0; i < kGateMaxVec; ++i) {
+  for (int i = 0; i < MAXV; ++i) {
     const int v = threadIdx.x + i * kGateThreads;
     if (v < nvec) {
-      load4<float>(orow + 4 * v, x[i]);
-      part[v] = x[i][0] * x[i][0] + x[i][1] * x[i][1] + x[i][2] * x[i][2] + x[i][3] * x[i][3];
+      load4<To>(orow + 4 * v, x[i]);
+      load4<Tg>(grow + 4 * v, gv[i]);
     }
+  }
+#pragma unroll
+  for (int i = 0; i < MAXV; ++i) {
+    const int v = threadIdx.x + i * kGateThreads;
+    if (v < nvec) part[v] = x[i][0] * x[i][0] + x[i][1] * x[i][1] + x[i][2] * x[i][2] + x[i][3] * x[i][3];
   }
   __syncthreads();
   for (int g = warp; g < groups; g += kGateWarps) {
@@ -227,12 +287,12 @@ __global__ void __launch_bounds__(kGateThreads)
   }
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < kGateMaxVec; ++i) {
+  for (int i = 0; i < MAXV; ++i) {
     const int v = threadIdx.x + i * kGateThreads;
     if (v < nvec) {
       const float rs = scale[(4 * v) / gsize];  // a float4 never straddles groups: gsize % 4 == 0
-      float g[4], w[4], y[4];
-      load4<Tg>(grow + 4 * v, g);
+      float w[4], y[4];
+      const float* g = gv[i];
       load4<float>(weight + 4 * v, w);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -313,6 +373,26 @@ void dispatch_float(at::ScalarType t, const char* what, F&& f) {
   }
 }
 
+// Blocks of `kernel` that fit on the whole GPU at once with `smem` bytes of dynamic shared memory. Cached: the
+// attribute and occupancy queries cost tens of microseconds of host time, once per layer otherwise.
+template <typename K>
+int64_t prologue_resident_blocks(K* kernel, int smem, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int64_t> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (smem > 48 * 1024)
+    RL_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
+             "qkv_prologue: shared memory size refused");
+  int per_sm = 0, sms = 0;
+  RL_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+               cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPrologueThreads, smem) == cudaSuccess,
+           "qkv_prologue: occupancy query failed");
+  return cache[key] = (int64_t)std::max(per_sm, 1) * sms;
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 }  // namespace
@@ -322,7 +402,8 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // ---------------------------------------------------------------------------------------------------------------
 void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
                   const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
-                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta) {
+                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta,
+                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab) {
   RL_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
   const int64_t N = q_out.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
   RL_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && v_out.is_contiguous(), "qkv_prologue: outputs must be contiguous");
@@ -341,6 +422,13 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
   RL_CHECK(D == 64 || D == 128, "qkv_prologue: head_dim must be 64 or 128");
   RL_CHECK(rot >= 0 && rot <= D && rot % 2 == 0, "qkv_prologue: rotary_dim must be even and <= head_dim");
   RL_CHECK(norm_code >= kNormF32 && norm_code <= kNormF16, "qkv_prologue: bad norm dtype code");
+  RL_CHECK(cos_tab.has_value() == sin_tab.has_value(), "qkv_prologue: pass both rope tables or neither");
+  for (const auto* t : {&cos_tab, &sin_tab}) {
+    if (t->has_value()) {
+      RL_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->numel() == N * rot,
+               "qkv_prologue: rope tables must be contiguous float32 [N, rotary_dim]");
+    }
+  }
   RL_CHECK(q_out.scalar_type() == k_out.scalar_type() && k_out.scalar_type() == v_out.scalar_type(),
               "qkv_prologue: outputs must share a dtype");
   if (N == 0) return;
@@ -351,12 +439,18 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
     dispatch_float(q_out.scalar_type(), "qkv_prologue: out_dtype", [&](auto out_tag) {
       using Tout = decltype(out_tag);
       auto launch = [&](auto kernel) {
-        kernel<<<(unsigned)N, kPrologueThreads, 0, stream>>>(
-            reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), positions.data_ptr<int64_t>(),
+        // Enough blocks to fill the SMs at the occupancy the ring allows; each walks its share of the tokens.
+        const int smem = kPrologueStages * (int)((Hq + 2 * Hkv) * D * sizeof(Tin));
+        RL_CHECK(smem <= kPrologueMaxRing, "qkv_prologue: (q + 2 kv heads) x head_dim = ", (Hq + 2 * Hkv) * D,
+                 " elements per token is too wide for the kernel's shared-memory ring");
+        const int64_t grid = std::min<int64_t>(N, prologue_resident_blocks(kernel, smem, qkv.get_device()));
+        kernel<<<(unsigned)grid, kPrologueThreads, smem, stream>>>(
+            reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N, positions.data_ptr<int64_t>(),
             q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
             reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
             reinterpret_cast<Tout*>(v_out.data_ptr()), (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
-            (int)rot, theta);
+            (int)rot, theta, cos_tab ? cos_tab->data_ptr<float>() : nullptr,
+            sin_tab ? sin_tab->data_ptr<float>() : nullptr);
       };
       if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64>);
       else launch(qkv_prologue_kernel<Tin, Tout, 128>);
@@ -367,7 +461,7 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
 
 void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
                          int64_t groups, double eps) {
-  RL_CHECK(o.dim() == 2 && o.scalar_type() == at::kFloat && o.stride(1) == 1, "gated_group_rmsnorm: o must be fp32 [N, C]");
+  RL_CHECK(o.dim() == 2 && o.stride(1) == 1, "gated_group_rmsnorm: o must be [N, C] with unit column stride");
   const int64_t N = o.size(0), C = o.size(1);
   RL_CHECK(C % 4 == 0 && C <= 4 * kGateThreads * kGateMaxVec, "gated_group_rmsnorm: C must be a multiple of 4 and <= ",
               4 * kGateThreads * kGateMaxVec);
@@ -378,19 +472,25 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
   RL_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == C && aligned16(weight),
               "gated_group_rmsnorm: weight must be contiguous, 16-byte aligned float32 [C]");
   RL_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == C, "gated_group_rmsnorm: out must be contiguous [N, C]");
-  RL_CHECK(aligned16(o) && o.stride(0) % 4 == 0, "gated_group_rmsnorm: o rows must be 16-byte aligned");
+  RL_CHECK(aligned16(o) && o.stride(0) % 4 == 0, "gated_group_rmsnorm: o rows must be aligned to 4 elements");
   RL_CHECK(aligned16(gate) && gate.stride(0) % 4 == 0, "gated_group_rmsnorm: gate rows must be aligned to 4 elements");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(o.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const size_t smem = (size_t)(C / 4 + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
-  dispatch_float(gate.scalar_type(), "gated_group_rmsnorm: gate", [&](auto g_tag) {
-    using Tg = decltype(g_tag);
-    dispatch_float(out.scalar_type(), "gated_group_rmsnorm: out_dtype", [&](auto out_tag) {
-      using Tout = decltype(out_tag);
-      gated_group_rmsnorm_kernel<Tg, Tout><<<(unsigned)N, kGateThreads, smem, stream>>>(
-          o.data_ptr<float>(), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()), gate.stride(0),
-          weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups, (float)eps);
+  dispatch_float(o.scalar_type(), "gated_group_rmsnorm: o", [&](auto o_tag) {
+    using To = decltype(o_tag);
+    dispatch_float(gate.scalar_type(), "gated_group_rmsnorm: gate", [&](auto g_tag) {
+      using Tg = decltype(g_tag);
+      dispatch_float(out.scalar_type(), "gated_group_rmsnorm: out_dtype", [&](auto out_tag) {
+        using Tout = decltype(out_tag);
+        auto kernel = C <= 4 * kGateThreads * 2 ? gated_group_rmsnorm_kernel<To, Tg, Tout, 2>
+                                                : gated_group_rmsnorm_kernel<To, Tg, Tout, kGateMaxVec>;
+        kernel<<<(unsigned)N, kGateThreads, smem, stream>>>(
+            reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
+            gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
+            (float)eps);
+      });
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

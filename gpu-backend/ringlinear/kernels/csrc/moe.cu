@@ -456,6 +456,33 @@ __global__ void __launch_bounds__(256) moe_swiglu_kernel(const __nv_bfloat16* __
   }
 }
 
+// xs[inv[n*k + j], :] = x[n, :] for every token n and j < k: the grouped GEMM's input rows in expert order. Each
+// token row is read once and written k times. (Gathering by the sorted token list instead reads every row k times,
+// and from HBM: the k experts of a token are far apart in the sorted order.) A warp per token, 16-byte accesses.
+constexpr int kScatterWarps = 8;
+__global__ void __launch_bounds__(kScatterWarps * 32) moe_scatter_rows_kernel(const uint4* __restrict__ x, int64_t x_ld,
+                                                                               const int32_t* __restrict__ inv, int N,
+                                                                               int topk, int W, uint4* __restrict__ xs) {
+  const int n = blockIdx.x * kScatterWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (n >= N) return;
+  const int my_row = lane < topk ? inv[(int64_t)n * topk + lane] : 0;
+  const uint4* src = x + (int64_t)n * x_ld;
+  constexpr int U = 4;  // 16-byte loads in flight per lane before the stores
+  for (int base = 0; base < W; base += 32 * U) {  // warp-uniform: every lane reaches the shuffles
+    const int c0 = base + lane;
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c0 + 32 * u < W) v[u] = src[c0 + 32 * u];
+    for (int j = 0; j < topk; ++j) {
+      uint4* dst = xs + (int64_t)__shfl_sync(0xffffffffu, my_row, j) * W;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (c0 + 32 * u < W) dst[c0 + 32 * u] = v[u];
+    }
+  }
+}
+
 // out[n, :] = bf16( sum_{j < k} w[n*k + j] * ys[row(n*k + j), :] + shared[n, :] ), j ascending, fp32 accumulation.
 // row(a) = rows[a] (the inverse sort permutation) or a when rows is null; w null = all ones; shared optional.
 template <typename TY, typename TS>
@@ -621,6 +648,28 @@ void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h) {
   moe_swiglu_kernel<<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __nv_bfloat16*>(g.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(u.data_ptr()), g.stride(0),
       M, I, reinterpret_cast<__nv_bfloat16*>(h.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x [N, D] (rows 16-byte aligned, D * element size a multiple of 16); inv [N*k] int32 (moe_sort's inverse permutation);
+// xs [N*k, D] contiguous, same dtype.
+void moe_scatter_rows(const at::Tensor& x, const at::Tensor& inv, int64_t topk, at::Tensor& xs) {
+  RL_CHECK(x.dim() == 2 && x.stride(1) == 1 && aligned16(x) && (x.size(1) * x.element_size()) % 16 == 0 &&
+               (x.stride(0) * x.element_size()) % 16 == 0,
+           "moe_scatter_rows: x must be [N, D] with 16-byte aligned rows of a multiple of 16 bytes");
+  const int64_t N = x.size(0);
+  RL_CHECK(topk >= 1 && topk <= 32, "moe_scatter_rows: top-k must be in 1..32");
+  RL_CHECK(inv.scalar_type() == at::kInt && inv.is_contiguous() && inv.numel() == N * topk, "moe_scatter_rows: inv must be int32 [N*k]");
+  RL_CHECK(xs.dim() == 2 && xs.is_contiguous() && aligned16(xs) && xs.size(0) == N * topk && xs.size(1) == x.size(1) &&
+               xs.scalar_type() == x.scalar_type(),
+           "moe_scatter_rows: xs must be contiguous [N*k, D] in x's dtype");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t row16 = x.element_size() * x.size(1) / 16;
+  moe_scatter_rows_kernel<<<(unsigned)((N + kScatterWarps - 1) / kScatterWarps), kScatterWarps * 32, 0,
+                            at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(x.data_ptr()), x.stride(0) * x.element_size() / 16, inv.data_ptr<int32_t>(), (int)N,
+      (int)topk, (int)row16, reinterpret_cast<uint4*>(xs.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
