@@ -310,9 +310,9 @@ class ModelRunner:
             o[rows] = cuda_kernels.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma,
                                                     scale=self.scale)
         for batch, cu, slots, prep in rounds:
-            if _covers(batch, batch[-1][2], batch[0][1]):  # the pieces are one run of rows: a view, no copy
-                c0, c1 = batch[0][1], batch[-1][2]
-                cat = lambda t: t[c0:c1]  # noqa: E731
+            lo, hi = batch[0][1], batch[-1][2]
+            if _covers(batch, hi, lo):  # the pieces are one run of rows: a view, no copy
+                cat = lambda t: t[lo:hi]  # noqa: E731
             else:
                 cat = lambda t: torch.cat([t[a:b] for _, a, b in batch])  # noqa: E731
             if prep is not None:  # planned once per step, reused by every lightning layer

@@ -198,9 +198,10 @@ def gated_group_rmsnorm(
 ) -> torch.Tensor:
     """ops.group_rms_norm(o, weight, groups, eps) * sigmoid(gate.float()) in out_dtype [N, C].
 
-    o [N, C] (the attention output: fp32, or bf16 straight from the prefill kernel - read as fp32), gate [N, C] (the gate projection, any float dtype),
-    weight [C]. `groups` is the NUMBER of contiguous groups (C / groups channels each), the meaning of
-    ops.group_rms_norm's argument and of the config's group_norm_size (Ring-mini: 4 groups of 512 channels).
+    o [N, C] (the attention output: fp32, or bf16 straight from the prefill kernel - read as fp32), gate [N, C] (the
+    gate projection, any float dtype), weight [C]. `groups` is the NUMBER of contiguous groups (C / groups channels
+    each), the meaning of ops.group_rms_norm's argument and of the config's group_norm_size (Ring-mini: 4 groups of
+    512 channels).
     """
     fn = "gated_group_rmsnorm"
     _tensor("o", fn, o, 2)
