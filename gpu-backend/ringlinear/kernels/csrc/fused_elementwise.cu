@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kPrologueThreads = 256;
 constexpr int kPrologueWarps = kPrologueThreads / 32;
-constexpr int kPrologueRounds = 4;  // head vectors a lane loads before computing any (memory-level parallelism)
+constexpr int kPrologueRounds = 4;  // head vectors a lane takes from the ring per pass (64 heads at bf16)
 constexpr int kPrologueMinBlocks = 4;  // <= 64 registers: 4 CTAs (1024 threads) per SM
 constexpr int kPrologueStages = 3;     // tokens of a block in flight: 2 loading while 1 computes
 constexpr int kPrologueMaxRing = 200 * 1024;  // bytes of that ring (3 fp32 rows of 16K elements)
@@ -46,29 +46,23 @@ RL_DEVICE float round_to(float x, int code) {
   return x;
 }
 
-// 16 bytes of T in shared memory -> floats.
-template <typename T, int V>
-RL_DEVICE void load16_shared(const T* p, float* f) {
-  static_assert(V * sizeof(T) == 16, "one 16-byte vector");
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const T* e = reinterpret_cast<const T*>(&u);
-#pragma unroll
-  for (int i = 0; i < V; ++i) f[i] = to_float(e[i]);
-}
-
 // 4-byte global->shared copy (cp.async's smallest size, .ca: the 16-byte form alone may bypass L1).
 RL_DEVICE void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 
-// 16 bytes of T (V = 16 / sizeof(T) elements) -> floats. p must be 16-byte aligned.
+// 16 bytes of T (V = 16 / sizeof(T) elements) -> floats.
 template <typename T, int V>
-RL_DEVICE void load16(const T* p, float* f) {
+RL_DEVICE void unpack16(const uint4& u, float* f) {
   static_assert(V * sizeof(T) == 16, "one 16-byte vector");
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
   const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
   for (int i = 0; i < V; ++i) f[i] = to_float(e[i]);
+}
+// The same from global memory through the read-only path; p must be 16-byte aligned.
+template <typename T, int V>
+RL_DEVICE void load16(const T* p, float* f) {
+  unpack16<T, V>(__ldg(reinterpret_cast<const uint4*>(p)), f);
 }
 
 // Four elements of T -> floats (8 or 16 bytes; p aligned to that).
@@ -174,7 +168,7 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
       for (int r = 0; r < kPrologueRounds; ++r) {
         const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
         if (h < H) {
-          load16_shared<Tin, V>(row + h * D + sub * V, x[r]);
+          unpack16<Tin, V>(*reinterpret_cast<const uint4*>(row + h * D + sub * V), x[r]);  // from the ring
         } else {
 #pragma unroll
           for (int i = 0; i < V; ++i) x[r][i] = 0.f;
