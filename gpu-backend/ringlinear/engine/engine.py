@@ -6,7 +6,8 @@
 Each step: every running request whose prompt is done decodes one token (so streams keep flowing), and the
 remaining token budget (`max_step_tokens`) goes to prompt chunks, oldest request first (a chunk that does not
 finish its prompt preferably ends on a multiple of the prefix block); the linear states at the last prefix-block
-boundary inside each chunk are snapshotted into the prefix cache.
+boundary inside each chunk are snapshotted into the prefix cache. A step with no decode in it (nobody is streaming)
+may carry up to `max_prefill_step_tokens` of prompt instead: large chunks amortise the per-step weight reads.
 
 Memory never runs out mid-stream: a request is admitted only when a slot is free and the KV blocks for its whole
 prompt + max_tokens can be allocated (evicting prefix snapshots if needed); otherwise it waits in the queue, and
@@ -59,7 +60,11 @@ class EngineConfig:
     max_queue: int = 64
     block_size: int = 16  # KV block (tokens)
     prefix_block: int = 64  # snapshot granularity (tokens); a multiple of block_size and of the lightning chunk (64)
-    max_step_tokens: int = 512  # tokens per step (decodes + prompt chunks)
+    max_step_tokens: int = 512  # tokens per step (decodes + prompt chunks): bounds the time between a stream's tokens
+    # tokens of a step that carries no decode (prompt chunks only: no stream is waiting on it); None = max_step_tokens.
+    # Each step re-reads every weight the step touches (all experts, once a chunk is a few hundred tokens), so long
+    # prompts go several times faster in large chunks when nothing else is generating (docs/benchmarks.md)
+    max_prefill_step_tokens: int | None = None
     kernels: bool | None = None  # CUDA kernels in the runner; None = wherever they apply (CUDA, bf16)
     cuda_graphs: bool | None = None  # decode steps as CUDA graph replays; None = whenever the kernel path runs on CUDA
 
@@ -138,6 +143,9 @@ class Engine:
             raise EngineConfigError(f"prefix_block ({ec.prefix_block}) must be a multiple of block_size ({ec.block_size}) and of 64")
         if ec.max_step_tokens < ec.prefix_block:
             raise EngineConfigError(f"max_step_tokens ({ec.max_step_tokens}) must be >= prefix_block ({ec.prefix_block})")
+        if ec.max_prefill_step_tokens is not None and ec.max_prefill_step_tokens < ec.max_step_tokens:
+            raise EngineConfigError(f"max_prefill_step_tokens ({ec.max_prefill_step_tokens}) must be >= max_step_tokens "
+                                    f"({ec.max_step_tokens})")
         self.plan = MemoryPlan.make(self.cfg, ec, model.dtype, self.max_context)
         dev = model.device
         self.states = LinearStatePool(self.cfg, self.plan.slots, dev)
@@ -197,6 +205,31 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def warm_up(self, tokens: int | None = None) -> int:
+        """Run one prompt of the largest step (default: the prefill step budget) on a free slot and discard it: one
+        step of all but its last 64 tokens, then a step of those 64 (the form of every chunk after a prompt's first).
+
+        Done before serving: cuDNN and cuBLAS build their plans and the allocator grows its pools at the largest step
+        shape, so the first long prompt does not pay for that, and a step whose activations do not fit in the device's
+        memory fails at start-up (torch.OutOfMemoryError) instead of under a user's request. Returns the tokens run."""
+        if self.running or self.waiting:
+            raise RuntimeError("warm_up runs before any request is queued")
+        ec, bs = self.config, self.kv.block_size
+        n = min(tokens or ec.max_prefill_step_tokens or ec.max_step_tokens, self.max_context, self.kv.blocks.num_free * bs)
+        if n <= 0 or not self.states.slots.free:
+            return 0
+        slot, blocks = self.states.alloc(), self.kv.blocks.alloc(-(-n // bs))
+        try:
+            ids = [(7919 * i) % self.cfg.vocab_size for i in range(n)]  # any ids: the work does not depend on them
+            cut = n - 64 if n > 128 else n
+            self.runner.execute([Segment(slot, blocks, 0, ids[:cut], False, cut == n)])
+            if cut < n:
+                self.runner.execute([Segment(slot, blocks, cut, ids[cut:], False, True)])
+        finally:
+            self.kv.blocks.release(blocks)
+            self.states.release(slot)
+        return n
 
     # ------------------------------------------------------------------------------------------ one step
 
@@ -294,13 +327,14 @@ class Engine:
 
     def _schedule(self) -> tuple[list[Segment], list[Request]]:
         segs, reqs = [], []
-        budget = self.config.max_step_tokens
-        pb = self.config.prefix_block
+        ec = self.config
+        pb = ec.prefix_block
         for req in self.running:
             if req.prefill_done:
                 segs.append(Segment(req.slot, req.blocks, req.computed, [req.output[-1]], True, True))
                 reqs.append(req)
-                budget -= 1
+        # a step that carries decodes is bounded for the streams' sake; one of prompt chunks alone may be larger
+        budget = (ec.max_step_tokens if segs else ec.max_prefill_step_tokens or ec.max_step_tokens) - len(segs)
         for req in self.running:
             if req.prefill_done:
                 continue

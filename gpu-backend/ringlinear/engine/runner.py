@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from .. import kernels as cuda_kernels
 from ..model import MoE, RingLinearForCausalLM
+from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_without_recompiles
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
 
@@ -96,10 +96,16 @@ class ModelRunner:
         # Swappable operators of the reference path (the reference ops are the default and the twin).
         self.lightning_decode = lightning_recurrent_step
         self.lightning_prefill = lightning_chunked
+        # A prompt chunk's causal attention over its whole prefix. Kernel path: cuDNN, KV heads read in place (a chunk
+        # after the first as two cuDNN calls merged by log-sum-exp, ops/attention.py); reference: repeat + masked SDPA.
+        self.chunk_attention = chunk_attention_reference
         # None = auto: the kernels wherever they apply. True on CPU runs the kernel path through the twins.
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         if self.use_kernels:
+            if model.device.type == "cuda":
+                self.chunk_attention = chunk_attention
+                cudnn_without_recompiles()
             self.gamma = {l: torch.exp(-r.float()) for l, r in self.decay.items()}  # per-step decay factor [H]
             self.router_cfg = cuda_kernels.RouterConfig(cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group,
                                                         cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
@@ -392,19 +398,8 @@ class ModelRunner:
             if rows is None:  # built on the host once per step, not once per softmax layer
                 rows = plan.kv_prefix_rows[i] = self.kv.rows(s.block_table, 0, s.end, h.device)
             qs = q[a:b].transpose(0, 1)[None]  # [1, H, T, d]
-            if s.start == 0 and h.is_cuda:
-                # cuDNN reads the Hkv heads in place (GQA): bit-identical to repeating them, without the rep-times
-                # copies of K and V (1 GB per layer at 128k); H200: 124.4 vs 125.9 ms per layer at 128k.
-                Ks, Vs = K[rows].transpose(0, 1)[None], V[rows].transpose(0, 1)[None]  # [1, Hkv, end, d]
-                o = F.scaled_dot_product_attention(qs, Ks, Vs, is_causal=True, scale=scale, enable_gqa=rep > 1)
-            else:
-                Ks = K[rows].transpose(0, 1)[None].repeat_interleave(rep, 1)  # [1, H, end, d]
-                Vs = V[rows].transpose(0, 1)[None].repeat_interleave(rep, 1)
-                if s.start == 0:
-                    o = F.scaled_dot_product_attention(qs, Ks, Vs, is_causal=True, scale=scale)
-                else:  # the chunk's queries sit at start.. and see every earlier key
-                    o = F.scaled_dot_product_attention(qs, Ks, Vs, attn_mask=causal_lower_right(b - a, s.end),
-                                                       scale=scale)
+            Ks, Vs = K[rows].transpose(0, 1)[None], V[rows].transpose(0, 1)[None]  # [1, Hkv, end, d]
+            o = self.chunk_attention(qs, Ks, Vs, scale)
             out[a:b] = o[0].transpose(0, 1)
         return att.dense(out.reshape(1, N, H * d))
 

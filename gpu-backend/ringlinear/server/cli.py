@@ -31,6 +31,11 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 
 
 AUTO_BUDGET_FRACTION = 0.6  # the rest of the free memory is left to activations (prefill chunks, MoE, logits)
+# Step sizes by device (docs/benchmarks.md, "Long prompts at the served step sizes"): on the GPU a step re-reads the
+# weights it touches (every expert once a step holds a few hundred tokens), so small steps make long prompts slow; a
+# step that carries decodes stays small enough to keep the streams' time between tokens low.
+STEP_TOKENS = {"cuda": 2048, "cpu": 512}
+PREFILL_STEP_TOKENS = {"cuda": 16384, "cpu": None}  # None: = the step budget
 
 
 def parse_size(text: str) -> int:
@@ -59,7 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: {AUTO_BUDGET_FRACTION} x the device memory free after loading the weights on cuda, 1GiB on cpu")
     p.add_argument("--prefix-cache-budget", type=parse_size, help="part of the budget for prefix snapshots (default 1/4; 0 = off)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 503")
-    p.add_argument("--max-step-tokens", type=int, default=512, help="tokens per engine step (decodes + prompt chunks)")
+    p.add_argument("--max-step-tokens", type=int,
+                   help="tokens of an engine step that carries decodes (decodes + prompt chunks): bounds the time "
+                        f"between a stream's tokens while prompts prefill (default {STEP_TOKENS['cuda']} on cuda, "
+                        f"{STEP_TOKENS['cpu']} on cpu)")
+    p.add_argument("--max-prefill-step-tokens", type=int,
+                   help="tokens of a step with no decode in it (prompt chunks only): large chunks make long prompts "
+                        f"faster (default {PREFILL_STEP_TOKENS['cuda']} on cuda, --max-step-tokens on cpu)")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="skip the start-up step of --max-prefill-step-tokens (default on cuda: run it, so plans are "
+                        "built and a step that does not fit in memory fails at start-up)")
     p.add_argument("--block-size", type=int, default=16, help="paged KV block size (tokens)")
     p.add_argument("--prefix-block", type=int, default=64, help="prefix snapshot granularity (tokens)")
     p.add_argument("--default-max-tokens", type=int, help="chat max_tokens when the request gives none (default: rest of context)")
@@ -104,9 +118,12 @@ def build_pod(args: argparse.Namespace):
     budget = args.memory_budget
     if budget is None:
         budget = int(torch.cuda.mem_get_info(device)[0] * AUTO_BUDGET_FRACTION) if device.type == "cuda" else 1 << 30
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    step = args.max_step_tokens or STEP_TOKENS[kind]
+    prefill_step = args.max_prefill_step_tokens or max(step, PREFILL_STEP_TOKENS[kind] or step)
     ec = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, memory_budget=budget,
                       prefix_cache_bytes=args.prefix_cache_budget, max_queue=args.max_queue, block_size=args.block_size,
-                      prefix_block=args.prefix_block, max_step_tokens=args.max_step_tokens,
+                      prefix_block=args.prefix_block, max_step_tokens=step, max_prefill_step_tokens=prefill_step,
                       cuda_graphs=False if args.no_cuda_graphs else None)
     try:
         engine = Engine(model, ec, tokenizer)
@@ -116,6 +133,16 @@ def build_pod(args: argparse.Namespace):
     captured = engine.runner.capture_decode_graphs()  # before serving: no capture pauses on the first requests
     if captured:
         log.info("captured %d decode CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
+    if device.type == "cuda" and not args.no_warm_up:
+        t0 = time.perf_counter()
+        try:
+            n = engine.warm_up()
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: a step of {prefill_step} prompt tokens does not fit in the device's memory next to "
+                             f"the weights and the {budget} B memory budget; lower --max-prefill-step-tokens or "
+                             "--memory-budget") from None
+        log.info("warm-up step of %d prompt tokens in %.1f s (peak %.1f GiB allocated)", n, time.perf_counter() - t0,
+                 torch.cuda.max_memory_allocated(device) / 2**30)
     keys = list(args.api_key) + ([args.shared_secret] if args.shared_secret else [])
     settings = PodSettings(model_name=name, api_keys=keys, max_body_bytes=args.max_body_bytes,
                            default_max_tokens=args.default_max_tokens)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import greedy, make_engine, random_prompt
+from engine_helpers import greedy, make_engine, random_prompt, run_all
 
 from ringlinear import kernels as K
 from ringlinear.engine.runner import kernels_usable
@@ -222,3 +222,33 @@ def test_gate_up_packing_keeps_the_model(tiny_ckpt):
         sh = moe.shared_experts
         assert K.moe.packed_gate_up(sh.gate_proj.weight, sh.up_proj.weight) is not None
     assert torch.equal(model(ids)[0], before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_warm_up_and_prefill_budget_on_cuda(tiny_ckpt):
+    """The served configuration (a start-up warm-up, prompt-only steps of max_prefill_step_tokens, steps with decodes
+    of max_step_tokens): the warm-up leaves no trace (the same tokens as without it), and a prompt's first-token logits
+    match those of small steps (different chunk cuts: bf16 tolerance)."""
+    from ringlinear.checkpoint import load_model
+
+    if not K.available():
+        pytest.skip("CUDA extension unavailable")
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
+    engines = {"warm": make_engine(model, max_batch=2, max_step_tokens=128, max_prefill_step_tokens=512),
+               "cold": make_engine(model, max_batch=2, max_step_tokens=128, max_prefill_step_tokens=512),
+               "small": make_engine(model, max_batch=2, max_step_tokens=128)}
+    assert engines["warm"].warm_up() == 512
+    outs, first = {}, {}
+    for name, eng in engines.items():
+        log = _record_logits(eng)
+        a = eng.add_request(random_prompt(700, 11), greedy(6))  # alone: 512 + 188 vs 6 chunks of <= 128
+        run_all(eng)
+        first[name] = next(x for x in log if x is not None)
+        b = eng.add_request(random_prompt(300, 12), greedy(4))
+        c = eng.add_request(random_prompt(40, 13), greedy(12))
+        run_all(eng)
+        outs[name] = (a.output, b.output, c.output)
+    assert outs["warm"] == outs["cold"]
+    torch.testing.assert_close(first["warm"], first["cold"], rtol=0, atol=0)
+    err = ((first["warm"] - first["small"]).abs().amax(-1) / first["small"].abs().amax(-1)).max().item()
+    assert err <= 5e-2, f"first-token logits of 512-token vs 128-token steps differ by {err:.2e} of their range"

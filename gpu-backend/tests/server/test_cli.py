@@ -68,3 +68,16 @@ def test_stopped_engine_fails_waiting_streams(tiny_model):
 
     asyncio.run(go())
     assert not aengine.alive
+
+
+def test_step_budgets_default_by_device_and_follow_the_options(tiny_ckpt):
+    base = ["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512"]
+    _, aengine = build_pod(build_parser().parse_args(base))
+    ec = aengine.engine.config
+    assert (ec.max_step_tokens, ec.max_prefill_step_tokens) == (512, 512)  # cpu: one budget
+    _, aengine = build_pod(build_parser().parse_args(base + ["--max-step-tokens", "128", "--max-prefill-step-tokens",
+                                                             "1024"]))
+    ec = aengine.engine.config
+    assert (ec.max_step_tokens, ec.max_prefill_step_tokens) == (128, 1024)
+    with pytest.raises(SystemExit, match="max_prefill_step_tokens"):
+        build_pod(build_parser().parse_args(base + ["--max-step-tokens", "256", "--max-prefill-step-tokens", "128"]))
