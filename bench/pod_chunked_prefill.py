@@ -38,12 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gpu-backend"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pod_e2e import BLOCK, install_contexts, sync, twin_config  # noqa: E402
+from pod_e2e import BLOCK, add_model_arguments, base_config, install_contexts, sync, twin_config  # noqa: E402
 from ringlinear.config import RingLinearConfig  # noqa: E402
 from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
 from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
 from ringlinear.ops.attention import chunk_attention, chunk_attention_reference  # noqa: E402
-from ringlinear.tools.params import PRESETS  # noqa: E402
 
 
 def engine_for(model, max_batch: int, contexts: list[int], budget: int) -> Engine:
@@ -193,9 +192,7 @@ def _flash_gqa(q, k, v, scale):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="ring-mini-linear-2.0", choices=sorted(PRESETS))
-    p.add_argument("--tiny", action="store_true", help="the tiny test config (test/fixtures/tiny): smoke runs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_arguments(p)
     p.add_argument("--contexts", default="32768,131072")
     p.add_argument("--budgets", default="512,2048,8192,16384,32768,131072")
     p.add_argument("--reference-budgets", default="512,16384", help="budgets also run with the reference attention")
@@ -213,7 +210,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    base = json.loads((ROOT / "test/fixtures/tiny/config.json").read_text()) if a.tiny else PRESETS[a.preset]
+    base = base_config(a)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "model": "tiny" if a.tiny else a.preset, "argv": sys.argv[1:]}

@@ -255,11 +255,20 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset / --tiny / --device, shared by the pod benches."""
     p.add_argument("--preset", default="ring-mini-linear-2.0", choices=sorted(PRESETS))
     p.add_argument("--tiny", action="store_true", help="the tiny test config (test/fixtures/tiny) instead: smoke runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def base_config(a: argparse.Namespace) -> dict:
+    return json.loads((ROOT / "test/fixtures/tiny/config.json").read_text()) if a.tiny else PRESETS[a.preset]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(p)
     p.add_argument("--prefill-contexts", default="4096,16384,32768,65536,131072")
     p.add_argument("--decode-contexts", default="65536,16384,4096")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
@@ -285,7 +294,7 @@ def main(argv=None) -> None:
         return
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    base = json.loads((ROOT / "test/fixtures/tiny/config.json").read_text()) if a.tiny else PRESETS[a.preset]
+    base = base_config(a)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "dtype": str(dtype), "model": "tiny" if a.tiny else a.preset,
