@@ -67,7 +67,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets, from each set's output and log-sum-exp (fp32, one rounding)."""
+    """Attention over the union of two disjoint key sets, from each set's output and log-sum-exp (computed in fp32,
+    fp64 for fp64 outputs; one rounding to `dtype`)."""
     acc = accum_dtype(dtype)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     m = torch.maximum(lse_a, lse_b)
