@@ -2,12 +2,14 @@
 
 The asyncio side never touches the engine's state: `submit` and `abort` put commands on a queue that the loop
 thread applies between steps (so an abort frees the slot before the next step runs), and outputs come back
-through `loop.call_soon_threadsafe` into one asyncio.Queue per request.
+through `loop.call_soon_threadsafe` into one asyncio.Queue per request. `call` runs a function on the loop thread
+(the server's start-up warm-up: torch keeps cuDNN plans per thread, so they must be built where steps run).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -62,6 +64,21 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def call(self, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) on the loop thread between steps (starting the thread if needed) and return its
+        result, or raise its exception, here. Blocking: for start-up work, not for an event loop."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        if self._stop.is_set():
+            raise EngineDead("the engine was stopped")
+        self.start()
+        if not self.alive:
+            raise EngineDead(self.error or "the engine is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._cmds.put(("call", (fn, args, kwargs, fut)))
+        self._wake.set()
+        return fut.result()
 
     # ------------------------------------------------------------------------------------------ asyncio side
 
@@ -126,6 +143,12 @@ class AsyncEngine:
             elif kind == "abort":
                 eng.abort(arg)
                 self._streams.pop(arg, None)
+            elif kind == "call":
+                fn, args, kwargs, fut = arg
+                try:
+                    fut.set_result(fn(*args, **kwargs))
+                except Exception as e:  # the caller's to handle; the loop goes on
+                    fut.set_exception(e)
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         for o in outs:
@@ -164,6 +187,8 @@ class AsyncEngine:
                 break
             if kind == "add":
                 arg.loop.call_soon_threadsafe(_settle, arg.done, reason)
+            elif kind == "call":
+                arg[3].set_exception(EngineDead(str(reason)))
 
 
 def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:

@@ -23,6 +23,7 @@ import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,12 @@ class RequestRejected(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
         super().__init__(message)
         self.param, self.code = param, code
+
+
+class WarmUp(NamedTuple):
+    """What `Engine.warm_up` ran: prompt tokens through the model, chunk attention shapes run to build cuDNN plans."""
+    tokens: int
+    attention_shapes: int
 
 
 class QueueFull(RuntimeError):
@@ -206,19 +213,22 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def warm_up(self, tokens: int | None = None) -> int:
+    def warm_up(self, tokens: int | None = None) -> WarmUp:
         """Run one prompt of the largest step (default: the prefill step budget) on a free slot and discard it: one
         step of all but its last 64 tokens, then a step of those 64 (the form of every chunk after a prompt's first).
+        Then build the cuDNN attention plans of every chunk shape bucket a step can meet (kernel path on CUDA:
+        `ModelRunner.build_attention_plans`), so a long prompt never waits for one (~50-150 ms each) mid-stream.
 
-        Done before serving: cuDNN and cuBLAS build their plans and the allocator grows its pools at the largest step
-        shape, so the first long prompt does not pay for that, and a step whose activations do not fit in the device's
-        memory fails at start-up (torch.OutOfMemoryError) instead of under a user's request. Returns the tokens run."""
+        Done before serving, **on the thread that will run `step`** (torch keeps cuDNN plans per thread; the server
+        calls it through `AsyncEngine.call`): cuDNN and cuBLAS build their plans and the allocator grows its pools at
+        the largest step shape, and a step whose activations do not fit in the device's memory fails at start-up
+        (torch.OutOfMemoryError) instead of under a user's request."""
         if self.running or self.waiting:
             raise RuntimeError("warm_up runs before any request is queued")
         ec, bs = self.config, self.kv.block_size
         n = min(tokens or ec.max_prefill_step_tokens or ec.max_step_tokens, self.max_context, self.kv.blocks.num_free * bs)
         if n <= 0 or not self.states.slots.free:
-            return 0
+            return WarmUp(0, 0)
         slot, blocks = self.states.alloc(), self.kv.blocks.alloc(-(-n // bs))
         try:
             ids = [(7919 * i) % self.cfg.vocab_size for i in range(n)]  # any ids: the work does not depend on them
@@ -229,7 +239,9 @@ class Engine:
         finally:
             self.kv.blocks.release(blocks)
             self.states.release(slot)
-        return n
+        plans = self.runner.build_attention_plans(max(ec.max_step_tokens, ec.max_prefill_step_tokens or 0),
+                                                  self.max_context)
+        return WarmUp(n, plans)
 
     # ------------------------------------------------------------------------------------------ one step
 

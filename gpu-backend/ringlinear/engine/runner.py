@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .. import kernels as cuda_kernels
 from ..model import MoE, RingLinearForCausalLM
-from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_without_recompiles
+from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_plan_shapes, cudnn_without_recompiles
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
 
@@ -140,6 +140,25 @@ class ModelRunner:
             return 0
         self.graphs.capture_all()
         return len(self.graphs.batch_sizes)
+
+    @torch.inference_mode()
+    def build_attention_plans(self, max_queries: int, max_context: int) -> int:
+        """Run the kernel path's chunk attention once at each shape of `cudnn_plan_shapes` (chunks of <= max_queries
+        tokens, requests of <= max_context), on zeros, so that torch builds its cuDNN plans now, on this thread,
+        instead of in the first step that meets each size bucket. Returns the shapes run (0 where no cuDNN is used)."""
+        cfg, dev = self.cfg, self.model.device
+        if self.chunk_attention is not chunk_attention or dev.type != "cuda" or not cfg.softmax_layers:
+            return 0
+        shapes = cudnn_plan_shapes(max_queries, max_context, cfg.num_attention_heads, cfg.d_head)
+        if not shapes:
+            return 0
+        q = torch.zeros(max(n for n, _ in shapes), cfg.num_attention_heads, cfg.d_head, dtype=self.model.dtype, device=dev)
+        kv = torch.zeros(max(n + p for n, p in shapes), cfg.num_key_value_heads, cfg.d_head, dtype=q.dtype, device=dev)
+        for n, prefix in shapes:  # laid out as _softmax hands them over: [tokens, heads, d] viewed as [1, heads, tokens, d]
+            k = kv[: n + prefix].transpose(0, 1)[None]
+            self.chunk_attention(q[:n].transpose(0, 1)[None], k, k, self.scale)
+        torch.cuda.synchronize(dev)
+        return len(shapes)
 
     @torch.inference_mode()
     def execute(self, segs: list[Segment]) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:

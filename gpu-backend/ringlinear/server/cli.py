@@ -133,20 +133,21 @@ def build_pod(args: argparse.Namespace):
     captured = engine.runner.capture_decode_graphs()  # before serving: no capture pauses on the first requests
     if captured:
         log.info("captured %d decode CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
+    aengine = AsyncEngine(engine)
     if device.type == "cuda" and not args.no_warm_up:
         t0 = time.perf_counter()
-        try:
-            n = engine.warm_up()
+        try:  # on the engine's own thread: torch keeps cuDNN plans per thread
+            w = aengine.call(engine.warm_up)
         except torch.OutOfMemoryError:
+            aengine.stop()
             raise SystemExit(f"error: a step of {prefill_step} prompt tokens does not fit in the device's memory next to "
                              f"the weights and the {budget} B memory budget; lower --max-prefill-step-tokens or "
                              "--memory-budget") from None
-        log.info("warm-up step of %d prompt tokens in %.1f s (peak %.1f GiB allocated)", n, time.perf_counter() - t0,
-                 torch.cuda.max_memory_allocated(device) / 2**30)
+        log.info("warm-up: a step of %d prompt tokens and %d chunk attention shapes in %.1f s (peak %.1f GiB allocated)",
+                 w.tokens, w.attention_shapes, time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) / 2**30)
     keys = list(args.api_key) + ([args.shared_secret] if args.shared_secret else [])
     settings = PodSettings(model_name=name, api_keys=keys, max_body_bytes=args.max_body_bytes,
                            default_max_tokens=args.default_max_tokens)
-    aengine = AsyncEngine(engine)
     return create_app(aengine, tokenizer, settings), aengine
 
 

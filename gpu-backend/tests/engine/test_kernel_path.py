@@ -237,7 +237,13 @@ def test_warm_up_and_prefill_budget_on_cuda(tiny_ckpt):
     engines = {"warm": make_engine(model, max_batch=2, max_step_tokens=128, max_prefill_step_tokens=512),
                "cold": make_engine(model, max_batch=2, max_step_tokens=128, max_prefill_step_tokens=512),
                "small": make_engine(model, max_batch=2, max_step_tokens=128)}
-    assert engines["warm"].warm_up() == 512
+    assert engines["warm"].warm_up().tokens == 512
+    # the cuDNN plans of every chunk size bucket, at the tiny model's head shapes (Ring-mini's run in the benches)
+    from ringlinear.ops.attention import cudnn_plan_shapes
+
+    cfg = model.config
+    shapes = cudnn_plan_shapes(4096, 131072, cfg.num_attention_heads, cfg.d_head)
+    assert engines["warm"].runner.build_attention_plans(4096, 131072) == len(shapes) > 0
     outs, first = {}, {}
     for name, eng in engines.items():
         log = _record_logits(eng)

@@ -70,6 +70,34 @@ def test_stopped_engine_fails_waiting_streams(tiny_model):
     assert not aengine.alive
 
 
+def test_call_runs_on_the_engine_thread_and_raises_there_errors_here(tiny_model):
+    """The server's warm-up goes through AsyncEngine.call: torch keeps cuDNN plans per thread, so what it builds must be
+    built on the thread that runs the steps. A failing call raises to the caller and leaves the loop serving."""
+    import threading
+
+    from engine_helpers import make_engine
+
+    from ringlinear.engine import AsyncEngine
+
+    aengine = AsyncEngine(make_engine(tiny_model))
+    try:
+        assert aengine.call(lambda: threading.current_thread().name) == "ringlinear-engine"
+        assert aengine.call(aengine.engine.warm_up, 64).tokens == 64
+        with pytest.raises(ZeroDivisionError):
+            aengine.call(lambda: 1 / 0)
+        assert aengine.alive
+
+        async def go():
+            out = await aengine.submit([5, 6, 7], SamplingParams(max_tokens=3, temperature=0), "r1")
+            return [o async for o in aengine.stream(out, "r1")]
+
+        assert len(asyncio.run(go())) == 3
+    finally:
+        aengine.stop()
+    with pytest.raises(EngineDead):  # answered, not left waiting on a loop that is gone
+        aengine.call(lambda: 1)
+
+
 def test_step_budgets_default_by_device_and_follow_the_options(tiny_ckpt):
     base = ["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512"]
     _, aengine = build_pod(build_parser().parse_args(base))
