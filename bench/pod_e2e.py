@@ -81,8 +81,20 @@ def decode_bytes(cfg: RingLinearConfig, B: int, ctx: int, itemsize: int = 2) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------- prefill
+def time_to_first_token(eng: Engine, T: int, rng: random.Random, dev) -> float:
+    """Seconds for one prompt of T random tokens, alone, through Engine.step() to its first token."""
+    eng.add_request([rng.randrange(16, eng.cfg.vocab_size) for _ in range(T)],
+                    SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    sync(dev)
+    t0 = time.perf_counter()
+    while eng.has_work():
+        eng.step()
+    sync(dev)
+    return time.perf_counter() - t0
+
+
 def bench_prefill(model, contexts, dev, reps, deadline) -> list[dict]:
-    cfg, vocab = model.config, model.config.vocab_size
+    cfg = model.config
     rows = []
     T_max = max(contexts)
     block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
@@ -90,24 +102,14 @@ def bench_prefill(model, contexts, dev, reps, deadline) -> list[dict]:
     eng = Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
                                      max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
     rng = random.Random(0)
-
-    def once(T):
-        eng.add_request([rng.randrange(16, vocab) for _ in range(T)], SamplingParams(max_tokens=1, temperature=0,
-                                                                                     ignore_eos=True))
-        sync(dev)
-        t0 = time.perf_counter()
-        while eng.has_work():
-            eng.step()
-        sync(dev)
-        return time.perf_counter() - t0
-
-    once(min(contexts))  # warm-up: extension, cuBLAS/cuDNN plans, allocator
+    time_to_first_token(eng, min(contexts), rng, dev)  # warm-up: extension, cuBLAS/cuDNN plans, allocator
     for T in contexts:
         if time.monotonic() > deadline:
             print(f"prefill  T={T}: skipped (time budget)", flush=True)
             break
         try:
-            dt = min(once(T) for _ in range(reps))  # the first run at a new length also pays allocator growth
+            # the first run at a new length also pays allocator growth
+            dt = min(time_to_first_token(eng, T, rng, dev) for _ in range(reps))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
