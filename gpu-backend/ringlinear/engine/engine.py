@@ -133,6 +133,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     finish_reason: str | None = None
+    prefix_chain: bytearray = field(default_factory=bytearray, repr=False)  # the prompt's block hashes so far
 
     @property
     def prefill_done(self) -> bool:
@@ -257,7 +258,8 @@ class Engine:
             if not seg.decode:
                 self.prefill_tokens_computed += len(seg.tokens)
             if i in snaps:
-                self.prefix.insert(req.prompt, seg.snapshot_at, snaps[i], req.blocks[: seg.snapshot_at // self.kv.block_size])
+                self.prefix.insert(req.prompt, seg.snapshot_at, snaps[i], req.blocks[: seg.snapshot_at // self.kv.block_size],
+                                  req.prefix_chain)
         outs = []
         want = [(seg, req) for seg, req in zip(segs, reqs) if seg.want_logits]
         greedy = logits.argmax(-1).tolist() if logits is not None else []
@@ -315,7 +317,7 @@ class Engine:
         while self.waiting and self.states.slots.free:
             req = self.waiting[0]
             total = -(-(len(req.prompt) + req.params.max_tokens) // bs)
-            snap = self.prefix.match(req.prompt) if self.prefix.enabled else None
+            snap = self.prefix.match(req.prompt, req.prefix_chain) if self.prefix.enabled else None
             shared = snap.kv_blocks if snap is not None else []
             self.kv.blocks.incref(shared)  # hold them before any eviction below
             need = total - len(shared)
@@ -323,8 +325,9 @@ class Engine:
                 self.prefix.evict_for_blocks(need)
             if self.kv.blocks.num_free < need:  # wait for running requests to finish (first come, first served)
                 self.kv.blocks.release(shared)
-                if snap is not None:  # the lookup is repeated on the next try; count it once
+                if self.prefix.enabled:  # the lookup is repeated on the next try; count it once
                     self.prefix.lookups -= 1
+                if snap is not None:
                     self.prefix.hits -= 1
                     self.prefix.tokens_saved -= snap.length
                 return

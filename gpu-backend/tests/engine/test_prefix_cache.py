@@ -6,7 +6,8 @@ import torch
 
 from engine_helpers import greedy, make_engine, random_prompt, run_all
 
-from ringlinear.engine.prefix_cache import PrefixCache, block_hashes
+from ringlinear.engine import prefix_cache
+from ringlinear.engine.prefix_cache import PrefixCache, block_hashes, extend_chain
 from ringlinear.engine.pools import BlockAllocator
 
 
@@ -54,6 +55,34 @@ def test_different_first_block_misses():
     x, y, z = random_prompt(64, 1), random_prompt(64, 2), random_prompt(64, 3)
     assert block_hashes(x + z, 64)[1] != block_hashes(y + z, 64)[1]
     assert block_hashes(x + z, 64)[0] == block_hashes(x + y, 64)[0]
+
+
+def test_a_chain_grown_in_pieces_is_the_chain_of_the_whole():
+    tokens = random_prompt(64 * 5 + 7, 4)
+    chain = bytearray()
+    for n in (0, 2, 2, 3, 5):
+        extend_chain(chain, tokens, 64, n)
+    assert bytes(chain) == b"".join(block_hashes(tokens, 64)) and len(chain) == 5 * prefix_cache.DIGEST
+
+
+def test_a_waiting_request_is_hashed_and_counted_once(tiny_model, monkeypatch):
+    """A request that waits for KV room is looked up again every step: its prompt's block hashes are kept on the
+    request (not recomputed per lookup or per snapshot), and the hit-rate metric counts it once."""
+    calls = []
+    real = prefix_cache.hashlib.blake2b
+    monkeypatch.setattr(prefix_cache.hashlib, "blake2b", lambda *a, **k: calls.append(1) or real(*a, **k))
+    eng = _tight_engine(tiny_model)  # KV room for one 512-token context and 2 blocks more
+    first = eng.add_request(random_prompt(300, 40), greedy(40))
+    eng.step()
+    waiting = eng.add_request(random_prompt(450, 41), greedy(2))  # needs more blocks than are free: waits
+    for _ in range(5):
+        eng.step()
+    assert waiting in eng.waiting and eng.prefix.lookups == 1  # counted when it is admitted
+    run_all(eng)
+    assert len(first.output) == 40 and len(waiting.output) == 2
+    assert eng.prefix.lookups == 2  # one per request, however often the waiting one was tried
+    # each 64-token block of each prompt hashed once: 4 blocks of 300 tokens, 7 of 450
+    assert len(calls) == 300 // 64 + 450 // 64
 
 
 def test_lru_budget_and_block_references():
