@@ -1,10 +1,16 @@
 """Where the pod's GPU time goes: torch.profiler tables of one engine prefill step, one decode step and the fused MoE.
 
     PYTHONPATH=gpu-backend python3 bench/profile_pod.py --prefill 32768 --decode 64x4096 --moe 128,256,4096,32768
-    PYTHONPATH=gpu-backend python3 bench/profile_pod.py --tiny --device cpu --prefill 256 --decode 4x256 --moe 8   # smoke
+    PYTHONPATH=gpu-backend python3 bench/profile_pod.py --prefill "" --decode "" --mixed 32x4096+32768@2048,32x4096+300@2048 \
+        --eager-moe
+    PYTHONPATH=gpu-backend python3 bench/profile_pod.py --tiny --device cpu --prefill 256 --decode 4x256 --moe 8 \
+        --mixed 2x256+512@64   # smoke
 
 Prints, per workload, the top kernels by device time (self CUDA time on a GPU, self CPU time on CPU) and the step's
 wall time. A diagnostic for deciding what to optimise next, not a benchmark: profiling adds host overhead.
+--mixed also answers whether a mixed step (decode rows + a prompt chunk, eager) is bound by the host or the GPU:
+it times unprofiled steps, then prints the profiled step's GPU busy time (union of kernel intervals) against its wall
+time, the kernel launches, the host-device syncs, the top ops by host time, and a cProfile of three more steps.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,6 +55,97 @@ def run_profiled(fn, dev, rows, label):
     print(f"\n=== {label}: {dt * 1e3:.1f} ms wall (profiled)\n{table(prof, dev, rows)}", flush=True)
 
 
+def gpu_busy_ms(prof) -> tuple[float, int]:
+    """Union of the device-kernel intervals in a profile (ms) and the number of kernels."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e3, len(spans)
+
+
+def profile_mixed(model, spec: str, dev, rows: int, rng, eager_moe: bool = False) -> None:
+    """B streams decoding beside prompt tokens: unprofiled step times, then one profiled step and a cProfile of three.
+
+    PROMPT > STEP: one long prompt in chunks (its steps 1-8 timed, the 9th profiled). PROMPT <= STEP: a new PROMPT-token
+    prompt (max_tokens 1) arrives before every step, so each step is the B decodes + one whole short prompt.
+    eager_moe: the MoE layers' graphs dropped after the warm-up (step times only: the eager side of the comparison)."""
+    head, step = spec.split("@")
+    bc, T = head.split("+")
+    B, ctx, T, step = *(int(x) for x in bc.split("x")), int(T), int(step)
+    refill = T <= step
+    cfg = model.config
+    n_steps = (0 if refill else T // step) + 16
+    block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
+    budget = (B + 1) * LinearStatePool.bytes_per_slot(cfg) + (
+        B * -(-(ctx + n_steps) // BLOCK) + -(-(T + 8) // BLOCK) + 1) * block_b
+    eng = Engine(model, EngineConfig(max_batch=B + 1, max_context=max(ctx + n_steps, T + 8), memory_budget=budget,
+                                     prefix_cache_bytes=0, max_step_tokens=step, max_queue=B + 1, block_size=BLOCK),
+                 eos_ids=set())
+    eng.warm_up()
+    if eager_moe:
+        eng.runner.moe_graphs = []
+    install_contexts(eng, B, ctx + n_steps, n_steps, rng)
+    eng.step()  # decode only
+
+    def new_prompt():
+        return eng.add_request([rng.randrange(16, cfg.vocab_size) for _ in range(T)],
+                               SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+
+    req = new_prompt()
+
+    def one_step():
+        nonlocal req
+        if refill and req.finish_reason is not None:
+            req = new_prompt()
+        eng.step()
+
+    times = []
+    for _ in range(8 if refill else min(8, T // step - 2)):  # leave a long prompt's chunks for the profiled step
+        sync(dev)
+        t0 = time.perf_counter()
+        one_step()
+        sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    label = f"mixed {spec}{' (MoE eager)' if eager_moe else ''}"
+    print(f"\n=== {label}: unprofiled step ms {' '.join(f'{t:.1f}' for t in times)}; median after the first "
+          f"{statistics.median(times[1:]):.1f}", flush=True)
+    if not refill and req.computed >= len(req.prompt):
+        print("(prompt finished before the profiled step: use a longer PROMPT)")
+    elif not eager_moe:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            one_step()
+            sync(dev)
+            wall = (time.perf_counter() - t0) * 1e3
+        busy, kernels_n = gpu_busy_ms(prof)
+        names = [e.name for e in prof.events()]
+        syncs = sum("Synchronize" in n for n in names)
+        copies = sum(n.startswith("cudaMemcpy") for n in names)
+        print(f"profiled step: wall {wall:.1f} ms, GPU busy {busy:.1f} ms ({busy / wall:.0%}), {kernels_n} kernels, "
+              f"{syncs} sync calls, {copies} cudaMemcpy calls", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+        if refill or req.computed + 3 * step < len(req.prompt):  # the host's Python side: where its time goes
+            import cProfile
+            import pstats
+
+            cp = cProfile.Profile()
+            cp.enable()
+            for _ in range(3):
+                one_step()
+            sync(dev)
+            cp.disable()
+            print("cProfile of 3 mixed steps (host; time blocked in a sync counts where it waits):")
+            pstats.Stats(cp).sort_stats("tottime").print_stats(rows)
+            pstats.Stats(cp).sort_stats("cumulative").print_stats(rows)
+    for r in list(eng.running) + list(eng.waiting):
+        eng.abort(r.id)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="ring-mini-linear-2.0", choices=sorted(PRESETS))
@@ -56,6 +154,10 @@ def main(argv=None):
     p.add_argument("--prefill", default="32768", help="comma list of prompt lengths")
     p.add_argument("--decode", default="64x4096", help="comma list of BATCHxCONTEXT")
     p.add_argument("--moe", default="", help="comma list of token counts for fused_moe alone")
+    p.add_argument("--mixed", default="", help="comma list of BxCTX+PROMPT@STEP: B streams decoding at CTX tokens "
+                   "while a PROMPT-token prompt prefills in STEP-token steps (PROMPT <= STEP: a new short prompt "
+                   "before every step)")
+    p.add_argument("--eager-moe", action="store_true", help="also run each --mixed case with the MoE graphs dropped")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--no-graphs", action="store_true", help="decode steps run eagerly (per-kernel rows in the table)")
     a = p.parse_args(argv)
@@ -72,7 +174,7 @@ def main(argv=None):
         eng = Engine(model, EngineConfig(max_batch=1, max_context=T + 8, memory_budget=budget, prefix_cache_bytes=0,
                                          max_step_tokens=T, block_size=BLOCK), eos_ids=set())
 
-        def prefill():
+        def prefill(eng=eng):
             eng.add_request([rng.randrange(16, cfg.vocab_size) for _ in range(T)],
                             SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
             while eng.has_work():
@@ -90,6 +192,11 @@ def main(argv=None):
         install_contexts(eng, B, ctx, 8, rng)
         run_profiled(eng.step, dev, a.rows, f"decode B={B} ctx={ctx}")
         del eng
+
+    for spec in [s for s in a.mixed.split(",") if s]:
+        profile_mixed(model, spec, dev, a.rows, rng)
+        if a.eager_moe:
+            profile_mixed(model, spec, dev, a.rows, rng, eager_moe=True)
 
     moe = next((layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts_gate_proj")), None)
     for N in [int(x) for x in a.moe.split(",") if x]:

@@ -12,6 +12,7 @@ Both are allocated once, at start, from the memory plan; nothing in the serving 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import RingLinearConfig
@@ -116,9 +117,13 @@ class PagedKVCache:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return 2 * len(cfg.softmax_layers) * block_size * cfg.num_key_value_heads * cfg.d_head * itemsize
 
-    def rows(self, table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor:
-        """Cache rows of positions start..end-1 of a request with block table `table` (int64 [end-start])."""
+    def rows(self, table: list[int], start: int, end: int) -> np.ndarray:
+        """Cache rows of positions start..end-1 of a request with block table `table`: int64 [end-start] on the
+        host (a step gathers every segment's rows and copies them to the device once)."""
         bs = self.block_size
-        pos = torch.arange(start, end)
-        tab = torch.as_tensor(table, dtype=torch.int64)
-        return (tab[pos // bs] * bs + pos % bs).to(device)
+        if end - start <= 4:  # decode tokens: plain arithmetic beats setting up arrays
+            return np.array([table[p // bs] * bs + p % bs for p in range(start, end)], dtype=np.int64)
+        first = start // bs
+        tab = np.asarray(table[first:-(-end // bs)], dtype=np.int64)
+        pos = np.arange(start, end, dtype=np.int64)
+        return tab[pos // bs - first] * bs + pos % bs

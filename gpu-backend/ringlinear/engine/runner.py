@@ -27,21 +27,32 @@ tensors (token ids, positions, slots) that derives everything else on the device
 On CUDA it is captured once per padded batch size (`kernels.DecodeGraphs`) and replayed: a step is a handful of copies
 and one graph launch instead of ~1 500 kernel launches. Padding rows carry slot -1: the lightning kernel leaves every
 state untouched for them, their K/V go to the cache's scratch row and the attention sees zero keys.
+
+Steps that carry prompt tokens run eagerly (their attention shapes change every step) and are bound by the host's
+launch rate, so the host does as little as it can: all the step's indices go to the device in one queued copy (no
+host sync inside a step), and each MoE layer replays a graph captured for the smallest of a ladder of row counts that
+holds the step (`capture_moe_graphs`, called by the engine's warm-up).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import kernels as cuda_kernels
 from ..model import MoE, RingLinearForCausalLM
 from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_plan_shapes, cudnn_without_recompiles
+from ..ops.transfer import to_device
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
 
+log = logging.getLogger(__name__)
+
+MOE_GRAPH_MIN_TOKENS = 64  # the smallest step size whose MoE layers are captured (capture_moe_graphs)
 LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
 
 
@@ -102,6 +113,7 @@ class ModelRunner:
         # None = auto: the kernels wherever they apply. True on CPU runs the kernel path through the twins.
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
         self.graphs: cuda_kernels.DecodeGraphs | None = None
+        self.moe_graphs: list[cuda_kernels.LayerGraphs] = []  # ascending sizes (capture_moe_graphs)
         if self.use_kernels:
             if model.device.type == "cuda":
                 self.chunk_attention = chunk_attention
@@ -142,6 +154,44 @@ class ModelRunner:
         return len(self.graphs.batch_sizes)
 
     @torch.inference_mode()
+    def capture_moe_graphs(self, max_tokens: int) -> int:
+        """Capture every MoE layer's fused MoE for steps of max_tokens, max_tokens/2, ... rows down to
+        MOE_GRAPH_MIN_TOKENS (with decode graphs on only).
+
+        A step that carries prompt tokens runs eagerly: bound by the host's launch rate, not the GPU (~30 operator
+        calls per MoE layer; 32 streams beside a long prompt's 512-token chunks: 20-30 ms a step for 12.4 ms of GPU
+        work). With these graphs a step of N <= max_tokens rows pads its rows to the next captured size and replays
+        one graph per MoE layer instead. Returns the graphs captured (0: none, the eager path stays)."""
+        if self.graphs is None or max_tokens < 1:
+            return 0
+        sizes = [max_tokens]
+        while sizes[-1] // 2 >= MOE_GRAPH_MIN_TOKENS:
+            sizes.append(sizes[-1] // 2)
+        sizes.reverse()
+        if [g.tokens for g in self.moe_graphs] == sizes:
+            return sum(len(g) for g in self.moe_graphs)
+        self.moe_graphs = []  # drop the old graphs (and their memory pool) before capturing new ones
+        moes = {l: layer.mlp for l, layer in enumerate(self.model.model.layers) if isinstance(layer.mlp, MoE)}
+        if not moes:
+            return 0
+        fns = {l: (lambda h, m=m: self._fused_moe(m, h)) for l, m in moes.items()}
+        graphs, pool = [], None
+        try:
+            for n in reversed(sizes):  # the largest first: the smaller ones reuse its pool's intermediates
+                x = torch.zeros(n, self.cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)
+                graphs.append(cuda_kernels.LayerGraphs(fns, x, pool=pool))
+                pool = graphs[-1].pool
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            log.warning("MoE graphs for steps of <= %d tokens not captured, those steps stay eager: %s", max_tokens,
+                        str(exc).splitlines()[0])
+            torch.cuda.synchronize()
+            return 0
+        self.moe_graphs = graphs[::-1]
+        return sum(len(g) for g in self.moe_graphs)
+
+    @torch.inference_mode()
     def build_attention_plans(self, max_queries: int, max_context: int) -> int:
         """Run the kernel path's chunk attention once at each shape of `cudnn_plan_shapes` (chunks of <= max_queries
         tokens, requests of <= max_context), on zeros, so that torch builds its cuDNN plans now, on this thread,
@@ -169,23 +219,38 @@ class ModelRunner:
             self._bind_tables(segs)
             if all(s.decode for s in segs):
                 return self._decode(segs), {}
-        lens = [len(s.tokens) for s in segs]
         offs = [0]
-        for n in lens:
-            offs.append(offs[-1] + n)
-        ids = torch.tensor([t for s in segs for t in s.tokens], dtype=torch.int64, device=dev)
-        pos = torch.cat([torch.arange(s.start, s.end) for s in segs]).to(dev)
-        kv_rows = torch.cat([self.kv.rows(s.block_table, s.start, s.end, torch.device("cpu")) for s in segs]).to(dev)
+        for s in segs:
+            offs.append(offs[-1] + len(s.tokens))
+        dec_idx = [i for i, s in enumerate(segs) if s.decode]
+        prompts = [i for i, s in enumerate(segs) if not s.decode] if self.cfg.softmax_layers else []
+        last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
+        # Every index the step needs, built on the host and sent in one queued copy: a copy from pageable memory
+        # would stop the host mid-step until the GPU drained (mixed steps are bound by the host's launch rate).
+        parts = [np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in segs]),
+                 np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in segs]),
+                 np.concatenate([self.kv.rows(s.block_table, s.start, s.end) for s in segs]),
+                 np.array([[offs[i] for i in dec_idx], [segs[i].slot for i in dec_idx], [segs[i].end for i in dec_idx]],
+                          dtype=np.int64).reshape(-1),
+                 np.array(last, dtype=np.int64)]
+        parts += [self.kv.rows(segs[i].block_table, 0, segs[i].end) for i in prompts]  # softmax prompts' KV prefixes
+        ids, pos, kv_rows, dec_meta, last_rows, *prefix_rows = to_device(
+            torch.from_numpy(np.concatenate(parts)), dev).split([len(p) for p in parts])
         dec = None
-        if any(s.decode for s in segs):
-            dec = self._decode_batch(segs, offs, dev) if self.use_kernels else self._decode_gather(segs, offs, dev)
+        if dec_idx and self.use_kernels:
+            meta = dec_meta.view(3, len(dec_idx))  # packed rows, slots, key counts
+            slots = meta[1]
+            dec = _DecodeGather(rows=meta[0], slots=slots, tables=self.slot_tables[slots], lengths=meta[2].to(torch.int32),
+                                max_len=max(segs[i].end for i in dec_idx))
+        elif dec_idx:
+            dec = self._decode_gather(segs, offs, dev)
         plan = _StepPlan(segs, offs, dec)
+        plan.kv_prefix_rows = dict(zip(prompts, prefix_rows))
         snaps: dict[int, dict[int, torch.Tensor]] = {}
         x = self._forward(ids, pos, kv_rows, plan, snaps)
-        last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         if not last:
             return None, snaps
-        return self._logits(x[0, torch.tensor(last, device=dev)]), snaps
+        return self._logits(x[0, last_rows]), snaps
 
     def _forward(self, ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
         """Embedding and every layer over the packed step: hidden states [1, N, D]."""
@@ -201,7 +266,7 @@ class ModelRunner:
             else:
                 a = self._lightning(layer.attention, l, h, cos, sin, plan, snaps)
             x, h = self._add_norm(x, a, layer.post_attention_layernorm)
-            pending = self._mlp(layer.mlp, h)
+            pending = self._mlp(layer.mlp, h, l)
         return x + pending
 
     def _add_norm(self, x, delta, norm):
@@ -226,7 +291,7 @@ class ModelRunner:
                     raise ValueError(f"request has {len(s.block_table)} KV blocks, the runner's tables hold {self.max_blocks}")
                 row = torch.zeros(self.max_blocks, dtype=torch.int32)
                 row[: len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-                self.slot_tables[s.slot].copy_(row)
+                self.slot_tables[s.slot].copy_(to_device(row, self.slot_tables.device))
                 self._slot_blocks[s.slot] = s.block_table
 
     def _decode(self, segs: list[Segment]) -> torch.Tensor:
@@ -257,16 +322,23 @@ class ModelRunner:
         x = self._forward(ids, pos, kv_rows, plan, {})
         return self._logits(x[0])
 
-    def _mlp(self, mlp, x):
+    def _mlp(self, mlp, x, l: int):
         if not (self.use_kernels and isinstance(mlp, MoE)):
             return mlp(x)
+        # the smallest captured size that holds the step's rows (padded: less than half of it, or 64 rows, wasted)
+        g = next((g for g in self.moe_graphs if g.tokens >= x.shape[1]), None)
+        if g is not None and l in g and not torch.cuda.is_current_stream_capturing():
+            return g(l, x[0])[None]
+        return self._fused_moe(mlp, x[0])[None]
+
+    def _fused_moe(self, mlp, x):
+        """x [N, D] -> [N, D]: the MoE block through the fused kernels."""
         sh = mlp.shared_experts
         bias = mlp.gate.expert_bias if self.cfg.moe_router_enable_expert_bias else None
-        y = cuda_kernels.fused_moe(x[0], mlp.gate.weight, bias, mlp.experts_gate_proj, mlp.experts_up_proj,
-                                   mlp.experts_down_proj,
-                                   None if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight),
-                                   self.router_cfg)
-        return y[None]
+        return cuda_kernels.fused_moe(x, mlp.gate.weight, bias, mlp.experts_gate_proj, mlp.experts_up_proj,
+                                      mlp.experts_down_proj,
+                                      None if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight),
+                                      self.router_cfg)
 
     # ------------------------------------------------------------------------------------------ lightning layers
 
@@ -412,24 +484,13 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[g.rows][:, :, None], Kd, Vd, attn_mask=g.mask, scale=scale)
             out[g.rows] = o[:, :, 0]
         for i in plan.prefill:
-            s, a, b = plan.segs[i], plan.offs[i], plan.offs[i + 1]
-            rows = plan.kv_prefix_rows.get(i)
-            if rows is None:  # built on the host once per step, not once per softmax layer
-                rows = plan.kv_prefix_rows[i] = self.kv.rows(s.block_table, 0, s.end, h.device)
+            a, b = plan.offs[i], plan.offs[i + 1]
+            rows = plan.kv_prefix_rows[i]  # KV cache rows 0..end, sent with the step's indices
             qs = q[a:b].transpose(0, 1)[None]  # [1, H, T, d]
             Ks, Vs = K[rows].transpose(0, 1)[None], V[rows].transpose(0, 1)[None]  # [1, Hkv, end, d]
             o = self.chunk_attention(qs, Ks, Vs, scale)
             out[a:b] = o[0].transpose(0, 1)
         return att.dense(out.reshape(1, N, H * d))
-
-    def _decode_batch(self, segs, offs, dev) -> "_DecodeGather":
-        """Kernel path: the decode rows of a mixed step, attended through the slots' device block tables."""
-        idx = [i for i, s in enumerate(segs) if s.decode]
-        meta = torch.tensor([[offs[i] for i in idx], [segs[i].slot for i in idx], [segs[i].end for i in idx]],
-                            dtype=torch.int64).to(dev)
-        slots = meta[1]
-        return _DecodeGather(rows=meta[0], slots=slots, tables=self.slot_tables[slots], lengths=meta[2].to(torch.int32),
-                             max_len=max(segs[i].end for i in idx))
 
     def _decode_gather(self, segs, offs, dev) -> "_DecodeGather":
         idx = [i for i, s in enumerate(segs) if s.decode]
@@ -478,7 +539,7 @@ class _StepPlan:
         self.prefill = [i for i, s in enumerate(segs) if not s.decode]
         self.rounds: list | None = None  # the kernel path's prefill launches (runner._prefill_rounds)
         self.pos: torch.Tensor | None = None  # [N] positions of the packed rows (set by the forward pass)
-        self.kv_prefix_rows: dict[int, torch.Tensor] = {}  # prompt segment -> KV cache rows 0..end (all softmax layers)
+        self.kv_prefix_rows: dict[int, torch.Tensor] = {}  # prompt segment -> KV cache rows 0..end (softmax layers)
 
     @classmethod
     def decode_only(cls, batch: int, dec: _DecodeGather) -> "_StepPlan":

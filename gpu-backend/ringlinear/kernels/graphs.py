@@ -1,7 +1,11 @@
-"""CUDA-graph helper for decode: capture a step once per padded batch size, then replay with copied-in inputs.
+"""CUDA-graph helpers: a decode step captured once per padded batch size, and per-layer functions captured at one
+fixed input shape; both replay with copied-in inputs.
 
-The step function works on static input buffers whose first dimension is the padded batch; rows past the real batch
-are filled with each input's pad value (e.g. slot -1, which the lightning decode kernel treats as "touch nothing").
+DecodeGraphs: the step function works on static input buffers whose first dimension is the padded batch; rows past
+the real batch are filled with each input's pad value (e.g. slot -1, which the lightning decode kernel treats as
+"touch nothing").
+LayerGraphs: one function per layer (the runner's MoE blocks) at one token count, for the eager steps that carry
+prompt tokens (beside the streams or not): such a step is bound by the host's launch rate, and a replay is one launch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,63 @@ log = logging.getLogger(__name__)
 
 # Padded decode batch sizes (a decode step of B requests replays the smallest captured size >= B).
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool=None, warmup: int = 1):
+    """(graph, output) of one captured call of fn, after `warmup` eager calls on a side stream (lazy initialisation,
+    library plans and allocator growth stay out of the graph). RuntimeError when fn cannot be captured (e.g. it
+    synchronises with the host); out-of-memory errors are raised as they are."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+class LayerGraphs:
+    """fns[l](x) captured for every layer l at x's shape [tokens, ...], all reading one static input and sharing one
+    memory pool (`pool`: an earlier LayerGraphs' pool, to share it across sizes); the functions must treat rows
+    independently (the MoE blocks do).
+
+    graphs(l, x) with x of n <= tokens rows copies x into the static input's first n rows, zeroes the rest (zero rows
+    all route alike: the padding touches few extra experts) and replays layer l. The output is a view of the same
+    buffer every time, overwritten by the next replay of that layer (the stream orders the replay after every reader
+    queued before it).
+    """
+
+    def __init__(self, fns: dict[int, Callable[[torch.Tensor], torch.Tensor]], example: torch.Tensor, warmup: int = 1,
+                 pool=None):
+        self.static = torch.zeros_like(example)
+        self.tokens = example.shape[0]
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = pool
+        for l, fn in fns.items():
+            graph, out = capture_graph(lambda fn=fn: fn(self.static), self.pool, warmup)
+            self.pool = graph.pool()
+            self._graphs[l] = (graph, out)
+            graph.replay()  # the first launch uploads the graph: start-up work, not a request's
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self._graphs
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n > self.tokens or x.shape[1:] != self.static.shape[1:]:
+            raise ValueError(f"LayerGraphs: input of shape {tuple(x.shape)}, captured for {tuple(self.static.shape)}")
+        self.static[:n].copy_(x)
+        if n < self.tokens:
+            self.static[n:].zero_()
+        graph, out = self._graphs[layer]
+        graph.replay()
+        return out[:n]
 
 
 class DecodeGraphs:
@@ -51,16 +112,10 @@ class DecodeGraphs:
         inputs = self.make_inputs(bp)
         for name, t in inputs.items():
             t.fill_(self.pad.get(name, 0))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside capture (lazy init, extension build)
-            for _ in range(self.warmup):
-                self.step(inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self.step(inputs)
+            graph, out = capture_graph(lambda: self.step(inputs), self._pool, self.warmup)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:  # e.g. an op that synchronises with the host: this bucket stays eager
             self.uncapturable[bp] = str(exc).splitlines()[0]
             log.warning("decode graph for batch %d not captured, running it eagerly: %s", bp, self.uncapturable[bp])
@@ -96,4 +151,4 @@ class DecodeGraphs:
         return out[:batch]
 
 
-__all__ = ["DecodeGraphs", "DEFAULT_BATCH_SIZES"]
+__all__ = ["DecodeGraphs", "LayerGraphs", "capture_graph", "DEFAULT_BATCH_SIZES"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.transfer import to_device
 from . import _build
 from .lightning_reference import (
     lightning_decode_reference,
@@ -223,8 +224,8 @@ def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool],
     plan = plan_prefill(seq_lens, slots, use_init, heads, torch.cuda.get_device_properties(device).multi_processor_count,
                         block_len)
 
-    def table(rows, width):
-        return torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width).to(device)
+    def table(rows, width):  # queued without a host sync: a step's plan is built between its kernel launches
+        return to_device(torch.tensor(rows, dtype=torch.int32).reshape(len(rows), width), device)
 
     scan_rows = [(w, nb, bl, u, s & 0xFFFFFFFF, s >> 32) for (w, nb, bl, u, s) in plan.scan]
     ws = torch.empty(max(plan.n_ws, 1), heads, head_dim, head_dim, dtype=torch.float32, device=device)

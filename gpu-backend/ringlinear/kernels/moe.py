@@ -16,6 +16,7 @@ Twin: moe_reference.py. Without CUDA the wrappers run the twin.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +100,33 @@ def split_bf16x3(w: torch.Tensor):
     return hi, mid, (r - mid.float()).to(torch.bfloat16)
 
 
+_SPLITS: dict[int, tuple] = {}  # id(router weight) -> (weakref, version, (hi, mid, lo))
+
+
+def _router_split(w: torch.Tensor):
+    """split_bf16x3(w), kept for as long as w lives and is not modified in place: the router weights are fixed while
+    serving, and splitting them again in every layer of every step costs ~8 launches per layer (host-bound steps)."""
+    try:
+        version = w._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        version = None
+    hit = _SPLITS.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == version:
+        return hit[2]
+    parts = split_bf16x3(w)
+    if hit is None or hit[0]() is not w:
+        weakref.finalize(w, _SPLITS.pop, id(w), None)
+    _SPLITS[id(w)] = (weakref.ref(w), version, parts)
+    return parts
+
+
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits x W^T. For many bf16 tokens on the GPU: three bf16 tensor-core GEMMs against the exact bf16 split
     of W (each product bf16 x bf16 is exact in fp32, sums accumulate in fp32), about 3x faster than the fp32 GEMM with
     errors of fp32-summation size; otherwise the plain fp32 GEMM."""
     if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= ROUTER_SPLIT_MIN_TOKENS:
         try:
-            hi, mid, lo = split_bf16x3(router_weight)
+            hi, mid, lo = _router_split(router_weight)
             out = torch.mm(x, hi.t(), out_dtype=torch.float32)
             out += torch.mm(x, mid.t(), out_dtype=torch.float32)
             out += torch.mm(x, lo.t(), out_dtype=torch.float32)

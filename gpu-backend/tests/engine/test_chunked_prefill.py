@@ -86,7 +86,7 @@ def test_prefill_budget_below_the_step_budget_is_refused(tiny_model):
 def test_warm_up_runs_the_largest_step_and_leaves_nothing_behind(tiny_model):
     eng = make_engine(tiny_model, max_batch=2, max_step_tokens=64, max_prefill_step_tokens=320)
     free_blocks, free_slots = eng.kv.blocks.num_free, len(eng.states.slots.free)
-    assert eng.warm_up() == (320, 0)  # 320 prompt tokens; no cuDNN plans on CPU
+    assert eng.warm_up() == (320, 0, 0)  # 320 prompt tokens; no cuDNN plans or graphs on CPU
     assert eng.kv.blocks.num_free == free_blocks and len(eng.states.slots.free) == free_slots
     assert eng.prefix.bytes == 0 and eng.steps == 0 and eng.prompt_tokens_total == 0  # no trace in cache or counters
     req = eng.add_request(random_prompt(200, 6), greedy(4))

@@ -156,7 +156,7 @@ def test_graph_body_padding_rows_touch_nothing(tiny_model):
 
 def test_decode_step_matches_mixed_step_path(tiny_model):
     """The same decode rows through `_decode_step` (device-derived tables, rows and lengths) and through the general
-    step with a prompt chunk beside them (`_decode_batch`): equal logits for the decode rows."""
+    step with a prompt chunk beside them (the mixed step's decode rows): equal logits for the decode rows."""
     ker = make_engine(tiny_model, max_batch=4, max_step_tokens=256, kernels=True)
     ref = make_engine(tiny_model, max_batch=4, max_step_tokens=256, kernels=False)
     outs = []
@@ -258,3 +258,110 @@ def test_warm_up_and_prefill_budget_on_cuda(tiny_ckpt):
     torch.testing.assert_close(first["warm"], first["cold"], rtol=0, atol=0)
     err = ((first["warm"] - first["small"]).abs().amax(-1) / first["small"].abs().amax(-1)).max().item()
     assert err <= 5e-2, f"first-token logits of 512-token vs 128-token steps differ by {err:.2e} of their range"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_step_queues_without_host_sync_on_cuda(tiny_ckpt):
+    """A mixed step (decode rows beside prompt chunks) runs eagerly, so the host's launch rate bounds it: it must queue
+    all its work without once waiting for the GPU (index tensors in one pinned copy, block tables likewise). torch's
+    sync debug mode raises on any synchronising call inside the step."""
+    from ringlinear.checkpoint import load_model
+
+    if not K.available():
+        pytest.skip("CUDA extension unavailable")
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
+    eng = make_engine(model, max_batch=4, max_step_tokens=64)
+    execute, checked = eng.runner.execute, []
+
+    def strict(segs):
+        if all(s.decode for s in segs) or all(not s.decode for s in segs):
+            return execute(segs)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = execute(segs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        checked.append(len(segs))
+        return out
+
+    eng.runner.execute = strict
+    reqs = [eng.add_request(random_prompt(n, seed), greedy(12)) for n, seed in ((40, 1), (9, 2))]
+    while not all(r.output for r in reqs):
+        eng.step()
+    late = [eng.add_request(random_prompt(n, seed), greedy(3)) for n, seed in ((150, 4), (100, 5))]
+    while eng.has_work():
+        eng.step()
+    assert len(checked) >= 3 and all(r.output for r in late)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_graphs_replay_the_mixed_steps_on_cuda(tiny_ckpt):
+    """Steps that carry prompt tokens replay the MoE layers' graphs of the smallest captured size that holds them
+    (128 and 64 rows for max_step_tokens 128): a long prompt's chunks beside two decodes make 66-row steps (chunks end
+    on 64-token prefix blocks), a short prompt a 32-row one; the rest of each size is padding. The same tokens and
+    logits as the eager MoE, and both sizes really ran."""
+    from ringlinear.checkpoint import load_model
+    from ringlinear.model import MoE
+
+    if not K.available():
+        pytest.skip("CUDA extension unavailable")
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
+    eager = make_engine(model, max_batch=4, max_step_tokens=128)
+    graphed = make_engine(model, max_batch=4, max_step_tokens=128)
+    n_moe = sum(isinstance(layer.mlp, MoE) for layer in model.model.layers)
+    assert graphed.runner.capture_moe_graphs(128) == 2 * n_moe > 0
+    assert [g.tokens for g in graphed.runner.moe_graphs] == [64, 128]
+    assert graphed.runner.capture_moe_graphs(128) == 2 * n_moe  # kept, not captured again
+
+    class Counting:
+        def __init__(self, g):
+            self.g, self.tokens, self.calls = g, g.tokens, 0
+
+        def __contains__(self, layer):
+            return layer in self.g
+
+        def __call__(self, layer, x):
+            self.calls += 1
+            return self.g(layer, x)
+
+    counting = graphed.runner.moe_graphs = [Counting(g) for g in graphed.runner.moe_graphs]
+    logs, outs = [], []
+    for eng in (eager, graphed):
+        logs.append(_record_logits(eng))
+        reqs = [eng.add_request(random_prompt(n, seed), greedy(12)) for n, seed in ((20, 1), (7, 2))]
+        while not all(r.output for r in reqs):
+            eng.step()
+        late = eng.add_request(random_prompt(300, 3), greedy(3))  # chunks of 64 beside two decodes: 66-row steps
+        while not late.output:
+            eng.step()
+        short = eng.add_request(random_prompt(29, 4), greedy(2))  # 29 + up to 3 decodes: a 32-row step
+        run_all(eng)
+        outs.append([r.output for r in reqs + [late, short]])
+    assert outs[0] == outs[1]
+    assert counting[0].calls >= n_moe and counting[1].calls >= 3 * n_moe, [c.calls for c in counting]
+    for a, b in zip(*logs):
+        if a is not None:
+            err = ((a - b).abs().amax(-1) / a.abs().amax(-1)).max().item()
+            assert err <= 1e-2, f"graphed MoE logits differ by {err:.2e} of their range"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_layer_graphs_pad_short_inputs_on_cuda():
+    """LayerGraphs: a replay equals the eager function, for the captured row count and for fewer rows (padded with
+    zero rows, dropped from the output); more rows than captured are refused; a second set shares the first's pool."""
+    w = {0: torch.randn(16, 16, device="cuda"), 3: torch.randn(16, 16, device="cuda")}
+    fns = {l: (lambda x, m=m: torch.relu(x @ m) + 1) for l, m in w.items()}
+    g = K.LayerGraphs(fns, torch.zeros(8, 16, device="cuda"))
+    assert len(g) == 2 and 3 in g and 1 not in g and g.tokens == 8
+    for n in (8, 5, 8, 1):
+        x = torch.randn(n, 16, device="cuda")
+        for l in w:
+            torch.testing.assert_close(g(l, x), fns[l](x))
+    with pytest.raises(ValueError, match="captured for"):
+        g(0, torch.zeros(9, 16, device="cuda"))
+    small = K.LayerGraphs(fns, torch.zeros(4, 16, device="cuda"), pool=g.pool)
+    x = torch.randn(3, 16, device="cuda")
+    for l in w:
+        torch.testing.assert_close(small(l, x), fns[l](x))
+        torch.testing.assert_close(g(l, x), fns[l](x))
