@@ -33,7 +33,7 @@ from .detokenizer import IncrementalDetokenizer
 from .pools import LinearStatePool, PagedKVCache
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, Segment
-from .sampling import Sampler, SamplingParams, TokenLogprobs
+from .sampling import Sampler, SamplingParams, TokenLogprobs, sample_batch
 
 
 class EngineConfigError(ValueError):
@@ -267,14 +267,9 @@ class Engine:
                                   req.prefix_chain)
         outs = []
         want = [(seg, req) for seg, req in zip(segs, reqs) if seg.want_logits]
-        greedy = logits.argmax(-1).tolist() if logits is not None else []
+        sampled = sample_batch(logits, [req.sampler for _, req in want]) if want else []
         generated = 0
-        for row, (seg, req) in enumerate(want):
-            p = req.params
-            if p.greedy and p.logprobs is None:
-                token, lp = greedy[row], None
-            else:
-                token, lp = req.sampler.sample(logits[row])
+        for (seg, req), (token, lp) in zip(want, sampled):
             req.output.append(token)
             generated += 1
             outs.append(self._emit(req, token, lp))

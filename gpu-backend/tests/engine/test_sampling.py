@@ -9,7 +9,7 @@ from engine_helpers import greedy, make_engine, random_prompt, run_all
 
 from ringlinear.engine import SamplingError, SamplingParams
 from ringlinear.engine.detokenizer import IncrementalDetokenizer
-from ringlinear.engine.sampling import Sampler
+from ringlinear.engine.sampling import Sampler, _inverse_cdf, sample_batch
 
 
 def _sample(model, params, companions=0):
@@ -108,3 +108,85 @@ def test_bad_sampling_params(bad, param):
     with pytest.raises(SamplingError) as e:
         SamplingParams(**bad).validate()
     assert e.value.param == param
+
+
+def _mixed_params():
+    return [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1),
+            SamplingParams(temperature=0.7, top_k=5, seed=2), SamplingParams(temperature=1.3, top_p=0.9, seed=3),
+            SamplingParams(temperature=1.0, top_k=20, top_p=0.5, logprobs=2, seed=4),
+            SamplingParams(temperature=0.0, logprobs=0)]
+
+
+def test_batched_sampling_equals_each_row_alone():
+    """sample_batch over a step's rows gives each row what it gets alone with the same seed: the batch draws each
+    request's one number from its own generator, and every operation is per row."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(5)) * 3
+    batch = sample_batch(logits, [Sampler(p) for p in _mixed_params()])
+    alone = [Sampler(p).sample(logits[i]) for i, p in enumerate(_mixed_params())]
+    assert [t for t, _ in batch] == [t for t, _ in alone]
+    assert batch[0][0] == int(logits[0].argmax()) and batch[0][1] is None
+    for i in (4, 5):
+        ref = torch.log_softmax(logits[i], -1)
+        assert batch[i][1].logprob == pytest.approx(float(ref[batch[i][0]]), abs=1e-5)
+        assert [t for t, _ in batch[i][1].top] == ref.topk(_mixed_params()[i].logprobs).indices.tolist()
+    with pytest.raises(ValueError, match="samplers"):
+        sample_batch(logits, [Sampler(SamplingParams())])
+    assert sample_batch(logits[:0], []) == []
+
+
+def _frequencies(device, params, logits, n=6000):
+    rows = logits.to(device)[None].expand(n, -1)
+    toks = [t for t, _ in sample_batch(rows, [Sampler(SamplingParams(seed=s, **params)) for s in range(n)])]
+    return torch.bincount(torch.tensor(toks), minlength=logits.numel()).double() / n
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_sampled_frequencies_follow_the_kept_distribution(device):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -4.0])
+    for params, keep in [(dict(temperature=1.0), 8), (dict(temperature=0.5), 8), (dict(temperature=1.0, top_k=3), 3),
+                         (dict(temperature=1.0, top_p=0.7), None)]:
+        probs = torch.softmax(logits.double() / params["temperature"], -1)
+        if keep is None:  # top-p: the smallest prefix (descending) whose mass reaches top_p
+            keep = int((probs.cumsum(0) - probs < params["top_p"]).sum())
+        want = torch.zeros_like(probs)
+        want[:keep] = probs[:keep] / probs[:keep].sum()
+        got = _frequencies(device, params, logits)
+        assert (got[keep:] == 0).all(), (params, got)
+        assert (got - want).abs().max() < 0.025, (params, got, want)
+
+
+def test_inverse_cdf_only_lands_on_positive_weights():
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0]] * 4)
+    u = torch.tensor([0.0, 1 / 3 - 1e-12, 1 / 3 + 1e-12, 1 - 2.0 ** -53], dtype=torch.float64)
+    assert _inverse_cdf(w, u).tolist() == [1, 1, 3, 3]
+
+
+def _draw_by_full_sort(x, params, u):
+    """The plain twin of _draw: every row on its own, top-p over a full stable sort (no ties in these logits, so the
+    order topk gives equal probabilities does not matter)."""
+    out = []
+    for row, p, ui in zip(x, params, u):
+        row = row / p.temperature
+        if 0 < p.top_k < row.numel():
+            row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
+        probs = torch.softmax(row, -1)
+        sp, order = probs, torch.arange(probs.numel())  # without top-p: the inverse transform in token order
+        if p.top_p < 1.0:
+            sp, order = probs.sort(descending=True, stable=True)
+            sp = sp * (sp.cumsum(0) - sp < p.top_p)
+        cdf = sp.double().cumsum(0)
+        out.append(int(order[int(torch.searchsorted(cdf, ui * cdf[-1], right=True))]))
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.05, 3.0, 12.0])  # flat (the full-sort fallback) to peaked (the top candidates)
+def test_draw_equals_its_full_sort_twin(scale):
+    from ringlinear.engine.sampling import NUCLEUS_CANDIDATES, _draw
+
+    g = torch.Generator().manual_seed(int(scale * 100))
+    x = torch.randn(12, 3 * NUCLEUS_CANDIDATES, generator=g) * scale
+    params = [SamplingParams(temperature=t, top_p=tp, top_k=k)
+              for t, tp, k in [(1.0, 0.9, 0), (0.7, 0.5, 0), (1.2, 0.99, 0), (1.0, 1.0, 0), (1.0, 0.8, 100), (0.5, 0.3, 7)] * 2]
+    u = torch.rand(12, dtype=torch.float64, generator=g)
+    assert _draw(x, params, u).tolist() == _draw_by_full_sort(x, params, u)
