@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # a temperature below it samples greedily
 NUCLEUS_CANDIDATES = 1024  # top-p sorts only this many most likely tokens when they hold top_p of the mass
 
 
@@ -58,7 +59,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below GREEDY_TEMPERATURE the scaled logits overflow fp32 (softmax of inf - inf): the limit is the argmax
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass
@@ -172,4 +174,5 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = weights.double().cumsum(-1)
     total = cdf[:, -1:]
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    # clamped: a row of non-finite logits (NaN weights) still yields a token id inside the vocabulary
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=weights.shape[1] - 1)

@@ -190,3 +190,11 @@ def test_draw_equals_its_full_sort_twin(scale):
               for t, tp, k in [(1.0, 0.9, 0), (0.7, 0.5, 0), (1.2, 0.99, 0), (1.0, 1.0, 0), (1.0, 0.8, 100), (0.5, 0.3, 7)] * 2]
     u = torch.rand(12, dtype=torch.float64, generator=g)
     assert _draw(x, params, u).tolist() == _draw_by_full_sort(x, params, u)
+
+
+def test_tiny_temperatures_are_greedy_and_bad_logits_give_a_valid_id():
+    logits = torch.tensor([[1.0, 5.0, 2.0, 3.0]])
+    assert sample_batch(logits, [Sampler(SamplingParams(temperature=1e-9, seed=1))])[0][0] == 1
+    nan = torch.full((1, 4), float("nan"))
+    tok = sample_batch(nan, [Sampler(SamplingParams(temperature=1.0, seed=1))])[0][0]
+    assert 0 <= tok < 4
