@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
+#                                  [mixed] [sampling]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -16,7 +17,8 @@ for step in "$@"; do
   case $step in
     build) run build python3 -c "import time; t=time.time(); from ringlinear.kernels import _build; _build.extension(); print(f'built in {time.time()-t:.0f} s')" ;;
     tests) TAIL=25 run tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib gpu-backend/tests/kernels \
-             gpu-backend/tests/engine/test_kernel_path.py gpu-backend/tests/model/test_chunk_attention.py \
+             gpu-backend/tests/engine/test_kernel_path.py gpu-backend/tests/engine/test_sampling.py \
+             gpu-backend/tests/model/test_chunk_attention.py \
              "gpu-backend/tests/model/test_model.py::test_f32_reference_meets_golden_tolerance" ;;
     kernels) TAIL=40 run kernels sh -c "python3 bench/gpu_paged_attention.py --out $OUT && python3 bench/gpu_elementwise.py --out $OUT && python3 bench/gpu_kernels.py --only ceilings,decode,prefill,moe --out $OUT" ;;
     elementwise) TAIL=25 run elementwise python3 bench/gpu_elementwise.py --out "$OUT" ;;
@@ -26,6 +28,10 @@ for step in "$@"; do
     e2e-decode) TAIL=40 run e2e_decode python3 bench/pod_e2e.py --device cuda --prefill-contexts "" --decode-contexts 65536,16384,4096 \
              --batches 1,8,32,64,128,256 --decode-steps 4 --time-budget 150 --json "$OUT/e2e_decode.json" ;;
     chunked) TAIL=70 run chunked python3 bench/pod_chunked_prefill.py --json "$OUT/chunked.json" ;;
+    mixed) TAIL=30 run mixed sh -c "python3 bench/profile_pod.py --prefill '' --decode '' --eager-moe --rows 20 \
+             --mixed 32x4096+300@2048,32x4096+32768@512,32x4096+32768@2048 > $OUT/mixed_full.log 2>&1; \
+             grep -A1 '=== mixed' $OUT/mixed_full.log" ;;
+    sampling) TAIL=12 run sampling python3 bench/pod_sampling.py --device cuda --json "$OUT/sampling.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
