@@ -95,19 +95,11 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[tuple[in
         return []
     params = [s.params for s in samplers]
     dev = logits.device
+    greedy = [i for i, p in enumerate(params) if p.greedy]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if not drawn:
-        tokens = logits.argmax(-1)
-    else:
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        u = torch.tensor([samplers[i].uniform() for i in drawn], dtype=torch.float64)  # one number per token
-        drawn_tokens = _draw(_rows(logits, drawn), [params[i] for i in drawn], u.to(dev))
-        if not greedy:
-            tokens = drawn_tokens
-        else:
-            tokens = torch.empty(n, dtype=torch.int64, device=dev)
-            tokens[torch.tensor(greedy, device=dev)] = _rows(logits, greedy).argmax(-1)
-            tokens[torch.tensor(drawn, device=dev)] = drawn_tokens
+    u = torch.tensor([samplers[i].uniform() for i in drawn], dtype=torch.float64)  # one number per sampled token
+    tokens = _merge(n, dev, (greedy, lambda: _rows(logits, greedy).argmax(-1)),
+                    (drawn, lambda: _draw(_rows(logits, drawn), [params[i] for i in drawn], u.to(dev))))
     want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
     lp_host = None
     if want_lp:
@@ -140,7 +132,8 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
     probs = torch.softmax(x, -1)
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     plain = [i for i, p in enumerate(params) if p.top_p >= 1.0]
-    if nucleus:
+
+    def from_nucleus():
         pn = _rows(probs, nucleus)
         top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=probs.dtype, device=dev)
         # The nucleus usually lies among the most likely few hundred tokens: sort only the top NUCLEUS_CANDIDATES
@@ -149,16 +142,21 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
         if V > NUCLEUS_CANDIDATES and not bool((sorted_p.sum(-1) >= top_p).all()):
             sorted_p, order = pn.sort(dim=-1, descending=True, stable=True)
         kept = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < top_p[:, None])
-        from_nucleus = order.gather(1, _inverse_cdf(kept, _rows(u, nucleus))[:, None])[:, 0]
-        if not plain:
-            return from_nucleus
-    from_plain = _inverse_cdf(_rows(probs, plain), _rows(u, plain))
-    if not nucleus:
-        return from_plain
-    tokens = torch.empty(m, dtype=torch.int64, device=dev)
-    tokens[torch.tensor(nucleus, device=dev)] = from_nucleus
-    tokens[torch.tensor(plain, device=dev)] = from_plain
-    return tokens
+        return order.gather(1, _inverse_cdf(kept, _rows(u, nucleus))[:, None])[:, 0]
+
+    return _merge(m, dev, (nucleus, from_nucleus), (plain, lambda: _inverse_cdf(_rows(probs, plain), _rows(u, plain))))
+
+
+def _merge(n: int, dev, *parts) -> torch.Tensor:
+    """[n] int64 from (rows, compute) parts that split 0..n-1: each compute() gives the values of its rows; a part
+    with no rows is not computed, and a part with all of them is returned as it is."""
+    parts = [(rows, compute) for rows, compute in parts if rows]
+    if len(parts) == 1:
+        return parts[0][1]()
+    out = torch.empty(n, dtype=torch.int64, device=dev)
+    for rows, compute in parts:
+        out[torch.tensor(rows, device=dev)] = compute()
+    return out
 
 
 def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
