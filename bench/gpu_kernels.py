@@ -220,7 +220,7 @@ def legacy_grouped_moe(x, W, cfg):
     ids = torch.empty(N, k, dtype=torch.int32, device=x.device)
     w = torch.empty(N, k, dtype=torch.float32, device=x.device)
     extension().moe_route(logits, W["expert_bias"].float().contiguous(), cfg.n_group, cfg.topk_group, k,
-                          cfg.norm_topk_prob, float(cfg.routed_scaling_factor), ids, w)
+                          cfg.norm_topk_prob, float(cfg.routed_scaling_factor), -1, ids, w)
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     offs = torch.bincount(flat, minlength=cfg.num_experts).cumsum(0).to(torch.int32)

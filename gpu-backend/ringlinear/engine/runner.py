@@ -77,22 +77,63 @@ def kernels_usable(model: RingLinearForCausalLM) -> bool:
             and model.config.d_head in cuda_kernels.lightning.SUPPORTED_HEAD_DIMS and cuda_kernels.available())
 
 
-def _pack_gate_up_weights(model: RingLinearForCausalLM) -> None:
-    """Store each MoE layer's gate and up weights (routed experts and shared expert) as the two halves of one buffer,
-    so `fused_moe` runs them as one GEMM; the parameters become views of it (no extra memory, same values, the
-    reference forward unchanged). Layer by layer: the transient extra memory is one layer's gate + up."""
+def _pack_moe_weights(model: RingLinearForCausalLM) -> None:
+    """Store each MoE layer's experts in `moe.pack_moe`'s layout: gate and up (routed and shared) as the two halves of
+    one buffer, so `fused_moe` runs them as one GEMM, and the shared expert as one more expert of the routed buffers,
+    so decode steps compute it in the routed experts' launches. The parameters become views of the buffers (no extra
+    memory, same values, the reference forward unchanged). Layer by layer: the transient extra memory is one layer's
+    experts."""
     from torch import nn
 
+    frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
     for layer in model.model.layers:
         mlp = layer.mlp
-        if not isinstance(mlp, MoE) or cuda_kernels.moe.packed_gate_up(mlp.experts_gate_proj, mlp.experts_up_proj) is not None:
+        if not isinstance(mlp, MoE):
             continue
-        _, g, u = cuda_kernels.moe.pack_gate_up(mlp.experts_gate_proj.data, mlp.experts_up_proj.data)
-        mlp.experts_gate_proj, mlp.experts_up_proj = nn.Parameter(g, requires_grad=False), nn.Parameter(u, requires_grad=False)
         sh = mlp.shared_experts
+        shared = None if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+        if cuda_kernels.moe.packed_gate_up(mlp.experts_gate_proj, mlp.experts_up_proj) is not None and (
+                shared is None or cuda_kernels.moe.shared_as_expert(mlp.experts_gate_proj, mlp.experts_up_proj,
+                                                                    mlp.experts_down_proj, shared) is not None):
+            continue
+        g, u, d, packed_shared = cuda_kernels.moe.pack_moe(
+            mlp.experts_gate_proj.data, mlp.experts_up_proj.data, mlp.experts_down_proj.data,
+            None if shared is None else tuple(t.data for t in shared))
+        mlp.experts_gate_proj, mlp.experts_up_proj, mlp.experts_down_proj = frozen(g), frozen(u), frozen(d)
         if sh is not None:
-            _, g, u = cuda_kernels.moe.pack_gate_up(sh.gate_proj.weight.data, sh.up_proj.weight.data)
-            sh.gate_proj.weight, sh.up_proj.weight = nn.Parameter(g, requires_grad=False), nn.Parameter(u, requires_grad=False)
+            sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight = (frozen(t) for t in packed_shared)
+
+
+def _stacked_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """The [Ra + Rb, C] view of one buffer whose first rows are a and last rows b (contiguous [R, C] weights stored
+    back to back), else None."""
+    if not (a.dim() == b.dim() == 2 and a.shape[1] == b.shape[1] and a.dtype == b.dtype and a.device == b.device
+            and a.is_contiguous() and b.is_contiguous() and a.numel() and b.numel()):
+        return None
+    if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
+        return None
+    if b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr():
+        return None
+    return a.as_strided((a.shape[0] + b.shape[0], a.shape[1]), (a.shape[1], 1))
+
+
+def _pack_qkv_gate_weights(model: RingLinearForCausalLM) -> dict[int, torch.Tensor]:
+    """Store each lightning layer's qkv and output-gate projections (both read the layer's normed input) as one
+    [4Hd, D] buffer, so the kernel path runs one GEMM where it ran two (a decode step is launch-bound); the two
+    parameters become views of it (no extra memory, the reference forward unchanged). Returns {layer: the buffer}."""
+    from torch import nn
+
+    out = {}
+    for l in model.config.linear_layers:
+        att = model.model.layers[l].attention
+        qkv, g = att.query_key_value.weight, att.g_proj.weight
+        both = _stacked_rows(qkv, g)
+        if both is None:
+            both = torch.cat([qkv.data, g.data])
+            att.query_key_value.weight = nn.Parameter(both[: qkv.shape[0]], requires_grad=False)
+            att.g_proj.weight = nn.Parameter(both[qkv.shape[0]:], requires_grad=False)
+        out[l] = both
+    return out
 
 
 class ModelRunner:
@@ -121,8 +162,11 @@ class ModelRunner:
             self.gamma = {l: torch.exp(-r.float()) for l, r in self.decay.items()}  # per-step decay factor [H]
             self.router_cfg = cuda_kernels.RouterConfig(cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group,
                                                         cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob)
+            self.qkv_gate: dict[int, torch.Tensor] = {}  # lightning layer -> its [qkv; gate] projection weights
             if model.device.type == "cuda":
-                _pack_gate_up_weights(model)
+                _pack_moe_weights(model)
+                self.qkv_gate = _pack_qkv_gate_weights(model)
+                cuda_kernels.moe.router_counter(model.device)  # made now: decode graphs capture the one-launch router
             # fp32 copies of the attention norms' weights, made once: the fused elementwise kernels read fp32 weights
             # (handing them bf16 would convert on every call, inside every decode graph too)
             f32 = lambda m: None if m is None else m.weight.detach().float()  # noqa: E731
@@ -353,12 +397,18 @@ class ModelRunner:
             # Prompt-only steps take bf16 q/k/v (what the prefill kernel's tensor cores read); decode rows keep fp32.
             out_dtype = self.acc if plan.dec is not None or h.dtype != torch.bfloat16 else torch.bfloat16
             qw, kw, gw = self.norm_f32[l]
+            both = self.qkv_gate.get(l)
+            if both is not None:  # one GEMM for the projection and the gate, read as two column slices
+                t = F.linear(h[0], both)
+                qkv, gate = t[:, : 3 * H * d], t[:, 3 * H * d:]
+            else:
+                qkv, gate = att.query_key_value(h)[0], att.g_proj(h)[0]
             q, k, v = cuda_kernels.qkv_prologue(
-                att.query_key_value(h)[0], plan.pos, H, H, d, silu=cfg.linear_silu,
+                qkv, plan.pos, H, H, d, silu=cfg.linear_silu,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=out_dtype, rope_cos_sin=(cos, sin))
             o = self._lightning_kernels(l, q, k, v, pool, plan, snaps)
-            o = cuda_kernels.gated_group_rmsnorm(o.view(N, H * d), att.g_proj(h)[0], gw,
+            o = cuda_kernels.gated_group_rmsnorm(o.view(N, H * d), gate, gw,
                                                  cfg.group_norm_size, cfg.rms_norm_eps, out_dtype=h.dtype)
             return att.dense(o[None])
         qkv = att.query_key_value(h).to(self.acc)
@@ -400,6 +450,8 @@ class ModelRunner:
         reads it directly); otherwise the rows are gathered into an fp32 buffer."""
         gamma = self.gamma[l]
         rounds = self._prefill_rounds(plan, q.device)
+        if plan.dec is not None and not rounds and _all_rows(plan.dec.rows):  # decode only: the kernel's output as is
+            return cuda_kernels.lightning_decode(q, k, v, pool, plan.dec.slots, gamma, scale=self.scale)
         whole = plan.dec is None and len(rounds) == 1 and _covers(rounds[0][0], q.shape[0])
         o = None if whole else torch.empty(q.shape, dtype=torch.float32, device=q.device)
         if plan.dec is not None:
@@ -452,26 +504,29 @@ class ModelRunner:
         cfg = self.cfg
         N = h.shape[1]
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
-        if self.use_kernels:  # the fused prologue; QK-norm in the projection's dtype, as the modules below do
-            qw, kw, _ = self.norm_f32[l]
-            q, k, v = cuda_kernels.qkv_prologue(
+        K, V = self.kv.k[l], self.kv.v[l]
+        if self.use_kernels:  # the fused prologue, writing k and v into the cache rows; QK-norm in the projection's
+            qw, kw, _ = self.norm_f32[l]  # dtype, as the modules below do
+            q, _, _ = cuda_kernels.qkv_prologue(
                 att.query_key_value(h)[0], plan.pos, H, Hkv, d, silu=False,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=h.dtype, norm_dtype=h.dtype,
-                rope_cos_sin=(cos, sin))
-            v = v[None]
+                rope_cos_sin=(cos, sin), kv_cache=(K, V, kv_rows))
         else:
             q, k, v = att.query_key_value(h).view(1, N, H + 2 * Hkv, d).split([H, Hkv, Hkv], dim=2)
             if cfg.use_qk_norm:
                 q, k = att.query_layernorm(q), att.key_layernorm(k)
             q = apply_partial_rope(q.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, H, d]
             k = apply_partial_rope(k.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, Hkv, d]
-        K, V = self.kv.k[l], self.kv.v[l]
-        K[kv_rows] = k
-        V[kv_rows] = v[0]
+            K[kv_rows] = k
+            V[kv_rows] = v[0]
         rep, scale = H // Hkv, d ** -0.5
         out = torch.empty(N, H, d, dtype=h.dtype, device=h.device)
-        if plan.dec is not None and self.use_kernels:
+        if plan.dec is not None and self.use_kernels and not plan.prefill and _all_rows(plan.dec.rows):
+            g = plan.dec  # decode only: the kernel writes the output rows in place
+            cuda_kernels.paged_decode_attention(q, K, V, g.tables, g.lengths, self.kv.block_size, scale,
+                                                max_len=g.max_len, out=out)
+        elif plan.dec is not None and self.use_kernels:
             # Paged-KV decode: each request's blocks read in place through its table; the rep query heads of a KV
             # head share one read of each K/V row.
             g = plan.dec
@@ -510,6 +565,11 @@ class ModelRunner:
         return _DecodeGather(rows=torch.tensor([offs[i] for i in idx], device=dev),
                              slots=torch.tensor([segs[i].slot for i in idx], device=dev),
                              kv_index=kv_index, mask=mask)
+
+
+def _all_rows(rows) -> bool:
+    """A decode gather's rows index is every row of the step (the decode graphs' `slice(None)`)."""
+    return isinstance(rows, slice) and rows == slice(None)
 
 
 def _covers(pieces, end: int, start: int = 0) -> bool:

@@ -103,6 +103,7 @@ def qkv_prologue(
     out_dtype: torch.dtype = torch.bfloat16,
     norm_dtype: torch.dtype | None = None,
     rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused projection qkv [N, (Hq + 2 Hkv) d] (q heads, then k heads, then v heads) into q [N, Hq, d],
     k [N, Hkv, d], v [N, Hkv, d] (contiguous, out_dtype), computing in fp32:
@@ -118,6 +119,9 @@ def qkv_prologue(
     rope_cos_sin: ops.rope_cos_sin(positions, rotary_dim, rope_theta) for these positions ([..., N, rotary_dim]
     each), when the caller has it (the runner computes it once per step): the kernel then reads the angles' cos/sin
     instead of computing them in fp64 for every token of every layer. Same values either way.
+    kv_cache: (K, V, rows) with K, V [R, Hkv, d] contiguous caches of out_dtype and rows int [N] (distinct, < R): k and
+    v go straight to K[rows], V[rows] (one kernel instead of the prologue and two index_put copies); the returned k
+    and v are then K and V themselves.
     """
     fn = "qkv_prologue"
     _tensor("qkv", fn, qkv, 2)
@@ -160,15 +164,32 @@ def qkv_prologue(
                                  f"got {getattr(t, 'shape', type(t).__name__)}")
             tables.append(t.reshape(N, rot).to(torch.float32).contiguous())
 
+    if kv_cache is not None:
+        K, V, rows = kv_cache
+        for name, c in (("K", K), ("V", V)):
+            if not (torch.is_tensor(c) and c.dim() == 3 and tuple(c.shape[1:]) == (Hkv, d) and c.dtype == out_dtype
+                    and c.device == dev and c.is_contiguous()):
+                raise ValueError(f"{fn}: kv_cache {name} must be a contiguous {out_dtype} [rows, {Hkv}, {d}] on {dev}")
+        _tensor("kv_cache rows", fn, rows, 1, dev, floating=False)
+        if rows.shape[0] != N or rows.dtype.is_floating_point or rows.dtype == torch.bool or K.shape != V.shape:
+            raise ValueError(f"{fn}: kv_cache rows must be an integer tensor [{N}] and K, V of one shape")
+
     kernel_ok = (d in PROLOGUE_HEAD_DIMS and qkv.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
                  and (norm_dtype is None or norm_dtype in _KERNEL_DTYPES))
     if not (kernel_ok and _use_cuda(qkv)):
-        return qkv_prologue_reference(qkv, positions, Hq, Hkv, d, silu=silu, q_norm_weight=q_norm_weight,
-                                      k_norm_weight=k_norm_weight, eps=eps, rotary_dim=rot, rope_theta=theta,
-                                      out_dtype=out_dtype, norm_dtype=norm_dtype)
+        q, k, v = qkv_prologue_reference(qkv, positions, Hq, Hkv, d, silu=silu, q_norm_weight=q_norm_weight,
+                                         k_norm_weight=k_norm_weight, eps=eps, rotary_dim=rot, rope_theta=theta,
+                                         out_dtype=out_dtype, norm_dtype=norm_dtype)
+        if kv_cache is None:
+            return q, k, v
+        K[rows], V[rows] = k, v
+        return q, K, V
     q = torch.empty(N, Hq, d, dtype=out_dtype, device=dev)
-    k = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
-    v = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
+    if kv_cache is None:
+        k = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
+        v = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
+    else:
+        k, v = K, V
     if N == 0:
         return q, k, v
     _build.extension().qkv_prologue(
@@ -183,6 +204,7 @@ def qkv_prologue(
         rot,
         theta,
         *(tables or (None, None)),
+        None if kv_cache is None else rows.to(torch.int64).contiguous(),
     )
     return q, k, v
 

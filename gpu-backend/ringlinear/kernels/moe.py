@@ -10,6 +10,12 @@ paths, all reading only the experts the batch selected:
 
 and a CUDA combine that sums each token's k weighted rows plus the shared expert in fp32 straight from the sorted
 GEMM output. No host synchronisation on any path (decode steps are CUDA-graph captured).
+
+Decode steps are latency-bound (a 1-token step's MoE was 11 launches, ~45 us a layer on H200 for ~14 us of weight
+reads), so the decode path's router is one launch (moe_router_decode: GEMV, then routing and the sort by the last
+block; twin: router_logits + route_align_small, the single-block routing and sort), and when the shared
+expert is stored as expert E of the routed experts' buffers (pack_moe, what the engine does) the decode and small
+stream steps compute it in the same expert launches as one more assignment of weight 1 instead of three more GEMMs.
 Twin: moe_reference.py. Without CUDA the wrappers run the twin.
 """
 
@@ -22,16 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from . import _build
-from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_reference,
+from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_align_reference,
                             scatter_rows_reference, stream_gemm_reference, swiglu_rows_reference)
 
 # Path crossovers, H200 2026-11-28 (bench/gpu_kernels.py, graph replays, Ring-mini): decode 76 us vs stream 93 us at
 # 1 token, 128 vs 121 at 4; stream 506 vs grouped 622 us at 512 tokens, 770 vs 657 at 1024.
 DECODE_MAX_TOKENS = 2
+SMALL_ROUTE_MAX_TOKENS = 4  # moe_route_align_small's limit (kSmallRouteMaxTokens): one block routes these serially
+# Up to here a stream step computes the shared expert as expert E (pack_moe layout): its N rows are one 32-row pass of
+# the stream kernel like any routed expert's; above, its rows would take several passes in the CTAs of one expert
+# while the others finish, and the separate GEMMs are the faster way.
+STREAM_FOLD_MAX_TOKENS = 32
 STREAM_MAX_TOKENS = 768  # above: the CUTLASS grouped GEMM (an expert's rows take several 32-row passes here)
 STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
 DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
 SORT_BLOCK = 2048  # assignments per block of the CUDA moe_sort (kSortPerBlock): sizes its counts workspace
+MAX_EXPERTS = 1024  # the CUDA router and sorts' limit (kMaxExperts), the shared expert included when it is expert E
 # From here the fp32 router GEMM costs ~20 us or more (0.69 ms at 32k tokens on H200), so the 3 bf16 GEMMs pay off.
 ROUTER_SPLIT_MIN_TOKENS = 1024
 
@@ -75,6 +87,54 @@ def packed_gate_up(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor | N
     if (w_gate.storage_offset() + math.prod(shape)) * size > storage.nbytes():  # the packed buffer lies in this storage
         return None
     return w_gate.as_strided(shape, strides)
+
+
+def pack_moe(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+             shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """The engine's expert layout: gate and up as the two halves of one [E', 2I, D] buffer and down one [E', D, I]
+    buffer, where E' = E + 1 when the shared expert has the routed experts' size: it is then stored as expert E, so
+    the decode kernels can compute it as one more assignment (shared_as_expert). Returns (gate [E, I, D], up, down
+    [E, D, I], shared (gate, up, down) or None), all views of the two buffers (a shared expert of another size keeps
+    its own packed gate/up buffer)."""
+    if w_gate.dim() != 3 or w_up.shape != w_gate.shape or w_down.dim() != 3 or w_down.shape != (w_gate.shape[0], w_gate.shape[2], w_gate.shape[1]):
+        raise ValueError(f"pack_moe: need gate/up [E, I, D] and down [E, D, I], got {tuple(w_gate.shape)} / "
+                         f"{tuple(w_up.shape)} / {tuple(w_down.shape)}")
+    E, I, D = w_gate.shape
+    fold = shared is not None and tuple(shared[0].shape) == (I, D) and tuple(shared[1].shape) == (I, D) \
+        and tuple(shared[2].shape) == (D, I)
+    kw = dict(dtype=w_gate.dtype, device=w_gate.device)
+    gu, dn = torch.empty(E + fold, 2 * I, D, **kw), torch.empty(E + fold, D, I, **kw)
+    gu[:E, :I], gu[:E, I:], dn[:E] = w_gate, w_up, w_down
+    if fold:
+        gu[E, :I], gu[E, I:], dn[E] = shared[0], shared[1], shared[2]
+        sh = (gu[E, :I], gu[E, I:], dn[E])
+    elif shared is not None:
+        sh = (*pack_gate_up(shared[0], shared[1])[1:], shared[2])
+    else:
+        sh = None
+    return gu[:E, :I], gu[:E, I:], dn[:E], sh
+
+
+def _with_next(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
+    """The [E+1, ...] view of w's buffer whose last expert is s, when s is stored right after w's E experts."""
+    E = w.shape[0]
+    if (s.dim() != w.dim() - 1 or s.shape != w.shape[1:] or s.stride() != w.stride()[1:] or s.dtype != w.dtype
+            or s.device != w.device or E == 0):
+        return None
+    if s.data_ptr() != w.data_ptr() + E * w.stride(0) * w.element_size():
+        return None
+    if s.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
+        return None
+    return w.as_strided((E + 1, *w.shape[1:]), w.stride())
+
+
+def shared_as_expert(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
+    """(gate, up, down) views of E+1 experts whose last is the shared expert, when pack_moe stored it so; else None."""
+    if shared is None:
+        return None
+    views = tuple(_with_next(w, s) for w, s in zip((w_gate, w_up, w_down), shared))
+    return None if any(v is None for v in views) else views
 
 
 def _check(x, router_weight, w_gate, w_up, w_down, cfg: RouterConfig):
@@ -124,6 +184,13 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits x W^T. For many bf16 tokens on the GPU: three bf16 tensor-core GEMMs against the exact bf16 split
     of W (each product bf16 x bf16 is exact in fp32, sums accumulate in fp32), about 3x faster than the fp32 GEMM with
     errors of fp32-summation size; otherwise the plain fp32 GEMM."""
+    if x.is_cuda and x.dtype == router_weight.dtype == torch.bfloat16:
+        # bf16 weights (a bf16 model): bf16 products are exact in fp32, so one GEMM with fp32 accumulation and output
+        # is the fp32 GEMM of the upcast operands, without their two fp32 copies (a third of a decode step's router)
+        try:
+            return torch.mm(x, router_weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
     if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= ROUTER_SPLIT_MIN_TOKENS:
         try:
             hi, mid, lo = _router_split(router_weight)
@@ -137,20 +204,85 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor | None,
-          cfg: RouterConfig = RING_MINI_ROUTER):
-    """Router in fp32: logits = x W^T, then selection. Returns (ids int32 [N, k], weights fp32 [N, k])."""
+          cfg: RouterConfig = RING_MINI_ROUTER, append: int = -1):
+    """Router in fp32: logits = x W^T, then selection. Returns (ids int32 [N, k], weights fp32 [N, k]); append >= 0
+    adds a last column of expert `append` with weight 1 (the shared expert stored as expert E, pack_moe)."""
     logits = router_logits(x, router_weight)
+    N, k = x.shape[0], cfg.top_k + (append >= 0)
     if logits.is_cuda and _build.available():
-        N = x.shape[0]
-        ids = torch.empty(N, cfg.top_k, dtype=torch.int32, device=x.device)
-        w = torch.empty(N, cfg.top_k, dtype=torch.float32, device=x.device)
+        ids = torch.empty(N, k, dtype=torch.int32, device=x.device)
+        w = torch.empty(N, k, dtype=torch.float32, device=x.device)
         _build.extension().moe_route(
-            logits.contiguous(), None if expert_bias is None else expert_bias.float().contiguous(),
-            cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob, float(cfg.routed_scaling_factor), ids, w,
+            logits.contiguous(), _bias32(expert_bias), cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
+            float(cfg.routed_scaling_factor), append, ids, w,
         )
         return ids, w
-    ids, w = route_reference(logits, expert_bias, cfg)
-    return ids.to(torch.int32), w
+    ids, w, *_ = route_align_reference(logits, expert_bias, cfg, append, cfg.num_experts + (append >= 0))
+    return ids, w
+
+
+def route_align_small(logits: torch.Tensor, expert_bias: torch.Tensor | None, cfg: RouterConfig, append: int = -1,
+                      num_experts_out: int | None = None):
+    """Routing and the sort by expert of at most SMALL_ROUTE_MAX_TOKENS tokens in one launch (decode steps): see
+    route_align_reference (the twin, and the CPU path) for the outputs."""
+    N = logits.shape[0]
+    E_out = logits.shape[1] if num_experts_out is None else num_experts_out
+    if not (logits.is_cuda and _build.available()):
+        return route_align_reference(logits, expert_bias, cfg, append, E_out)
+    if N > SMALL_ROUTE_MAX_TOKENS:
+        raise ValueError(f"route_align_small: at most {SMALL_ROUTE_MAX_TOKENS} tokens, got {N}")
+    k = cfg.top_k + (append >= 0)
+    i32 = dict(dtype=torch.int32, device=logits.device)
+    ids, w = torch.empty(N, k, **i32), torch.empty(N, k, dtype=torch.float32, device=logits.device)
+    offsets, order, active = torch.empty(E_out + 1, **i32), torch.empty(N * k, **i32), torch.empty(E_out + 1, **i32)
+    _build.extension().moe_route_align_small(
+        logits.contiguous(), _bias32(expert_bias), cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
+        float(cfg.routed_scaling_factor), append, ids, w, offsets, order, active)
+    return ids, w, offsets, order, active
+
+
+_ROUTER_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def router_counter(device: torch.device) -> torch.Tensor | None:
+    """The arrival counter of moe_router_decode on `device` (zero between launches: the last block resets it), made on
+    first use. Made eagerly (the engine does at start-up): during a CUDA-graph capture a new tensor would hold
+    garbage until that graph first replays, so a capture without it falls back to the two-launch router. The kernel
+    assumes one router launch at a time per device (the engine's one stream)."""
+    device = torch.device(device)
+    c = _ROUTER_COUNTERS.get(device)
+    if c is None and not torch.cuda.is_current_stream_capturing():
+        c = _ROUTER_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return c
+
+
+def route_decode(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor | None, cfg: RouterConfig,
+                 append: int = -1, num_experts_out: int | None = None):
+    """A decode step's router: route_align_small's outputs for x [N <= SMALL_ROUTE_MAX_TOKENS, D]. With bf16 weights on
+    the GPU, one launch (moe_router_decode: the router GEMV over E/8 blocks, the last block routes and sorts);
+    otherwise router_logits, then route_align_small."""
+    N, D = x.shape
+    E = router_weight.shape[0]
+    E_out = E if num_experts_out is None else num_experts_out
+    fused = (x.is_cuda and _build.available() and x.dtype == router_weight.dtype == torch.bfloat16 and 0 < N
+             and N <= SMALL_ROUTE_MAX_TOKENS and D % 8 == 0 and N * D * 2 <= 48 * 1024 and x.is_contiguous()
+             and router_weight.is_contiguous() and x.data_ptr() % 16 == 0 and router_weight.data_ptr() % 16 == 0)
+    counter = router_counter(x.device) if fused else None
+    if counter is None:
+        return route_align_small(router_logits(x, router_weight), expert_bias, cfg, append, E_out)
+    k = cfg.top_k + (append >= 0)
+    i32 = dict(dtype=torch.int32, device=x.device)
+    logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
+    ids, w = torch.empty(N, k, **i32), torch.empty(N, k, dtype=torch.float32, device=x.device)
+    offsets, order, active = torch.empty(E_out + 1, **i32), torch.empty(N * k, **i32), torch.empty(E_out + 1, **i32)
+    _build.extension().moe_router_decode(
+        x, router_weight, _bias32(expert_bias), cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
+        float(cfg.routed_scaling_factor), append, logits, counter, ids, w, offsets, order, active)
+    return ids, w, offsets, order, active
+
+
+def _bias32(expert_bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if expert_bias is None else expert_bias.float().contiguous()
 
 
 def _kernel_shapes_ok(*sizes: int) -> bool:
@@ -226,16 +358,21 @@ def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(2) == 1 and w.stride(1) == w.shape[2] else w.contiguous()
 
 
-def _experts_decode(x, ids, w, w_gate, w_up, w_down, shared_h):
+def _experts_decode(x, routed, w_gate, w_up, w_down, shared_h):
+    """routed: (ids, w) from route, or (ids, w, offsets, order, active) from route_align_small."""
     ext = _build.extension()
     N, D = x.shape
+    ids, w = routed[:2]
     k = ids.shape[1]
     E, I = w_gate.shape[0], w_gate.shape[1]
     A = N * k
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=x.device)
-    order = torch.empty(A, dtype=torch.int32, device=x.device)
-    active = torch.empty(E + 1, dtype=torch.int32, device=x.device)
-    ext.moe_align(ids.reshape(-1).contiguous(), E, offsets, order, active)
+    if len(routed) == 5:
+        offsets, order, active = routed[2:]
+    else:
+        offsets = torch.empty(E + 1, dtype=torch.int32, device=x.device)
+        order = torch.empty(A, dtype=torch.int32, device=x.device)
+        active = torch.empty(E + 1, dtype=torch.int32, device=x.device)
+        ext.moe_align(ids.reshape(-1).contiguous(), E, offsets, order, active)
     h = torch.empty(A, I, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     ext.moe_experts_decode(x.contiguous(), _rows_contiguous(w_gate), _rows_contiguous(w_up), _rows_contiguous(w_down),
@@ -273,14 +410,16 @@ def _sort(ids: torch.Tensor, E: int):
     return offsets, ends, inv, tok
 
 
-def _experts_stream(x, ids, w, w_gate, w_up, w_down, shared_h):
+def _experts_stream(x, routed, w_gate, w_up, w_down, shared_h):
+    ids, w = routed
     offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
     h = stream_gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
     ys = stream_gemm(h, None, w_down, None, offsets)  # [A, D]
     return combine(ys, inv, w, shared_h, ids.shape[1])
 
 
-def _experts_grouped(x, ids, w, w_gate, w_up, w_down, shared_h):
+def _experts_grouped(x, routed, w_gate, w_up, w_down, shared_h):
+    ids, w = routed
     k = ids.shape[1]
     I = w_gate.shape[1]
     offsets, ends, inv, _ = _sort(ids, w_gate.shape[0])
@@ -323,15 +462,25 @@ def fused_moe(
         return moe_reference(x, router_weight, expert_bias, w_gate, w_up, w_down, shared, cfg).to(x.dtype)
     if N == 0:
         return x.new_empty(0, D)
-    ids, w = route(x, router_weight, expert_bias, cfg)
     if path == "auto":
         path = "decode" if N <= DECODE_MAX_TOKENS else "stream" if N <= STREAM_MAX_TOKENS else "grouped"
     if path == "decode" and I > DECODE_MAX_INTERMEDIATE:
         path = "stream"
+    E = w_gate.shape[0]
+    both = None
+    if (path == "decode" or (path == "stream" and N <= STREAM_FOLD_MAX_TOKENS)) and E < MAX_EXPERTS:
+        both = shared_as_expert(w_gate, w_up, w_down, shared)  # the shared expert as one more assignment
+    if both is not None:
+        w_gate, w_up, w_down = both
+    append = E if both is not None else -1
+    if path == "decode" and N <= SMALL_ROUTE_MAX_TOKENS:
+        routed = route_decode(x, router_weight, expert_bias, cfg, append, w_gate.shape[0])
+    else:
+        routed = route(x, router_weight, expert_bias, cfg, append)
     experts = {"decode": _experts_decode, "stream": _experts_stream, "grouped": _experts_grouped}[path]
-    return experts(x, ids, w, w_gate, w_up, w_down, _shared_hidden(x, shared))
+    return experts(x, routed, w_gate, w_up, w_down, None if both is not None else _shared_hidden(x, shared))
 
 
-__all__ = ["fused_moe", "route", "router_logits", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
-           "scatter_rows", "combine", "stream_gemm", "DECODE_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE", "RouterConfig",
+__all__ = ["fused_moe", "route", "route_align_small", "route_decode", "router_counter", "router_logits", "pack_moe", "shared_as_expert", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
+           "scatter_rows", "combine", "stream_gemm", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE", "RouterConfig",
            "RING_MINI_ROUTER"]

@@ -93,6 +93,27 @@ def sort_assignments_reference(ids: torch.Tensor, num_experts: int):
     return order, inv, offsets
 
 
+def route_align_reference(logits: torch.Tensor, expert_bias: torch.Tensor | None, cfg: RouterConfig, append: int = -1,
+                          num_experts_out: int | None = None):
+    """Twin of the CUDA moe_route_align_small: route_reference's selection, then (append >= 0) one more column of
+    expert `append` with weight 1, then the assignments sorted by expert. Returns (ids int32 [N, k'], weights fp32
+    [N, k'], offsets [E'+1] expert starts, sorted [A] assignment ids ascending inside each expert, active [E'+1]: the
+    experts with assignments ascending, their count last), E' = num_experts_out (default: the logits' experts)."""
+    ids, w = route_reference(logits, expert_bias, cfg)
+    N = ids.shape[0]
+    if append >= 0:
+        ids = torch.cat([ids, ids.new_full((N, 1), append)], 1)
+        w = torch.cat([w, w.new_ones(N, 1)], 1)
+    E_out = logits.shape[1] if num_experts_out is None else num_experts_out
+    order, _, offsets = sort_assignments_reference(ids, E_out)
+    counts = offsets[1:] - offsets[:-1]
+    used = torch.nonzero(counts > 0)[:, 0]
+    active = torch.zeros(E_out + 1, dtype=torch.int32, device=logits.device)
+    active[: used.numel()] = used.to(torch.int32)
+    active[E_out] = used.numel()
+    return ids.to(torch.int32), w, offsets.to(torch.int32), order.to(torch.int32), active
+
+
 def scatter_rows_reference(x: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
     """xs [N*k, D] with xs[inv[n*k + j]] = x[n]: the token rows in expert-sorted order. Twin of moe_scatter_rows."""
     xs = x.new_empty(inv.numel(), x.shape[1])
@@ -144,5 +165,5 @@ def experts_touched_bytes(ids: torch.Tensor, w_gate: torch.Tensor, w_down: torch
     return distinct * per_expert
 
 
-__all__ = ["RouterConfig", "RING_MINI_ROUTER", "route_reference", "swiglu_reference", "moe_reference", "experts_touched_bytes",
+__all__ = ["RouterConfig", "RING_MINI_ROUTER", "route_reference", "route_align_reference", "swiglu_reference", "moe_reference", "experts_touched_bytes",
            "sort_assignments_reference", "scatter_rows_reference", "swiglu_rows_reference", "combine_reference"]

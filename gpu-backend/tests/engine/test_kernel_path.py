@@ -204,24 +204,56 @@ def test_graphed_decode_matches_eager_decode_on_cuda(tiny_ckpt):
     assert graphed.runner.capture_decode_graphs() == len(graphed.runner.graphs.batch_sizes)
 
 
-def test_gate_up_packing_keeps_the_model(tiny_ckpt):
-    """The runner's MoE weight packing (gate and up as halves of one buffer, for one GEMM): parameters become views
-    of one buffer, values and the reference forward unchanged."""
+def test_moe_packing_keeps_the_model(tiny_ckpt):
+    """The runner's MoE weight packing (gate and up as halves of one buffer, for one GEMM; the shared expert stored as
+    expert E of the routed buffers, for the decode kernels): parameters become views of the buffers, values and the
+    reference forward unchanged, and packing twice is a no-op."""
     from ringlinear.checkpoint import load_model
-    from ringlinear.engine.runner import _pack_gate_up_weights
+    from ringlinear.engine.runner import _pack_moe_weights
 
     model = load_model(tiny_ckpt)
     ids = torch.tensor([random_prompt(20, 9)])
     before = model(ids)[0]
     moe = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts_gate_proj"))
-    g0, u0 = moe.experts_gate_proj.detach().clone(), moe.experts_up_proj.detach().clone()
-    _pack_gate_up_weights(model)
+    sh = moe.shared_experts
+    assert sh is not None, "the tiny checkpoint has a shared expert"
+    params = lambda: (moe.experts_gate_proj, moe.experts_up_proj, moe.experts_down_proj,  # noqa: E731
+                      sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+    old = [t.detach().clone() for t in params()]
+    _pack_moe_weights(model)
     assert K.moe.packed_gate_up(moe.experts_gate_proj, moe.experts_up_proj) is not None
-    assert torch.equal(moe.experts_gate_proj, g0) and torch.equal(moe.experts_up_proj, u0)
-    if moe.shared_experts is not None:
-        sh = moe.shared_experts
-        assert K.moe.packed_gate_up(sh.gate_proj.weight, sh.up_proj.weight) is not None
+    assert K.moe.packed_gate_up(sh.gate_proj.weight, sh.up_proj.weight) is not None
+    both = K.moe.shared_as_expert(*params()[:3], params()[3:])
+    assert both is not None and both[0].shape[0] == moe.experts_gate_proj.shape[0] + 1
+    assert torch.equal(both[2][-1], sh.down_proj.weight) and torch.equal(both[0][-1], sh.gate_proj.weight)
+    assert all(torch.equal(a, b) for a, b in zip(params(), old))
     assert torch.equal(model(ids)[0], before)
+    packed = [t.data_ptr() for t in params()]
+    _pack_moe_weights(model)
+    assert [t.data_ptr() for t in params()] == packed
+
+
+def test_qkv_gate_packing_keeps_the_model(tiny_ckpt):
+    """The lightning layers' qkv and gate projections stored as one buffer (one GEMM on the kernel path): views of it,
+    values and the reference forward unchanged, packing twice a no-op."""
+    from ringlinear.checkpoint import load_model
+    from ringlinear.engine.runner import _pack_qkv_gate_weights
+
+    model = load_model(tiny_ckpt)
+    ids = torch.tensor([random_prompt(20, 9)])
+    before = model(ids)[0]
+    l = model.config.linear_layers[0]
+    att = model.model.layers[l].attention
+    qkv0, g0 = att.query_key_value.weight.detach().clone(), att.g_proj.weight.detach().clone()
+    packed = _pack_qkv_gate_weights(model)
+    assert sorted(packed) == sorted(model.config.linear_layers)
+    both = packed[l]
+    assert both.shape == (qkv0.shape[0] + g0.shape[0], qkv0.shape[1])
+    assert att.query_key_value.weight.data_ptr() == both.data_ptr()
+    assert torch.equal(both[: qkv0.shape[0]], qkv0) and torch.equal(both[qkv0.shape[0]:], g0)
+    assert torch.equal(att.query_key_value.weight, qkv0) and torch.equal(att.g_proj.weight, g0)
+    assert torch.equal(model(ids)[0], before)
+    assert _pack_qkv_gate_weights(model)[l].data_ptr() == both.data_ptr()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

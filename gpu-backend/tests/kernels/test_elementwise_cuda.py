@@ -96,6 +96,29 @@ def test_prologue_matches_twin(case, in_dtype, out_dtype, N):
         assert torch.equal(got[2], want[2])  # v is a plain copy
 
 
+@pytest.mark.parametrize("N", [1, 37, 600])
+def test_prologue_writes_kv_cache_rows(N):
+    """kv_cache=(K, V, rows): k and v land in the cache rows (bitwise what the plain call gives), no other cache row
+    changes, q as in the plain call (the softmax layers' prologue + KV write in one kernel)."""
+    H, Hkv, d = 16, 4, 128
+    qkv, pos, qw, kw = _inputs(N, H, Hkv, d, torch.bfloat16, seed=N + 3)
+    args = dict(silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=64, rope_theta=THETA,
+                out_dtype=torch.bfloat16, norm_dtype=torch.bfloat16)
+    q, k, v = qkv_prologue(qkv, pos, H, Hkv, d, **args)
+    R = 2 * N + 5
+    rows = torch.randperm(R, device="cuda")[:N]
+    K = torch.full((R, Hkv, d), 7.0, dtype=torch.bfloat16, device="cuda")
+    V = torch.full_like(K, -3.0)
+    q2, K2, V2 = qkv_prologue(qkv, pos, H, Hkv, d, kv_cache=(K, V, rows), **args)
+    assert K2 is K and V2 is V and torch.equal(q2, q)
+    assert torch.equal(K[rows], k) and torch.equal(V[rows], v)
+    others = torch.ones(R, dtype=torch.bool, device="cuda")
+    others[rows] = False
+    assert (K[others] == 7).all() and (V[others] == -3).all()
+    with pytest.raises(ValueError, match="kv_cache"):
+        qkv_prologue(qkv, pos, H, Hkv, d, kv_cache=(K, V.float(), rows), **args)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 def test_prologue_bf16_norm_dtype(out_dtype, d):

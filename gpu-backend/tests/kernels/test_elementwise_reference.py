@@ -324,3 +324,22 @@ def test_add_rms_norm_validation(over, name):
     a.update(over)
     with pytest.raises(ValueError, match=name):
         add_rms_norm(**a)
+
+
+def test_prologue_kv_cache_rows_on_cpu():
+    """kv_cache=(K, V, rows) on the twin: k and v scattered to the rows, the caches returned, q unchanged."""
+    g = torch.Generator().manual_seed(4)
+    N, H, Hkv, d = 5, 4, 2, 64
+    qkv = torch.randn(N, (H + 2 * Hkv) * d, generator=g)
+    pos = torch.arange(N)
+    args = dict(silu=False, q_norm_weight=None, k_norm_weight=None, eps=1e-6, rotary_dim=32, rope_theta=1e4,
+                out_dtype=torch.float32)
+    q, k, v = qkv_prologue(qkv, pos, H, Hkv, d, **args)
+    K, V = torch.zeros(9, Hkv, d), torch.zeros(9, Hkv, d)
+    rows = torch.tensor([8, 0, 3, 5, 1])
+    q2, K2, V2 = qkv_prologue(qkv, pos, H, Hkv, d, kv_cache=(K, V, rows), **args)
+    assert K2 is K and V2 is V and torch.equal(q2, q)
+    assert torch.equal(K[rows], k) and torch.equal(V[rows], v)
+    assert not K[[2, 4, 6, 7]].any() and not V[[2, 4, 6, 7]].any()
+    with pytest.raises(ValueError, match="kv_cache rows"):
+        qkv_prologue(qkv, pos, H, Hkv, d, kv_cache=(K, V, rows[:3]), **args)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from ringlinear.kernels import _build
-from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SORT_BLOCK, combine, fused_moe, pack_gate_up, packed_gate_up,
-                                   route, router_logits, scatter_rows, stream_gemm, swiglu)
+from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SMALL_ROUTE_MAX_TOKENS, SORT_BLOCK, STREAM_FOLD_MAX_TOKENS,
+                                   combine, fused_moe, pack_gate_up, pack_moe, packed_gate_up, route, route_align_small,
+                                   route_decode, router_logits, scatter_rows, shared_as_expert, stream_gemm, swiglu)
 from ringlinear.kernels.moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference,
-                                              route_reference, scatter_rows_reference, sort_assignments_reference,
-                                              stream_gemm_reference, swiglu_rows_reference)
+                                              route_align_reference, route_reference, scatter_rows_reference,
+                                              sort_assignments_reference, stream_gemm_reference, swiglu_rows_reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,6 +42,115 @@ def test_route_kernel_matches_twin(cfg, N):
     ids_ref, w_ref = route_reference(x.float() @ wr.float().t(), bias, cfg)
     assert torch.equal(ids.long(), ids_ref)  # both sorted by biased score
     assert (w - w_ref).abs().max().item() < WEIGHT_ATOL
+
+
+# the one-block router's paths: warp-wide group scores (32-expert groups), the serial fallback, no group limit
+ROUTE_SMALL_CFGS = {"ring-mini": RING_MINI_ROUTER, "small": SMALL,
+                    "4x32-of-256-threads": RouterConfig(num_experts=128, top_k=4, n_group=4, topk_group=2),
+                    "unlimited": RouterConfig(num_experts=64, top_k=6, n_group=2, topk_group=2),
+                    "512-experts": RouterConfig(num_experts=512, top_k=8, n_group=16, topk_group=4)}
+
+
+@pytest.mark.parametrize("cfg", list(ROUTE_SMALL_CFGS.values()), ids=list(ROUTE_SMALL_CFGS))
+@pytest.mark.parametrize("N", [1, 2, 3, SMALL_ROUTE_MAX_TOKENS])
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared-appended"])
+def test_route_align_small_matches_twin_and_route_kernel(cfg, N, shared):
+    """The decode path's one-block routing + sort: the twin's experts, weights and sorted order, and the same
+    experts and bitwise the same weights as moe_route_kernel (the prefill/stream router)."""
+    torch.manual_seed(100 + N)
+    E, D = cfg.num_experts, 64
+    x = torch.randn(N, D, device="cuda")
+    wr = torch.randn(E, D, device="cuda") * 0.2
+    bias = torch.randn(E, device="cuda") * 0.05
+    append = E if shared else -1
+    logits = x @ wr.t()
+    ids, w, offsets, order, active = route_align_small(logits, bias, cfg, append, E + shared)
+    ids_r, w_r, off_r, order_r, active_r = route_align_reference(logits, bias, cfg, append, E + shared)
+    assert torch.equal(ids, ids_r) and torch.equal(offsets, off_r) and torch.equal(order, order_r)
+    used = int(active_r[-1])  # entries past the active experts are unspecified (the expert kernels stop at the count)
+    assert int(active[-1]) == used and torch.equal(active[:used], active_r[:used])
+    assert (w - w_r).abs().max().item() < WEIGHT_ATOL
+    ids_k, w_k = route(x, wr, bias, cfg, append)
+    assert torch.equal(ids, ids_k) and torch.equal(w, w_k)
+    if shared:
+        assert (ids[:, -1] == E).all() and (w[:, -1] == 1).all()
+
+
+@pytest.mark.parametrize("N", [1, 2, SMALL_ROUTE_MAX_TOKENS])
+@pytest.mark.parametrize("append", [-1, 256])
+def test_route_decode_one_launch(N, append):
+    """The decode router in one launch (bf16 GEMV over E/8 blocks, the last block routes and sorts) against its two-
+    launch twin; again and again (the arrival counter resets itself), and replayed from a CUDA graph."""
+    cfg = RING_MINI_ROUTER
+    g = torch.Generator(device="cuda").manual_seed(20 + N)
+    x = torch.randn(N, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    wr = (torch.randn(256, 2048, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(256, device="cuda", generator=g) * 0.01
+    E_out = 256 + (append >= 0)
+    want = route_align_small(router_logits(x, wr), bias, cfg, append, E_out)
+    used = int(want[4][-1])
+
+    def check(got):
+        ids, w, offsets, order, active = got
+        assert torch.equal(ids, want[0]) and torch.equal(offsets, want[2]) and torch.equal(order, want[3])
+        assert int(active[-1]) == used and torch.equal(active[:used], want[4][:used])
+        assert (w - want[1]).abs().max().item() < WEIGHT_ATOL
+
+    first = route_decode(x, wr, bias, cfg, append, E_out)
+    check(first)
+    for _ in range(3):
+        again = route_decode(x, wr, bias, cfg, append, E_out)
+        check(again)
+        assert torch.equal(again[1], first[1])  # bitwise the same weights every time
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        route_decode(x, wr, bias, cfg, append, E_out)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = route_decode(x, wr, bias, cfg, append, E_out)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out)
+
+
+def test_route_align_small_ties_and_nan_rows():
+    """Equal scores: the lower expert (and group) index wins in both routers, so they agree on exact ties; a row of
+    NaN logits still yields distinct in-range experts."""
+    cfg = RING_MINI_ROUTER
+    E = cfg.num_experts
+    g = torch.Generator(device="cuda").manual_seed(3)
+    base = torch.randn(4, E // 4, device="cuda", generator=g)
+    logits = base.repeat(1, 4).contiguous()  # every score appears 4 times, in 4 different groups
+    logits[1, 40:72] = 0.5  # a whole group tied
+    bias = torch.zeros(E, device="cuda")
+    ids, w, *_ = route_align_small(logits, bias, cfg)
+    ids_k = torch.empty_like(ids)
+    w_k = torch.empty_like(w)
+    _build.extension().moe_route(logits, bias, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
+                                 float(cfg.routed_scaling_factor), -1, ids_k, w_k)
+    assert torch.equal(ids, ids_k) and torch.equal(w, w_k)
+    nan = torch.full((1, E), float("nan"), device="cuda")
+    ids, w, offsets, order, active = route_align_small(nan, None, cfg, E, E + 1)
+    assert ids.min() >= 0 and ids.max() <= E and ids[0, :-1].unique().numel() == cfg.top_k
+    assert int(offsets[-1]) == cfg.top_k + 1 and sorted(order.tolist()) == list(range(cfg.top_k + 1))
+    with pytest.raises(ValueError, match="at most"):
+        route_align_small(torch.zeros(SMALL_ROUTE_MAX_TOKENS + 1, E, device="cuda"), None, cfg)
+
+
+def test_router_logits_bf16_weights_one_gemm():
+    """bf16 router weights (a bf16 model): one GEMM with fp32 accumulation, the fp32 GEMM of the upcast operands up
+    to the summation order."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    for N in (1, 5, 4096):
+        x = torch.randn(N, 2048, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(256, 2048, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        got = router_logits(x, w)
+        ref = x.double() @ w.double().t()
+        assert got.dtype == torch.float32 and got.shape == (N, 256)
+        assert (got.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
 # Split router GEMM vs the fp32 GEMM's own error against fp64. Tensor-core fp32 accumulation may truncate (2x the
@@ -156,7 +266,10 @@ def _moe_inputs(E, I, D, N, seed, packed=False):
     bias = torch.randn(E, device="cuda", generator=g) * 0.01
     wg, wu, wd = mk(E, I, D), mk(E, I, D), mk(E, D, I)
     sg, su, sd = mk(I, D), mk(I, D), mk(D, I)
-    if packed:
+    if packed == "moe":  # the engine's layout: + the shared expert stored as expert E
+        wg, wu, wd, (sg, su, sd) = pack_moe(wg, wu, wd, (sg, su, sd))
+        assert shared_as_expert(wg, wu, wd, (sg, su, sd)) is not None
+    elif packed:
         _, wg, wu = pack_gate_up(wg, wu)
         _, sg, su = pack_gate_up(sg, su)
         assert packed_gate_up(wg, wu) is not None and packed_gate_up(sg, su) is not None
@@ -174,7 +287,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("packed", [False, True, "moe"], ids=["unpacked", "packed", "moe-layout"])
 @pytest.mark.parametrize("with_shared", [True, False], ids=["shared", "no-shared"])
 @pytest.mark.parametrize("path", ["decode", "stream", "grouped"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -188,6 +301,28 @@ def test_fused_moe_matches_twin(path, shape, with_shared, packed):
     rel = ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item()
     assert rel < MOE_REL, rel
     assert torch.equal(y, fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path))  # deterministic, bitwise
+
+
+@pytest.mark.parametrize("path,N", [("decode", 1), ("decode", 2), ("decode", 9), ("stream", 3),
+                                    ("stream", STREAM_FOLD_MAX_TOKENS), ("stream", STREAM_FOLD_MAX_TOKENS + 1)])
+def test_shared_expert_as_expert_e(path, N):
+    """pack_moe's layout: the decode and small stream steps compute the shared expert in the routed experts'
+    launches (one more assignment of weight 1). Same result as the separate shared GEMMs up to their rounding (the
+    stream kernel rounds like the GEMMs, the decode kernel keeps gate and up in fp32), routed part unchanged."""
+    E, I, D, _, cfg = SHAPES["mini-1"]
+    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=70 + N)
+    wr = wr.to(torch.bfloat16)  # the engine's bf16 router: the decode path's one-launch router
+    pg, pu, pd, psh = pack_moe(wg, wu, wd, shared)
+    y_fold = fused_moe(x, wr, bias, pg, pu, pd, psh, cfg, path=path)
+    y_sep = fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path)
+    y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
+    for y in (y_fold, y_sep):
+        assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
+    # a few bf16 roundings apart (elementwise bounds fail where the routed and shared parts cancel)
+    assert ((y_fold.double() - y_sep.double()).norm() / y_sep.double().norm()).item() < BF16_STEP
+    # the routed part alone: the same kernels on the same weights (views of the packed buffers)
+    assert torch.equal(fused_moe(x, wr, bias, pg, pu, pd, None, cfg, path=path),
+                       fused_moe(x, wr, bias, wg, wu, wd, None, cfg, path=path))
 
 
 @pytest.mark.parametrize("I,D", [(128, 256), (264, 264), (1024, 256), (2048, 128)])
@@ -218,12 +353,13 @@ def test_many_tokens_per_expert_decode_passes():
     assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
 
 
-@pytest.mark.parametrize("path, shape, seed", [("decode", "mini-64", 11), ("stream", "mini-300", 14),
-                                               ("grouped", "mini-300", 12)])
-def test_path_captures_in_a_cuda_graph(path, shape, seed):
+@pytest.mark.parametrize("path, shape, seed, packed", [("decode", "mini-64", 11, True), ("stream", "mini-300", 14, True),
+                                                       ("grouped", "mini-300", 12, True), ("decode", "mini-1", 15, "moe"),
+                                                       ("stream", "mini-4", 16, "moe")])
+def test_path_captures_in_a_cuda_graph(path, shape, seed, packed):
     """Neither path synchronises with the host (capture would fail on one); the replay equals the eager result."""
     E, I, D, N, cfg = SHAPES[shape]
-    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=seed, packed=True)
+    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=seed, packed=packed)
     fn = lambda: fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path)  # noqa: E731
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

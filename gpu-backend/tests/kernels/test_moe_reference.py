@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ringlinear.kernels.moe import (_grouped_mm, fused_moe, pack_experts, pack_gate_up, packed_gate_up, route, router_logits,
-                                   split_bf16x3)
+from ringlinear.kernels.moe import (_grouped_mm, fused_moe, pack_experts, pack_gate_up, pack_moe, packed_gate_up, route,
+                                   route_align_small, router_logits, shared_as_expert, split_bf16x3)
 from ringlinear.kernels.moe_reference import (RouterConfig, combine_reference, experts_touched_bytes, moe_reference,
-                                              route_reference, sort_assignments_reference, stream_gemm_reference,
-                                              swiglu_rows_reference)
+                                              route_reference, sort_assignments_reference,
+                                              stream_gemm_reference, swiglu_rows_reference)
 
 SMALL = RouterConfig(num_experts=16, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
@@ -143,6 +143,59 @@ def test_packed_gate_up_rejects_other_layouts():
         pack_gate_up(gate, up[:, :2])
 
 
+@pytest.mark.parametrize("shared_I", [32, 48, None], ids=["same-size", "other-size", "none"])
+def test_pack_moe_layout(shared_I):
+    """pack_moe: routed gate/up halves of one buffer, down one buffer, the shared expert stored as expert E when it has
+    the experts' size (found again by shared_as_expert), else packed on its own; values unchanged."""
+    E, I, D = SMALL.num_experts, 32, 24
+    g = torch.Generator().manual_seed(12)
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    wg, wu, wd = mk(E, I, D), mk(E, I, D), mk(E, D, I)
+    shared = None if shared_I is None else (mk(shared_I, D), mk(shared_I, D), mk(D, shared_I))
+    pg, pu, pd, psh = pack_moe(wg, wu, wd, shared)
+    assert torch.equal(pg, wg) and torch.equal(pu, wu) and torch.equal(pd, wd)
+    assert packed_gate_up(pg, pu) is not None and pd.stride() == (D * I, I, 1)
+    if shared is None:
+        assert psh is None
+        return
+    assert all(torch.equal(a, b) for a, b in zip(psh, shared)) and packed_gate_up(psh[0], psh[1]) is not None
+    both = shared_as_expert(pg, pu, pd, psh)
+    if shared_I != I:
+        assert both is None
+        return
+    assert both is not None and [t.shape[0] for t in both] == [E + 1] * 3
+    assert all(torch.equal(t[:E], w) and torch.equal(t[E], sw) for t, w, sw in zip(both, (wg, wu, wd), shared))
+    assert shared_as_expert(wg, wu, wd, shared) is None  # separate tensors
+    assert shared_as_expert(pg, pu, pd, (psh[1], psh[0], psh[2])) is None  # gate and up swapped
+    assert shared_as_expert(pg[:-1], pu[:-1], pd[:-1], psh) is None  # not right after the experts
+
+
+def test_route_align_reference_sorts_by_expert():
+    """The decode router's twin: route_reference's experts (+ the appended column), the assignments grouped by
+    expert in ascending order, the active experts listed ascending with their count last."""
+    g = torch.Generator().manual_seed(13)
+    E, N = SMALL.num_experts, 3
+    logits, bias = torch.randn(N, E, generator=g), torch.randn(E, generator=g) * 0.1
+    ids_r, w_r = route_reference(logits, bias, SMALL)
+    for append in (-1, E):
+        E_out = E + (append >= 0)
+        ids, w, offsets, order, active = route_align_small(logits, bias, SMALL, append, E_out)  # CPU: the twin
+        k = SMALL.top_k + (append >= 0)
+        assert ids.shape == (N, k) and ids.dtype == torch.int32 and torch.equal(ids[:, :SMALL.top_k].long(), ids_r)
+        assert torch.allclose(w[:, :SMALL.top_k], w_r)
+        if append >= 0:
+            assert (ids[:, -1] == E).all() and (w[:, -1] == 1).all()
+        flat = ids.reshape(-1).tolist()
+        want = [a for e in range(E_out) for a in range(len(flat)) if flat[a] == e]
+        assert order.tolist() == want
+        counts = [flat.count(e) for e in range(E_out)]
+        assert offsets.tolist() == [sum(counts[:e]) for e in range(E_out + 1)]
+        used = [e for e in range(E_out) if counts[e]]
+        assert active[: len(used)].tolist() == used and int(active[E_out]) == len(used)
+        assert torch.equal(route(torch.eye(E), torch.eye(E), None, SMALL, append)[0][:, -1] == E,
+                           torch.full((E,), append >= 0))
+
+
 def test_fused_moe_cpu_fallback_accepts_packed_views():
     E, I, D, N = SMALL.num_experts, 32, 24, 5
     wr, bias, wg, wu, wd, shared = _weights(E, I, D, 8)
@@ -252,7 +305,7 @@ def test_grouped_path_orchestration_matches_twin_on_cpu(monkeypatch, packed, wit
         pg, pu, run_shared = wg, wu, shared
     ids, w = route(x, wr, bias, SMALL)
     shared_h = M._shared_hidden(x, run_shared) if with_shared else None
-    y = M._experts_grouped(x, ids, w, pg, pu, wd, shared_h)
+    y = M._experts_grouped(x, (ids, w), pg, pu, wd, shared_h)
     want = moe_reference(x, wr, bias, wg, wu, wd, shared if with_shared else None, SMALL)
     assert y.shape == (N, D) and y.dtype == torch.bfloat16  # combine writes bf16 (x's dtype on the kernel path)
     assert torch.allclose(y.float(), want, rtol=2.0**-8, atol=1e-6)  # fp32 math, one final bf16 rounding (2^-9 rel)

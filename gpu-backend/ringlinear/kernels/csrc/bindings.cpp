@@ -11,8 +11,16 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
                        const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit);
 void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
-               int64_t topk, bool renormalize, double scaling, at::Tensor& ids, at::Tensor& weights);
+               int64_t topk, bool renormalize, double scaling, int64_t append, at::Tensor& ids, at::Tensor& weights);
+void moe_route_align_small(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group,
+                           int64_t topk_group, int64_t topk, bool renormalize, double scaling, int64_t append,
+                           at::Tensor& ids, at::Tensor& weights, at::Tensor& offsets, at::Tensor& sorted,
+                           at::Tensor& active);
 void moe_align(const at::Tensor& ids, int64_t E, at::Tensor& offsets, at::Tensor& sorted, at::Tensor& active);
+void moe_router_decode(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n_group,
+                       int64_t topk_group, int64_t topk, bool renormalize, double scaling, int64_t append,
+                       at::Tensor& logits, at::Tensor& counter, at::Tensor& ids, at::Tensor& weights,
+                       at::Tensor& offsets, at::Tensor& sorted, at::Tensor& active);
 void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
                         const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& active,
                         const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y);
@@ -31,7 +39,8 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
                   const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
                   bool silu, int64_t norm_code, double eps, int64_t rot, double theta,
-                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab);
+                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab,
+                  const c10::optional<at::Tensor>& kv_rows);
 void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
                          int64_t groups, double eps);
 void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
@@ -43,6 +52,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lightning_prefill", &ringlinear::lightning_prefill, "lightning varlen prefill (three passes)");
   m.def("moe_route", &ringlinear::moe_route, "sigmoid group-limited top-k routing");
   m.def("moe_align", &ringlinear::moe_align, "sort assignments by expert");
+  m.def("moe_route_align_small", &ringlinear::moe_route_align_small,
+        "routing + sort by expert of a few tokens in one block (decode path)");
+  m.def("moe_router_decode", &ringlinear::moe_router_decode,
+        "bf16 router GEMV + routing + sort of a few tokens in one launch (decode path)");
   m.def("moe_experts_decode", &ringlinear::moe_experts_decode, "selected-expert SwiGLU (decode path)");
   m.def("moe_sort", &ringlinear::moe_sort, "stable multi-block sort of assignments by expert (grouped path)");
   m.def("moe_stream_gemm", &ringlinear::moe_stream_gemm, "weight-streaming grouped GEMM, few rows per expert (+ SwiGLU)");

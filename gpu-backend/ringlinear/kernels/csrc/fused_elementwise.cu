@@ -105,7 +105,8 @@ template <typename Tin, typename Tout, int D>
 __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
     qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, int N, const int64_t* __restrict__ positions,
                         const float* __restrict__ q_w, const float* __restrict__ k_w, Tout* __restrict__ q_out,
-                        Tout* __restrict__ k_out, Tout* __restrict__ v_out, int Hq, int Hkv, int silu, int norm_code,
+                        Tout* __restrict__ k_out, Tout* __restrict__ v_out, const int64_t* __restrict__ kv_rows,
+                        int Hq, int Hkv, int silu, int norm_code,
                         float eps, int rot, double theta, const float* __restrict__ cos_tab,
                         const float* __restrict__ sin_tab) {
   constexpr int V = 16 / sizeof(Tin);
@@ -225,9 +226,10 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
         }
 
         if (h < H) {
+          const int64_t kv_row = kv_rows != nullptr ? kv_rows[n] : n;  // k/v straight into their KV-cache rows
           Tout* dst = is_q ? q_out + ((int64_t)n * Hq + h) * D
-                           : (is_k ? k_out + ((int64_t)n * Hkv + (h - Hq)) * D
-                                   : v_out + ((int64_t)n * Hkv + (h - Hq - Hkv)) * D);
+                           : (is_k ? k_out + (kv_row * Hkv + (h - Hq)) * D
+                                   : v_out + (kv_row * Hkv + (h - Hq - Hkv)) * D);
           store<Tout, V>(dst + sub * V, f);
         }
       }
@@ -397,11 +399,19 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
                   const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
                   bool silu, int64_t norm_code, double eps, int64_t rot, double theta,
-                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab) {
+                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab,
+                  const c10::optional<at::Tensor>& kv_rows) {
   RL_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
   const int64_t N = q_out.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
   RL_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && v_out.is_contiguous(), "qkv_prologue: outputs must be contiguous");
-  RL_CHECK(k_out.sizes() == v_out.sizes() && k_out.size(0) == N && k_out.size(2) == D, "qkv_prologue: k/v output shapes");
+  // with kv_rows, k_out / v_out are KV caches [rows, Hkv, d] and token n's k/v go to row kv_rows[n] (the caller keeps
+  // the rows in range, as for the index_put this replaces)
+  RL_CHECK(k_out.sizes() == v_out.sizes() && (kv_rows ? k_out.size(0) >= 1 : k_out.size(0) == N) && k_out.size(2) == D,
+           "qkv_prologue: k/v output shapes");
+  if (kv_rows) {
+    RL_CHECK(kv_rows->scalar_type() == at::kLong && kv_rows->is_contiguous() && kv_rows->numel() == N,
+             "qkv_prologue: kv_rows must be contiguous int64 [N]");
+  }
   RL_CHECK(qkv.dim() == 2 && qkv.size(0) == N && qkv.size(1) == (Hq + 2 * Hkv) * D && qkv.stride(1) == 1,
               "qkv_prologue: qkv must be [N, (Hq + 2 Hkv) d] with unit column stride");
   RL_CHECK(aligned16(qkv) && (qkv.stride(0) * qkv.element_size()) % 16 == 0, "qkv_prologue: qkv rows must be 16-byte aligned");
@@ -442,7 +452,8 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
             reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N, positions.data_ptr<int64_t>(),
             q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
             reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
-            reinterpret_cast<Tout*>(v_out.data_ptr()), (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
+            reinterpret_cast<Tout*>(v_out.data_ptr()), kv_rows ? kv_rows->data_ptr<int64_t>() : nullptr,
+            (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
             (int)rot, theta, cos_tab ? cos_tab->data_ptr<float>() : nullptr,
             sin_tab ? sin_tab->data_ptr<float>() : nullptr);
       };

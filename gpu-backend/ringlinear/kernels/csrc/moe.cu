@@ -25,10 +25,12 @@ namespace ringlinear {
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kRouteWarps = 4;
 
+// ids / weights rows hold topk + (append >= 0) entries: with append >= 0 the last one is expert `append` with weight 1
+// (the shared expert stored as one more expert, see moe.pack_moe).
 __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(const float* __restrict__ logits, const float* __restrict__ bias,
                                                              int N, int E, int n_group, int topk_group, int topk,
-                                                             bool renormalize, float scaling, int32_t* __restrict__ ids,
-                                                             float* __restrict__ weights) {
+                                                             bool renormalize, float scaling, int append,
+                                                             int32_t* __restrict__ ids, float* __restrict__ weights) {
   extern __shared__ float rsm[];
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kRouteWarps + w;
@@ -47,8 +49,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(const float
     float gscore = -INFINITY;
     if (lane < n_group) {
       float m1 = -INFINITY, m2 = -INFINITY;
-      for (int e = lane * gs; e < (lane + 1) * gs; ++e) {
-        const float x = bs[e];
+      for (int i = 0; i < gs; ++i) {  // rotated start: lane l reads bank (l * gs + i + l) % 32, not all one bank
+        const float x = bs[lane * gs + (i + lane) % gs];
         if (x > m1) { m2 = m1; m1 = x; } else if (x > m2) { m2 = x; }
       }
       gscore = m1 + m2;
@@ -96,9 +98,14 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(const float
   }
   if (lane == 0) {
     const float norm = renormalize ? scaling / (sum + 1e-20f) : scaling;
+    const int kout = topk + (append >= 0);
     for (int r = 0; r < topk; ++r) {
-      ids[(int64_t)n * topk + r] = sel_i[r];
-      weights[(int64_t)n * topk + r] = sel_w[r] * norm;
+      ids[(int64_t)n * kout + r] = sel_i[r];
+      weights[(int64_t)n * kout + r] = sel_w[r] * norm;
+    }
+    if (append >= 0) {
+      ids[(int64_t)n * kout + topk] = append;
+      weights[(int64_t)n * kout + topk] = 1.f;
     }
   }
 }
@@ -138,14 +145,29 @@ __global__ void __launch_bounds__(1024) moe_align_kernel(const int32_t* __restri
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Decode-path experts: weight-streaming GEMV over the assignments of one expert (MT tokens per pass)
-// ---------------------------------------------------------------------------------------------------------------
-constexpr int kMoeWarps = 8;
-constexpr int kMoeMT = 8;          // assignments per pass (activations held in shared memory)
-constexpr int kGateUpRowsPerWarp = 2;
-constexpr int kMoeDownMaxI = 32 * 8 * 8;  // down kernel: a lane holds at most 8 16-byte chunks of a weight row
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32, <= 1024); total = the block's sum.
+RL_DEVICE int block_exclusive_scan(int v, int* warp_tot, int& total) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_tot[w] = x;
+  __syncthreads();
+  int base = 0;
+  total = 0;
+  for (int i = 0; i < nw; ++i) {
+    const int t = warp_tot[i];
+    base += i < w ? t : 0;
+    total += t;
+  }
+  __syncthreads();  // warp_tot may be reused
+  return base + x - v;
+}
 
+// fp32 dot product of 8 bf16 pairs (one 16-byte load of each side), accumulated into acc.
 RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
   const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
   const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
@@ -157,6 +179,249 @@ RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
     acc = fmaf(a.y, b.y, acc);
   }
 }
+
+// Decode steps (a few tokens): moe_route_kernel's selection and moe_align_kernel's sort in one launch of one block
+// (each was ~5-10 us of a 1-token step for a few hundred cycles of work: one warp walking the experts serially).
+// Selection by ranks: expert e is picked r-th when r experts beat it (higher biased score, or equal and lower index) -
+// the order moe_route_kernel's argmax rounds give, so both kernels pick the same experts with the same weights
+// (the weight sum is taken in the same pick order). NaN scores rank last. The sort is deterministic: an expert's
+// assignments in ascending order, the active experts ascending.
+constexpr int kSmallRouteThreads = 256;
+constexpr int kSmallRouteMaxTokens = 4;
+constexpr int kSmallRouteMaxK = 33;  // top-k <= 32, + the appended shared expert
+
+struct SmallRouteArgs {
+  const float* bias;
+  int N, E, n_group, topk_group, topk;
+  bool renormalize;
+  float scaling;
+  int append, E_out;
+  int32_t* ids; float* weights; int32_t* offsets; int32_t* sorted; int32_t* active;
+};
+
+// The whole routing + sort of a.N tokens by one block; logits [N, E] fp32 (read through L2: another block may have
+// just written them).
+RL_DEVICE void route_align_block(const float* logits, const SmallRouteArgs& a) {
+  const float* __restrict__ bias = a.bias;
+  const int N = a.N, E = a.E, n_group = a.n_group, topk_group = a.topk_group, topk = a.topk, append = a.append;
+  const int E_out = a.E_out;
+  const bool renormalize = a.renormalize;
+  const float scaling = a.scaling;
+  int32_t* __restrict__ ids = a.ids;
+  float* __restrict__ weights = a.weights;
+  int32_t* __restrict__ offsets = a.offsets;
+  int32_t* __restrict__ sorted = a.sorted;
+  int32_t* __restrict__ active = a.active;
+  __shared__ float sc[kMaxExperts];
+  __shared__ __align__(16) float bs[kMaxExperts];  // biased scores (selection only); read as float4 by the rank loop
+  __shared__ int cnt[kMaxExperts + 1];
+  __shared__ float gscore[32];
+  __shared__ int kept[32];  // the kept groups, best first
+  __shared__ float sel_w[32];
+  __shared__ int sel_i[32];
+  __shared__ int aid[kSmallRouteMaxTokens * kSmallRouteMaxK];
+  __shared__ int warp_tot[kSmallRouteThreads / 32];
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
+  const int kout = topk + (append >= 0), gs = E / n_group;
+  const bool limited = topk_group < n_group;
+  const bool warp_groups = gs == 32 && E <= nt;  // Ring's 8 x 32: warp w holds group w, one expert per thread
+  for (int n = 0; n < N; ++n) {
+    const float* lg = logits + (int64_t)n * E;
+    float b_own = -INFINITY;
+    for (int e = tid; e < E; e += nt) {
+      const float p = 1.f / (1.f + expf(-__ldcg(lg + e)));
+      const float b = p + (bias != nullptr ? bias[e] : 0.f);
+      sc[e] = p;
+      bs[e] = b_own = isnan(b) ? -INFINITY : b;
+    }
+    if (limited && warp_groups) {  // group score = the sum of its two best (a tie counts twice), by shuffles
+      float m1 = b_own;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+      float m2 = b_own == m1 ? -INFINITY : b_own;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m2 = fmaxf(m2, __shfl_xor_sync(0xffffffffu, m2, o));
+      if (__popc(__ballot_sync(0xffffffffu, b_own == m1)) > 1) m2 = m1;
+      if (lane == 0 && tid < E) gscore[tid >> 5] = m1 + m2;
+    }
+    __syncthreads();
+    if (limited && !warp_groups && tid < n_group) {
+      float m1 = -INFINITY, m2 = -INFINITY;
+      for (int i = 0, e = tid * gs + tid % gs; i < gs; ++i) {  // rotated start: distinct banks across threads
+        const float x = bs[e];
+        if (x > m1) { m2 = m1; m1 = x; } else if (x > m2) { m2 = x; }
+        if (++e == (tid + 1) * gs) e = tid * gs;
+      }
+      gscore[tid] = m1 + m2;
+    }
+    if (limited && !warp_groups) __syncthreads();
+    if (tid < n_group) {  // group tid's place among the groups (ties: the lower index first)
+      int rank = tid;
+      if (limited) {
+        const float s = gscore[tid];
+        rank = 0;
+        for (int g2 = 0; g2 < n_group; ++g2) {
+          const float o = gscore[g2];
+          rank += (o > s) || (o == s && g2 < tid);
+        }
+      }
+      if (rank < topk_group) kept[rank] = tid;
+    }
+    __syncthreads();
+    // Expert e's place among the kept groups' experts (the others are never picked).
+    const int n_kept = limited ? topk_group : n_group;
+    for (int e = tid; e < E; e += nt) {
+      const int g = e / gs;
+      bool mine = !limited;
+      for (int j = 0; j < n_kept && !mine; ++j) mine = kept[j] == g;
+      if (!mine) continue;
+      const float s = bs[e];
+      int rank = 0;
+      for (int j = 0; j < n_kept; ++j) {
+        const int e0 = kept[j] * gs;
+        if (gs % 4 == 0) {
+          for (int e2 = e0; e2 < e0 + gs; e2 += 4) {
+            const float4 o = *reinterpret_cast<const float4*>(bs + e2);
+            rank += (o.x > s) || (o.x == s && e2 < e);
+            rank += (o.y > s) || (o.y == s && e2 + 1 < e);
+            rank += (o.z > s) || (o.z == s && e2 + 2 < e);
+            rank += (o.w > s) || (o.w == s && e2 + 3 < e);
+          }
+        } else {
+          for (int e2 = e0; e2 < e0 + gs; ++e2) {
+            const float o = bs[e2];
+            rank += (o > s) || (o == s && e2 < e);
+          }
+        }
+      }
+      if (rank < topk) { sel_i[rank] = e; sel_w[rank] = sc[e]; }
+    }
+    __syncthreads();
+    if (tid < 32) {  // warp 0: the weight sum in pick order (as moe_route_kernel), then one entry per lane
+      float sum = 0.f;
+      for (int r = 0; r < topk; ++r) sum += sel_w[r];
+      const float norm = renormalize ? scaling / (sum + 1e-20f) : scaling;
+      if (lane < topk) {
+        ids[(int64_t)n * kout + lane] = aid[n * kout + lane] = sel_i[lane];
+        weights[(int64_t)n * kout + lane] = sel_w[lane] * norm;
+      }
+      if (append >= 0 && lane == 0) {
+        ids[(int64_t)n * kout + topk] = aid[n * kout + topk] = append;
+        weights[(int64_t)n * kout + topk] = 1.f;
+      }
+    }
+    __syncthreads();
+  }
+  // The sort (moe_align_kernel's outputs): counts, then one scan gives both the experts' starts (low 16 bits) and
+  // the active experts' places (high 16 bits); each thread owns a run of `per` consecutive experts.
+  const int A = N * kout;
+  for (int e = tid; e <= E_out; e += nt) cnt[e] = 0;
+  __syncthreads();
+  for (int a = tid; a < A; a += nt) atomicAdd(&cnt[aid[a]], 1);
+  __syncthreads();
+  const int per = (E_out + nt - 1) / nt, e0 = tid * per;
+  int rows = 0, used = 0;
+  for (int i = 0; i < per; ++i) {
+    const int e = e0 + i;
+    if (e < E_out) { rows += cnt[e]; used += cnt[e] > 0; }
+  }
+  int total;
+  const int ex = block_exclusive_scan(rows | (used << 16), warp_tot, total);
+  int run = ex & 0xffff, place = ex >> 16;
+  for (int i = 0; i < per; ++i) {
+    const int e = e0 + i;
+    if (e < E_out) {
+      const int c = cnt[e];
+      offsets[e] = run;
+      cnt[e] = run;  // from here: the expert's first row
+      if (c > 0) active[place++] = e;
+      run += c;
+    }
+  }
+  if (tid == 0) {
+    offsets[E_out] = total & 0xffff;
+    active[E_out] = total >> 16;
+  }
+  __syncthreads();
+  for (int a = tid; a < A; a += nt) {
+    const int e = aid[a];
+    int pos = cnt[e];
+    for (int a2 = 0; a2 < a; ++a2) pos += aid[a2] == e;
+    sorted[pos] = a;
+  }
+}
+
+__global__ void __launch_bounds__(kSmallRouteThreads) moe_route_align_small_kernel(const float* __restrict__ logits,
+                                                                                   SmallRouteArgs a) {
+  route_align_block(logits, a);
+}
+
+// A decode step's whole router in one launch: the bf16 router GEMV x W^T (fp32 accumulation: bf16 products are exact,
+// as in the fp32 GEMM of the upcast operands) spread over E/8 blocks, one warp per expert row; the last block to finish
+// (a counter, reset by that block for the next launch) routes and sorts. For N <= kSmallRouteMaxTokens tokens.
+constexpr int kRouterRowsPerBlock = kSmallRouteThreads / 32;
+
+__global__ void __launch_bounds__(kSmallRouteThreads) moe_router_decode_kernel(
+    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, int D, float* __restrict__ logits,
+    int* __restrict__ counter, SmallRouteArgs a) {
+  extern __shared__ __align__(16) __nv_bfloat16 xs_router[];  // [N, D]
+  constexpr int kChunks = 8;  // 16-byte chunks of the warp's weight row per lane in flight
+  const int N = a.N, E = a.E, D8 = D / 8;
+  const int lane = threadIdx.x & 31, e = blockIdx.x * kRouterRowsPerBlock + (threadIdx.x >> 5);
+  const uint4* row = reinterpret_cast<const uint4*>(w + (int64_t)min(e, E - 1) * D);
+  uint4 wv[kChunks];
+  auto load = [&](int base) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = base + lane + 32 * i;
+      wv[i] = c < D8 ? __ldg(row + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load(0);  // the weights' latency overlaps the staging of x
+  for (int i = threadIdx.x; i < N * D8; i += blockDim.x)
+    reinterpret_cast<uint4*>(xs_router)[i] = reinterpret_cast<const uint4*>(x)[i];
+  __syncthreads();
+  float acc[kSmallRouteMaxTokens] = {0.f, 0.f, 0.f, 0.f};
+  for (int base = 0; base < D8; base += 32 * kChunks) {
+    if (base > 0) load(base);
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = base + lane + 32 * i;
+      if (c < D8) {
+#pragma unroll
+        for (int n = 0; n < kSmallRouteMaxTokens; ++n)
+          if (n < N) dot8_acc(acc[n], wv[i], reinterpret_cast<const uint4*>(xs_router + n * D)[c]);
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kSmallRouteMaxTokens; ++n) {
+    if (n < N) {
+      const float v = warp_sum(acc[n]);
+      if (lane == 0 && e < E) logits[(int64_t)n * E + e] = v;
+    }
+  }
+  __shared__ bool last;
+  __threadfence();  // this block's logits are visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    if (last) *counter = 0;  // every block has arrived: ready for the next launch (graph replays included)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  route_align_block(logits, a);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode-path experts: weight-streaming GEMV over the assignments of one expert (MT tokens per pass)
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kMoeWarps = 8;
+constexpr int kMoeMT = 8;          // assignments per pass (activations held in shared memory)
+constexpr int kGateUpRowsPerWarp = 2;
+constexpr int kMoeDownMaxI = 32 * 8 * 8;  // down kernel: a lane holds at most 8 16-byte chunks of a weight row
+
 
 // x: [N, Dm] bf16; wg, wu: [E, I, Dm] with rows of Dm contiguous and expert strides sg, su; h: [A, I] bf16
 // (row = sorted position). grid.y walks the active experts.
@@ -523,7 +788,7 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__
 // Host entry points
 // ---------------------------------------------------------------------------------------------------------------
 void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
-               int64_t topk, bool renormalize, double scaling, at::Tensor& ids, at::Tensor& weights) {
+               int64_t topk, bool renormalize, double scaling, int64_t append, at::Tensor& ids, at::Tensor& weights) {
   RL_CHECK(logits.is_contiguous() && logits.scalar_type() == at::kFloat, "moe_route: logits must be contiguous fp32");
   const int N = logits.size(0), E = logits.size(1);
   RL_CHECK(topk >= 1 && topk <= 32, "moe_route: top-k must be in 1..32");
@@ -535,7 +800,72 @@ void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, 
     C10_CUDA_CHECK(cudaFuncSetAttribute(moe_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   moe_route_kernel<<<(N + kRouteWarps - 1) / kRouteWarps, kRouteWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
       logits.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, N, E, (int)n_group, (int)topk_group, (int)topk,
-      renormalize, (float)scaling, ids.data_ptr<int32_t>(), weights.data_ptr<float>());
+      renormalize, (float)scaling, (int)append, ids.data_ptr<int32_t>(), weights.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+static SmallRouteArgs small_route_args(const c10::optional<at::Tensor>& bias, int N, int E, int64_t n_group,
+                                       int64_t topk_group, int64_t topk, bool renormalize, double scaling, int64_t append,
+                                       at::Tensor& ids, at::Tensor& weights, at::Tensor& offsets, at::Tensor& sorted,
+                                       at::Tensor& active) {
+  const int E_out = offsets.numel() - 1, kout = topk + (append >= 0);
+  RL_CHECK(N <= kSmallRouteMaxTokens, "moe_route_align_small: at most ", kSmallRouteMaxTokens, " tokens, got ", N);
+  RL_CHECK(topk >= 1 && topk <= 32, "moe_route_align_small: top-k must be in 1..32");
+  RL_CHECK(n_group >= 1 && n_group <= 32 && E % n_group == 0, "moe_route_align_small: n_group must divide the experts and be <= 32");
+  RL_CHECK(E % 4 == 0 && E <= kMaxExperts && E_out >= E && E_out <= kMaxExperts,
+           "moe_route_align_small: experts must be a multiple of 4, at most ", kMaxExperts);
+  RL_CHECK(append < E_out, "moe_route_align_small: the appended expert must be below offsets' length - 1");
+  RL_CHECK(ids.numel() == (int64_t)N * kout && weights.numel() == ids.numel() && sorted.numel() == ids.numel() &&
+               active.numel() == E_out + 1,
+           "moe_route_align_small: ids/weights/sorted need N*(topk (+1)) entries and active E_out+1");
+  for (const at::Tensor* t : {&ids, &offsets, &sorted, &active})
+    RL_CHECK(t->is_contiguous() && t->scalar_type() == at::kInt, "moe_route_align_small: ids/offsets/sorted/active must be contiguous int32");
+  RL_CHECK(weights.is_contiguous() && weights.scalar_type() == at::kFloat, "moe_route_align_small: weights must be contiguous fp32");
+  if (bias) RL_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == E, "moe_route_align_small: bias must be fp32 [E]");
+  return SmallRouteArgs{bias ? bias->data_ptr<float>() : nullptr, N, E, (int)n_group, (int)topk_group, (int)topk,
+                        renormalize, (float)scaling, (int)append, E_out, ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
+                        offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), active.data_ptr<int32_t>()};
+}
+
+void moe_route_align_small(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group,
+                           int64_t topk_group, int64_t topk, bool renormalize, double scaling, int64_t append,
+                           at::Tensor& ids, at::Tensor& weights, at::Tensor& offsets, at::Tensor& sorted,
+                           at::Tensor& active) {
+  RL_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+           "moe_route_align_small: logits must be contiguous fp32 [N, E]");
+  const int N = logits.size(0), E = logits.size(1);
+  (void)small_route_args(bias, N, E, n_group, topk_group, topk, renormalize, scaling, append, ids, weights, offsets,
+                         sorted, active);
+  const at::cuda::CUDAGuard guard(logits.device());
+  moe_route_align_small_kernel<<<1, kSmallRouteThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      logits.data_ptr<float>(), small_route_args(bias, N, E, n_group, topk_group, topk, renormalize, scaling, append,
+                                                 ids, weights, offsets, sorted, active));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void moe_router_decode(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n_group,
+                       int64_t topk_group, int64_t topk, bool renormalize, double scaling, int64_t append,
+                       at::Tensor& logits, at::Tensor& counter, at::Tensor& ids, at::Tensor& weights,
+                       at::Tensor& offsets, at::Tensor& sorted, at::Tensor& active) {
+  RL_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "moe_router_decode: x must be contiguous bf16 [N, D]");
+  RL_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(1) == x.size(1),
+           "moe_router_decode: the router weight must be contiguous bf16 [E, D]");
+  const int N = x.size(0), D = x.size(1), E = w.size(0);
+  RL_CHECK(D % 8 == 0 && (int64_t)N * D * 2 <= 48 * 1024, "moe_router_decode: D must be a multiple of 8, N*D*2 <= 48 KB");
+  RL_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+           "moe_router_decode: x and the router weight must be 16-byte aligned");
+  RL_CHECK(logits.is_contiguous() && logits.scalar_type() == at::kFloat && logits.numel() == (int64_t)N * E,
+           "moe_router_decode: logits workspace must be fp32 [N, E]");
+  RL_CHECK(counter.is_contiguous() && counter.scalar_type() == at::kInt && counter.numel() >= 1,
+           "moe_router_decode: counter must be an int32 tensor (zero between launches)");
+  const SmallRouteArgs a = small_route_args(bias, N, E, n_group, topk_group, topk, renormalize, scaling, append, ids,
+                                            weights, offsets, sorted, active);
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(x.device());
+  const int blocks = (E + kRouterRowsPerBlock - 1) / kRouterRowsPerBlock;
+  moe_router_decode_kernel<<<blocks, kSmallRouteThreads, N * D * 2, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), D,
+      logits.data_ptr<float>(), counter.data_ptr<int32_t>(), a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
