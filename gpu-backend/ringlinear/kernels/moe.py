@@ -181,9 +181,10 @@ def _router_split(w: torch.Tensor):
 
 
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits x W^T. For many bf16 tokens on the GPU: three bf16 tensor-core GEMMs against the exact bf16 split
-    of W (each product bf16 x bf16 is exact in fp32, sums accumulate in fp32), about 3x faster than the fp32 GEMM with
-    errors of fp32-summation size; otherwise the plain fp32 GEMM."""
+    """fp32 logits x W^T. bf16 x and W on the GPU: one bf16 GEMM with fp32 accumulation and output. fp32 W and many
+    bf16 tokens: three bf16 tensor-core GEMMs against the exact bf16 split of W (each product bf16 x bf16 is exact in
+    fp32, sums accumulate in fp32), about 3x faster than the fp32 GEMM with errors of fp32-summation size; otherwise
+    the plain fp32 GEMM."""
     if x.is_cuda and x.dtype == router_weight.dtype == torch.bfloat16:
         # bf16 weights (a bf16 model): bf16 products are exact in fp32, so one GEMM with fp32 accumulation and output
         # is the fp32 GEMM of the upcast operands, without their two fp32 copies (a third of a decode step's router)
@@ -231,14 +232,18 @@ def route_align_small(logits: torch.Tensor, expert_bias: torch.Tensor | None, cf
         return route_align_reference(logits, expert_bias, cfg, append, E_out)
     if N > SMALL_ROUTE_MAX_TOKENS:
         raise ValueError(f"route_align_small: at most {SMALL_ROUTE_MAX_TOKENS} tokens, got {N}")
-    k = cfg.top_k + (append >= 0)
-    i32 = dict(dtype=torch.int32, device=logits.device)
-    ids, w = torch.empty(N, k, **i32), torch.empty(N, k, dtype=torch.float32, device=logits.device)
-    offsets, order, active = torch.empty(E_out + 1, **i32), torch.empty(N * k, **i32), torch.empty(E_out + 1, **i32)
+    out = _routed_outputs(N, cfg.top_k + (append >= 0), E_out, logits.device)
     _build.extension().moe_route_align_small(
         logits.contiguous(), _bias32(expert_bias), cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
-        float(cfg.routed_scaling_factor), append, ids, w, offsets, order, active)
-    return ids, w, offsets, order, active
+        float(cfg.routed_scaling_factor), append, *out)
+    return out
+
+
+def _routed_outputs(N: int, k: int, E_out: int, device: torch.device):
+    """Empty (ids int32 [N, k], weights fp32 [N, k], offsets [E_out+1], sorted [N*k], active [E_out+1])."""
+    i32 = dict(dtype=torch.int32, device=device)
+    return (torch.empty(N, k, **i32), torch.empty(N, k, dtype=torch.float32, device=device),
+            torch.empty(E_out + 1, **i32), torch.empty(N * k, **i32), torch.empty(E_out + 1, **i32))
 
 
 _ROUTER_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -270,15 +275,12 @@ def route_decode(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torc
     counter = router_counter(x.device) if fused else None
     if counter is None:
         return route_align_small(router_logits(x, router_weight), expert_bias, cfg, append, E_out)
-    k = cfg.top_k + (append >= 0)
-    i32 = dict(dtype=torch.int32, device=x.device)
     logits = torch.empty(N, E, dtype=torch.float32, device=x.device)
-    ids, w = torch.empty(N, k, **i32), torch.empty(N, k, dtype=torch.float32, device=x.device)
-    offsets, order, active = torch.empty(E_out + 1, **i32), torch.empty(N * k, **i32), torch.empty(E_out + 1, **i32)
+    out = _routed_outputs(N, cfg.top_k + (append >= 0), E_out, x.device)
     _build.extension().moe_router_decode(
         x, router_weight, _bias32(expert_bias), cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
-        float(cfg.routed_scaling_factor), append, logits, counter, ids, w, offsets, order, active)
-    return ids, w, offsets, order, active
+        float(cfg.routed_scaling_factor), append, logits, counter, *out)
+    return out
 
 
 def _bias32(expert_bias: torch.Tensor | None) -> torch.Tensor | None:
