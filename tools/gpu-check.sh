@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
-#                                  [mixed] [sampling]
+#                                  [mixed] [sampling] [latency]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -32,6 +32,8 @@ for step in "$@"; do
              --mixed 32x4096+300@2048,32x4096+32768@512,32x4096+32768@2048 > $OUT/mixed_full.log 2>&1; \
              grep -A1 '=== mixed' $OUT/mixed_full.log" ;;
     sampling) TAIL=12 run sampling python3 bench/pod_sampling.py --device cuda --json "$OUT/sampling.json" ;;
+    latency) TAIL=8 run latency python3 bench/pod_e2e.py --device cuda --models ours --prefill-contexts "" \
+             --decode-contexts 4096,65536 --batches 1,8,256 --decode-steps 4 --time-budget 80 --json "$OUT/latency.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -25,8 +25,10 @@ without a GPU.
 Decode steps (every segment one generated token) on the kernel path run `_decode_step`, a function of three device
 tensors (token ids, positions, slots) that derives everything else on the device (KV rows, block tables, key counts).
 On CUDA it is captured once per padded batch size (`kernels.DecodeGraphs`) and replayed: a step is a handful of copies
-and one graph launch instead of ~1 500 kernel launches. Padding rows carry slot -1: the lightning kernel leaves every
-state untouched for them, their K/V go to the cache's scratch row and the attention sees zero keys.
+and one graph launch instead of ~1 000 kernel launches (a one-token step is still bound by their count: that is why
+the MoE router is one launch and the shared expert rides in the routed experts' launches). Padding rows carry slot -1:
+the lightning kernel leaves every state untouched for them, their K/V go to the cache's scratch row and the
+attention sees zero keys.
 
 Steps that carry prompt tokens run eagerly (their attention shapes change every step) and are bound by the host's
 launch rate, so the host does as little as it can: all the step's indices go to the device in one queued copy (no
