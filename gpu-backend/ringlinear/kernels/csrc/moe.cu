@@ -422,7 +422,6 @@ constexpr int kMoeMT = 8;          // assignments per pass (activations held in 
 constexpr int kGateUpRowsPerWarp = 2;
 constexpr int kMoeDownMaxI = 32 * 8 * 8;  // down kernel: a lane holds at most 8 16-byte chunks of a weight row
 
-
 // x: [N, Dm] bf16; wg, wu: [E, I, Dm] with rows of Dm contiguous and expert strides sg, su; h: [A, I] bf16
 // (row = sorted position). grid.y walks the active experts.
 // Each lane issues the loads of all its rows for one 16-byte column step before any arithmetic (bytes in flight).
