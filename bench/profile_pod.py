@@ -2,7 +2,7 @@
 
     PYTHONPATH=gpu-backend python3 bench/profile_pod.py --prefill 32768 --decode 64x4096 --moe 128,256,4096,32768
     PYTHONPATH=gpu-backend python3 bench/profile_pod.py --prefill "" --decode "" --mixed 32x4096+32768@2048,32x4096+300@2048 \
-        --eager-moe
+        --variants graphs,eager
     PYTHONPATH=gpu-backend python3 bench/profile_pod.py --tiny --device cpu --prefill 256 --decode 4x256 --moe 8 \
         --mixed 2x256+512@64   # smoke
 
@@ -67,12 +67,15 @@ def gpu_busy_ms(prof) -> tuple[float, int]:
     return busy / 1e3, len(spans)
 
 
-def profile_mixed(model, spec: str, dev, rows: int, rng, eager_moe: bool = False) -> None:
+def profile_mixed(model, spec: str, dev, rows: int, rng, variant: str = "graphs") -> dict:
     """B streams decoding beside prompt tokens: unprofiled step times, then one profiled step and a cProfile of three.
 
     PROMPT > STEP: one long prompt in chunks (its steps 1-8 timed, the 9th profiled). PROMPT <= STEP: a new PROMPT-token
     prompt (max_tokens 1) arrives before every step, so each step is the B decodes + one whole short prompt.
-    eager_moe: the MoE layers' graphs dropped after the warm-up (step times only: the eager side of the comparison)."""
+    Returns the figures (step times, GPU busy time of the profiled step, warm-up) for --json.
+    variant: how the steps run - "graphs" (as served: the pieces between attention calls replayed from the warm-up's
+    graphs), "eager" (graphs dropped: every operator launched from Python) or "uncaptured" (the graphs' padded
+    buffers and pieces, run eagerly: the same GPU work as "graphs", with each kernel visible to the profiler)."""
     head, step = spec.split("@")
     bc, T = head.split("+")
     B, ctx, T, step = *(int(x) for x in bc.split("x")), int(T), int(step)
@@ -85,9 +88,23 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, eager_moe: bool = False
     eng = Engine(model, EngineConfig(max_batch=B + 1, max_context=max(ctx + n_steps, T + 8), memory_budget=budget,
                                      prefix_cache_bytes=0, max_step_tokens=step, max_queue=B + 1, block_size=BLOCK),
                  eos_ids=set())
-    eng.warm_up()
-    if eager_moe:
-        eng.runner.moe_graphs = []
+    t0 = time.perf_counter()
+    w = eng.warm_up()
+    rec = {"case": spec, "variant": variant, "warm_up_s": round(time.perf_counter() - t0, 2),
+           "step_graphs": w.step_graphs}
+    print(f"warm-up: {w.step_graphs} step piece graphs, {rec['warm_up_s']:.1f} s", flush=True)
+    if variant == "eager":
+        held = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        eng.runner.step_graphs, eng.runner._step_io = [], {}
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+            rec["graphs_mib"] = round((held - torch.cuda.memory_allocated(dev)) / 2**20)
+            print(f"step graphs and their buffers held {rec['graphs_mib']} MiB", flush=True)
+    elif variant == "uncaptured":
+        eng.runner.capture_step_graphs(eng.config.max_step_tokens, eager=True)
+    elif variant != "graphs":
+        raise ValueError(f"unknown variant {variant!r}")
     install_contexts(eng, B, ctx + n_steps, n_steps, rng)
     eng.step()  # decode only
 
@@ -110,12 +127,13 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, eager_moe: bool = False
         one_step()
         sync(dev)
         times.append((time.perf_counter() - t0) * 1e3)
-    label = f"mixed {spec}{' (MoE eager)' if eager_moe else ''}"
+    label = f"mixed {spec} ({variant})"
+    rec.update(step_ms=[round(t, 2) for t in times], median_ms=round(statistics.median(times[1:]), 2))
     print(f"\n=== {label}: unprofiled step ms {' '.join(f'{t:.1f}' for t in times)}; median after the first "
           f"{statistics.median(times[1:]):.1f}", flush=True)
     if not refill and req.computed >= len(req.prompt):
         print("(prompt finished before the profiled step: use a longer PROMPT)")
-    elif not eager_moe:
+    else:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
@@ -123,12 +141,21 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, eager_moe: bool = False
             sync(dev)
             wall = (time.perf_counter() - t0) * 1e3
         busy, kernels_n = gpu_busy_ms(prof)
+        rec.update(profiled_wall_ms=round(wall, 2), gpu_busy_ms=round(busy, 2), kernels=kernels_n)
         names = [e.name for e in prof.events()]
         syncs = sum("Synchronize" in n for n in names)
         copies = sum(n.startswith("cudaMemcpy") for n in names)
         print(f"profiled step: wall {wall:.1f} ms, GPU busy {busy:.1f} ms ({busy / wall:.0%}), {kernels_n} kernels, "
               f"{syncs} sync calls, {copies} cudaMemcpy calls", flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+        if dev.type == "cuda":  # kernels replayed from graphs are not attributed to operators: list them by name
+            kern: dict[str, list[float]] = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    kern.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+            print("kernels by device time (us total, count):")
+            for name, ts in sorted(kern.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+                print(f"  {sum(ts):9.1f} {len(ts):5d}  {name}")
         if refill or req.computed + 3 * step < len(req.prompt):  # the host's Python side: where its time goes
             import cProfile
             import pstats
@@ -144,6 +171,7 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, eager_moe: bool = False
             pstats.Stats(cp).sort_stats("cumulative").print_stats(rows)
     for r in list(eng.running) + list(eng.waiting):
         eng.abort(r.id)
+    return rec
 
 
 def main(argv=None):
@@ -157,8 +185,10 @@ def main(argv=None):
     p.add_argument("--mixed", default="", help="comma list of BxCTX+PROMPT@STEP: B streams decoding at CTX tokens "
                    "while a PROMPT-token prompt prefills in STEP-token steps (PROMPT <= STEP: a new short prompt "
                    "before every step)")
-    p.add_argument("--eager-moe", action="store_true", help="also run each --mixed case with the MoE graphs dropped")
+    p.add_argument("--variants", default="graphs",
+                   help="comma list of how each --mixed case runs: graphs (as served), eager, uncaptured")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--json", default="", help="write the --mixed figures here")
     p.add_argument("--no-graphs", action="store_true", help="decode steps run eagerly (per-kernel rows in the table)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
@@ -193,10 +223,13 @@ def main(argv=None):
         run_profiled(eng.step, dev, a.rows, f"decode B={B} ctx={ctx}")
         del eng
 
+    mixed = []
     for spec in [s for s in a.mixed.split(",") if s]:
-        profile_mixed(model, spec, dev, a.rows, rng)
-        if a.eager_moe:
-            profile_mixed(model, spec, dev, a.rows, rng, eager_moe=True)
+        for variant in a.variants.split(","):
+            mixed.append(profile_mixed(model, spec, dev, a.rows, rng, variant))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                                                "torch": torch.__version__, "mixed": mixed}, indent=1))
 
     moe = next((layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts_gate_proj")), None)
     for N in [int(x) for x in a.moe.split(",") if x]:

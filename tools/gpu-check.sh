@@ -28,7 +28,7 @@ for step in "$@"; do
     e2e-decode) TAIL=40 run e2e_decode python3 bench/pod_e2e.py --device cuda --prefill-contexts "" --decode-contexts 65536,16384,4096 \
              --batches 1,8,32,64,128,256 --decode-steps 4 --time-budget 150 --json "$OUT/e2e_decode.json" ;;
     chunked) TAIL=70 run chunked python3 bench/pod_chunked_prefill.py --json "$OUT/chunked.json" ;;
-    mixed) TAIL=30 run mixed sh -c "python3 bench/profile_pod.py --prefill '' --decode '' --eager-moe --rows 20 \
+    mixed) TAIL=30 run mixed sh -c "python3 bench/profile_pod.py --prefill '' --decode '' --variants graphs,eager --rows 20 \
              --mixed 32x4096+300@2048,32x4096+32768@512,32x4096+32768@2048 > $OUT/mixed_full.log 2>&1; \
              grep -A1 '=== mixed' $OUT/mixed_full.log" ;;
     sampling) TAIL=12 run sampling python3 bench/pod_sampling.py --device cuda --json "$OUT/sampling.json" ;;

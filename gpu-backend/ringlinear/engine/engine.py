@@ -50,10 +50,10 @@ class RequestRejected(ValueError):
 
 class WarmUp(NamedTuple):
     """What `Engine.warm_up` ran: prompt tokens through the model, chunk attention shapes run to build cuDNN plans,
-    MoE-layer graphs captured for steps of up to max_step_tokens rows."""
+    graphs of the steps' pieces captured for steps of up to max_step_tokens rows."""
     tokens: int
     attention_shapes: int
-    moe_graphs: int = 0
+    step_graphs: int = 0
 
 
 class QueueFull(RuntimeError):
@@ -221,9 +221,9 @@ class Engine:
         step of all but its last 64 tokens, then a step of those 64 (the form of every chunk after a prompt's first).
         Then build the cuDNN attention plans of every chunk shape bucket a step can meet (kernel path on CUDA:
         `ModelRunner.build_attention_plans`), so a long prompt never waits for one (~50-150 ms each) mid-stream, and
-        capture the MoE layers as graphs for steps of up to max_step_tokens rows (`ModelRunner.capture_moe_graphs`:
-        the steps that carry prompt tokens beside the streams, which the host's launch rate bounds when they run
-        eagerly).
+        capture the pieces of a step between its attention calls as graphs for steps of up to max_step_tokens rows
+        (`ModelRunner.capture_step_graphs`: the steps that carry prompt tokens beside the streams, which the host's
+        launch rate bounds when they run eagerly).
 
         Done before serving, **on the thread that will run `step`** (torch keeps cuDNN plans per thread; the server
         calls it through `AsyncEngine.call`): cuDNN and cuBLAS build their plans and the allocator grows its pools at
@@ -247,7 +247,7 @@ class Engine:
             self.states.release(slot)
         plans = self.runner.build_attention_plans(max(ec.max_step_tokens, ec.max_prefill_step_tokens or 0),
                                                   self.max_context)
-        return WarmUp(n, plans, self.runner.capture_moe_graphs(ec.max_step_tokens))
+        return WarmUp(n, plans, self.runner.capture_step_graphs(ec.max_step_tokens))
 
     # ------------------------------------------------------------------------------------------ one step
 

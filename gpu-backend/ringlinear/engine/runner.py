@@ -30,10 +30,13 @@ the MoE router is one launch and the shared expert rides in the routed experts' 
 the lightning kernel leaves every state untouched for them, their K/V go to the cache's scratch row and the
 attention sees zero keys.
 
-Steps that carry prompt tokens run eagerly (their attention shapes change every step) and are bound by the host's
-launch rate, so the host does as little as it can: all the step's indices go to the device in one queued copy (no
-host sync inside a step), and each MoE layer replays a graph captured for the smallest of a ladder of row counts that
-holds the step (`capture_moe_graphs`, called by the engine's warm-up).
+Steps that carry prompt tokens cannot be one graph (their attention shapes change every step) and would be bound by
+the host's launch rate, so the host does as little as it can: all the step's indices go to the device in one queued
+copy (no host sync inside a step), and everything between two attention calls - the attention output's norm and
+projection, the residual adds and norms, the MoE, the next layer's projection and prologue - is one *piece*, captured
+for each of a ladder of row counts (`capture_step_graphs`, called by the engine's warm-up). A step pads its rows to
+the smallest captured count that holds it and runs, per layer, one piece replay and its attention eagerly
+(`_forward_pieces`); the pieces read and write fixed buffers (`_StepIO`), the attention the first n rows of them.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from .pools import LinearStatePool, PagedKVCache
 
 log = logging.getLogger(__name__)
 
-MOE_GRAPH_MIN_TOKENS = 64  # the smallest step size whose MoE layers are captured (capture_moe_graphs)
+STEP_GRAPH_MIN_TOKENS = 64  # the smallest padded row count whose pieces are captured (capture_step_graphs)
 LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
 
 
@@ -71,6 +74,16 @@ class Segment:
     @property
     def end(self) -> int:
         return self.start + len(self.tokens)
+
+
+def step_graph_sizes(max_tokens: int) -> list[int]:
+    """The padded row counts of the step graphs: 64, 96, 128, 192, 256, 384, ... (steps of 1.5x and 4/3x, so a step
+    pads by less than half its rows: the pieces' GPU work grows with the padded count) up to max_tokens."""
+    sizes, n = [], STEP_GRAPH_MIN_TOKENS
+    while n < max_tokens:
+        sizes.append(n)
+        n = n * 3 // 2 if len(sizes) % 2 else n * 4 // 3
+    return sizes + [max_tokens]
 
 
 def kernels_usable(model: RingLinearForCausalLM) -> bool:
@@ -156,7 +169,8 @@ class ModelRunner:
         # None = auto: the kernels wherever they apply. True on CPU runs the kernel path through the twins.
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
         self.graphs: cuda_kernels.DecodeGraphs | None = None
-        self.moe_graphs: list[cuda_kernels.LayerGraphs] = []  # ascending sizes (capture_moe_graphs)
+        self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
+        self._step_io: dict[int, _StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
         if self.use_kernels:
             if model.device.type == "cuda":
                 self.chunk_attention = chunk_attention
@@ -200,42 +214,41 @@ class ModelRunner:
         return len(self.graphs.batch_sizes)
 
     @torch.inference_mode()
-    def capture_moe_graphs(self, max_tokens: int) -> int:
-        """Capture every MoE layer's fused MoE for steps of max_tokens, max_tokens/2, ... rows down to
-        MOE_GRAPH_MIN_TOKENS (with decode graphs on only).
+    def capture_step_graphs(self, max_tokens: int, eager: bool = False) -> int:
+        """Capture the pieces of a step (`_piece`: what runs between two attention calls) for steps of max_tokens rows
+        and of each `step_graph_sizes` below it (with decode graphs on only).
 
-        A step that carries prompt tokens runs eagerly: bound by the host's launch rate, not the GPU (~30 operator
-        calls per MoE layer; 32 streams beside a long prompt's 512-token chunks: 20-30 ms a step for 12.4 ms of GPU
-        work). With these graphs a step of N <= max_tokens rows pads its rows to the next captured size and replays
-        one graph per MoE layer instead. Returns the graphs captured (0: none, the eager path stays)."""
-        if self.graphs is None or max_tokens < 1:
+        A step that carries prompt tokens cannot be one graph: its attention changes shape every step. Run eagerly it
+        is bound by the host's launch rate (~50 operator calls per layer; 32 streams beside a long prompt's 512-token
+        chunks: 20-30 ms a step for 12.4 ms of GPU work). With these graphs a step of n <= max_tokens rows pads to the
+        next captured size and runs, per layer, one replay and its attention. Returns the graphs captured (0: none,
+        steps stay eager). eager=True keeps the functions uncaptured (no CUDA needed): the padded-buffer path of
+        `execute` without the capture, for tests."""
+        if (self.graphs is None and not eager) or not self.use_kernels or max_tokens < 1:
             return 0
-        sizes = [max_tokens]
-        while sizes[-1] // 2 >= MOE_GRAPH_MIN_TOKENS:
-            sizes.append(sizes[-1] // 2)
-        sizes.reverse()
-        if [g.tokens for g in self.moe_graphs] == sizes:
-            return sum(len(g) for g in self.moe_graphs)
-        self.moe_graphs = []  # drop the old graphs (and their memory pool) before capturing new ones
-        moes = {l: layer.mlp for l, layer in enumerate(self.model.model.layers) if isinstance(layer.mlp, MoE)}
-        if not moes:
-            return 0
-        fns = {l: (lambda h, m=m: self._fused_moe(m, h)) for l, m in moes.items()}
-        graphs, pool = [], None
+        sizes = [max_tokens] + [n for n in step_graph_sizes(max_tokens) if n < max_tokens][::-1]
+        if [n for n, _ in self.step_graphs] == sizes[::-1] and all(g.eager == eager for _, g in self.step_graphs):
+            return sum(len(g) for _, g in self.step_graphs)
+        self.step_graphs, self._step_io = [], {}  # drop the old graphs (and their pool) before capturing new ones
+        buffers = _StepIO.allocate(self, max_tokens)
+        graphs, views, pool = [], {}, None
         try:
-            for n in reversed(sizes):  # the largest first: the smaller ones reuse its pool's intermediates
-                x = torch.zeros(n, self.cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)
-                graphs.append(cuda_kernels.LayerGraphs(fns, x, pool=pool))
-                pool = graphs[-1].pool
+            for n in sizes:  # the largest first: the smaller ones reuse its pool's intermediates
+                io = views[n] = buffers.rows(n)
+                io.reset(self.kv.scratch_row)
+                pieces = cuda_kernels.PieceGraphs([lambda k=k, io=io: self._piece(k, io)
+                                                   for k in range(self.cfg.num_hidden_layers + 1)], pool, eager=eager)
+                pool = pieces.pool
+                graphs.append((n, pieces))
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:
-            log.warning("MoE graphs for steps of <= %d tokens not captured, those steps stay eager: %s", max_tokens,
+            log.warning("step graphs for steps of <= %d tokens not captured, those steps stay eager: %s", max_tokens,
                         str(exc).splitlines()[0])
             torch.cuda.synchronize()
             return 0
-        self.moe_graphs = graphs[::-1]
-        return sum(len(g) for g in self.moe_graphs)
+        self.step_graphs, self._step_io = graphs[::-1], views
+        return sum(len(g) for _, g in self.step_graphs)
 
     @torch.inference_mode()
     def build_attention_plans(self, max_queries: int, max_context: int) -> int:
@@ -268,14 +281,18 @@ class ModelRunner:
         offs = [0]
         for s in segs:
             offs.append(offs[-1] + len(s.tokens))
+        n = offs[-1]
+        pieces = next(((rows, g) for rows, g in self.step_graphs if rows >= n), None)
+        pad = 0 if pieces is None else pieces[0] - n  # padding rows: token 0 at position 0, K/V to the scratch row
         dec_idx = [i for i, s in enumerate(segs) if s.decode]
         prompts = [i for i, s in enumerate(segs) if not s.decode] if self.cfg.softmax_layers else []
         last = [offs[i + 1] - 1 for i, s in enumerate(segs) if s.want_logits]
         # Every index the step needs, built on the host and sent in one queued copy: a copy from pageable memory
         # would stop the host mid-step until the GPU drained (mixed steps are bound by the host's launch rate).
-        parts = [np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in segs]),
-                 np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in segs]),
-                 np.concatenate([self.kv.rows(s.block_table, s.start, s.end) for s in segs]),
+        parts = [np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in segs] + [np.zeros(pad, np.int64)]),
+                 np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in segs] + [np.zeros(pad, np.int64)]),
+                 np.concatenate([self.kv.rows(s.block_table, s.start, s.end) for s in segs]
+                                + [np.full(pad, self.kv.scratch_row, np.int64)]),
                  np.array([[offs[i] for i in dec_idx], [segs[i].slot for i in dec_idx], [segs[i].end for i in dec_idx]],
                           dtype=np.int64).reshape(-1),
                  np.array(last, dtype=np.int64)]
@@ -290,30 +307,88 @@ class ModelRunner:
                                 max_len=max(segs[i].end for i in dec_idx))
         elif dec_idx:
             dec = self._decode_gather(segs, offs, dev)
+        if dec is not None and dec_idx == list(range(len(dec_idx))):
+            dec.rows = slice(0, len(dec_idx))  # the engine puts the decodes first: views, no gathers
         plan = _StepPlan(segs, offs, dec)
         plan.kv_prefix_rows = dict(zip(prompts, prefix_rows))
         snaps: dict[int, dict[int, torch.Tensor]] = {}
-        x = self._forward(ids, pos, kv_rows, plan, snaps)
+        if pieces is not None:
+            x = self._forward_pieces(pieces[1], self._step_io[pieces[0]], ids, pos, kv_rows, plan, snaps)
+        else:
+            x = self._forward(ids, pos, kv_rows, plan, snaps)
         if not last:
             return None, snaps
         return self._logits(x[0, last_rows]), snaps
 
+    # A step is pieces and attention calls: piece 0, attention 0, piece 1, ..., attention L-1, piece L (`_piece`).
+
     def _forward(self, ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
-        """Embedding and every layer over the packed step: hidden states [1, N, D]."""
-        model, cfg = self.model, self.cfg
-        cos, sin = rope_cos_sin(pos[None], cfg.rot_dim, cfg.rope_theta, self.acc)
-        plan.pos = pos
-        x = model.model.word_embeddings(ids)[None]  # [1, N, D]
-        pending = None  # the last MLP's output, added to the residual stream by the next norm's pass
-        for l, layer in enumerate(model.model.layers):
-            x, h = self._add_norm(x, pending, layer.input_layernorm)
-            if layer.is_softmax:
-                a = self._softmax(layer.attention, l, h, cos, sin, kv_rows, plan)
-            else:
-                a = self._lightning(layer.attention, l, h, cos, sin, plan, snaps)
-            x, h = self._add_norm(x, a, layer.post_attention_layernorm)
-            pending = self._mlp(layer.mlp, h, l)
-        return x + pending
+        """Embedding and every layer over the packed step: hidden states [1, N, D] (before the final norm)."""
+        # Prompt-only steps take bf16 q/k/v in the lightning layers (what the prefill kernel's tensor cores read);
+        # decode rows keep fp32.
+        bf16 = plan.dec is None and self.model.dtype == torch.bfloat16
+        io = _StepIO(ids=ids, pos=pos, kv_rows=kv_rows, qkv_dtype=torch.bfloat16 if bf16 else self.acc)
+        self._piece(0, io)
+        for l in range(self.cfg.num_hidden_layers):
+            self._attention(l, io, plan, snaps)
+            self._piece(l + 1, io)
+        return io.x
+
+    def _forward_pieces(self, pieces, io: "_StepIO", ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
+        """_forward with the pieces replayed from `pieces` on the padded buffers `io` (ids, pos and kv_rows come
+        padded to io's rows). The attention works on the first N rows; the rows past them stay zero in its outputs,
+        so every padding row carries the same values (token 0 at position 0) and they all route to the same experts."""
+        n = plan.offs[-1]
+        io.ids.copy_(ids)
+        io.pos.copy_(pos)
+        io.kv_rows.copy_(kv_rows)
+        io.clear_outputs(n)
+        pieces(0)
+        for l in range(self.cfg.num_hidden_layers):
+            self._attention(l, io, plan, snaps, n)
+            pieces(l + 1)
+        return io.x[:, :n]
+
+    def _piece(self, k: int, io: "_StepIO") -> None:
+        """Piece k of a step: the end of layer k-1 (its attention output through the gate / norm and the output
+        projection, the residual add + norm, the MLP) and the start of layer k (residual add + input norm, the QKV
+        projection and prologue); piece 0 starts with the embedding, piece L ends with the last residual add."""
+        layers = self.model.model.layers
+        if k == 0:
+            x, delta = self.model.model.word_embeddings(io.ids)[None], None
+            cos, sin = rope_cos_sin(io.pos[None], self.cfg.rot_dim, self.cfg.rope_theta, self.acc)
+            io.put("cos", cos)
+            io.put("sin", sin)
+        else:
+            layer = layers[k - 1]
+            x, h = self._add_norm(io.x, self._attention_out(k - 1, layer.attention, io), layer.post_attention_layernorm)
+            delta = self._mlp(layer.mlp, h)
+        if k == len(layers):
+            io.put("x", x + delta)
+            return
+        layer = layers[k]
+        x, h = self._add_norm(x, delta, layer.input_layernorm)
+        io.put("x", x)
+        if layer.is_softmax:
+            self._softmax_in(k, layer.attention, h, io)
+        else:
+            self._lightning_in(k, layer.attention, h, io)
+
+    def _attention(self, l: int, io: "_StepIO", plan: "_StepPlan", snaps, n: int | None = None) -> None:
+        """Layer l's sequence mixing (eager: per request) on the first n rows of io (all without n)."""
+        rows = slice(None) if n is None else slice(0, n)
+        if self.model.model.layers[l].is_softmax:
+            out = io.a[rows] if io.static else torch.empty_like(io.qs)
+            self._softmax_core(l, io.qs[rows], plan, out)
+            if not io.static:
+                io.a = out
+        elif self.use_kernels:
+            o = self._lightning_kernels(l, io.q[rows], io.k[rows], io.v[rows], self.states.states[l], plan, snaps,
+                                        out=io.o[rows] if io.static else None)
+            if not io.static:
+                io.o = o
+        else:
+            io.o = self._lightning_reference(l, io.q, io.k, io.v, self.states.states[l], self.decay[l], plan, snaps)
 
     def _add_norm(self, x, delta, norm):
         """(x + delta, norm(x + delta)): the residual add and the next RMSNorm, one fused pass on the kernel path."""
@@ -368,13 +443,9 @@ class ModelRunner:
         x = self._forward(ids, pos, kv_rows, plan, {})
         return self._logits(x[0])
 
-    def _mlp(self, mlp, x, l: int):
+    def _mlp(self, mlp, x):
         if not (self.use_kernels and isinstance(mlp, MoE)):
             return mlp(x)
-        # the smallest captured size that holds the step's rows (padded: less than half of it, or 64 rows, wasted)
-        g = next((g for g in self.moe_graphs if g.tokens >= x.shape[1]), None)
-        if g is not None and l in g and not torch.cuda.is_current_stream_capturing():
-            return g(l, x[0])[None]
         return self._fused_moe(mlp, x[0])[None]
 
     def _fused_moe(self, mlp, x):
@@ -388,42 +459,54 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ lightning layers
 
-    def _lightning(self, att, l, h, cos, sin, plan: "_StepPlan", snaps):
+    def _lightning_in(self, l, att, h, io: "_StepIO") -> None:
+        """Projection to q, k, v (silu, QK-norm, RoPE) and the gate projection: io.q, io.k, io.v, io.gate."""
         cfg = self.cfg
         N = h.shape[1]
         H, d = cfg.num_attention_heads, cfg.d_head
-        pool, decay = self.states.states[l], self.decay[l]
-        if self.use_kernels:
-            # One pass from the projection to q, k, v (silu, QK-norm, RoPE) and one pass from the attention output to
-            # the dense input (group RMSNorm * sigmoid gate): same arithmetic as below, without the fp32 round trips.
-            # Prompt-only steps take bf16 q/k/v (what the prefill kernel's tensor cores read); decode rows keep fp32.
-            out_dtype = self.acc if plan.dec is not None or h.dtype != torch.bfloat16 else torch.bfloat16
-            qw, kw, gw = self.norm_f32[l]
+        if self.use_kernels:  # one pass from the projection to q, k, v: same arithmetic as below without fp32 round trips
+            qw, kw, _ = self.norm_f32[l]
             both = self.qkv_gate.get(l)
             if both is not None:  # one GEMM for the projection and the gate, read as two column slices
-                t = F.linear(h[0], both)
+                t = torch.mm(h[0], both.t(), out=io.t if io.static else None)
                 qkv, gate = t[:, : 3 * H * d], t[:, 3 * H * d:]
             else:
                 qkv, gate = att.query_key_value(h)[0], att.g_proj(h)[0]
             q, k, v = cuda_kernels.qkv_prologue(
-                qkv, plan.pos, H, H, d, silu=cfg.linear_silu,
+                qkv, io.pos, H, H, d, silu=cfg.linear_silu,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
-                rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=out_dtype, rope_cos_sin=(cos, sin))
-            o = self._lightning_kernels(l, q, k, v, pool, plan, snaps)
-            o = cuda_kernels.gated_group_rmsnorm(o.view(N, H * d), gate, gw,
-                                                 cfg.group_norm_size, cfg.rms_norm_eps, out_dtype=h.dtype)
-            return att.dense(o[None])
+                rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=io.qkv_dtype, rope_cos_sin=(io.cos, io.sin),
+                out=(io.q, io.k, io.v) if io.static else None)
+            if io.static:
+                if both is None or gate.data_ptr() != io.gate.data_ptr():
+                    io.gate.copy_(gate)
+            else:
+                io.q, io.k, io.v, io.gate = q, k, v, gate
+            return
         qkv = att.query_key_value(h).to(self.acc)
         if cfg.linear_silu:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, N, 3, H, d).unbind(2)
         if cfg.use_qk_norm:
             q, k = att.query_layernorm(q), att.key_layernorm(k)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        o = self._lightning_reference(l, q, k, v, pool, decay, plan, snaps)
-        o = group_rms_norm(o.reshape(1, N, H * d), att.g_norm.weight, cfg.group_norm_size, cfg.rms_norm_eps)
-        o = o * torch.sigmoid(att.g_proj(h).to(self.acc))
-        return att.dense(o.to(h.dtype))
+        io.q, io.k = apply_partial_rope(q, io.cos, io.sin), apply_partial_rope(k, io.cos, io.sin)
+        io.v, io.gate = v, att.g_proj(h)
+
+    def _attention_out(self, l, att, io: "_StepIO"):
+        """The attention output of layer l through the output projection: [1, N, D]."""
+        cfg = self.cfg
+        N = io.x.shape[1]
+        H, d = cfg.num_attention_heads, cfg.d_head
+        dtype = self.model.dtype
+        if self.model.model.layers[l].is_softmax:
+            return att.dense(io.a.reshape(1, N, H * d))
+        if self.use_kernels:  # group RMSNorm * sigmoid gate in one pass (reads the prefill kernel's bf16 output as is)
+            o = cuda_kernels.gated_group_rmsnorm(io.o.view(N, H * d), io.gate, self.norm_f32[l][2],
+                                                 cfg.group_norm_size, cfg.rms_norm_eps, out_dtype=dtype)
+            return att.dense(o[None])
+        o = group_rms_norm(io.o.reshape(1, N, H * d), att.g_norm.weight, cfg.group_norm_size, cfg.rms_norm_eps)
+        o = o * torch.sigmoid(io.gate.to(self.acc))
+        return att.dense(o.to(dtype))
 
     def _lightning_reference(self, l, q, k, v, pool, decay, plan: "_StepPlan", snaps):
         N, H, d = q.shape[1:]
@@ -445,21 +528,25 @@ class ModelRunner:
             pool[s.slot] = S[0]
         return o
 
-    def _lightning_kernels(self, l, q, k, v, pool, plan: "_StepPlan", snaps):
+    def _lightning_kernels(self, l, q, k, v, pool, plan: "_StepPlan", snaps, out=None):
         """q, k, v [N, H, d]: decode rows in one in-place step over the pool; prompt chunks in varlen launches, one
         per cut round (round r runs every segment's r-th piece; a segment's pieces are sequential in its slot).
-        A prompt-only step in one round returns the prefill kernel's output itself (bf16 for bf16 q: the gated norm
-        reads it directly); otherwise the rows are gathered into an fp32 buffer."""
+        Writes `out` (fp32 [N, H, d]) when given. Otherwise a prompt-only step in one round returns the prefill
+        kernel's output itself (bf16 for bf16 q: the gated norm reads it directly), and other steps an fp32 buffer."""
         gamma = self.gamma[l]
         rounds = self._prefill_rounds(plan, q.device)
-        if plan.dec is not None and not rounds and _all_rows(plan.dec.rows):  # decode only: the kernel's output as is
+        if out is None and plan.dec is not None and not rounds and _all_rows(plan.dec.rows):  # decode only: as is
             return cuda_kernels.lightning_decode(q, k, v, pool, plan.dec.slots, gamma, scale=self.scale)
-        whole = plan.dec is None and len(rounds) == 1 and _covers(rounds[0][0], q.shape[0])
-        o = None if whole else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        whole = out is None and plan.dec is None and len(rounds) == 1 and _covers(rounds[0][0], q.shape[0])
+        o = out if out is not None else None if whole else torch.empty(q.shape, dtype=torch.float32, device=q.device)
         if plan.dec is not None:
             rows = plan.dec.rows
-            o[rows] = cuda_kernels.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma,
-                                                    scale=self.scale)
+            if isinstance(rows, slice):  # the decodes are a run of rows: the kernel reads and writes views
+                cuda_kernels.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma, scale=self.scale,
+                                              out=o[rows])
+            else:
+                o[rows] = cuda_kernels.lightning_decode(q[rows], k[rows], v[rows], pool, plan.dec.slots, gamma,
+                                                        scale=self.scale)
         for batch, cu, slots, prep in rounds:
             lo, hi = batch[0][1], batch[-1][2]
             if _covers(batch, hi, lo):  # the pieces are one run of rows: a view, no copy
@@ -472,6 +559,8 @@ class ModelRunner:
                 o_r = cuda_kernels.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, slots, gamma, scale=self.scale)
             if whole:
                 o = o_r
+            elif _covers(batch, hi, lo):
+                o[lo:hi] = o_r
             else:
                 for (_, c0, c1), a in zip(batch, cu):
                     o[c0:c1] = o_r[a:a + c1 - c0]
@@ -502,7 +591,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ softmax layers
 
-    def _softmax(self, att, l, h, cos, sin, kv_rows, plan: "_StepPlan"):
+    def _softmax_in(self, l, att, h, io: "_StepIO") -> None:
+        """Projection to q (io.qs, [N, H, d]), k and v written into the KV cache at io.kv_rows; QK-norm and RoPE."""
         cfg = self.cfg
         N = h.shape[1]
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
@@ -510,32 +600,39 @@ class ModelRunner:
         if self.use_kernels:  # the fused prologue, writing k and v into the cache rows; QK-norm in the projection's
             qw, kw, _ = self.norm_f32[l]  # dtype, as the modules below do
             q, _, _ = cuda_kernels.qkv_prologue(
-                att.query_key_value(h)[0], plan.pos, H, Hkv, d, silu=False,
+                att.query_key_value(h)[0], io.pos, H, Hkv, d, silu=False,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=h.dtype, norm_dtype=h.dtype,
-                rope_cos_sin=(cos, sin), kv_cache=(K, V, kv_rows))
-        else:
-            q, k, v = att.query_key_value(h).view(1, N, H + 2 * Hkv, d).split([H, Hkv, Hkv], dim=2)
-            if cfg.use_qk_norm:
-                q, k = att.query_layernorm(q), att.key_layernorm(k)
-            q = apply_partial_rope(q.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, H, d]
-            k = apply_partial_rope(k.to(self.acc), cos, sin).to(h.dtype)[0]  # [N, Hkv, d]
-            K[kv_rows] = k
-            V[kv_rows] = v[0]
+                rope_cos_sin=(io.cos, io.sin), kv_cache=(K, V, io.kv_rows),
+                out=(io.qs, None, None) if io.static else None)
+            if not io.static:
+                io.qs = q
+            return
+        q, k, v = att.query_key_value(h).view(1, N, H + 2 * Hkv, d).split([H, Hkv, Hkv], dim=2)
+        if cfg.use_qk_norm:
+            q, k = att.query_layernorm(q), att.key_layernorm(k)
+        io.qs = apply_partial_rope(q.to(self.acc), io.cos, io.sin).to(h.dtype)[0]  # [N, H, d]
+        K[io.kv_rows] = apply_partial_rope(k.to(self.acc), io.cos, io.sin).to(h.dtype)[0]  # [N, Hkv, d]
+        V[io.kv_rows] = v[0]
+
+    def _softmax_core(self, l, q, plan: "_StepPlan", out) -> None:
+        """Attention of the step's queries q [N, H, d] over the KV cache into out [N, H, d]: decode rows through the
+        paged kernel (or the padded reference), each prompt chunk causally over its whole prefix."""
+        cfg = self.cfg
+        H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
+        K, V = self.kv.k[l], self.kv.v[l]
         rep, scale = H // Hkv, d ** -0.5
-        out = torch.empty(N, H, d, dtype=h.dtype, device=h.device)
-        if plan.dec is not None and self.use_kernels and not plan.prefill and _all_rows(plan.dec.rows):
-            g = plan.dec  # decode only: the kernel writes the output rows in place
-            cuda_kernels.paged_decode_attention(q, K, V, g.tables, g.lengths, self.kv.block_size, scale,
-                                                max_len=g.max_len, out=out)
-        elif plan.dec is not None and self.use_kernels:
+        g = plan.dec
+        if g is not None and self.use_kernels:
             # Paged-KV decode: each request's blocks read in place through its table; the rep query heads of a KV
             # head share one read of each K/V row.
-            g = plan.dec
-            out[g.rows] = cuda_kernels.paged_decode_attention(q[g.rows], K, V, g.tables, g.lengths, self.kv.block_size,
-                                                              scale, max_len=g.max_len)
-        elif plan.dec is not None:
-            g = plan.dec
+            if isinstance(g.rows, slice):  # every row (decode graphs) or a run of them: written in place
+                cuda_kernels.paged_decode_attention(q[g.rows], K, V, g.tables, g.lengths, self.kv.block_size, scale,
+                                                    max_len=g.max_len, out=out[g.rows])
+            else:
+                out[g.rows] = cuda_kernels.paged_decode_attention(q[g.rows], K, V, g.tables, g.lengths,
+                                                                  self.kv.block_size, scale, max_len=g.max_len)
+        elif g is not None:
             Kd = K[g.kv_index].transpose(1, 2).repeat_interleave(rep, 1)  # [B, H, Lmax, d]
             Vd = V[g.kv_index].transpose(1, 2).repeat_interleave(rep, 1)
             o = F.scaled_dot_product_attention(q[g.rows][:, :, None], Kd, Vd, attn_mask=g.mask, scale=scale)
@@ -547,7 +644,6 @@ class ModelRunner:
             Ks, Vs = K[rows].transpose(0, 1)[None], V[rows].transpose(0, 1)[None]  # [1, Hkv, end, d]
             o = self.chunk_attention(qs, Ks, Vs, scale)
             out[a:b] = o[0].transpose(0, 1)
-        return att.dense(out.reshape(1, N, H * d))
 
     def _decode_gather(self, segs, offs, dev) -> "_DecodeGather":
         idx = [i for i, s in enumerate(segs) if s.decode]
@@ -584,6 +680,76 @@ def _covers(pieces, end: int, start: int = 0) -> bool:
     return at == end
 
 
+class _StepIO:
+    """The tensors a step's pieces and attention calls hand each other (`ModelRunner._piece`, `_attention`).
+
+    An eager step rebinds each field to the new result. A step replayed from PieceGraphs (static) keeps every field
+    at a fixed buffer, written in place: `put` copies, the projections and prologues write into them directly."""
+
+    ROW_FIELDS = ("ids", "pos", "kv_rows", "q", "k", "v", "gate", "t", "qs", "o", "a")  # [N, ...]
+    SEQ_FIELDS = ("x", "cos", "sin")  # [1, N, ...]
+
+    def __init__(self, static: bool = False, **fields):
+        self.static = static
+        self.ids = self.pos = self.kv_rows = None  # [N] token ids, positions, KV cache rows (softmax layers)
+        self.x = self.cos = self.sin = None  # residual stream [1, N, D]; RoPE tables [1, N, rot]
+        self.q = self.k = self.v = self.gate = None  # a lightning layer's attention inputs [N, H, d], gate [N, H d]
+        self.t = None  # static only: the packed [qkv | gate] projection [N, 4 H d] (gate is a view of it)
+        self.qs = None  # a softmax layer's queries [N, H, d] (its k and v go to the KV cache)
+        self.o = self.a = None  # attention outputs [N, H, d]: lightning (fp32 when static), softmax
+        self.qkv_dtype = None  # the lightning q/k/v dtype
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        if self.static:
+            getattr(self, name).copy_(value)
+        else:
+            setattr(self, name, value)
+
+    @classmethod
+    def allocate(cls, runner: "ModelRunner", rows: int) -> "_StepIO":
+        """Buffers for steps of up to `rows` rows (smaller steps use views of their first rows: `rows`)."""
+        cfg, dev, dtype, acc = runner.cfg, runner.model.device, runner.model.dtype, runner.acc
+        H, d = cfg.num_attention_heads, cfg.d_head
+
+        def z(*shape, dt=dtype):
+            return torch.zeros(*shape, dtype=dt, device=dev)
+
+        io = cls(static=True, qkv_dtype=acc, ids=z(rows, dt=torch.int64), pos=z(rows, dt=torch.int64),
+                 kv_rows=z(rows, dt=torch.int64), x=z(1, rows, cfg.hidden_size), cos=z(1, rows, cfg.rot_dim, dt=acc),
+                 sin=z(1, rows, cfg.rot_dim, dt=acc))
+        if cfg.linear_layers:
+            io.q, io.k, io.v, io.o = (z(rows, H, d, dt=acc) for _ in range(4))
+            io.t = z(rows, 4 * H * d)
+            io.gate = io.t[:, 3 * H * d:]
+        if cfg.softmax_layers:
+            io.qs, io.a = z(rows, H, d), z(rows, H, d)
+        return io
+
+    def rows(self, n: int) -> "_StepIO":
+        """Views of the first n rows of every buffer (a smaller captured size shares the largest one's buffers)."""
+        io = _StepIO(static=True, qkv_dtype=self.qkv_dtype)
+        for name in self.ROW_FIELDS + self.SEQ_FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(io, name, t[:, :n] if name in self.SEQ_FIELDS else t[:n])
+        return io
+
+    def reset(self, scratch_row: int) -> None:
+        """Every row a padding row: token 0 at position 0, K/V to the cache's scratch row, zero attention output."""
+        for t in (self.ids, self.pos, self.o, self.a):
+            if t is not None:
+                t.zero_()
+        self.kv_rows.fill_(scratch_row)
+
+    def clear_outputs(self, n: int) -> None:
+        """Zero the attention outputs past row n: the attention writes rows < n only."""
+        for t in (self.o, self.a):
+            if t is not None and n < t.shape[0]:
+                t[n:].zero_()
+
+
 @dataclass
 class _DecodeGather:
     rows: torch.Tensor | slice  # [B] packed-row index of each decode token (slice(None): every row)
@@ -600,7 +766,6 @@ class _StepPlan:
         self.segs, self.offs, self.dec = segs, offs, dec
         self.prefill = [i for i, s in enumerate(segs) if not s.decode]
         self.rounds: list | None = None  # the kernel path's prefill launches (runner._prefill_rounds)
-        self.pos: torch.Tensor | None = None  # [N] positions of the packed rows (set by the forward pass)
         self.kv_prefix_rows: dict[int, torch.Tensor] = {}  # prompt segment -> KV cache rows 0..end (softmax layers)
 
     @classmethod

@@ -8,7 +8,7 @@
 | paged-KV GQA decode attention (block tables read in place, split-K) | `paged_attention.paged_decode_attention` | `paged_attention_reference.paged_decode_attention_reference` |
 | fused attention elementwise (qkv split + silu + QK-norm + RoPE; group RMSNorm * sigmoid gate) | `elementwise.qkv_prologue`, `elementwise.gated_group_rmsnorm` | `elementwise_reference.qkv_prologue_reference`, `elementwise_reference.gated_group_rmsnorm_reference` |
 | fused residual add + RMSNorm (s = x + delta; rms_norm(s)) | `elementwise.add_rms_norm` | `elementwise_reference.add_rms_norm_reference` |
-| decode CUDA graphs; per-layer graphs at one shape (MoE of mixed steps) | `graphs.DecodeGraphs`, `graphs.LayerGraphs` | eager calls |
+| decode CUDA graphs; a step's pieces between its attention calls, per row count (steps with prompt tokens) | `graphs.DecodeGraphs`, `graphs.PieceGraphs` | eager calls |
 
 The extension is compiled on first use (torch.utils.cpp_extension.load, sm_90a); without CUDA every wrapper runs its
 twin. `available()` says whether the compiled path is in use.
@@ -16,7 +16,7 @@ twin. `available()` says whether the compiled path is in use.
 
 from ._build import KernelUnavailable, available
 from .elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
-from .graphs import DecodeGraphs, LayerGraphs
+from .graphs import DecodeGraphs, PieceGraphs
 from .lightning import lightning_decode, lightning_prefill, plan_prefill, prepare_prefill, run_prepared_prefill
 from .moe import fused_moe, pack_experts, route
 from .moe_reference import RING_MINI_ROUTER, RouterConfig
@@ -30,7 +30,7 @@ __all__ = [
     "KernelUnavailable",
     "available",
     "DecodeGraphs",
-    "LayerGraphs",
+    "PieceGraphs",
     "lightning_decode",
     "lightning_prefill",
     "plan_prefill",

@@ -104,6 +104,7 @@ def qkv_prologue(
     norm_dtype: torch.dtype | None = None,
     rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused projection qkv [N, (Hq + 2 Hkv) d] (q heads, then k heads, then v heads) into q [N, Hq, d],
     k [N, Hkv, d], v [N, Hkv, d] (contiguous, out_dtype), computing in fp32:
@@ -122,6 +123,8 @@ def qkv_prologue(
     kv_cache: (K, V, rows) with K, V [R, Hkv, d] contiguous caches of out_dtype and rows int [N] (distinct, < R): k and
     v go straight to K[rows], V[rows] (one kernel instead of the prologue and two index_put copies); the returned k
     and v are then K and V themselves.
+    out: (q, k, v) buffers to write instead of new tensors (contiguous, out_dtype, the shapes above; k and v None
+    with kv_cache): a step replayed from CUDA graphs keeps them at fixed addresses.
     """
     fn = "qkv_prologue"
     _tensor("qkv", fn, qkv, 2)
@@ -174,20 +177,37 @@ def qkv_prologue(
         if rows.shape[0] != N or rows.dtype.is_floating_point or rows.dtype == torch.bool or K.shape != V.shape:
             raise ValueError(f"{fn}: kv_cache rows must be an integer tensor [{N}] and K, V of one shape")
 
+    bufs = (None, None, None) if out is None else tuple(out)
+    if len(bufs) != 3:
+        raise ValueError(f"{fn}: out must be a (q, k, v) tuple")
+    for name, b, heads in zip(("q", "k", "v"), bufs, (Hq, Hkv, Hkv)):
+        if b is None:
+            if out is not None and (name == "q" or kv_cache is None):
+                raise ValueError(f"{fn}: out {name} is missing")
+            continue
+        if kv_cache is not None and name != "q":
+            raise ValueError(f"{fn}: out {name} must be None with kv_cache (k and v go to the cache)")
+        if not (torch.is_tensor(b) and tuple(b.shape) == (N, heads, d) and b.dtype == out_dtype and b.device == dev
+                and b.is_contiguous()):
+            raise ValueError(f"{fn}: out {name} must be a contiguous {out_dtype} [{N}, {heads}, {d}] on {dev}")
+
     kernel_ok = (d in PROLOGUE_HEAD_DIMS and qkv.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
                  and (norm_dtype is None or norm_dtype in _KERNEL_DTYPES))
     if not (kernel_ok and _use_cuda(qkv)):
         q, k, v = qkv_prologue_reference(qkv, positions, Hq, Hkv, d, silu=silu, q_norm_weight=q_norm_weight,
                                          k_norm_weight=k_norm_weight, eps=eps, rotary_dim=rot, rope_theta=theta,
                                          out_dtype=out_dtype, norm_dtype=norm_dtype)
-        if kv_cache is None:
-            return q, k, v
-        K[rows], V[rows] = k, v
-        return q, K, V
-    q = torch.empty(N, Hq, d, dtype=out_dtype, device=dev)
+        if kv_cache is not None:
+            K[rows], V[rows] = k, v
+            k, v = K, V
+        res = []
+        for t, b in zip((q, k, v), bufs):
+            res.append(t if b is None else b.copy_(t))
+        return tuple(res)
+    q = torch.empty(N, Hq, d, dtype=out_dtype, device=dev) if bufs[0] is None else bufs[0]
     if kv_cache is None:
-        k = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
-        v = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev)
+        k = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev) if bufs[1] is None else bufs[1]
+        v = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev) if bufs[2] is None else bufs[2]
     else:
         k, v = K, V
     if N == 0:

@@ -1,11 +1,12 @@
-"""CUDA-graph helpers: a decode step captured once per padded batch size, and per-layer functions captured at one
-fixed input shape; both replay with copied-in inputs.
+"""CUDA-graph helpers: a decode step captured once per padded batch size, and the pieces of a step between its
+attention calls captured at one fixed row count; both replay with copied-in inputs.
 
 DecodeGraphs: the step function works on static input buffers whose first dimension is the padded batch; rows past
 the real batch are filled with each input's pad value (e.g. slot -1, which the lightning decode kernel treats as
 "touch nothing").
-LayerGraphs: one function per layer (the runner's MoE blocks) at one token count, for the eager steps that carry
-prompt tokens (beside the streams or not): such a step is bound by the host's launch rate, and a replay is one launch.
+PieceGraphs: for the steps that carry prompt tokens (beside the streams or not), whose attention changes shape every
+step: everything else of the step (norms, projections, prologues, MoE) is captured per padded row count, and the
+attention runs eagerly between the replays. Such steps are bound by the host's launch rate, and a replay is one launch.
 """
 
 from __future__ import annotations
@@ -37,45 +38,36 @@ def capture_graph(fn: Callable[[], torch.Tensor], pool=None, warmup: int = 1):
     return graph, out
 
 
-class LayerGraphs:
-    """fns[l](x) captured for every layer l at x's shape [tokens, ...], all reading one static input and sharing one
-    memory pool (`pool`: an earlier LayerGraphs' pool, to share it across sizes); the functions must treat rows
-    independently (the MoE blocks do).
+class PieceGraphs:
+    """Zero-argument functions (the pieces of a step between its attention calls) that read and write buffers the
+    caller owns, each captured once, in order, into one shared memory pool (`pool`: an earlier PieceGraphs' pool, to
+    share it across sizes). pieces(i) replays piece i; the caller runs whatever is not captured (the attention, whose
+    shapes change every step) between the replays, reading and writing the same buffers.
 
-    graphs(l, x) with x of n <= tokens rows copies x into the static input's first n rows, zeroes the rest (zero rows
-    all route alike: the padding touches few extra experts) and replays layer l. The output is a view of the same
-    buffer every time, overwritten by the next replay of that layer (the stream orders the replay after every reader
-    queued before it).
+    eager=True runs the functions instead of capturing them (CPU runs and tests of the callers' buffer handling:
+    everything but the capture itself).
     """
 
-    def __init__(self, fns: dict[int, Callable[[torch.Tensor], torch.Tensor]], example: torch.Tensor, warmup: int = 1,
-                 pool=None):
-        self.static = torch.zeros_like(example)
-        self.tokens = example.shape[0]
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = pool
-        for l, fn in fns.items():
-            graph, out = capture_graph(lambda fn=fn: fn(self.static), self.pool, warmup)
+    def __init__(self, fns: list[Callable[[], object]], pool=None, warmup: int = 1, eager: bool = False):
+        self.fns, self.eager, self.pool = list(fns), eager, pool
+        self._graphs: list[torch.cuda.CUDAGraph] = []
+        if eager:
+            return
+        for fn in self.fns:
+            graph, _ = capture_graph(fn, self.pool, warmup)
             self.pool = graph.pool()
-            self._graphs[l] = (graph, out)
+            self._graphs.append(graph)
+        for graph in self._graphs:
             graph.replay()  # the first launch uploads the graph: start-up work, not a request's
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        return len(self.fns)
 
-    def __contains__(self, layer: int) -> bool:
-        return layer in self._graphs
-
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n > self.tokens or x.shape[1:] != self.static.shape[1:]:
-            raise ValueError(f"LayerGraphs: input of shape {tuple(x.shape)}, captured for {tuple(self.static.shape)}")
-        self.static[:n].copy_(x)
-        if n < self.tokens:
-            self.static[n:].zero_()
-        graph, out = self._graphs[layer]
-        graph.replay()
-        return out[:n]
+    def __call__(self, i: int) -> None:
+        if self.eager:
+            self.fns[i]()
+        else:
+            self._graphs[i].replay()
 
 
 class DecodeGraphs:
@@ -151,4 +143,4 @@ class DecodeGraphs:
         return out[:batch]
 
 
-__all__ = ["DecodeGraphs", "LayerGraphs", "capture_graph", "DEFAULT_BATCH_SIZES"]
+__all__ = ["DecodeGraphs", "PieceGraphs", "capture_graph", "DEFAULT_BATCH_SIZES"]

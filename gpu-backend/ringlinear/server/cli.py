@@ -143,8 +143,8 @@ def build_pod(args: argparse.Namespace):
             raise SystemExit(f"error: a step of {prefill_step} prompt tokens does not fit in the device's memory next to "
                              f"the weights and the {budget} B memory budget; lower --max-prefill-step-tokens or "
                              "--memory-budget") from None
-        log.info("warm-up: a step of %d prompt tokens, %d chunk attention shapes and %d MoE graphs in %.1f s "
-                 "(peak %.1f GiB allocated)", w.tokens, w.attention_shapes, w.moe_graphs, time.perf_counter() - t0,
+        log.info("warm-up: a step of %d prompt tokens, %d chunk attention shapes and %d step piece graphs in %.1f s "
+                 "(peak %.1f GiB allocated)", w.tokens, w.attention_shapes, w.step_graphs, time.perf_counter() - t0,
                  torch.cuda.max_memory_allocated(device) / 2**30)
     keys = list(args.api_key) + ([args.shared_secret] if args.shared_secret else [])
     settings = PodSettings(model_name=name, api_keys=keys, max_body_bytes=args.max_body_bytes,

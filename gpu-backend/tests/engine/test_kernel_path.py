@@ -327,73 +327,139 @@ def test_mixed_step_queues_without_host_sync_on_cuda(tiny_ckpt):
     assert len(checked) >= 3 and all(r.output for r in late)
 
 
+class _CountingPieces:
+    """Wraps a runner's PieceGraphs to count the steps that replayed them (piece 0 runs once per step)."""
+
+    def __init__(self, pieces):
+        self.pieces, self.steps = pieces, 0
+        self.eager, self.pool = pieces.eager, pieces.pool
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def __call__(self, i):
+        self.steps += i == 0
+        self.pieces(i)
+
+
+def _count_pieces(eng):
+    counting = [(n, _CountingPieces(g)) for n, g in eng.runner.step_graphs]
+    eng.runner.step_graphs = counting
+    return [c for _, c in counting]
+
+
+def _mixed_scenario(eng):
+    """Decodes beside a long prompt's 64-token chunks (66-row steps), then a short prompt beside up to 3 decodes
+    (a ~32-row step), then the decodes alone."""
+    reqs = [eng.add_request(random_prompt(n, seed), greedy(12)) for n, seed in ((20, 1), (7, 2))]
+    while not all(r.output for r in reqs):
+        eng.step()
+    late = eng.add_request(random_prompt(300, 3), greedy(3))
+    while not late.output:
+        eng.step()
+    short = eng.add_request(random_prompt(29, 4), greedy(2))
+    run_all(eng)
+    return [r.output for r in reqs + [late, short]]
+
+
+def _assert_logits_close(logs, tol):
+    assert len(logs[0]) == len(logs[1])
+    for step, (a, b) in enumerate(zip(*logs)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            err = ((a - b).abs().amax(-1) / a.abs().amax(-1)).max().item()
+            assert err <= tol, f"step {step}: logits differ by {err:.2e} of their range"
+
+
+def test_step_pieces_on_padded_buffers_match_eager_steps(tiny_model):
+    """The padded-buffer path of steps with prompt tokens (`capture_step_graphs(eager=True)`: the pieces run on the
+    fixed buffers of 64, 96 or 128 rows, uncaptured, with the attention between them on the first n rows) gives the eager
+    steps' tokens and logits; padding rows write their K/V to the scratch row only, so later steps agree too."""
+    from ringlinear.engine.runner import _StepIO
+
+    eager = make_engine(tiny_model, max_batch=4, max_step_tokens=128, kernels=True)
+    padded = make_engine(tiny_model, max_batch=4, max_step_tokens=128, kernels=True)
+    L = tiny_model.config.num_hidden_layers
+    assert padded.runner.capture_step_graphs(128) == 0  # no decode graphs on CPU: nothing to capture
+    assert padded.runner.capture_step_graphs(128, eager=True) == 3 * (L + 1)
+    assert [n for n, _ in padded.runner.step_graphs] == [64, 96, 128]
+    ios = padded.runner._step_io
+    assert sorted(ios) == [64, 96, 128] and all(isinstance(io, _StepIO) and io.x.shape[1] == n for n, io in ios.items())
+    assert ios[64].x.data_ptr() == ios[128].x.data_ptr()  # the smaller size works on views of the larger's buffers
+    counting = _count_pieces(padded)
+    logs = [_record_logits(e) for e in (eager, padded)]
+    assert _mixed_scenario(eager) == _mixed_scenario(padded)
+    assert min(c.steps for c in counting) >= 1 and counting[1].steps >= 3, [c.steps for c in counting]  # 66 rows: 96
+    _assert_logits_close(logs, 1e-4)
+
+
+def test_qkv_prologue_writes_given_buffers():
+    """qkv_prologue(out=...) fills the caller's buffers (what a replayed piece needs) with the values it would return,
+    and names a buffer of the wrong shape or dtype."""
+    torch.manual_seed(0)
+    N, H, d = 5, 2, 16
+    qkv, pos = torch.randn(N, 3 * H * d), torch.arange(N)
+    kw = dict(silu=True, q_norm_weight=torch.rand(d) + 0.5, k_norm_weight=torch.rand(d) + 0.5, eps=1e-6,
+              rotary_dim=8, rope_theta=1e4, out_dtype=torch.float32)
+    want = K.qkv_prologue(qkv, pos, H, H, d, **kw)
+    bufs = tuple(torch.full((N, H, d), float("nan")) for _ in range(3))
+    got = K.qkv_prologue(qkv, pos, H, H, d, **kw, out=bufs)
+    for w, g, b in zip(want, got, bufs):
+        assert g is b and torch.equal(g, w)
+    with pytest.raises(ValueError, match="out k must be"):
+        K.qkv_prologue(qkv, pos, H, H, d, **kw, out=(bufs[0], torch.zeros(N, H, d + 1), bufs[2]))
+    with pytest.raises(ValueError, match="out v is missing"):
+        K.qkv_prologue(qkv, pos, H, H, d, **kw, out=(bufs[0], bufs[1], None))
+
+
+def test_piece_graphs_eager_runs_the_functions_in_order():
+    calls = []
+    pieces = K.PieceGraphs([lambda: calls.append(0), lambda: calls.append(1)], eager=True)
+    assert len(pieces) == 2 and pieces.eager
+    pieces(1)
+    pieces(0)
+    assert calls == [1, 0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_moe_graphs_replay_the_mixed_steps_on_cuda(tiny_ckpt):
-    """Steps that carry prompt tokens replay the MoE layers' graphs of the smallest captured size that holds them
-    (128 and 64 rows for max_step_tokens 128): a long prompt's chunks beside two decodes make 66-row steps (chunks end
-    on 64-token prefix blocks), a short prompt a 32-row one; the rest of each size is padding. The same tokens and
-    logits as the eager MoE, and both sizes really ran."""
+def test_step_graphs_replay_the_mixed_steps_on_cuda(tiny_ckpt):
+    """Steps that carry prompt tokens replay the pieces captured at the smallest size that holds them (64, 96 and 128
+    rows for max_step_tokens 128), with the attention eager between the replays: the same tokens as fully eager steps,
+    logits within bf16 noise (the GEMMs see other row counts), and both sizes really ran."""
     from ringlinear.checkpoint import load_model
-    from ringlinear.model import MoE
 
     if not K.available():
         pytest.skip("CUDA extension unavailable")
     model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
     eager = make_engine(model, max_batch=4, max_step_tokens=128)
     graphed = make_engine(model, max_batch=4, max_step_tokens=128)
-    n_moe = sum(isinstance(layer.mlp, MoE) for layer in model.model.layers)
-    assert graphed.runner.capture_moe_graphs(128) == 2 * n_moe > 0
-    assert [g.tokens for g in graphed.runner.moe_graphs] == [64, 128]
-    assert graphed.runner.capture_moe_graphs(128) == 2 * n_moe  # kept, not captured again
-
-    class Counting:
-        def __init__(self, g):
-            self.g, self.tokens, self.calls = g, g.tokens, 0
-
-        def __contains__(self, layer):
-            return layer in self.g
-
-        def __call__(self, layer, x):
-            self.calls += 1
-            return self.g(layer, x)
-
-    counting = graphed.runner.moe_graphs = [Counting(g) for g in graphed.runner.moe_graphs]
-    logs, outs = [], []
-    for eng in (eager, graphed):
-        logs.append(_record_logits(eng))
-        reqs = [eng.add_request(random_prompt(n, seed), greedy(12)) for n, seed in ((20, 1), (7, 2))]
-        while not all(r.output for r in reqs):
-            eng.step()
-        late = eng.add_request(random_prompt(300, 3), greedy(3))  # chunks of 64 beside two decodes: 66-row steps
-        while not late.output:
-            eng.step()
-        short = eng.add_request(random_prompt(29, 4), greedy(2))  # 29 + up to 3 decodes: a 32-row step
-        run_all(eng)
-        outs.append([r.output for r in reqs + [late, short]])
-    assert outs[0] == outs[1]
-    assert counting[0].calls >= n_moe and counting[1].calls >= 3 * n_moe, [c.calls for c in counting]
-    for a, b in zip(*logs):
-        if a is not None:
-            err = ((a - b).abs().amax(-1) / a.abs().amax(-1)).max().item()
-            assert err <= 1e-2, f"graphed MoE logits differ by {err:.2e} of their range"
+    L = model.config.num_hidden_layers
+    assert graphed.runner.capture_step_graphs(128) == 3 * (L + 1)
+    assert [n for n, _ in graphed.runner.step_graphs] == [64, 96, 128]
+    assert not any(g.eager for _, g in graphed.runner.step_graphs)
+    assert graphed.runner.capture_step_graphs(128) == 3 * (L + 1)  # kept, not captured again
+    counting = _count_pieces(graphed)
+    logs = [_record_logits(e) for e in (eager, graphed)]
+    assert _mixed_scenario(eager) == _mixed_scenario(graphed)
+    assert min(c.steps for c in counting) >= 1 and counting[1].steps >= 3, [c.steps for c in counting]  # 66 rows: 96
+    _assert_logits_close(logs, 1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_layer_graphs_pad_short_inputs_on_cuda():
-    """LayerGraphs: a replay equals the eager function, for the captured row count and for fewer rows (padded with
-    zero rows, dropped from the output); more rows than captured are refused; a second set shares the first's pool."""
-    w = {0: torch.randn(16, 16, device="cuda"), 3: torch.randn(16, 16, device="cuda")}
-    fns = {l: (lambda x, m=m: torch.relu(x @ m) + 1) for l, m in w.items()}
-    g = K.LayerGraphs(fns, torch.zeros(8, 16, device="cuda"))
-    assert len(g) == 2 and 3 in g and 1 not in g and g.tokens == 8
-    for n in (8, 5, 8, 1):
-        x = torch.randn(n, 16, device="cuda")
-        for l in w:
-            torch.testing.assert_close(g(l, x), fns[l](x))
-    with pytest.raises(ValueError, match="captured for"):
-        g(0, torch.zeros(9, 16, device="cuda"))
-    small = K.LayerGraphs(fns, torch.zeros(4, 16, device="cuda"), pool=g.pool)
-    x = torch.randn(3, 16, device="cuda")
-    for l in w:
-        torch.testing.assert_close(small(l, x), fns[l](x))
-        torch.testing.assert_close(g(l, x), fns[l](x))
+def test_piece_graphs_replay_on_the_callers_buffers_on_cuda():
+    """PieceGraphs: each replay recomputes its piece from the buffers' current contents, pieces hand each other
+    buffers, and a second set shares the first's pool."""
+    w0, w1 = torch.randn(16, 16).cuda(), torch.randn(16, 16).cuda()
+    x, y, z = (torch.zeros(8, 16, device="cuda") for _ in range(3))
+    fns = [lambda: y.copy_(torch.relu(x @ w0)), lambda: z.copy_(y @ w1 + 1)]
+    g = K.PieceGraphs(fns)
+    assert len(g) == 2 and not g.eager
+    for _ in range(3):
+        x.copy_(torch.randn(8, 16))  # (drawn on the host: CUDA's generator refuses draws between captures here)
+        g(0)
+        torch.testing.assert_close(y, torch.relu(x @ w0))
+        g(1)
+        torch.testing.assert_close(z, torch.relu(x @ w0) @ w1 + 1)
+    small = K.PieceGraphs([lambda: y[:4].copy_(x[:4] @ w1)], pool=g.pool)
+    small(0)
+    torch.testing.assert_close(y[:4], x[:4] @ w1)
