@@ -101,6 +101,9 @@ RL_DEVICE void store(T* p, const float* f) {
 // A head's D elements are spread over LPH = D / V lanes (V elements of 16 bytes each), so a warp covers HPW = 32 / LPH
 // heads per pass and the per-head RMS is a shuffle reduction inside an aligned group of LPH lanes. RoPE partners
 // (element e and e +- r/2) may sit in other lanes: they are exchanged through a per-warp shared buffer.
+// grid.y splits a token's heads: block y takes heads [y * heads_per_block, ...) (all of them when grid.y == 1). A
+// step of a few tokens (decode) would otherwise leave one block per token walking every head in turn (~6 us at one
+// token; split, the token's heads run side by side on several SMs).
 template <typename Tin, typename Tout, int D>
 __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
     qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, int N, const int64_t* __restrict__ positions,
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
                         Tout* __restrict__ k_out, Tout* __restrict__ v_out, const int64_t* __restrict__ kv_rows,
                         int Hq, int Hkv, int silu, int norm_code,
                         float eps, int rot, double theta, const float* __restrict__ cos_tab,
-                        const float* __restrict__ sin_tab) {
+                        const float* __restrict__ sin_tab, int heads_per_block) {
   constexpr int V = 16 / sizeof(Tin);
   constexpr int LPH = D / V;
   constexpr int HPW = 32 / LPH;
@@ -124,6 +127,8 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
   const int sub = lane % LPH, hslot = lane / LPH;
   const int H = Hq + 2 * Hkv, half = rot / 2;
   const int row16 = H * D * (int)sizeof(Tin) / 16;
+  const int hlo = blockIdx.y * heads_per_block, hhi = min(H, hlo + heads_per_block);  // this block's heads
+  constexpr int kHead16 = D * (int)sizeof(Tin) / 16;  // 16-byte pieces of one head
   const bool tables = cos_tab != nullptr;
 
   // The block walks tokens blockIdx.x, + gridDim.x, ...; token j of its walk lands in stage j % S through cp.async,
@@ -135,7 +140,8 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
     if (n < N) {
       const int st = j % S;
       const uint4* src = reinterpret_cast<const uint4*>(qkv + (int64_t)n * row_stride);
-      for (int c = threadIdx.x; c < row16; c += kPrologueThreads) cp_async_16(ring + st * row16 + c, src + c, 16);
+      for (int c = hlo * kHead16 + threadIdx.x; c < hhi * kHead16; c += kPrologueThreads)
+        cp_async_16(ring + st * row16 + c, src + c, 16);
       if (tables && (int)threadIdx.x < half) {
         cp_async_4(&cos_s[st][threadIdx.x], cos_tab + (int64_t)n * rot + threadIdx.x);
         cp_async_4(&sin_s[st][threadIdx.x], sin_tab + (int64_t)n * rot + threadIdx.x);
@@ -163,12 +169,12 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
     const Tin* row = reinterpret_cast<const Tin*>(ring + st * row16);
     const float* cs_ = cos_s[st];
     const float* sn_ = sin_s[st];
-    for (int h0 = 0; h0 < H; h0 += kHeadsPerPass * kPrologueRounds) {  // block-uniform loop
+    for (int h0 = hlo; h0 < hhi; h0 += kHeadsPerPass * kPrologueRounds) {  // block-uniform loop
       float x[kPrologueRounds][V];
 #pragma unroll
       for (int r = 0; r < kPrologueRounds; ++r) {
         const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
-        if (h < H) {
+        if (h < hhi) {
           unpack16<Tin, V>(*reinterpret_cast<const uint4*>(row + h * D + sub * V), x[r]);  // from the ring
         } else {
 #pragma unroll
@@ -177,8 +183,9 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
       }
 #pragma unroll
       for (int r = 0; r < kPrologueRounds; ++r) {
-        if (h0 + r * kHeadsPerPass >= H) break;  // block-uniform
-        // Lanes whose head is past the end (h >= H) still run the shuffles and __syncwarp below, then store nothing.
+        if (h0 + r * kHeadsPerPass >= hhi) break;  // block-uniform
+        // Lanes whose head is past the block's last (h >= hhi) still run the shuffles and __syncwarp below, then
+        // store nothing.
         const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
         float* f = x[r];
         if (silu) {
@@ -225,7 +232,7 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
           __syncwarp();  // the buffer is rewritten by the next round
         }
 
-        if (h < H) {
+        if (h < hhi) {
           const int64_t kv_row = kv_rows != nullptr ? kv_rows[n] : n;  // k/v straight into their KV-cache rows
           Tout* dst = is_q ? q_out + ((int64_t)n * Hq + h) * D
                            : (is_k ? k_out + (kv_row * Hkv + (h - Hq)) * D
@@ -443,19 +450,26 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
     dispatch_float(q_out.scalar_type(), "qkv_prologue: out_dtype", [&](auto out_tag) {
       using Tout = decltype(out_tag);
       auto launch = [&](auto kernel) {
-        // Enough blocks to fill the SMs at the occupancy the ring allows; each walks its share of the tokens.
+        // Enough blocks to fill the SMs at the occupancy the ring allows; each walks its share of the tokens. With
+        // fewer tokens than block slots, a token's heads are split over up to one block per pass of heads.
         const int smem = kPrologueStages * (int)((Hq + 2 * Hkv) * D * sizeof(Tin));
         RL_CHECK(smem <= kPrologueMaxRing, "qkv_prologue: (q + 2 kv heads) x head_dim = ", (Hq + 2 * Hkv) * D,
                  " elements per token is too wide for the kernel's shared-memory ring");
-        const int64_t grid = std::min<int64_t>(N, prologue_resident_blocks(kernel, smem, qkv.get_device()));
-        kernel<<<(unsigned)grid, kPrologueThreads, smem, stream>>>(
+        const int64_t slots = prologue_resident_blocks(kernel, smem, qkv.get_device());
+        const int H = (int)(Hq + 2 * Hkv), pass = kPrologueWarps * 32 / ((int)D * (int)sizeof(Tin) / 16);
+        const int64_t passes = (H + pass - 1) / pass;
+        const int64_t split = std::max<int64_t>(1, std::min<int64_t>(passes, slots / N));
+        const int heads_per_block = (int)(pass * ((passes + split - 1) / split));
+        const unsigned grid_y = (unsigned)((H + heads_per_block - 1) / heads_per_block);
+        const int64_t grid = std::min<int64_t>(N, std::max<int64_t>(1, slots / grid_y));
+        kernel<<<dim3((unsigned)grid, grid_y), kPrologueThreads, smem, stream>>>(
             reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N, positions.data_ptr<int64_t>(),
             q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
             reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
             reinterpret_cast<Tout*>(v_out.data_ptr()), kv_rows ? kv_rows->data_ptr<int64_t>() : nullptr,
             (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
             (int)rot, theta, cos_tab ? cos_tab->data_ptr<float>() : nullptr,
-            sin_tab ? sin_tab->data_ptr<float>() : nullptr);
+            sin_tab ? sin_tab->data_ptr<float>() : nullptr, heads_per_block);
       };
       if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64>);
       else launch(qkv_prologue_kernel<Tin, Tout, 128>);
