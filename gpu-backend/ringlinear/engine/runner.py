@@ -36,7 +36,7 @@ copy (no host sync inside a step), and everything between two attention calls - 
 projection, the residual adds and norms, the MoE, the next layer's projection and prologue - is one *piece*, captured
 for each of a ladder of row counts (`capture_step_graphs`, called by the engine's warm-up). A step pads its rows to
 the smallest captured count that holds it and runs, per layer, one piece replay and its attention eagerly
-(`_forward_pieces`); the pieces read and write fixed buffers (`_StepIO`), the attention the first n rows of them.
+(`_forward_pieces`); the pieces read and write fixed buffers (`StepIO`), the attention the first n rows of them.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_pl
 from ..ops.transfer import to_device
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache
+from .step_io import StepIO, step_graph_sizes
 
 log = logging.getLogger(__name__)
 
-STEP_GRAPH_MIN_TOKENS = 64  # the smallest padded row count whose pieces are captured (capture_step_graphs)
 LIGHTNING_CHUNK = 64  # the reference prefill's chunk; chunks start at multiples of it whatever the step split
 
 
@@ -74,16 +74,6 @@ class Segment:
     @property
     def end(self) -> int:
         return self.start + len(self.tokens)
-
-
-def step_graph_sizes(max_tokens: int) -> list[int]:
-    """The padded row counts of the step graphs: 64, 96, 128, 192, 256, 384, ... (steps of 1.5x and 4/3x, so a step
-    pads by less than half its rows: the pieces' GPU work grows with the padded count) up to max_tokens."""
-    sizes, n = [], STEP_GRAPH_MIN_TOKENS
-    while n < max_tokens:
-        sizes.append(n)
-        n = n * 3 // 2 if len(sizes) % 2 else n * 4 // 3
-    return sizes + [max_tokens]
 
 
 def kernels_usable(model: RingLinearForCausalLM) -> bool:
@@ -170,7 +160,7 @@ class ModelRunner:
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
-        self._step_io: dict[int, _StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
+        self._step_io: dict[int, StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
         if self.use_kernels:
             if model.device.type == "cuda":
                 self.chunk_attention = chunk_attention
@@ -230,7 +220,7 @@ class ModelRunner:
         if [n for n, _ in self.step_graphs] == sizes[::-1] and all(g.eager == eager for _, g in self.step_graphs):
             return sum(len(g) for _, g in self.step_graphs)
         self.step_graphs, self._step_io = [], {}  # drop the old graphs (and their pool) before capturing new ones
-        buffers = _StepIO.allocate(self, max_tokens)
+        buffers = StepIO.allocate(self, max_tokens)
         graphs, views, pool = [], {}, None
         try:
             for n in sizes:  # the largest first: the smaller ones reuse its pool's intermediates
@@ -327,14 +317,14 @@ class ModelRunner:
         # Prompt-only steps take bf16 q/k/v in the lightning layers (what the prefill kernel's tensor cores read);
         # decode rows keep fp32.
         bf16 = plan.dec is None and self.model.dtype == torch.bfloat16
-        io = _StepIO(ids=ids, pos=pos, kv_rows=kv_rows, qkv_dtype=torch.bfloat16 if bf16 else self.acc)
+        io = StepIO(ids=ids, pos=pos, kv_rows=kv_rows, qkv_dtype=torch.bfloat16 if bf16 else self.acc)
         self._piece(0, io)
         for l in range(self.cfg.num_hidden_layers):
             self._attention(l, io, plan, snaps)
             self._piece(l + 1, io)
         return io.x
 
-    def _forward_pieces(self, pieces, io: "_StepIO", ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
+    def _forward_pieces(self, pieces, io: StepIO, ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
         """_forward with the pieces replayed from `pieces` on the padded buffers `io` (ids, pos and kv_rows come
         padded to io's rows). The attention works on the first N rows; the rows past them stay zero in its outputs,
         so every padding row carries the same values (token 0 at position 0) and they all route to the same experts."""
@@ -349,7 +339,7 @@ class ModelRunner:
             pieces(l + 1)
         return io.x[:, :n]
 
-    def _piece(self, k: int, io: "_StepIO") -> None:
+    def _piece(self, k: int, io: StepIO) -> None:
         """Piece k of a step: the end of layer k-1 (its attention output through the gate / norm and the output
         projection, the residual add + norm, the MLP) and the start of layer k (residual add + input norm, the QKV
         projection and prologue); piece 0 starts with the embedding, piece L ends with the last residual add."""
@@ -374,7 +364,7 @@ class ModelRunner:
         else:
             self._lightning_in(k, layer.attention, h, io)
 
-    def _attention(self, l: int, io: "_StepIO", plan: "_StepPlan", snaps, n: int | None = None) -> None:
+    def _attention(self, l: int, io: StepIO, plan: "_StepPlan", snaps, n: int | None = None) -> None:
         """Layer l's sequence mixing (eager: per request) on the first n rows of io (all without n)."""
         rows = slice(None) if n is None else slice(0, n)
         if self.model.model.layers[l].is_softmax:
@@ -459,7 +449,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ lightning layers
 
-    def _lightning_in(self, l, att, h, io: "_StepIO") -> None:
+    def _lightning_in(self, l, att, h, io: StepIO) -> None:
         """Projection to q, k, v (silu, QK-norm, RoPE) and the gate projection: io.q, io.k, io.v, io.gate."""
         cfg = self.cfg
         N = h.shape[1]
@@ -492,7 +482,7 @@ class ModelRunner:
         io.q, io.k = apply_partial_rope(q, io.cos, io.sin), apply_partial_rope(k, io.cos, io.sin)
         io.v, io.gate = v, att.g_proj(h)
 
-    def _attention_out(self, l, att, io: "_StepIO"):
+    def _attention_out(self, l, att, io: StepIO):
         """The attention output of layer l through the output projection: [1, N, D]."""
         cfg = self.cfg
         N = io.x.shape[1]
@@ -591,7 +581,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ softmax layers
 
-    def _softmax_in(self, l, att, h, io: "_StepIO") -> None:
+    def _softmax_in(self, l, att, h, io: StepIO) -> None:
         """Projection to q (io.qs, [N, H, d]), k and v written into the KV cache at io.kv_rows; QK-norm and RoPE."""
         cfg = self.cfg
         N = h.shape[1]
@@ -678,76 +668,6 @@ def _covers(pieces, end: int, start: int = 0) -> bool:
             return False
         at = c1
     return at == end
-
-
-class _StepIO:
-    """The tensors a step's pieces and attention calls hand each other (`ModelRunner._piece`, `_attention`).
-
-    An eager step rebinds each field to the new result. A step replayed from PieceGraphs (static) keeps every field
-    at a fixed buffer, written in place: `put` copies, the projections and prologues write into them directly."""
-
-    ROW_FIELDS = ("ids", "pos", "kv_rows", "q", "k", "v", "gate", "t", "qs", "o", "a")  # [N, ...]
-    SEQ_FIELDS = ("x", "cos", "sin")  # [1, N, ...]
-
-    def __init__(self, static: bool = False, **fields):
-        self.static = static
-        self.ids = self.pos = self.kv_rows = None  # [N] token ids, positions, KV cache rows (softmax layers)
-        self.x = self.cos = self.sin = None  # residual stream [1, N, D]; RoPE tables [1, N, rot]
-        self.q = self.k = self.v = self.gate = None  # a lightning layer's attention inputs [N, H, d], gate [N, H d]
-        self.t = None  # static only: the packed [qkv | gate] projection [N, 4 H d] (gate is a view of it)
-        self.qs = None  # a softmax layer's queries [N, H, d] (its k and v go to the KV cache)
-        self.o = self.a = None  # attention outputs [N, H, d]: lightning (fp32 when static), softmax
-        self.qkv_dtype = None  # the lightning q/k/v dtype
-        for name, value in fields.items():
-            setattr(self, name, value)
-
-    def put(self, name: str, value: torch.Tensor) -> None:
-        if self.static:
-            getattr(self, name).copy_(value)
-        else:
-            setattr(self, name, value)
-
-    @classmethod
-    def allocate(cls, runner: "ModelRunner", rows: int) -> "_StepIO":
-        """Buffers for steps of up to `rows` rows (smaller steps use views of their first rows: `rows`)."""
-        cfg, dev, dtype, acc = runner.cfg, runner.model.device, runner.model.dtype, runner.acc
-        H, d = cfg.num_attention_heads, cfg.d_head
-
-        def z(*shape, dt=dtype):
-            return torch.zeros(*shape, dtype=dt, device=dev)
-
-        io = cls(static=True, qkv_dtype=acc, ids=z(rows, dt=torch.int64), pos=z(rows, dt=torch.int64),
-                 kv_rows=z(rows, dt=torch.int64), x=z(1, rows, cfg.hidden_size), cos=z(1, rows, cfg.rot_dim, dt=acc),
-                 sin=z(1, rows, cfg.rot_dim, dt=acc))
-        if cfg.linear_layers:
-            io.q, io.k, io.v, io.o = (z(rows, H, d, dt=acc) for _ in range(4))
-            io.t = z(rows, 4 * H * d)
-            io.gate = io.t[:, 3 * H * d:]
-        if cfg.softmax_layers:
-            io.qs, io.a = z(rows, H, d), z(rows, H, d)
-        return io
-
-    def rows(self, n: int) -> "_StepIO":
-        """Views of the first n rows of every buffer (a smaller captured size shares the largest one's buffers)."""
-        io = _StepIO(static=True, qkv_dtype=self.qkv_dtype)
-        for name in self.ROW_FIELDS + self.SEQ_FIELDS:
-            t = getattr(self, name)
-            if t is not None:
-                setattr(io, name, t[:, :n] if name in self.SEQ_FIELDS else t[:n])
-        return io
-
-    def reset(self, scratch_row: int) -> None:
-        """Every row a padding row: token 0 at position 0, K/V to the cache's scratch row, zero attention output."""
-        for t in (self.ids, self.pos, self.o, self.a):
-            if t is not None:
-                t.zero_()
-        self.kv_rows.fill_(scratch_row)
-
-    def clear_outputs(self, n: int) -> None:
-        """Zero the attention outputs past row n: the attention writes rows < n only."""
-        for t in (self.o, self.a):
-            if t is not None and n < t.shape[0]:
-                t[n:].zero_()
 
 
 @dataclass

@@ -375,21 +375,28 @@ def test_step_pieces_on_padded_buffers_match_eager_steps(tiny_model):
     """The padded-buffer path of steps with prompt tokens (`capture_step_graphs(eager=True)`: the pieces run on the
     fixed buffers of 64, 96 or 128 rows, uncaptured, with the attention between them on the first n rows) gives the eager
     steps' tokens and logits; padding rows write their K/V to the scratch row only, so later steps agree too."""
-    from ringlinear.engine.runner import _StepIO
+    from ringlinear.engine.step_io import StepIO
 
-    eager = make_engine(tiny_model, max_batch=4, max_step_tokens=128, kernels=True)
-    padded = make_engine(tiny_model, max_batch=4, max_step_tokens=128, kernels=True)
+    eager = make_engine(tiny_model, max_batch=4, max_step_tokens=128, max_prefill_step_tokens=256, kernels=True)
+    padded = make_engine(tiny_model, max_batch=4, max_step_tokens=128, max_prefill_step_tokens=256, kernels=True)
     L = tiny_model.config.num_hidden_layers
     assert padded.runner.capture_step_graphs(128) == 0  # no decode graphs on CPU: nothing to capture
     assert padded.runner.capture_step_graphs(128, eager=True) == 3 * (L + 1)
     assert [n for n, _ in padded.runner.step_graphs] == [64, 96, 128]
     ios = padded.runner._step_io
-    assert sorted(ios) == [64, 96, 128] and all(isinstance(io, _StepIO) and io.x.shape[1] == n for n, io in ios.items())
+    assert sorted(ios) == [64, 96, 128] and all(isinstance(io, StepIO) and io.x.shape[1] == n for n, io in ios.items())
     assert ios[64].x.data_ptr() == ios[128].x.data_ptr()  # the smaller size works on views of the larger's buffers
     counting = _count_pieces(padded)
     logs = [_record_logits(e) for e in (eager, padded)]
     assert _mixed_scenario(eager) == _mixed_scenario(padded)
     assert min(c.steps for c in counting) >= 1 and counting[1].steps >= 3, [c.steps for c in counting]  # 66 rows: 96
+    _assert_logits_close(logs, 1e-4)
+    # a prompt alone takes a step of 200 rows, more than the largest captured size: eager, and the same
+    before = sum(c.steps for c in counting)
+    lone = [e.add_request(random_prompt(200, 5), greedy(2)) for e in (eager, padded)]
+    for e in (eager, padded):
+        run_all(e)
+    assert lone[0].output == lone[1].output and sum(c.steps for c in counting) == before
     _assert_logits_close(logs, 1e-4)
 
 
