@@ -400,6 +400,24 @@ def test_step_pieces_on_padded_buffers_match_eager_steps(tiny_model):
     _assert_logits_close(logs, 1e-4)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded"])
+def test_segment_order_does_not_change_tokens(tiny_model, padded):
+    """The engine puts a step's decodes first, so the runner reads their rows as views; in any other order it gathers
+    them by index. Both give every request the same tokens, on the eager and the padded-buffer paths."""
+    engines = [make_engine(tiny_model, max_batch=4, max_step_tokens=128, kernels=True) for _ in range(2)]
+    if padded:
+        for e in engines:
+            e.runner.capture_step_graphs(128, eager=True)
+    flipped, schedule = engines[1], engines[1]._schedule
+
+    def prompts_first():
+        segs, reqs = schedule()
+        return segs[::-1], reqs[::-1]
+
+    flipped._schedule = prompts_first
+    assert _mixed_scenario(engines[0]) == _mixed_scenario(flipped)
+
+
 def test_qkv_prologue_writes_given_buffers():
     """qkv_prologue(out=...) fills the caller's buffers (what a replayed piece needs) with the values it would return,
     and names a buffer of the wrong shape or dtype."""
