@@ -468,7 +468,7 @@ class ModelRunner:
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=io.qkv_dtype, rope_cos_sin=(io.cos, io.sin),
                 out=(io.q, io.k, io.v) if io.static else None)
             if io.static:
-                if both is None or gate.data_ptr() != io.gate.data_ptr():
+                if both is None:  # (with the packed weights the gate already is io.gate: a view of io.t)
                     io.gate.copy_(gate)
             else:
                 io.q, io.k, io.v, io.gate = q, k, v, gate
