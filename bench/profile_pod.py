@@ -95,7 +95,7 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, variant: str = "graphs"
     print(f"warm-up: {w.step_graphs} step piece graphs, {rec['warm_up_s']:.1f} s", flush=True)
     if variant == "eager":
         held = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-        eng.runner.step_graphs, eng.runner._step_io = [], {}
+        eng.runner.drop_step_graphs()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()

@@ -219,7 +219,7 @@ class ModelRunner:
         sizes = [max_tokens] + [n for n in step_graph_sizes(max_tokens) if n < max_tokens][::-1]
         if [n for n, _ in self.step_graphs] == sizes[::-1] and all(g.eager == eager for _, g in self.step_graphs):
             return sum(len(g) for _, g in self.step_graphs)
-        self.step_graphs, self._step_io = [], {}  # drop the old graphs (and their pool) before capturing new ones
+        self.drop_step_graphs()  # the old graphs (and their pool) go before new ones are captured
         buffers = StepIO.allocate(self, max_tokens)
         graphs, views, pool = [], {}, None
         try:
@@ -239,6 +239,10 @@ class ModelRunner:
             return 0
         self.step_graphs, self._step_io = graphs[::-1], views
         return sum(len(g) for _, g in self.step_graphs)
+
+    def drop_step_graphs(self) -> None:
+        """Forget the step graphs and their buffers: steps with prompt tokens run eagerly again."""
+        self.step_graphs, self._step_io = [], {}
 
     @torch.inference_mode()
     def build_attention_plans(self, max_queries: int, max_context: int) -> int:
