@@ -6,7 +6,8 @@
 Sections: ceilings (device-to-device copy bandwidth, bf16 matmul rate), lightning decode (ours vs fla
 fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16 D=128 (ours vs fla chunk_simple_gla),
 fused MoE at the Ring-mini config with packed gate/up (decode batches vs the torch twin, prefill vs the old
-unpacked layout, the pre-CUDA-glue grouped path and the torch twin). Writes
+unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only moe-latency) one- and two-token
+MoE layers as a decode step runs them, per variant of the decode kernels. Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "gpu-backend"))
 
 from ringlinear.kernels import lightning as L  # noqa: E402
 from ringlinear.kernels import moe as M  # noqa: E402
-from gpu_timing import graph_of  # noqa: E402
+from gpu_timing import events_ms, graph_of  # noqa: E402
 from ringlinear.kernels._build import extension  # noqa: E402
 from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops  # noqa: E402
 from ringlinear.kernels.moe_reference import RING_MINI_ROUTER, experts_touched_bytes, moe_reference  # noqa: E402
@@ -367,6 +368,66 @@ def table():
         print("errors:", json.dumps(RESULTS["errors"], indent=1))
 
 
+MOE_DECODE_VARIANTS = {"8-passes": False, "small-passes": True}  # DECODE_SMALL_PASSES per variant
+
+
+def bench_moe_latency(batches=(1, 2), layers=19, rounds=3):
+    """One- and two-token steps' MoE as a decode step runs it: `layers` Ring-mini MoE layers in the engine's layout
+    (pack_moe: the shared expert is expert E; bf16 router), one CUDA graph of the layers' fused_moe calls replayed,
+    so each layer's experts are cold in L2 as in a step. With and without the one-token layouts (DECODE_SMALL_PASSES),
+    the two graphs replayed in turn over `rounds` (best round reported); then the one-launch router alone, its
+    routing alone (on given logits) and the router GEMV alone (cuBLAS)."""
+    cfg = RING_MINI_ROUTER
+    E, I, Dm = cfg.num_experts, 512, 2048
+    g = torch.Generator(device="cuda").manual_seed(1)
+    mk = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    Ws = []
+    for _ in range(layers):
+        gu, up, dn, sh = M.pack_moe(mk(E, I, Dm), mk(E, I, Dm), mk(E, Dm, I), (mk(I, Dm), mk(I, Dm), mk(Dm, I)))
+        Ws.append(dict(router_weight=mk(E, Dm), expert_bias=torch.randn(E, device="cuda", generator=g) * 0.01,
+                       w_gate=gu, w_up=up, w_down=dn, shared=sh))
+    M.router_counter(torch.device("cuda"))
+    saved = M.DECODE_SMALL_PASSES
+    rows = []
+    try:
+        for N in batches:
+            x = torch.randn(N, Dm, device="cuda", generator=g).to(torch.bfloat16)
+            graphs, outs = {}, {}
+            for name, small in MOE_DECODE_VARIANTS.items():
+                M.DECODE_SMALL_PASSES = small
+                graphs[name] = graph_of(lambda: [M.fused_moe(x, **W, cfg=cfg, path="decode") for W in Ws])  # noqa: B023
+                outs[name] = M.fused_moe(x, **Ws[0], cfg=cfg, path="decode")
+            times = {name: [] for name in graphs}
+            for _ in range(rounds):
+                for name, fn in graphs.items():
+                    times[name].append(events_ms(fn, 200) * 1e3 / layers)
+            row = {"N": N, "layers": layers, "us_per_layer": {k: min(v) for k, v in times.items()}, "all_us": times,
+                   "bitwise_equal": all(torch.equal(o, outs["8-passes"]) for o in outs.values())}
+            ids = M.route(x, Ws[0]["router_weight"], Ws[0]["expert_bias"], cfg)[0]
+            row["bytes_MB"] = (experts_touched_bytes(ids, Ws[0]["w_gate"], Ws[0]["w_down"]) + 3 * I * Dm * 2
+                               + E * Dm * 2) / 1e6
+            if N <= M.SMALL_ROUTE_MAX_TOKENS:
+                logits = [torch.mm(x, W["router_weight"].t(), out_dtype=torch.float32) for W in Ws]
+                pieces = {
+                    "router_one_launch": lambda: [M.route_decode(x, W["router_weight"], W["expert_bias"], cfg, E, E + 1)  # noqa: B023
+                                                  for W in Ws],
+                    "routing_only": lambda: [M.route_align_small(lg, W["expert_bias"], cfg, E, E + 1)  # noqa: B023
+                                             for lg, W in zip(logits, Ws)],  # noqa: B023
+                    "router_gemv_cublas": lambda: [torch.mm(x, W["router_weight"].t(), out_dtype=torch.float32)  # noqa: B023
+                                                   for W in Ws],
+                }
+                row["router_us_per_layer"] = {k: events_ms(graph_of(fn), 200) * 1e3 / layers for k, fn in pieces.items()}
+            rows.append(row)
+            best = min(row["us_per_layer"].values())
+            print(f"moe latency N={N}: " + " | ".join(f"{k} {v:.1f} us" for k, v in row["us_per_layer"].items())
+                  + f" per layer ({row['bytes_MB']:.1f} MB: best {row['bytes_MB'] / best:.2f} TB/s); bitwise "
+                  f"equal {row['bitwise_equal']}; router "
+                  + str({k: round(v, 2) for k, v in row.get("router_us_per_layer", {}).items()}), flush=True)
+    finally:
+        M.DECODE_SMALL_PASSES = saved
+    RESULTS["moe_latency"] = rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -392,6 +453,11 @@ def main():
             except Exception as exc:  # noqa: BLE001
                 record_error(name, exc)
             (args.out / "gpu_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    if "moe-latency" in only:
+        try:
+            bench_moe_latency()
+        except Exception as exc:  # noqa: BLE001
+            record_error("moe-latency", exc)
     if "moe" in only:
         c = RESULTS.get("ceilings", {})
         try:

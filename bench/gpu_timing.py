@@ -1,6 +1,7 @@
 """Timing helpers shared by the GPU benchmarks: one timer, CUDA-graph capture, the copy-bandwidth ceiling.
 
     method, ms = timer(device, quick)   # ms(fn) -> median milliseconds of fn()
+    events_ms(fn, reps)                 # median milliseconds by CUDA events, no L2 flush
     replay = graph_of(fn)               # fn captured once, replayed (fn itself off CUDA)
     copy_gbs(device, ms)                # device-to-device copy, read + write bytes, GB/s
 
@@ -27,20 +28,7 @@ def timer(device: torch.device, quick: bool = False) -> tuple[str, Callable[[Cal
         except ImportError:
             pass
 
-        def events(fn):
-            for _ in range(10):
-                fn()
-            times = []
-            for _ in range(10 if quick else 100):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-
-        return "cuda events", events
+        return "cuda events", lambda fn: events_ms(fn, 10 if quick else 100)
 
     def wall(fn):
         fn()
@@ -52,6 +40,22 @@ def timer(device: torch.device, quick: bool = False) -> tuple[str, Callable[[Cal
         return statistics.median(times)
 
     return "perf_counter (CPU smoke test)", wall
+
+
+def events_ms(fn: Callable[[], object], reps: int = 100, warmup: int = 10) -> float:
+    """Median ms of fn() by CUDA events, without flushing L2 between repetitions (for work that walks more memory than
+    L2 holds by itself, or that should see L2 as a step leaves it)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
 
 
 def graph_of(fn: Callable[[], object], cuda: bool = True) -> Callable[[], object]:

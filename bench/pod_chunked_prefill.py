@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pod_e2e import (BLOCK, add_model_arguments, base_config, install_contexts, sync, time_to_first_token,  # noqa: E402
                      twin_config)
+from gpu_timing import events_ms  # noqa: E402
 from ringlinear.config import RingLinearConfig  # noqa: E402
 from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
 from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
@@ -212,15 +213,7 @@ def bench_attention(shapes, dev, reps=10) -> list[dict]:
             o = fn()
             sync(dev)
             first = time.perf_counter() - t0
-            ts = []
-            for _ in range(reps):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                fn()
-                e1.record()
-                e1.synchronize()
-                ts.append(e0.elapsed_time(e1) / 1e3)
-            return o, first, statistics.median(ts)
+            return o, first, events_ms(fn, reps, warmup=0) / 1e3
 
         out["kernel"] = timed(lambda: chunk_attention(q, k, v, scale))
         out["cudnn_split"] = timed(lambda: _cudnn_split(q, k, v, scale))

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gpu-backend"))
 
+from ringlinear import kernels  # noqa: E402
 from ringlinear.config import RingLinearConfig  # noqa: E402
 from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
 from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
@@ -279,6 +280,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="ours,twin")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds per model; later measurements are skipped")
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (default: CUDA graphs on CUDA)")
+    p.add_argument("--moe-decode-latency", choices=("on", "off"), default="on",
+                   help="off: the decode MoE kernels without their one-token layouts (A/B runs)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -295,6 +298,8 @@ def main(argv=None) -> None:
         plot(merged, Path(a.plot or "pod_e2e.png"))
         return
     dev = torch.device(a.device)
+    if a.moe_decode_latency == "off":
+        kernels.moe.DECODE_SMALL_PASSES = False
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     base = base_config(a)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

@@ -42,6 +42,10 @@ STREAM_FOLD_MAX_TOKENS = 32
 STREAM_MAX_TOKENS = 768  # above: the CUTLASS grouped GEMM (an expert's rows take several 32-row passes here)
 STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
 DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
+# One- and two-token steps: the decode expert kernels take an expert's assignments in passes of 2 (gate/up) and 1
+# (down) instead of 8: fewer registers, more blocks per SM (H200, 19 Ring-mini layers: 42.0 -> 37.0 us a layer at one
+# token, bench/gpu_kernels.py --only moe-latency). Read per call (the benchmarks compare it off and on).
+DECODE_SMALL_PASSES = True
 SORT_BLOCK = 2048  # assignments per block of the CUDA moe_sort (kSortPerBlock): sizes its counts workspace
 MAX_EXPERTS = 1024  # the CUDA router and sorts' limit (kMaxExperts), the shared expert included when it is expert E
 # From here the fp32 router GEMM costs ~20 us or more (0.69 ms at 32k tokens on H200), so the 3 bf16 GEMMs pay off.
@@ -378,7 +382,7 @@ def _experts_decode(x, routed, w_gate, w_up, w_down, shared_h):
     h = torch.empty(A, I, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     ext.moe_experts_decode(x.contiguous(), _rows_contiguous(w_gate), _rows_contiguous(w_up), _rows_contiguous(w_down),
-                           offsets, order, active, w.reshape(-1).contiguous(), k, h, y)
+                           offsets, order, active, w.reshape(-1).contiguous(), k, h, y, DECODE_SMALL_PASSES)
     return combine(y, None, None, shared_h, k)  # y rows are already weighted, in assignment order
 
 
@@ -484,5 +488,6 @@ def fused_moe(
 
 
 __all__ = ["fused_moe", "route", "route_align_small", "route_decode", "router_counter", "router_logits", "pack_moe", "shared_as_expert", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
-           "scatter_rows", "combine", "stream_gemm", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE", "RouterConfig",
+           "scatter_rows", "combine", "stream_gemm", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
+           "DECODE_SMALL_PASSES", "RouterConfig",
            "RING_MINI_ROUTER"]

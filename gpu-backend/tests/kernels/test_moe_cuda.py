@@ -344,6 +344,27 @@ def test_decode_down_variants_and_packed_views_agree(I, D):
     assert ((y_packed.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
 
 
+@pytest.mark.parametrize("N", [1, 2, 3, 20])
+@pytest.mark.parametrize("I,D,E", [(512, 2048, 256), (1024, 256, 16), (128, 264, 16)], ids=["mini", "wide", "small"])
+def test_decode_small_passes_change_no_bit(N, I, D, E, monkeypatch):
+    """The one- and two-token layouts (passes of 2 / 1 assignments) run the same per-lane arithmetic in the same
+    order as the 8-assignment passes: bitwise the same outputs (pack_moe's layout, the shared expert E included), and
+    the twin's within MOE_REL. N = 3 and 20 take the 8-assignment passes either way."""
+    from ringlinear.kernels import moe as moe_mod
+
+    cfg = RING_MINI_ROUTER if E == 256 else SMALL
+    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=300 + N + I, packed="moe")
+    wr = wr.to(torch.bfloat16)
+    outs = []
+    for small in (False, True):
+        monkeypatch.setattr(moe_mod, "DECODE_SMALL_PASSES", small)
+        outs.append(fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path="decode"))
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+    y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
+    assert ((outs[0].double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
+
+
 def test_many_tokens_per_expert_decode_passes():
     """An expert with more than 8 assignments takes several 8-token passes over register-held weights."""
     E, I, D, N = 16, 512, 256, 64  # top-4 of 16: ~16 assignments per expert

@@ -23,7 +23,7 @@ void moe_router_decode(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        at::Tensor& offsets, at::Tensor& sorted, at::Tensor& active);
 void moe_experts_decode(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
                         const at::Tensor& offsets, const at::Tensor& sorted, const at::Tensor& active,
-                        const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y);
+                        const at::Tensor& weights, int64_t topk, at::Tensor& h, at::Tensor& y, bool small_passes);
 void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts, at::Tensor& offsets, at::Tensor& ends,
               at::Tensor& sorted, at::Tensor& inv, at::Tensor& tok);
 void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
