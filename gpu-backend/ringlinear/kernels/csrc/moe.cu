@@ -200,8 +200,8 @@ struct SmallRouteArgs {
 };
 
 // The whole routing + sort of a.N tokens by one block; logits [N, E] fp32 (read through L2: another block may have
-// just written them).
-RL_DEVICE void route_align_block(const float* logits, const SmallRouteArgs& a) {
+// just written them). bias_tid: expert threadIdx.x's bias when the caller loaded it already (bias_ready).
+RL_DEVICE void route_align_block(const float* logits, const SmallRouteArgs& a, float bias_tid = 0.f, bool bias_ready = false) {
   const float* __restrict__ bias = a.bias;
   const int N = a.N, E = a.E, n_group = a.n_group, topk_group = a.topk_group, topk = a.topk, append = a.append;
   const int E_out = a.E_out;
@@ -230,7 +230,7 @@ RL_DEVICE void route_align_block(const float* logits, const SmallRouteArgs& a) {
     float b_own = -INFINITY;
     for (int e = tid; e < E; e += nt) {
       const float p = 1.f / (1.f + expf(-__ldcg(lg + e)));
-      const float b = p + (bias != nullptr ? bias[e] : 0.f);
+      const float b = p + (bias_ready && e == tid ? bias_tid : bias != nullptr ? bias[e] : 0.f);
       sc[e] = p;
       bs[e] = b_own = isnan(b) ? -INFINITY : b;
     }
@@ -312,6 +312,22 @@ RL_DEVICE void route_align_block(const float* logits, const SmallRouteArgs& a) {
     }
     __syncthreads();
   }
+  if (N == 1) {  // one token's kout experts are distinct: an expert's first row is the number of smaller ids
+    for (int e = tid; e <= E_out; e += nt) {
+      int below = 0;
+      for (int j = 0; j < kout; ++j) below += aid[j] < e;
+      offsets[e] = below;
+    }
+    if (tid < kout) {
+      const int me = aid[tid];
+      int pos = 0;
+      for (int j = 0; j < kout; ++j) pos += aid[j] < me;
+      active[pos] = me;
+      sorted[pos] = tid;
+    }
+    if (tid == 0) active[E_out] = kout;
+    return;
+  }
   // The sort (moe_align_kernel's outputs): counts, then one scan gives both the experts' starts (low 16 bits) and
   // the active experts' places (high 16 bits); each thread owns a run of `per` consecutive experts.
   const int A = N * kout;
@@ -368,6 +384,9 @@ __global__ void __launch_bounds__(kSmallRouteThreads) moe_router_decode_kernel(
   constexpr int kChunks = 8;  // 16-byte chunks of the warp's weight row per lane in flight
   const int N = a.N, E = a.E, D8 = D / 8;
   const int lane = threadIdx.x & 31, e = blockIdx.x * kRouterRowsPerBlock + (threadIdx.x >> 5);
+  // the bias the last block will need, loaded with the weights (not after the arrival: one L2 round trip less)
+  const bool bias_ready = a.bias != nullptr && E <= (int)blockDim.x;
+  const float bias_tid = bias_ready && (int)threadIdx.x < E ? __ldg(a.bias + threadIdx.x) : 0.f;
   const uint4* row = reinterpret_cast<const uint4*>(w + (int64_t)min(e, E - 1) * D);
   uint4 wv[kChunks];
   auto load = [&](int base) {
@@ -411,7 +430,7 @@ __global__ void __launch_bounds__(kSmallRouteThreads) moe_router_decode_kernel(
   __syncthreads();
   if (!last) return;
   __threadfence();
-  route_align_block(logits, a);
+  route_align_block(logits, a, bias_tid, bias_ready);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -521,6 +540,8 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
                                                           const int32_t* __restrict__ active, int E, const float* __restrict__ weights,
                                                           int Dm, int I, int64_t sd, float* __restrict__ y) {
   extern __shared__ __align__(16) __nv_bfloat16 hs[];  // [MT, I]
+  __shared__ int pass_a[MT];
+  __shared__ float pass_w[MT];
   if ((int)blockIdx.y >= active[E]) return;
   const int e = active[blockIdx.y];
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -541,6 +562,14 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
   for (int pb = p0; pb < p1; pb += MT) {
     const int m = min(MT, p1 - pb);
     __syncthreads();
+    // the pass's assignments and their weights, loaded by the last MT threads (not the first ones, which stage h) in
+    // parallel with the staging: their two dependent L2 reads are off the path to the stores
+    const int t_own = (int)threadIdx.x - ((int)blockDim.x - MT);
+    if (t_own >= 0 && t_own < m) {
+      const int a = sorted[pb + t_own];
+      pass_a[t_own] = a;
+      pass_w[t_own] = weights[a];
+    }
     for (int idx = threadIdx.x; idx < m * I8; idx += blockDim.x)
       reinterpret_cast<uint4*>(hs)[idx] = reinterpret_cast<const uint4*>(h + (int64_t)pb * I)[idx];
     __syncthreads();
@@ -569,10 +598,7 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
       for (int t = 0; t < MT; ++t) {
         if (t < m) {
           const float s = warp_sum(acc[rr][t]);
-          if (lane == 0 && row0 + rr < Dm) {
-            const int a = sorted[pb + t];
-            y[(int64_t)a * Dm + row0 + rr] = s * weights[a];
-          }
+          if (lane == 0 && row0 + rr < Dm) y[(int64_t)pass_a[t] * Dm + row0 + rr] = s * pass_w[t];
         }
       }
     }
