@@ -540,8 +540,6 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
                                                           const int32_t* __restrict__ active, int E, const float* __restrict__ weights,
                                                           int Dm, int I, int64_t sd, float* __restrict__ y) {
   extern __shared__ __align__(16) __nv_bfloat16 hs[];  // [MT, I]
-  __shared__ int pass_a[MT];
-  __shared__ float pass_w[MT];
   if ((int)blockIdx.y >= active[E]) return;
   const int e = active[blockIdx.y];
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -562,14 +560,6 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
   for (int pb = p0; pb < p1; pb += MT) {
     const int m = min(MT, p1 - pb);
     __syncthreads();
-    // the pass's assignments and their weights, loaded by the last MT threads (not the first ones, which stage h) in
-    // parallel with the staging: their two dependent L2 reads are off the path to the stores
-    const int t_own = (int)threadIdx.x - ((int)blockDim.x - MT);
-    if (t_own >= 0 && t_own < m) {
-      const int a = sorted[pb + t_own];
-      pass_a[t_own] = a;
-      pass_w[t_own] = weights[a];
-    }
     for (int idx = threadIdx.x; idx < m * I8; idx += blockDim.x)
       reinterpret_cast<uint4*>(hs)[idx] = reinterpret_cast<const uint4*>(h + (int64_t)pb * I)[idx];
     __syncthreads();
@@ -598,7 +588,10 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
       for (int t = 0; t < MT; ++t) {
         if (t < m) {
           const float s = warp_sum(acc[rr][t]);
-          if (lane == 0 && row0 + rr < Dm) y[(int64_t)pass_a[t] * Dm + row0 + rr] = s * pass_w[t];
+          if (lane == 0 && row0 + rr < Dm) {
+            const int a = sorted[pb + t];
+            y[(int64_t)a * Dm + row0 + rr] = s * weights[a];
+          }
         }
       }
     }
