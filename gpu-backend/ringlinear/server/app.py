@@ -36,21 +36,55 @@ class PodSettings:
 
 
 class BodyLimit:
-    """413 for a declared body over the limit, before anything reads it. Plain ASGI on purpose: Starlette's
-    BaseHTTPMiddleware wraps `receive` and would hide client disconnects from the non-streaming handlers."""
+    """413 for a body over the limit: a declared one (Content-Length) before anything reads it, and one sent without a
+    length (chunked) once the bytes received pass the limit: the app then sees a disconnect instead of more body, and
+    its answer to the cut-off request is replaced by the 413 (it never reached the engine: the routes read the whole
+    body first). Plain ASGI on purpose: Starlette's BaseHTTPMiddleware wraps `receive` and would hide client
+    disconnects from the non-streaming handlers."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    def _error(self, size: int | None = None) -> APIError:
+        what = f"request body of {size} bytes" if size is not None else "request body (sent without a length)"
+        return APIError(413, f"{what} exceeds the limit of {self.limit} bytes", code="request_too_large")
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length", b"")
-            if size.isdigit() and int(size) > self.limit:
-                err = APIError(413, f"request body of {int(size)} bytes exceeds the limit of {self.limit}",
-                               code="request_too_large")
-                await err.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = dict(scope["headers"]).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.limit:
+            await self._error(int(size)).response()(scope, receive, send)
+            return
+        seen, over, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over and not started:
+                return  # the 413 below answers instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._error().response()(scope, receive, send)
 
 
 def create_app(aengine: AsyncEngine, tokenizer, settings: PodSettings) -> FastAPI:

@@ -158,6 +158,29 @@ def test_malformed_requests(client):
     assert_error(client.get("/v1/completions"), 405)
 
 
+def _chunked(payload: bytes, piece: int = 8 << 10):
+    """The body as a generator: httpx sends it chunked, without a Content-Length."""
+    for i in range(0, len(payload), piece):
+        yield payload[i:i + piece]
+
+
+def test_body_without_a_length_is_limited_too(client):
+    """A chunked body over the limit gets the same 413 once its bytes pass the limit, and nothing of it reaches the
+    engine; a chunked body under the limit is served as usual."""
+    headers = {"content-type": "application/json"}
+    engine_before = client.get("/health").json()
+    big = json.dumps({"prompt": "x" * (80 << 10), "max_tokens": 1}).encode()
+    r = client.post("/v1/completions", content=_chunked(big), headers=headers)
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert_error(r, 413, code="request_too_large")
+    assert "without a length" in r.json()["error"]["message"]
+    assert client.get("/health").json()["running"] == engine_before["running"] == 0
+    small = json.dumps({"prompt": "The ring", "max_tokens": 2, "temperature": 0}).encode()
+    r = client.post("/v1/completions", content=_chunked(small, 5), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_auth(client):
     url, body = "/v1/completions", {"prompt": "x", "max_tokens": 1}
     err = assert_error(client.post(url, json=body, headers={"Authorization": ""}), 401, code="invalid_api_key")

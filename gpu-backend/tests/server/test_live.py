@@ -85,6 +85,30 @@ def test_non_stream_disconnect_frees_the_slot(live):
     assert aengine.engine.stats()["generation_tokens_total"] - before < 900
 
 
+def test_chunked_body_over_the_limit_gets_413_over_http(live):
+    """Through uvicorn: a body sent chunked (no Content-Length) past the pod's limit (1 MiB here) is answered 413 in
+    the OpenAI shape, and the server keeps serving."""
+    server, aengine = live
+
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * (32 << 10)
+        yield b'", "max_tokens": 1}'
+
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
+        try:
+            r = c.post("/v1/completions", content=body())
+        except httpx.HTTPError as exc:  # the server may close the connection while the client is still sending
+            pytest.fail(f"no 413 response: {exc!r}")
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "request_too_large"
+        ok = c.post("/v1/completions", json={"prompt": "The ring", "max_tokens": 1, "temperature": 0})
+        assert ok.status_code == 200, ok.text
+    assert _idle(aengine)
+
+
 def test_flood_is_refused_cleanly_and_no_stream_breaks(tiny_model, tiny_tokenizer):
     """2 slots and a queue of 2: a burst of 12 streams gets 503 + Retry-After for the excess; every accepted
     stream runs to its end ([DONE], full usage). How many are accepted depends on how fast the engine admits
