@@ -345,7 +345,8 @@ def test_decode_down_variants_and_packed_views_agree(I, D):
 
 
 @pytest.mark.parametrize("N", [1, 2, 3, 20])
-@pytest.mark.parametrize("I,D,E", [(512, 2048, 256), (1024, 256, 16), (128, 264, 16)], ids=["mini", "wide", "small"])
+@pytest.mark.parametrize("I,D,E", [(512, 2048, 256), (1024, 256, 16), (2048, 128, 16), (128, 264, 16)],
+                         ids=["mini", "wide", "widest", "small"])  # every down register layout at one token
 def test_decode_small_passes_change_no_bit(N, I, D, E, monkeypatch):
     """The one- and two-token layouts (passes of 2 / 1 assignments) run the same per-lane arithmetic in the same
     order as the 8-assignment passes: bitwise the same outputs (pack_moe's layout, the shared expert E included), and
