@@ -153,7 +153,10 @@ def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng) -> list:
     return reqs
 
 
-def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None) -> list[dict]:
+def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
+                 overlap: tuple[bool, ...] = (True,)) -> list[dict]:
+    """Decode rows per context and batch; with several `overlap` modes, each batch runs once per mode, in turn (A/B in
+    one process: the engine's overlapped vs synchronous steps)."""
     cfg = model.config
     rows = []
     rng = random.Random(1)
@@ -175,7 +178,8 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                 t.normal_()
             for s in eng.states.states.values():
                 s.normal_(0.0, 0.01)
-        for B in sorted(bs, reverse=True):  # the largest batch (the headline figure) first
+        for B, ov in ((B, ov) for B in sorted(bs, reverse=True) for ov in overlap):  # the largest batch first
+            eng.overlap = ov
             if time.monotonic() > deadline:
                 print(f"decode   ctx={ctx} B={B}: skipped (time budget)", flush=True)
                 continue
@@ -189,7 +193,7 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                 each = []
                 for _ in range(steps):
                     t1 = time.perf_counter()
-                    eng.step()  # returns after the step's tokens reached the host (a device sync)
+                    eng.step()  # returns once the previous step's tokens (overlapped) or its own reached the host
                     each.append(1e3 * (time.perf_counter() - t1))
                 sync(dev)
                 dt = time.perf_counter() - t0  # before the aborts below
@@ -200,12 +204,14 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
             finally:
                 for r in reqs:
                     eng.abort(r.id)
+                while eng.has_work():  # an overlapped step still in flight: resolved (its tokens dropped)
+                    eng.step()
             toks = eng.generation_tokens_total - n0
             t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
-            rows.append({"context": ctx, "batch": B, "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+            rows.append({"context": ctx, "batch": B, "overlap": ov, "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
                          "step_ms_each": [round(t, 2) for t in each], "gc_collections_by_generation": gcs,
                          "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
-            print(f"decode   ctx={ctx:6d} B={B:3d}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
+            print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
                   f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
                   f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
         del eng
@@ -282,6 +288,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (default: CUDA graphs on CUDA)")
     p.add_argument("--moe-decode-latency", choices=("on", "off"), default="on",
                    help="off: the decode MoE kernels without their one-token layouts (A/B runs)")
+    p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
+                   help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -324,7 +332,8 @@ def main(argv=None) -> None:
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline) if pc else []}
         dump()
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline,
-                                           False if a.no_graphs else None)
+                                           False if a.no_graphs else None,
+                                           {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap])
         if dev.type == "cuda":
             res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)

@@ -9,6 +9,9 @@ finish its prompt preferably ends on a multiple of the prefix block); the linear
 boundary inside each chunk are snapshotted into the prefix cache. A step with no decode in it (nobody is streaming)
 may carry up to `max_prefill_step_tokens` of prompt instead: large chunks amortise the per-step weight reads.
 
+On CUDA steps overlap (`EngineConfig.overlap`): a `step()` call launches the next step before the previous one's
+tokens reach the host, its decodes reading those tokens on the device, and then emits the previous step's tokens.
+
 Memory never runs out mid-stream: a request is admitted only when a slot is free and the KV blocks for its whole
 prompt + max_tokens can be allocated (evicting prefix snapshots if needed); otherwise it waits in the queue, and
 `add_request` refuses (QueueFull) once `max_queue` are waiting. All sizes come from one explicit `MemoryPlan`.
@@ -33,7 +36,7 @@ from .detokenizer import IncrementalDetokenizer
 from .pools import LinearStatePool, PagedKVCache
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, Segment
-from .sampling import Sampler, SamplingParams, TokenLogprobs, sample_batch
+from .sampling import SampledBatch, Sampler, SamplingParams, TokenLogprobs, launch_sampling
 
 
 class EngineConfigError(ValueError):
@@ -76,6 +79,9 @@ class EngineConfig:
     max_prefill_step_tokens: int | None = None
     kernels: bool | None = None  # CUDA kernels in the runner; None = wherever they apply (CUDA, bf16)
     cuda_graphs: bool | None = None  # decode steps as CUDA graph replays; None = whenever the kernel path runs on CUDA
+    # launch step t+1 before step t's tokens reach the host (its decodes read them on the device), so the GPU does not
+    # idle through the host's work between steps; None = on CUDA (`Engine.step`)
+    overlap: bool | None = None
 
 
 @dataclass
@@ -120,6 +126,13 @@ class RequestOutput:
     cached_tokens: int
 
 
+class _Launched(NamedTuple):
+    """A step queued on the device: the requests whose logits it computes (row order) and those logits."""
+    want: list["Request"]
+    logits: torch.Tensor | None
+    prompt_tokens: int
+
+
 @dataclass(eq=False)  # identity: `req in self.running` must not compare prompts field by field
 class Request:
     id: str
@@ -136,6 +149,8 @@ class Request:
     cached_tokens: int = 0
     finish_reason: str | None = None
     prefix_chain: bytearray = field(default_factory=bytearray, repr=False)  # the prompt's block hashes so far
+    pending: int = 0  # tokens sampled on the device, not yet on the host (overlapped steps: 0 or 1)
+    sampled_row: int = 0  # the row of its latest pending token in that step's samples
 
     @property
     def prefill_done(self) -> bool:
@@ -162,6 +177,8 @@ class Engine:
         self.kv = PagedKVCache(self.cfg, self.plan.kv_blocks, ec.block_size, model.dtype, dev)
         self.prefix = PrefixCache(ec.prefix_block, self.plan.prefix_bytes, self.kv.blocks)
         self.runner = ModelRunner(model, self.states, self.kv, ec.kernels, self.max_context, ec.cuda_graphs)
+        self.overlap = ec.overlap if ec.overlap is not None else dev.type == "cuda"
+        self._inflight: _Launched | None = None  # the overlapped step launched, its tokens not yet on the host
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_ids))
         self.waiting: deque[Request] = deque()
@@ -214,7 +231,7 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight is not None)
 
     def warm_up(self, tokens: int | None = None) -> WarmUp:
         """Run one prompt of the largest step (default: the prefill step budget) on a free slot and discard it: one
@@ -229,7 +246,7 @@ class Engine:
         calls it through `AsyncEngine.call`): cuDNN and cuBLAS build their plans and the allocator grows its pools at
         the largest step shape, and a step whose activations do not fit in the device's memory fails at start-up
         (torch.OutOfMemoryError) instead of under a user's request."""
-        if self.running or self.waiting:
+        if self.has_work():
             raise RuntimeError("warm_up runs before any request is queued")
         ec, bs = self.config, self.kv.block_size
         n = min(tokens or ec.max_prefill_step_tokens or ec.max_step_tokens, self.max_context, self.kv.blocks.num_free * bs)
@@ -252,30 +269,64 @@ class Engine:
     # ------------------------------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step whose tokens came back.
+
+        Synchronous (`overlap` off): the step launched here, sampled and resolved before returning. Overlapped: this
+        call samples the step launched by the previous call (on the device), schedules and launches the next one -
+        its decodes take their tokens from those samples on the device - and only then waits for the previous step's
+        tokens to reach the host and emits them. The GPU goes from one step to the next without waiting for the host's
+        bookkeeping; a request that stops on a token (EOS, stop string) has one more step computed for it, discarded."""
+        prev, self._inflight = self._inflight, None
+        sampled = self._sample(prev) if prev is not None else None
+        self._release_finishing()
         self._admit()
         segs, reqs = self._schedule()
-        if not segs:
-            return []
-        logits, snaps = self.runner.execute(segs)
+        launched = self._launch(segs, reqs, sampled) if segs else None
+        outs = self._resolve(prev, sampled) if prev is not None else []
+        if launched is not None:
+            if self.overlap:
+                self._inflight = launched
+            else:
+                outs += self._resolve(launched, self._sample(launched))
+        return outs
+
+    def _launch(self, segs: list[Segment], reqs: list[Request], feed: "SampledBatch | None") -> "_Launched":
+        """Queue a step on the device: its forward pass and the prefix snapshots it takes."""
+        logits, snaps = self.runner.execute(segs, feed.tokens if feed is not None else None)
         self.steps += 1
+        prompt_tokens = 0
         for i, (seg, req) in enumerate(zip(segs, reqs)):
             req.computed = seg.end
             if not seg.decode:
-                self.prefill_tokens_computed += len(seg.tokens)
+                prompt_tokens += len(seg.tokens)
             if i in snaps:
                 self.prefix.insert(req.prompt, seg.snapshot_at, snaps[i], req.blocks[: seg.snapshot_at // self.kv.block_size],
                                   req.prefix_chain)
+        self.prefill_tokens_computed += prompt_tokens
+        want = [req for seg, req in zip(segs, reqs) if seg.want_logits]
+        for row, req in enumerate(want):
+            req.sampled_row = row  # its token will be this row of the step's samples
+            req.pending += 1
+        return _Launched(want, logits, prompt_tokens)
+
+    def _sample(self, step: "_Launched") -> "SampledBatch | None":
+        return launch_sampling(step.logits, [req.sampler for req in step.want]) if step.want else None
+
+    def _resolve(self, step: "_Launched", sampled: "SampledBatch | None") -> list[RequestOutput]:
+        """The step's tokens on the host: append each to its request and emit it (requests that finished or were
+        aborted since the step was launched drop theirs)."""
         outs = []
-        want = [(seg, req) for seg, req in zip(segs, reqs) if seg.want_logits]
-        sampled = sample_batch(logits, [req.sampler for _, req in want]) if want else []
         generated = 0
-        for (seg, req), (token, lp) in zip(want, sampled):
+        for req, (token, lp) in zip(step.want, sampled.results() if sampled is not None else []):
+            req.pending -= 1
+            if req.finish_reason is not None:
+                continue
             req.output.append(token)
             generated += 1
             outs.append(self._emit(req, token, lp))
         self.generation_tokens_total += generated
         now = time.monotonic()
-        self._recent.append((now, generated + sum(len(s.tokens) for s in segs if not s.decode)))
+        self._recent.append((now, generated + step.prompt_tokens))
         while self._recent and now - self._recent[0][0] > 10.0:
             self._recent.popleft()
         return outs
@@ -301,6 +352,14 @@ class Engine:
             self._free(req)
         return RequestOutput(req.id, [token], text, [lp], reason is not None, reason, len(req.prompt), len(req.output),
                              req.cached_tokens)
+
+    def _release_finishing(self) -> None:
+        """Free now the slot and KV blocks of each request whose last token (max_tokens) is in flight: only the step
+        already queued uses them, and whatever a request admitted into them runs is queued after it on the stream.
+        (A slot freed when its request's tokens come back would reach the queue a step later than without overlap.)"""
+        for req in self.running:
+            if req.pending and len(req.output) + req.pending >= req.params.max_tokens:
+                self._free(req)
 
     def _free(self, req: Request) -> None:
         if req.slot is not None:
@@ -345,8 +404,11 @@ class Engine:
         ec = self.config
         pb = ec.prefix_block
         for req in self.running:
-            if req.prefill_done:
-                segs.append(Segment(req.slot, req.blocks, req.computed, [req.output[-1]], True, True))
+            if req.prefill_done and len(req.output) + req.pending < req.params.max_tokens:
+                if req.pending:  # its last token is still on the device: row sampled_row of the in-flight samples
+                    segs.append(Segment(req.slot, req.blocks, req.computed, [0], True, True, feed=req.sampled_row))
+                else:
+                    segs.append(Segment(req.slot, req.blocks, req.computed, [req.output[-1]], True, True))
                 reqs.append(req)
         # a step that carries decodes is bounded for the streams' sake; one of prompt chunks alone may be larger
         budget = (ec.max_step_tokens if segs else ec.max_prefill_step_tokens or ec.max_step_tokens) - len(segs)

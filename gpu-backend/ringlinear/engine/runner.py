@@ -70,6 +70,9 @@ class Segment:
     decode: bool  # one generated token (recurrent step) vs a prompt chunk (chunked form)
     want_logits: bool  # the last token's logits are needed (end of prompt, or decode)
     snapshot_at: int | None = None  # position in (start, end] after which the linear states are copied out
+    # decode only: the token is row `feed` of the previous step's sampled ids, still on the device (`execute`'s feed;
+    # an overlapped engine schedules a step before the previous one's tokens reach the host); tokens[0] is ignored
+    feed: int | None = None
 
     @property
     def end(self) -> int:
@@ -264,14 +267,19 @@ class ModelRunner:
         return len(shapes)
 
     @torch.inference_mode()
-    def execute(self, segs: list[Segment]) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
+    def execute(self, segs: list[Segment], feed: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
         """Run one step. Returns (logits [n, V] fp32 for the segments with want_logits, in order, or None;
-        snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_at)."""
+        snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_at).
+        feed: [m] int64 token ids on the device, the ones decode segments with `feed` set take (by index)."""
         dev = self.model.device
+        fed = [(i, s.feed) for i, s in enumerate(segs) if s.feed is not None]
+        if fed and (feed is None or max(f for _, f in fed) >= feed.shape[0]):
+            raise ValueError("a segment feeds from a token row that the step's feed does not have")
         if self.use_kernels:
             self._bind_tables(segs)
             if all(s.decode for s in segs):
-                return self._decode(segs), {}
+                return self._decode(segs, feed, fed), {}
         offs = [0]
         for s in segs:
             offs.append(offs[-1] + len(s.tokens))
@@ -289,10 +297,14 @@ class ModelRunner:
                                 + [np.full(pad, self.kv.scratch_row, np.int64)]),
                  np.array([[offs[i] for i in dec_idx], [segs[i].slot for i in dec_idx], [segs[i].end for i in dec_idx]],
                           dtype=np.int64).reshape(-1),
-                 np.array(last, dtype=np.int64)]
+                 np.array(last, dtype=np.int64),
+                 np.array([[offs[i] for i, _ in fed], [f for _, f in fed]], dtype=np.int64).reshape(-1)]
         parts += [self.kv.rows(segs[i].block_table, 0, segs[i].end) for i in prompts]  # softmax prompts' KV prefixes
-        ids, pos, kv_rows, dec_meta, last_rows, *prefix_rows = to_device(
+        ids, pos, kv_rows, dec_meta, last_rows, fed_meta, *prefix_rows = to_device(
             torch.from_numpy(np.concatenate(parts)), dev).split([len(p) for p in parts])
+        if fed:  # the fed decode rows' tokens, from the previous step's ids on the device
+            fed_meta = fed_meta.view(2, len(fed))
+            ids.index_copy_(0, fed_meta[0], feed.index_select(0, fed_meta[1]))
         dec = None
         if dec_idx and self.use_kernels:
             meta = dec_meta.view(3, len(dec_idx))  # packed rows, slots, key counts
@@ -409,12 +421,18 @@ class ModelRunner:
                 self.slot_tables[s.slot].copy_(to_device(row, self.slot_tables.device))
                 self._slot_blocks[s.slot] = s.block_table
 
-    def _decode(self, segs: list[Segment]) -> torch.Tensor:
+    def _decode(self, segs: list[Segment], feed: torch.Tensor | None, fed: list[tuple[int, int]]) -> torch.Tensor:
         """A decode-only step on the kernel path: logits [B, V], through the captured graph when there is one."""
-        host = torch.tensor([[s.tokens[0] for s in segs], [s.start for s in segs], [s.slot for s in segs]],
-                            dtype=torch.int64)
-        dev = host.to(self.model.device, non_blocking=True)
-        inputs = {"ids": dev[0], "pos": dev[1], "slots": dev[2]}
+        B = len(segs)
+        dev = to_device(torch.tensor([[s.tokens[0] for s in segs], [s.start for s in segs], [s.slot for s in segs],
+                                      [-1 if s.feed is None else s.feed for s in segs]], dtype=torch.int64),
+                        self.model.device)
+        ids = dev[0]
+        if len(fed) == B and feed.shape[0] == B and all(f == i for i, f in fed):
+            ids = feed  # the steady state: every row takes the previous step's row of the same index
+        elif fed:
+            ids = torch.where(dev[3] >= 0, feed[dev[3].clamp_min(0)], dev[0])
+        inputs = {"ids": ids, "pos": dev[1], "slots": dev[2]}
         if self.graphs is not None and len(segs) <= self.graphs.batch_sizes[-1]:
             return self.graphs(inputs)
         return self._decode_step(inputs)

@@ -5,7 +5,9 @@ sampled token, so a request's tokens depend only on its seed and its logits, nev
 
 A step's rows are sampled together where the logits are (`sample_batch`): temperature, top-k and top-p as batched
 tensor operations, then each row's token by inverse transform of its one uniform number through the kept
-probabilities' cumulative sum (float64). Only the chosen ids (and requested logprobs) come back to the host. Sampling
+probabilities' cumulative sum (float64). Only the chosen ids (and requested logprobs) come back to the host, and
+`launch_sampling` only queues that: the ids stay on the device for the next step (overlapped steps), and
+`SampledBatch.results()` waits for their copy. Sampling
 row by row on the host cost ~0.25 ms a row at a 4k vocabulary and far more at Ring's 157k (a device-to-host copy of
 each row, a full sort for top-p): at 256 streams that was several times the GPU's decode step.
 """
@@ -16,6 +18,8 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+
+from ..ops.transfer import to_device
 
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # a temperature below it samples greedily
@@ -88,32 +92,71 @@ class Sampler:
 
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[tuple[int, TokenLogprobs | None]]:
     """logits [n, V] (any device), row i sampled with samplers[i]: [(token id, logprobs or None)] for each row."""
+    return launch_sampling(logits, samplers).results()
+
+
+class SampledBatch:
+    """A step's sampled rows, still on the device: `tokens` [n] int64 (what an overlapped engine feeds to the next
+    step without waiting for it) and the requested logprobs. Their copies to the host are queued at creation;
+    `results()` waits for them (an event on CUDA: only for this batch's work, not for what was queued after it)."""
+
+    def __init__(self, tokens: torch.Tensor, params: list[SamplingParams], want_lp: list[int], lp: tuple | None):
+        self.tokens, self.params, self.want_lp = tokens, params, want_lp
+        dev = tokens.device
+        parts = (tokens,) + (lp or ())
+        if dev.type == "cuda":
+            self._host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts)
+            for h, t in zip(self._host, parts):
+                h.copy_(t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(dev))
+        else:
+            self._host, self._ready = parts, None
+
+    def results(self) -> list[tuple[int, TokenLogprobs | None]]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, *lp = (t.tolist() for t in self._host)
+        out: list[tuple[int, TokenLogprobs | None]] = [(t, None) for t in tokens]
+        if lp:
+            chosen, top_v, top_i = lp
+            for r, i in enumerate(self.want_lp):
+                m = self.params[i].logprobs
+                out[i] = (out[i][0], TokenLogprobs(chosen[r], list(zip(top_i[r][:m], top_v[r][:m]))))
+        return out
+
+
+def launch_sampling(logits: torch.Tensor, samplers: list[Sampler]) -> SampledBatch:
+    """Queue the sampling of logits [n, V] (row i with samplers[i]) on logits' device and return the rows there.
+
+    The host does not wait for the GPU here, with one exception: rows with top_p < 1 check on the host whether the
+    NUCLEUS_CANDIDATES most likely tokens hold top_p of their mass (the exact fallback is a full sort)."""
     n = logits.shape[0]
     if n != len(samplers):
         raise ValueError(f"sample_batch: {n} rows of logits for {len(samplers)} samplers")
-    if n == 0:
-        return []
     params = [s.params for s in samplers]
     dev = logits.device
+    if n == 0:
+        return SampledBatch(torch.empty(0, dtype=torch.int64, device=dev), params, [], None)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
-    u = torch.tensor([samplers[i].uniform() for i in drawn], dtype=torch.float64)  # one number per sampled token
+    u = _on(dev, [samplers[i].uniform() for i in drawn], torch.float64)  # one number per sampled token
     tokens = _merge(n, dev, (greedy, lambda: _rows(logits, greedy).argmax(-1)),
-                    (drawn, lambda: _draw(_rows(logits, drawn), [params[i] for i in drawn], u.to(dev))))
+                    (drawn, lambda: _draw(_rows(logits, drawn), [params[i] for i in drawn], u)))
     want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
-    lp_host = None
+    lp = None
     if want_lp:
-        lp = torch.log_softmax(_rows(logits, want_lp).float(), -1)
-        chosen = lp.gather(1, _rows(tokens, want_lp)[:, None])[:, 0]
+        logp = torch.log_softmax(_rows(logits, want_lp).float(), -1)
+        chosen = logp.gather(1, _rows(tokens, want_lp)[:, None])[:, 0]
         k = max(params[i].logprobs for i in want_lp)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        lp_host = (chosen.tolist(), top_v.tolist(), top_i.tolist())
-    out: list[tuple[int, TokenLogprobs | None]] = [(t, None) for t in tokens.tolist()]
-    if lp_host is not None:
-        for r, i in enumerate(want_lp):
-            m = params[i].logprobs
-            out[i] = (out[i][0], TokenLogprobs(lp_host[0][r], list(zip(lp_host[2][r][:m], lp_host[1][r][:m]))))
-    return out
+        top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        lp = (chosen, top_v, top_i)
+    return SampledBatch(tokens, params, want_lp, lp)
+
+
+def _on(dev, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list as a tensor on dev, queued without a host sync (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), dev)
 
 
 def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
@@ -123,10 +166,10 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
     whose cumulative probability exceeds u x the kept mass."""
     m, V = x.shape
     dev = x.device
-    x = x.float() / torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)[:, None]
+    x = x.float() / _on(dev, [p.temperature for p in params], torch.float32)[:, None]
     ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(ks):
-        k = torch.tensor(ks, device=dev)
+        k = _on(dev, ks, torch.int64)
         kth = x.topk(max(ks), dim=-1).values.gather(1, (k.clamp_min(1) - 1)[:, None])
         x = x.masked_fill((k[:, None] > 0) & (x < kth), float("-inf"))
     probs = torch.softmax(x, -1)
@@ -135,7 +178,7 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
 
     def from_nucleus():
         pn = _rows(probs, nucleus)
-        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=probs.dtype, device=dev)
+        top_p = _on(dev, [params[i].top_p for i in nucleus], probs.dtype)
         # The nucleus usually lies among the most likely few hundred tokens: sort only the top NUCLEUS_CANDIDATES
         # when they hold top_p of every row's mass (a full sort of Ring's 157k-token rows is the slow part), else all.
         sorted_p, order = pn.topk(min(NUCLEUS_CANDIDATES, V), dim=-1)
@@ -155,7 +198,7 @@ def _merge(n: int, dev, *parts) -> torch.Tensor:
         return parts[0][1]()
     out = torch.empty(n, dtype=torch.int64, device=dev)
     for rows, compute in parts:
-        out[torch.tensor(rows, device=dev)] = compute()
+        out[_on(dev, rows, torch.int64)] = compute()
     return out
 
 
@@ -163,7 +206,7 @@ def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """t's rows `rows` (ascending): t itself when they are all of them, else a gathered copy."""
     if len(rows) == t.shape[0]:
         return t
-    return t[torch.tensor(rows, device=t.device)]
+    return t[_on(t.device, rows, torch.int64)]
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

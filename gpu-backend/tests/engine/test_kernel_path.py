@@ -17,8 +17,8 @@ def _record_logits(eng):
     """Wrap the runner so every step's logits (or None) are kept."""
     log, execute = [], eng.runner.execute
 
-    def wrapped(segs):
-        logits, snaps = execute(segs)
+    def wrapped(segs, feed=None):
+        logits, snaps = execute(segs, feed)
         log.append(None if logits is None else logits.float().cpu())
         return logits, snaps
 
@@ -305,13 +305,13 @@ def test_mixed_step_queues_without_host_sync_on_cuda(tiny_ckpt):
     eng = make_engine(model, max_batch=4, max_step_tokens=64)
     execute, checked = eng.runner.execute, []
 
-    def strict(segs):
+    def strict(segs, feed=None):
         if all(s.decode for s in segs) or all(not s.decode for s in segs):
-            return execute(segs)
+            return execute(segs, feed)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = execute(segs)
+            out = execute(segs, feed)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         checked.append(len(segs))

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from pod_helpers import KEY, SECRET, make_pod
 
 
-@pytest.fixture(scope="module")
-def client(tiny_model, tiny_tokenizer):
-    app, _ = make_pod(tiny_model, tiny_tokenizer, max_body_bytes=64 << 10, max_context=512)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def client(tiny_model, tiny_tokenizer, request):
+    app, _ = make_pod(tiny_model, tiny_tokenizer, max_body_bytes=64 << 10, max_context=512, overlap=request.param)
     with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c
 

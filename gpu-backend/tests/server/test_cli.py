@@ -109,3 +109,9 @@ def test_step_budgets_default_by_device_and_follow_the_options(tiny_ckpt):
     assert (ec.max_step_tokens, ec.max_prefill_step_tokens) == (128, 1024)
     with pytest.raises(SystemExit, match="max_prefill_step_tokens"):
         build_pod(build_parser().parse_args(base + ["--max-step-tokens", "256", "--max-prefill-step-tokens", "128"]))
+
+
+def test_overlap_defaults_by_device_and_follows_the_option(tiny_ckpt):
+    base = ["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512"]
+    assert build_pod(build_parser().parse_args(base))[1].engine.overlap is False  # cpu: nothing to overlap with
+    assert build_pod(build_parser().parse_args(base + ["--no-overlap"]))[1].engine.config.overlap is False

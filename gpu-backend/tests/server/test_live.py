@@ -12,9 +12,9 @@ import pytest
 from pod_helpers import KEY, SECRET, LiveServer, make_pod, wait_until
 
 
-@pytest.fixture(scope="module")
-def live(tiny_model, tiny_tokenizer):
-    app, aengine = make_pod(tiny_model, tiny_tokenizer, max_batch=4, max_context=1024)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def live(tiny_model, tiny_tokenizer, request):
+    app, aengine = make_pod(tiny_model, tiny_tokenizer, max_batch=4, max_context=1024, overlap=request.param)
     server = LiveServer(app)
     yield server, aengine
     server.close()
