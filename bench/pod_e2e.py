@@ -135,15 +135,17 @@ def max_batch_fitting(cfg, ctx: int, dtype, dev) -> int:
     return max(0, free // per_req)  # the paged decode attention reads KV in place: no per-step dense copy
 
 
-def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng) -> list:
-    """Admit B requests of ctx tokens (context = prompt + max_tokens) and mark their prompts computed."""
+def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng, temperature: float = 0.0, top_p: float = 1.0) -> list:
+    """Admit B requests of ctx tokens (context = prompt + max_tokens) and mark their prompts computed; they sample with
+    temperature / top_p (greedy by default), request i with seed i."""
     vocab = eng.cfg.vocab_size
-    prompt = [17] * (ctx - steps - 3)  # never computed: only its length matters
-    # one output token is installed, the warm step and `steps` timed steps add steps + 1: with max_tokens = steps + 3
-    # no request finishes inside the timed steps (finishing frees each request's KV blocks on the host: ~0.25 ms for a
-    # 64k context, which would land on one timed step for the whole batch at once)
-    reqs = [eng.add_request(prompt, SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True))
-            for _ in range(B)]
+    prompt = [17] * (ctx - steps - 4)  # never computed: only its length matters
+    # one output token is installed, the two warm steps and `steps` timed steps add steps + 2: with max_tokens =
+    # steps + 4 no request finishes inside the timed steps (finishing frees each request's KV blocks on the host:
+    # ~0.25 ms for a 64k context, which would land on one timed step for the whole batch at once)
+    reqs = [eng.add_request(prompt, SamplingParams(max_tokens=steps + 4, temperature=temperature, top_p=top_p, seed=i,
+                                                   ignore_eos=True))
+            for i in range(B)]
     eng._admit()
     if any(r.slot is None for r in reqs):
         raise RuntimeError(f"engine could not admit {B} requests of {ctx} tokens")
@@ -154,7 +156,7 @@ def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng) -> list:
 
 
 def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
-                 overlap: tuple[bool, ...] = (True,)) -> list[dict]:
+                 overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0)) -> list[dict]:
     """Decode rows per context and batch; with several `overlap` modes, each batch runs once per mode, in turn (A/B in
     one process: the engine's overlapped vs synchronous steps)."""
     cfg = model.config
@@ -183,9 +185,10 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
             if time.monotonic() > deadline:
                 print(f"decode   ctx={ctx} B={B}: skipped (time budget)", flush=True)
                 continue
-            reqs = install_contexts(eng, B, ctx, steps, rng)
+            reqs = install_contexts(eng, B, ctx, steps, rng, *sampling)
             try:
-                eng.step()  # warm at this shape
+                for _ in range(2):  # warm at this shape: an overlapped engine samples and resolves in the second
+                    eng.step()      # call (the first sampling at a batch size grows the pinned and device pools)
                 sync(dev)
                 gc0 = [g["collections"] for g in gc.get_stats()]
                 t0 = time.perf_counter()
@@ -208,7 +211,7 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                     eng.step()
             toks = eng.generation_tokens_total - n0
             t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
-            rows.append({"context": ctx, "batch": B, "overlap": ov, "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+            rows.append({"context": ctx, "batch": B, "overlap": ov, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
                          "step_ms_each": [round(t, 2) for t in each], "gc_collections_by_generation": gcs,
                          "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
             print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
@@ -290,6 +293,8 @@ def main(argv=None) -> None:
                    help="off: the decode MoE kernels without their one-token layouts (A/B runs)")
     p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
+    p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -333,7 +338,8 @@ def main(argv=None) -> None:
         dump()
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline,
                                            False if a.no_graphs else None,
-                                           {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap])
+                                           {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap],
+                                           (a.temperature, a.top_p))
         if dev.type == "cuda":
             res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)

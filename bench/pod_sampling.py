@@ -5,7 +5,8 @@ where the logits are) vs the row-by-row host sampler it replaced (kept below as 
     python3 bench/pod_sampling.py [--device cuda] [--rows 1,32,256] [--json FILE]
 
 Each case: n rows of fp32 logits [n, V] on the device, every row sampled with its own seeded sampler; wall time of the
-whole step's sampling (ids back on the host), median of --reps. Cases: temperature 1.0 (the OpenAI default), and
+whole step's sampling (ids back on the host), median of --reps; beside it the batched sampler as it was before the
+twelfth session (`previous_step`: torch-generator draws, top-p always through the candidates and a host check). Cases: temperature 1.0 (the OpenAI default), and
 temperature 0.7 with top_p 0.9 (a full sort per row on the legacy path), and greedy (one batched argmax, both sides).
 """
 
@@ -23,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gpu-backend"))
 
+from ringlinear.engine import sampling  # noqa: E402
 from ringlinear.engine.sampling import Sampler, SamplingParams, sample_batch  # noqa: E402
 from ringlinear.tools.params import PRESETS  # noqa: E402
 
@@ -41,7 +43,30 @@ def legacy_sample(sampler: Sampler, logits: torch.Tensor) -> int:
         sorted_p, order = probs.sort(descending=True, stable=True)
         keep = sorted_p.cumsum(0) - sorted_p < p.top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    if not hasattr(sampler, "generator"):  # the old sampler's CPU generator (the pod's sampler now draws with Python's)
+        sampler.generator = torch.Generator().manual_seed(sampler.seed & (2**63 - 1))
     return int(torch.multinomial(probs, 1, generator=sampler.generator))
+
+
+class TorchDrawSampler(Sampler):
+    """The eleventh session's sampler, for the same-run comparison: each number drawn from a torch CPU generator."""
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.generator = torch.Generator().manual_seed(self.seed & (2**63 - 1))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), dtype=torch.float64, generator=self.generator))
+
+
+def previous_step(logits, samplers):
+    """sample_batch as before the twelfth session: torch-generator draws, and top-p rows always through the candidates
+    and the host's check (never sorted whole)."""
+    keep, sampling.NUCLEUS_SORT_ROWS = sampling.NUCLEUS_SORT_ROWS, 0
+    try:
+        return sample_batch(logits, samplers)
+    finally:
+        sampling.NUCLEUS_SORT_ROWS = keep
 
 
 def legacy_step(logits, samplers):
@@ -78,10 +103,12 @@ def main(argv=None):
         for name, params in cases.items():
             samplers = [Sampler(SamplingParams(seed=i, **params)) for i in range(n)]
             ours = timed(lambda: sample_batch(logits, samplers), dev, a.reps)
+            old = [TorchDrawSampler(SamplingParams(seed=i, **params)) for i in range(n)]
+            previous = timed(lambda: previous_step(logits, old), dev, a.reps)
             legacy = timed(lambda: legacy_step(logits, samplers), dev, max(1, a.reps // 2))
-            out.append({"rows": n, "case": name, "batched_ms": ours, "legacy_ms": legacy})
-            print(f"n={n:4d} {name:26s} batched {ours:8.2f} ms   row by row (legacy) {legacy:9.2f} ms   "
-                  f"legacy / batched {legacy / ours:6.1f}x", flush=True)
+            out.append({"rows": n, "case": name, "batched_ms": ours, "previous_batched_ms": previous, "legacy_ms": legacy})
+            print(f"n={n:4d} {name:26s} batched {ours:8.2f} ms   before (torch draws, candidates) {previous:8.2f} ms "
+                  f"({previous / ours:4.2f}x)   row by row (legacy) {legacy:9.2f} ms ({legacy / ours:6.1f}x)", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
                                             "vocab": a.vocab, "rows": out}, indent=1))

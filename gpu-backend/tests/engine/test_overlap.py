@@ -203,10 +203,11 @@ def _cuda_model(tiny_ckpt):
 
 
 def _served_mix(eng):
-    """Greedy, seeded and logprob requests, staggered so steps mix prompt chunks and decodes, then decodes alone."""
+    """Greedy, seeded (top-k, top-p) and logprob requests, staggered so steps mix prompt chunks and decodes, then
+    decodes alone."""
     def params(i):
         return SamplingParams(max_tokens=6 + 2 * i, temperature=0.0 if i % 2 else 0.8, top_k=20 * (i % 3), seed=i,
-                              logprobs=3 if i % 3 == 0 else None)
+                              top_p=0.9 if i % 4 == 2 else 1.0, logprobs=3 if i % 3 == 0 else None)
 
     return _staggered(eng, params)
 
@@ -226,8 +227,9 @@ def test_overlap_is_on_by_default_and_changes_no_token_on_cuda(tiny_ckpt):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_overlapped_steps_queue_without_host_sync_on_cuda(tiny_ckpt):
-    """What an overlapped call does before it waits for the previous step's tokens - sample that step, admit,
-    schedule, launch the next (decode graph replays and mixed steps) - never makes the host wait for the GPU."""
+    """What an overlapped call does before it waits for the previous step's tokens - sample that step (top-p rows
+    included: a few are sorted whole), admit, schedule, launch the next (decode graph replays and mixed steps) - never
+    makes the host wait for the GPU."""
     model = _cuda_model(tiny_ckpt)
     eng = make_engine(model, max_batch=3, max_step_tokens=128)
     _served_mix(eng)  # captures the decode graphs and builds the plans of these shapes (those do synchronise)

@@ -134,6 +134,22 @@ def test_batched_sampling_equals_each_row_alone():
     assert sample_batch(logits[:0], []) == []
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_top_p_rows_sorted_whole_or_by_candidates_agree(flat):
+    """Up to NUCLEUS_SORT_ROWS top-p rows are sorted whole; more take the NUCLEUS_CANDIDATES most likely tokens (and
+    the whole sort when those do not hold top_p of the mass: flat rows). A row's token is the same either way."""
+    from ringlinear.engine import sampling
+
+    V, n = 3 * sampling.NUCLEUS_CANDIDATES, sampling.NUCLEUS_SORT_ROWS + 8
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(7)) * (0.05 if flat else 4.0)
+    params = [SamplingParams(temperature=1.0, top_p=0.8 + 0.01 * (i % 10), seed=i) for i in range(n)]
+    probs = torch.softmax(logits, -1).sort(-1, descending=True).values[:, : sampling.NUCLEUS_CANDIDATES].sum(-1)
+    assert bool((probs >= 0.9).all()) != flat  # the candidates hold the nucleus unless the rows are flat
+    batch = [t for t, _ in sample_batch(logits, [Sampler(p) for p in params])]  # candidates (+ sort when flat)
+    alone = [Sampler(p).sample(logits[i])[0] for i, p in enumerate(params)]  # whole-row sorts
+    assert batch == alone
+
+
 def _frequencies(device, params, logits, n=6000):
     rows = logits.to(device)[None].expand(n, -1)
     toks = [t for t, _ in sample_batch(rows, [Sampler(SamplingParams(seed=s, **params)) for s in range(n)])]
