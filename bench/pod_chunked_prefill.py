@@ -146,14 +146,15 @@ def bench_ttft(model, name, contexts, budgets, reps, dev, attention_variants) ->
 
 # ---------------------------------------------------------------------------------------------------------- mixed
 def bench_mixed(model, B, ctx, T, cases, prefill_budget, dev) -> list[dict]:
-    """cases: (attention, max_step_tokens) pairs, run in order in one engine, each on a new thread after the engine's
+    """cases: (attention, max_step_tokens, overlapped steps) triples, run in order in one engine, each on a new thread after the engine's
     start-up warm-up on that thread, as the server does (no cuDNN plan left over from an earlier case)."""
     rows, rng = [], random.Random(1)
-    max_steps = T // min(d for _, d in cases) + 16
-    eng = engine_for(model, B + 1, [ctx + max_steps + 8] * B + [T + 8], max(d for _, d in cases))
+    max_steps = T // min(d for _, d, _ in cases) + 16
+    eng = engine_for(model, B + 1, [ctx + max_steps + 8] * B + [T + 8], max(d for _, d, _ in cases))
     kernel_attention = eng.runner.chunk_attention
 
-    def case(attention, d):
+    def case(attention, d, overlap):
+        eng.overlap = overlap
         eng.runner.chunk_attention = chunk_attention_reference if attention == "reference" else kernel_attention
         eng.config.max_step_tokens, eng.config.max_prefill_step_tokens = d, max(d, prefill_budget)
         eng.warm_up()
@@ -176,13 +177,14 @@ def bench_mixed(model, B, ctx, T, cases, prefill_budget, dev) -> list[dict]:
             eng.step()
         return ttft, steps, streams
 
-    for attention, d in cases:
-        ttft, steps, streams = on_new_thread(case, attention, d)
+    for attention, d, overlap in cases:
+        ttft, steps, streams = on_new_thread(case, attention, d, overlap)
         med, mx = statistics.median(steps), max(steps)
-        rows.append({"attention": attention, "batch": B, "context": ctx, "prompt": T, "max_step_tokens": d, "steps": len(steps),
+        rows.append({"attention": attention, "overlap": overlap, "batch": B, "context": ctx, "prompt": T,
+                     "max_step_tokens": d, "steps": len(steps),
                      "step_ms_median": med * 1e3, "step_ms_max": mx * 1e3, "ttft_s": ttft,
                      "stream_tok_s": B / med})
-        print(f"mixed {attention} B={B} ctx={ctx} prompt={T} max_step_tokens={d:6d}: {len(steps):4d} steps, time between a "
+        print(f"mixed {attention}{'' if overlap else ' sync'} B={B} ctx={ctx} prompt={T} max_step_tokens={d:6d}: {len(steps):4d} steps, time between a "
               f"stream's tokens median {med * 1e3:7.1f} ms max {mx * 1e3:7.1f} ms; prompt TTFT {ttft * 1e3:8.1f} ms",
               flush=True)
     return rows
@@ -282,7 +284,8 @@ def main(argv=None) -> None:
     p.add_argument("--mixed-context", type=int, default=4096)
     p.add_argument("--mixed-prompt", type=int, default=32768)
     p.add_argument("--mixed", default="reference:512,kernel:512,kernel:2048,kernel:8192",
-                   help="attention:max_step_tokens cases of the mixed section (attention: kernel or reference)")
+                   help="attention:max_step_tokens[:sync] cases of the mixed section (attention: kernel or reference; "
+                        ":sync = the engine's synchronous steps instead of overlapped ones)")
     p.add_argument("--mixed-prefill-budget", type=int, default=16384)
     p.add_argument("--first", default="100000,3000,20000,50000,130000",
                    help="prompt lengths of the first-requests section, in order ('' skips it)")
@@ -324,7 +327,7 @@ def main(argv=None) -> None:
                                           ["reference"]))
         dump()
         if name == "ours" and a.mixed_batch:
-            cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.mixed.split(",") if c]
+            cases = [(c.split(":")[0], int(c.split(":")[1]), c.split(":")[2:] != ["sync"]) for c in a.mixed.split(",") if c]
             res["mixed"] = [row for B in ints(a.mixed_batch) for row in bench_mixed(
                 model, B, a.mixed_context, a.mixed_prompt, cases, a.mixed_prefill_budget, dev)]
             dump()

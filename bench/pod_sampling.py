@@ -6,7 +6,8 @@ where the logits are) vs the row-by-row host sampler it replaced (kept below as 
 
 Each case: n rows of fp32 logits [n, V] on the device, every row sampled with its own seeded sampler; wall time of the
 whole step's sampling (ids back on the host), median of --reps; beside it the batched sampler as it was before the
-twelfth session (`previous_step`: torch-generator draws, top-p always through the candidates and a host check). Cases: temperature 1.0 (the OpenAI default), and
+twelfth session (`previous_step`: torch-generator draws, top-p always through the candidates and a host check,
+whole-row inverse transform). Cases: temperature 1.0 (the OpenAI default), and
 temperature 0.7 with top_p 0.9 (a full sort per row on the legacy path), and greedy (one batched argmax, both sides).
 """
 
@@ -60,13 +61,15 @@ class TorchDrawSampler(Sampler):
 
 
 def previous_step(logits, samplers):
-    """sample_batch as before the twelfth session: torch-generator draws, and top-p rows always through the candidates
-    and the host's check (never sorted whole)."""
-    keep, sampling.NUCLEUS_SORT_ROWS = sampling.NUCLEUS_SORT_ROWS, 0
+    """sample_batch as before the twelfth session, but for its softmax (now exp(x - max) without the normalisation):
+    torch-generator draws (the samplers), top-p rows always through the candidates and the host's check (never sorted
+    whole), and the inverse transform over whole rows (no two-level blocks)."""
+    keep = sampling.NUCLEUS_SORT_ROWS, sampling.CDF_TWO_LEVEL_ROWS
+    sampling.NUCLEUS_SORT_ROWS, sampling.CDF_TWO_LEVEL_ROWS = 0, 1 << 30
     try:
         return sample_batch(logits, samplers)
     finally:
-        sampling.NUCLEUS_SORT_ROWS = keep
+        sampling.NUCLEUS_SORT_ROWS, sampling.CDF_TWO_LEVEL_ROWS = keep
 
 
 def legacy_step(logits, samplers):

@@ -18,11 +18,14 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..ops.transfer import to_device
 
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # a temperature below it samples greedily
+CDF_BLOCK = 512  # the inverse transform's block (two levels: blocks, then tokens inside one)
+CDF_TWO_LEVEL_ROWS = 8  # rows from which the two levels pay (docs/benchmarks.md "Small-batch decode")
 NUCLEUS_CANDIDATES = 1024  # top-p sorts only this many most likely tokens when they hold top_p of the mass
 # Up to this many top-p rows a step sorts whole, so it never waits for the GPU to learn whether the candidates hold
 # top_p of the mass (H200, Ring's 157k vocabulary: a stable sort of 1 / 8 / 32 / 64 / 256 rows takes 0.10 / 0.16 /
@@ -178,13 +181,16 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
         k = _on(dev, ks, torch.int64)
         kth = x.topk(max(ks), dim=-1).values.gather(1, (k.clamp_min(1) - 1)[:, None])
         x = x.masked_fill((k[:, None] > 0) & (x < kth), float("-inf"))
-    probs = torch.softmax(x, -1)
+    # softmax's numerators, exp(x - max): the inverse transform needs no normalised row (torch's softmax runs a row
+    # in one CTA: 40 us for one row of Ring's 157k tokens, against a few us for these whole-GPU passes)
+    weights = x.sub_(x.amax(-1, keepdim=True)).exp_()
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     plain = [i for i, p in enumerate(params) if p.top_p >= 1.0]
 
     def from_nucleus():
-        pn = _rows(probs, nucleus)
-        top_p = _on(dev, [params[i].top_p for i in nucleus], probs.dtype)
+        wn = _rows(weights, nucleus)
+        pn = wn / wn.sum(-1, keepdim=True)
+        top_p = _on(dev, [params[i].top_p for i in nucleus], pn.dtype)
         # The nucleus usually lies among the most likely few hundred tokens: sort only the top NUCLEUS_CANDIDATES
         # when they hold top_p of every row's mass (a full sort of Ring's 157k-token rows is the slow part), else all.
         # A few rows are sorted whole: exact without asking the host, and no slower than the candidates' topk.
@@ -197,7 +203,7 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
         kept = sorted_p * ((sorted_p.cumsum(-1) - sorted_p) < top_p[:, None])
         return order.gather(1, _inverse_cdf(kept, _rows(u, nucleus))[:, None])[:, 0]
 
-    return _merge(m, dev, (nucleus, from_nucleus), (plain, lambda: _inverse_cdf(_rows(probs, plain), _rows(u, plain))))
+    return _merge(m, dev, (nucleus, from_nucleus), (plain, lambda: _inverse_cdf(_rows(weights, plain), _rows(u, plain))))
 
 
 def _merge(n: int, dev, *parts) -> torch.Tensor:
@@ -221,9 +227,28 @@ def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """weights [m, V] >= 0 (each row some > 0), u [m] in [0, 1) -> per row the index i with cdf[i-1] <= u x total <
-    cdf[i], cdf the float64 cumulative sum: always an index of positive weight."""
-    cdf = weights.double().cumsum(-1)
-    total = cdf[:, -1:]
+    cdf[i], cdf the float64 cumulative sum: always an index of positive weight.
+
+    From CDF_TWO_LEVEL_ROWS rows wider than two CDF_BLOCKs it goes in two levels: the blocks' float64 sums and their
+    cumulative sum find the block, then the cumulative sum inside that block alone finds the token. (On the H200 a
+    float64 copy and scan of 256 whole rows of 157k took 0.56 ms; for a few rows the two levels' ~15 more launches
+    cost the host more than the scan costs the GPU.)"""
+    m, V = weights.shape
+    if V <= 2 * CDF_BLOCK or m < CDF_TWO_LEVEL_ROWS:
+        cdf = weights.double().cumsum(-1)
+        total = cdf[:, -1:]
+        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        # clamped: a row of non-finite logits (NaN weights) still yields a token id inside the vocabulary
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=V - 1)
+    nb = -(-V // CDF_BLOCK)
+    blocks = (weights if V % CDF_BLOCK == 0 else F.pad(weights, (0, nb * CDF_BLOCK - V))).view(m, nb, CDF_BLOCK)
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [m, nb]
+    total = block_cdf[:, -1:]
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    # clamped: a row of non-finite logits (NaN weights) still yields a token id inside the vocabulary
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=weights.shape[1] - 1)
+    b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=nb - 1)  # [m, 1]: first block past the target
+    base = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), 0.0)
+    inner = blocks.gather(1, b[:, :, None].expand(m, 1, CDF_BLOCK))[:, 0]  # [m, CDF_BLOCK]
+    i = torch.searchsorted(inner.double().cumsum(-1) + base, target, right=True)
+    # The block's sum and its scan round differently: a target in that sliver takes the block's last positive weight.
+    last = (inner > 0).cumsum(-1).argmax(-1, keepdim=True)  # the first index where the count of positives peaks
+    return (b * CDF_BLOCK + torch.minimum(i, last))[:, 0].clamp_(max=V - 1)

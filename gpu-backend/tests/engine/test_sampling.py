@@ -178,6 +178,32 @@ def test_inverse_cdf_only_lands_on_positive_weights():
     assert _inverse_cdf(w, u).tolist() == [1, 1, 3, 3]
 
 
+def _inverse_cdf_whole_rows(w, u):
+    """The plain twin of _inverse_cdf: one float64 cumulative sum over each whole row."""
+    cdf = w.double().cumsum(-1)
+    return torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).minimum(cdf[:, -1:].nextafter(torch.zeros(1, 1, dtype=torch.float64))),
+                              right=True)[:, 0].clamp(max=w.shape[1] - 1)
+
+
+@pytest.mark.parametrize("V", [5000, 4096, 1100])  # a partial last block, whole blocks, just over two blocks
+def test_two_level_inverse_cdf_equals_whole_row_scan(V):
+    from ringlinear.engine.sampling import CDF_BLOCK
+
+    assert V > 2 * CDF_BLOCK
+    g = torch.Generator().manual_seed(V)
+    w = torch.softmax(torch.randn(96, V, generator=g) * 3, -1)
+    w[:32] *= torch.rand(32, V, generator=g) < 0.01  # sparse rows: whole blocks of zeros
+    w[32:40] = 0
+    w[32:40, -3:] = 1.0  # mass only in the last (partial) block
+    u = torch.rand(96, dtype=torch.float64, generator=g)
+    u[:4] = 0.0
+    u[4:8] = 1 - 2.0 ** -53
+    u[32], u[33] = 0.0, 1 - 2.0 ** -53  # leading zero-mass blocks: u = 0 must skip them
+    got = _inverse_cdf(w, u)
+    assert got.tolist() == _inverse_cdf_whole_rows(w, u).tolist()
+    assert bool((w.gather(1, got[:, None]) > 0).all())
+
+
 def _draw_by_full_sort(x, params, u):
     """The plain twin of _draw: every row on its own, top-p over a full stable sort (no ties in these logits, so the
     order topk gives equal probabilities does not matter)."""
