@@ -156,7 +156,8 @@ def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng, temperature
 
 
 def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
-                 overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0)) -> list[dict]:
+                 overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0),
+                 prefix_bytes: int = 0) -> list[dict]:
     """Decode rows per context and batch; with several `overlap` modes, each batch runs once per mode, in turn (A/B in
     one process: the engine's overlapped vs synchronous steps)."""
     cfg = model.config
@@ -172,7 +173,8 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
         bmax = max(bs)
         block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
         budget = bmax * (LinearStatePool.bytes_per_slot(cfg) + -(-ctx // BLOCK) * block_b) + block_b  # + scratch block
-        eng = Engine(model, EngineConfig(max_batch=bmax, max_context=ctx, memory_budget=budget, prefix_cache_bytes=0,
+        eng = Engine(model, EngineConfig(max_batch=bmax, max_context=ctx, memory_budget=budget + prefix_bytes,
+                                         prefix_cache_bytes=prefix_bytes, reply_snapshots=prefix_bytes > 0,
                                          max_step_tokens=max(64, bmax), max_queue=bmax, block_size=BLOCK,
                                          cuda_graphs=graphs), eos_ids=set())
         with torch.no_grad():  # random contexts: values do not change the work
@@ -295,6 +297,8 @@ def main(argv=None) -> None:
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
+    p.add_argument("--prefix-cache-gib", type=float, default=0.0,
+                   help="decode engines' prefix cache, with reply snapshots (default off): what those cost the steps")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -339,7 +343,7 @@ def main(argv=None) -> None:
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline,
                                            False if a.no_graphs else None,
                                            {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap],
-                                           (a.temperature, a.top_p))
+                                           (a.temperature, a.top_p), int(a.prefix_cache_gib * 2**30))
         if dev.type == "cuda":
             res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)

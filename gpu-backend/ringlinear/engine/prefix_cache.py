@@ -91,25 +91,32 @@ class PrefixCache:
         return None
 
     def insert(self, tokens: list[int], length: int, states: dict[int, torch.Tensor], kv_blocks: list[int],
-               chain: bytearray | None = None) -> bool:
-        """Store the snapshot of tokens[:length] (length a multiple of block). Returns whether it was stored. `chain`
-        as in match."""
+               chain: bytearray | None = None) -> bytes | None:
+        """Store the snapshot of tokens[:length] (length a multiple of block). Returns its key if it was stored (None if
+        not: no room, or that prefix is cached already). `chain` as in match; `tokens` needs only slicing."""
         if not self.enabled or length <= 0 or length % self.block:
-            return False
+            return None
         n = length // self.block
         key = _key(extend_chain(bytearray() if chain is None else chain, tokens, self.block, n), n - 1)
         if key in self.entries:
             self.entries.move_to_end(key)
-            return False
+            return None
         nbytes = sum(s.numel() * s.element_size() for s in states.values())
         if nbytes > self.budget:
-            return False
+            return None
         while self.bytes + nbytes > self.budget:
             self._evict_oldest()
         self.allocator.incref(kv_blocks)
         self.entries[key] = Snapshot(length, states, list(kv_blocks), nbytes)
         self.bytes += nbytes
-        return True
+        return key
+
+    def discard(self, key: bytes | None) -> None:
+        """Drop the snapshot stored under key, if it is still there."""
+        snap = self.entries.pop(key, None) if key is not None else None
+        if snap is not None:
+            self.allocator.release(snap.kv_blocks)
+            self.bytes -= snap.nbytes
 
     def evict_for_blocks(self, need: int) -> None:
         """Drop least recently used snapshots until `need` KV blocks are free (or nothing is left to drop)."""
@@ -117,9 +124,7 @@ class PrefixCache:
             self._evict_oldest()
 
     def _evict_oldest(self) -> None:
-        _, snap = self.entries.popitem(last=False)
-        self.allocator.release(snap.kv_blocks)
-        self.bytes -= snap.nbytes
+        self.discard(next(iter(self.entries)))
 
     def clear(self) -> None:
         while self.entries:

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (default on CUDA: replay CUDA graphs captured at start-up)")
+    p.add_argument("--reply-snapshots", action="store_true",
+                   help="also snapshot replies at prefix-block boundaries, so a chat's next turn resumes after the reply "
+                        "(costs decode steps while the prefix cache fills: docs/pod.md)")
     p.add_argument("--no-overlap", action="store_true",
                    help="synchronous steps: launch a step only after the previous one's tokens reached the host "
                         "(default on CUDA: overlapped)")
@@ -127,7 +130,8 @@ def build_pod(args: argparse.Namespace):
     ec = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, memory_budget=budget,
                       prefix_cache_bytes=args.prefix_cache_budget, max_queue=args.max_queue, block_size=args.block_size,
                       prefix_block=args.prefix_block, max_step_tokens=step, max_prefill_step_tokens=prefill_step,
-                      cuda_graphs=False if args.no_cuda_graphs else None, overlap=False if args.no_overlap else None)
+                      cuda_graphs=False if args.no_cuda_graphs else None, overlap=False if args.no_overlap else None,
+                      reply_snapshots=args.reply_snapshots)
     try:
         engine = Engine(model, ec, tokenizer)
     except EngineConfigError as e:

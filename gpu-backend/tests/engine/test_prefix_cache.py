@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine_helpers import greedy, make_engine, random_prompt, run_all
@@ -127,3 +128,52 @@ def _tight_engine(model):
     budget = 2 * probe.slot_bytes + (512 // 16 + 2) * probe.block_bytes + 4 * probe.slot_bytes
     return Engine(model, EngineConfig(max_batch=2, max_context=512, memory_budget=budget, prefix_cache_bytes=4 * probe.slot_bytes),
                   eos_ids=set())
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_reply_is_a_cached_prefix_of_the_next_turn(tiny_model, overlap):
+    """While a request generates, its states are snapshotted at each prefix-block boundary (only the latest kept), so
+    the next turn - prompt + reply + a new message - resumes after the reply instead of prefilling it again, with the
+    tokens and logprobs it gets without the cache."""
+    prompt = random_prompt(100, 8)
+    eng = make_engine(tiny_model, max_step_tokens=128, overlap=overlap, reply_snapshots=True)
+    first = eng.add_request(prompt, greedy(93))  # its last decode (position 191) reaches the boundary at 192
+    run_all(eng)
+    assert sorted(s.length for s in eng.prefix.entries.values()) == [64, 192]  # prompt's; the reply's latest
+    off = make_engine(tiny_model, max_step_tokens=128, overlap=overlap)  # the default: prompts' snapshots only
+    off.add_request(prompt, greedy(93))
+    run_all(off)
+    assert [s.length for s in off.prefix.entries.values()] == [64]
+    turn2 = prompt + first.output + random_prompt(20, 9)
+    cold = make_engine(tiny_model, prefix_cache_bytes=0)
+    want = cold.add_request(turn2, greedy(6, logprobs=2))
+    want_lp = _logprobs(run_all(cold), want.id)
+    computed = eng.prefill_tokens_computed
+    r = eng.add_request(turn2, greedy(6, logprobs=2))
+    outs = run_all(eng)
+    assert r.cached_tokens == 192 and eng.prefill_tokens_computed - computed == len(turn2) - 192
+    assert r.output == want.output
+    torch.testing.assert_close(_logprobs(outs, r.id), want_lp, rtol=0, atol=1e-4)
+    eng.prefix.clear()
+    assert eng.kv.blocks.used == 0  # every reference the snapshots took was given back
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_generation_snapshots_of_stopped_and_aborted_requests(tiny_model, overlap):
+    prompt = random_prompt(100, 10)
+    ids = tiny_model.generate_greedy(prompt, 40)[0]
+    eng = make_engine(tiny_model, max_batch=2, eos_ids={ids[27]}, overlap=overlap, reply_snapshots=True)  # stops on
+    # its 28th token
+    stopped = eng.add_request(prompt, greedy(40))
+    gone = eng.add_request(random_prompt(120, 11), greedy(60))
+    while len(gone.output) < 20:  # past its boundary at 128
+        eng.step()
+    eng.abort(gone.id)
+    run_all(eng)
+    assert stopped.finish_reason == "stop" and stopped.output == ids[:28]
+    lengths = sorted(s.length for s in eng.prefix.entries.values())
+    # the prompts' snapshots at 64 and the aborted reply's at 128; the stopped reply's stop token sits at position 127,
+    # which only the overlapped engine feeds (its one extra step): that snapshot ends with the stop token, all known
+    assert lengths == [64, 64, 128] + ([128] if overlap else [])
+    eng.prefix.clear()
+    assert eng.kv.blocks.used == 0 and eng.states.slots.used == 0
