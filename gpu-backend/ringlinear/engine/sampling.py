@@ -138,8 +138,9 @@ class SampledBatch:
 def launch_sampling(logits: torch.Tensor, samplers: list[Sampler]) -> SampledBatch:
     """Queue the sampling of logits [n, V] (row i with samplers[i]) on logits' device and return the rows there.
 
-    The host does not wait for the GPU here, with one exception: rows with top_p < 1 check on the host whether the
-    NUCLEUS_CANDIDATES most likely tokens hold top_p of their mass (the exact fallback is a full sort)."""
+    The host does not wait for the GPU here, with one exception: a step with more than NUCLEUS_SORT_ROWS top_p < 1 rows
+    checks on the host whether the NUCLEUS_CANDIDATES most likely tokens hold top_p of their mass (the exact fallback
+    is a full sort)."""
     n = logits.shape[0]
     if n != len(samplers):
         raise ValueError(f"sample_batch: {n} rows of logits for {len(samplers)} samplers")
@@ -193,7 +194,8 @@ def _draw(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tor
         top_p = _on(dev, [params[i].top_p for i in nucleus], pn.dtype)
         # The nucleus usually lies among the most likely few hundred tokens: sort only the top NUCLEUS_CANDIDATES
         # when they hold top_p of every row's mass (a full sort of Ring's 157k-token rows is the slow part), else all.
-        # A few rows are sorted whole: exact without asking the host, and no slower than the candidates' topk.
+        # A few rows are sorted whole: exact without asking the host, whose check would idle the GPU between
+        # overlapped steps (NUCLEUS_SORT_ROWS).
         if V <= NUCLEUS_CANDIDATES or len(nucleus) <= NUCLEUS_SORT_ROWS:
             sorted_p, order = pn.sort(dim=-1, descending=True, stable=True)
         else:
