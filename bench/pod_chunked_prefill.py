@@ -187,6 +187,14 @@ def bench_mixed(model, B, ctx, T, cases, prefill_budget, dev) -> list[dict]:
         print(f"mixed {attention}{'' if overlap else ' sync'} B={B} ctx={ctx} prompt={T} max_step_tokens={d:6d}: {len(steps):4d} steps, time between a "
               f"stream's tokens median {med * 1e3:7.1f} ms max {mx * 1e3:7.1f} ms; prompt TTFT {ttft * 1e3:8.1f} ms",
               flush=True)
+    for attention, d in dict.fromkeys((a, d) for a, d, _ in cases):  # synchronous / overlapped, where both ran
+        both = {ov: [r for r in rows if (r["attention"], r["max_step_tokens"], r["overlap"]) == (attention, d, ov)]
+                for ov in (True, False)}
+        if both[True] and both[False]:
+            mean = lambda key, ov: statistics.mean(r[key] for r in both[ov])  # noqa: E731
+            print(f"mixed {attention} B={B} max_step_tokens={d:6d}: synchronous / overlapped: time between tokens "
+                  f"{mean('step_ms_median', False) / mean('step_ms_median', True):.3f}x, prompt TTFT "
+                  f"{mean('ttft_s', False) / mean('ttft_s', True):.3f}x", flush=True)
     return rows
 
 

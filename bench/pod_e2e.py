@@ -155,6 +155,16 @@ def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng, temperature
     return reqs
 
 
+def print_overlap_ratios(rows: list[dict]) -> None:
+    """Synchronous / overlapped step time per batch (mean of each mode's runs), for --overlap ab."""
+    for B in sorted({r["batch"] for r in rows}):
+        ms = {ov: [r["step_ms"] for r in rows if r["batch"] == B and r["overlap"] == ov] for ov in (True, False)}
+        if ms[True] and ms[False]:
+            on, off = sum(ms[True]) / len(ms[True]), sum(ms[False]) / len(ms[False])
+            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  synchronous / overlapped step time: {off:.2f} / "
+                  f"{on:.2f} ms = {off / on:.3f}x", flush=True)
+
+
 def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
                  overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0),
                  prefix_bytes: int = 0) -> list[dict]:
@@ -219,6 +229,8 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
             print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
                   f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
                   f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
+        if len(set(overlap)) > 1:
+            print_overlap_ratios([r for r in rows if r["context"] == ctx])
         del eng
         gc.collect()
         if dev.type == "cuda":
