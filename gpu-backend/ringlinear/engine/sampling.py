@@ -227,6 +227,11 @@ def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return t[_on(t.device, rows, torch.int64)]
 
 
+def _target(u: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """u x total per row [m, 1], kept below total (a u this close to 1 must still land inside the row)."""
+    return torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+
+
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """weights [m, V] >= 0 (each row some > 0), u [m] in [0, 1) -> per row the index i with cdf[i-1] <= u x total <
     cdf[i], cdf the float64 cumulative sum: always an index of positive weight.
@@ -239,14 +244,14 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if V <= 2 * CDF_BLOCK or m < CDF_TWO_LEVEL_ROWS:
         cdf = weights.double().cumsum(-1)
         total = cdf[:, -1:]
-        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        target = _target(u, total)
         # clamped: a row of non-finite logits (NaN weights) still yields a token id inside the vocabulary
         return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=V - 1)
     nb = -(-V // CDF_BLOCK)
     blocks = (weights if V % CDF_BLOCK == 0 else F.pad(weights, (0, nb * CDF_BLOCK - V))).view(m, nb, CDF_BLOCK)
     block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [m, nb]
     total = block_cdf[:, -1:]
-    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = _target(u, total)
     b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=nb - 1)  # [m, 1]: first block past the target
     base = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), 0.0)
     inner = blocks.gather(1, b[:, :, None].expand(m, 1, CDF_BLOCK))[:, 0]  # [m, CDF_BLOCK]
