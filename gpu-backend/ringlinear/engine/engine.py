@@ -33,7 +33,7 @@ import torch
 from ..config import RingLinearConfig
 from ..model import RingLinearForCausalLM
 from .detokenizer import IncrementalDetokenizer
-from .pools import LinearStatePool, PagedKVCache
+from .pools import LinearStatePool, PagedKVCache, SnapshotArena
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, Segment
 from .sampling import SampledBatch, Sampler, SamplingParams, TokenLogprobs, launch_sampling
@@ -83,9 +83,9 @@ class EngineConfig:
     # idle through the host's work between steps; None = on CUDA (`Engine.step`)
     overlap: bool | None = None
     # snapshot replies too (at each prefix-block boundary a decode reaches; each request keeps its latest), so a chat's
-    # next turn resumes after the reply. Off by default: on the H200 it cost decode steps at B=256 17% while the cache
-    # filled (each snapshot is 16 freshly allocated tensors; docs/pod.md)
-    reply_snapshots: bool = False
+    # next turn resumes after the reply. Copied into the preallocated snapshot arena: on the H200 B=256 decode steps
+    # cost the same with them as without, but for the one step where a request first reaches a boundary (docs/pod.md)
+    reply_snapshots: bool = True
 
 
 @dataclass
@@ -132,11 +132,12 @@ class RequestOutput:
 
 class _Launched(NamedTuple):
     """A step queued on the device: the requests whose logits it computes (row order) and those logits; the
-    generation snapshots it took (request, length, states, the KV blocks held for it)."""
+    generation snapshots it took (request, length, the arena slot its states are copied into, the KV blocks held for
+    it)."""
     want: list["Request"]
     logits: torch.Tensor | None
     prompt_tokens: int
-    snapshots: list[tuple["Request", int, dict[int, torch.Tensor], list[int]]]
+    snapshots: list[tuple["Request", int, int, list[int]]]
 
 
 class _Tokens:
@@ -193,8 +194,10 @@ class Engine:
         dev = model.device
         self.states = LinearStatePool(self.cfg, self.plan.slots, dev)
         self.kv = PagedKVCache(self.cfg, self.plan.kv_blocks, ec.block_size, model.dtype, dev)
-        self.prefix = PrefixCache(ec.prefix_block, self.plan.prefix_bytes, self.kv.blocks)
-        self.runner = ModelRunner(model, self.states, self.kv, ec.kernels, self.max_context, ec.cuda_graphs)
+        # the snapshots' memory, once: as many state slots as the prefix budget holds (its capacity is the budget)
+        arena = SnapshotArena(self.cfg, self.plan.prefix_bytes // self.plan.slot_bytes, dev)
+        self.prefix = PrefixCache(ec.prefix_block, arena, self.kv.blocks)
+        self.runner = ModelRunner(model, self.states, self.kv, ec.kernels, self.max_context, ec.cuda_graphs, arena)
         self.overlap = ec.overlap if ec.overlap is not None else dev.type == "cuda"
         self._inflight: _Launched | None = None  # the overlapped step launched, its tokens not yet on the host
         self.tokenizer = tokenizer
@@ -318,9 +321,10 @@ class Engine:
             req.computed = seg.end
             if not seg.decode:
                 prompt_tokens += len(seg.tokens)
-            if i in snaps:
-                self.prefix.insert(req.prompt, seg.snapshot_at, snaps[i], req.blocks[: seg.snapshot_at // self.kv.block_size],
-                                  req.prefix_chain)
+            if seg.snapshot_slot is not None:  # the runner copied the states into it; insert keeps it or frees it
+                assert i in snaps, "a reserved snapshot slot was not written"
+                self.prefix.insert(req.prompt, seg.snapshot_at, seg.snapshot_slot,
+                                   req.blocks[: seg.snapshot_at // self.kv.block_size], req.prefix_chain)
         self.prefill_tokens_computed += prompt_tokens
         want = [req for seg, req in zip(segs, reqs) if seg.want_logits]
         for row, req in enumerate(want):
@@ -337,20 +341,26 @@ class Engine:
         pb, bs, out = self.config.prefix_block, self.kv.block_size, []
         for seg, req in zip(segs, reqs):
             if seg.decode and (seg.start + 1) % pb == 0:
+                slot = self.prefix.alloc_slot()
+                if slot is None:  # every arena slot holds a snapshot of this step, not yet stored
+                    continue
+                self.prefix.arena.copy_from(slot, self.states, req.slot)
                 blocks = req.blocks[: (seg.start + 1) // bs]
                 self.kv.blocks.incref(blocks)  # the request may free its own blocks before the snapshot is stored
-                out.append((req, seg.start + 1, self.states.snapshot(req.slot), blocks))
+                out.append((req, seg.start + 1, slot, blocks))
         return out
 
     def _keep_generation_snapshots(self, snaps: list) -> None:
         """Store the generation snapshots whose tokens are all known (a token dropped after its request stopped is
         not), each request keeping only its latest, so a long reply holds one snapshot, not one per block."""
-        for req, length, states, blocks in snaps:
-            if len(req.prompt) + len(req.output) >= length:
-                key = self.prefix.insert(_Tokens(req.prompt, req.output), length, states, blocks, req.prefix_chain)
+        for req, length, slot, blocks in snaps:
+            if len(req.prompt) + len(req.output) >= length:  # insert keeps the slot or frees it
+                key = self.prefix.insert(_Tokens(req.prompt, req.output), length, slot, blocks, req.prefix_chain)
                 if key is not None:
                     self.prefix.discard(req.gen_snapshot)
                     req.gen_snapshot = key
+            else:
+                self.prefix.arena.free(slot)
             self.kv.blocks.release(blocks)
 
     def _sample(self, step: "_Launched") -> "SampledBatch | None":
@@ -473,8 +483,10 @@ class Engine:
             # so that the same prompt sent again (which must recompute >= 1 token) still hits.
             last = end - 1 if end == len(req.prompt) else end
             snap_at = last // pb * pb if self.prefix.enabled else 0
+            # its arena slot is taken now, before the step that copies into it is queued (none if already cached)
+            snap_slot = self.prefix.reserve(req.prompt, snap_at, req.prefix_chain) if snap_at > start else None
             segs.append(Segment(req.slot, req.blocks, start, req.prompt[start:end], False, end == len(req.prompt),
-                                snap_at if snap_at > start else None))
+                                snap_at if snap_at > start else None, snap_slot))
             reqs.append(req)
             budget -= n
             if budget <= 0:

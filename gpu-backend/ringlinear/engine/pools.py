@@ -1,8 +1,11 @@
-"""Preallocated device memory of the engine: linear-state slots and the paged KV cache of the softmax layers.
+"""Preallocated device memory of the engine: linear-state slots, prefix snapshots and the paged KV cache of the
+softmax layers.
 
-Both are allocated once, at start, from the memory plan; nothing in the serving loop allocates per request.
+All are allocated once, at start, from the memory plan; nothing in the serving loop allocates per request or per
+snapshot.
 
     LinearStatePool   per linear layer a tensor [slots, H, d, d] fp32; a request owns one slot index for its life
+    SnapshotArena     the same layout for the prefix cache's snapshots; a cached snapshot owns one arena slot
     PagedKVCache      per softmax layer K and V tensors [blocks * block_size, Hkv, d] in the model dtype; a request
                       owns a block table (list of block ids); token at position p lives at row
                       table[p // block_size] * block_size + p % block_size; one extra block past the allocator's
@@ -59,12 +62,41 @@ class LinearStatePool:
     def release(self, slot: int) -> None:
         self.slots.release(slot)
 
-    def snapshot(self, slot: int) -> dict[int, torch.Tensor]:
-        return {l: s[slot].clone() for l, s in self.states.items()}
-
     def restore(self, slot: int, snap: dict[int, torch.Tensor]) -> None:
         for l, s in self.states.items():
             s[slot].copy_(snap[l])
+
+
+class SnapshotArena:
+    """The prefix cache's linear snapshots: per linear layer a tensor [n, H, d, d] fp32, allocated once at start.
+
+    A snapshot owns one slot index; its states are views of that slot (`views`), written by copies queued on the
+    engine's stream (the runner's prompt snapshots, `copy_from` for reply snapshots) and read by
+    `LinearStatePool.restore`. Fresh tensors per snapshot (16 x 1 MiB for Ring-mini) would come from torch's caching
+    allocator, whose new segments are cudaMallocs that serialise with the queued steps."""
+
+    def __init__(self, cfg: RingLinearConfig, n: int, device: torch.device):
+        H, d = cfg.num_attention_heads, cfg.d_head
+        # empty, not zeros: a slot is written before it is read, and untouched memory costs nothing (CPU tests build
+        # many engines with the default 1 GiB budget, a quarter of it for the arena)
+        self.states = {l: torch.empty(n, H, d, d, dtype=torch.float32, device=device) for l in cfg.linear_layers}
+        self.slots = SlotAllocator(n)
+        self.slot_bytes = LinearStatePool.bytes_per_slot(cfg)
+
+    def alloc(self) -> int | None:
+        """A free slot, or None when every slot is taken."""
+        return self.slots.alloc() if self.slots.free else None
+
+    def free(self, slot: int) -> None:
+        self.slots.release(slot)
+
+    def views(self, slot: int) -> dict[int, torch.Tensor]:
+        return {l: s[slot] for l, s in self.states.items()}
+
+    def copy_from(self, slot: int, pool: LinearStatePool, src: int) -> None:
+        """Queue the copy of state slot `src` of the pool into arena slot `slot`."""
+        for l, s in self.states.items():
+            s[slot].copy_(pool.states[l][src])
 
 
 class BlockAllocator:

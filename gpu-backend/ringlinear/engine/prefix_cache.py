@@ -7,8 +7,15 @@ keyed by a chained hash of the token blocks before the boundary. The KV part is 
 reference on the request's KV blocks, which are full and never written again (block is a multiple of the KV block
 size), and a request that hits shares them.
 
-Memory: the linear snapshots are extra device memory, bounded by `budget_bytes` (least recently used go first);
-the shared KV blocks stay in the paged pool, and `evict_for_blocks` gives them back when admission needs room.
+Memory: the linear snapshots live in a `SnapshotArena` preallocated at start from the prefix budget (its capacity
+is the budget; least recently used snapshots go first when it is full); the shared KV blocks stay in the paged pool,
+and `evict_for_blocks` gives them back when admission needs room.
+
+A snapshot's arena slot is taken (`reserve` / `alloc_slot`) before the copy into it is queued, and handed to
+`insert`, which keeps it under the key or frees it. Evicting a snapshot and reusing its slot at once is safe with
+queued work in flight: every copy into or out of the arena (the runner's prompt snapshots, reply snapshots, a hit's
+restore into a state slot) is queued on the one CUDA stream the engine uses, overlapped steps included, so a copy into
+a reused slot runs after every copy out of it that was queued before the eviction.
 """
 
 from __future__ import annotations
@@ -20,15 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .pools import BlockAllocator
+from .pools import BlockAllocator, SnapshotArena
 
 
 @dataclass
 class Snapshot:
     length: int  # tokens covered (a multiple of the cache block)
-    states: dict[int, torch.Tensor]  # linear layer -> [H, d, d] fp32
+    slot: int  # its arena slot
+    states: dict[int, torch.Tensor]  # linear layer -> [H, d, d] fp32: views of the arena slot
     kv_blocks: list[int]  # KV blocks covering positions 0..length-1 (a reference is held on each)
-    nbytes: int
+    nbytes: int  # the arena's slot size
 
 
 DIGEST = 16  # bytes of one block hash
@@ -58,9 +66,10 @@ def _key(chain: bytearray, i: int) -> bytes:
 
 
 class PrefixCache:
-    def __init__(self, block: int, budget_bytes: int, allocator: BlockAllocator):
+    def __init__(self, block: int, arena: SnapshotArena, allocator: BlockAllocator):
         self.block = block
-        self.budget = budget_bytes
+        self.arena = arena
+        self.budget = arena.slots.n * arena.slot_bytes
         self.allocator = allocator
         self.entries: OrderedDict[bytes, Snapshot] = OrderedDict()  # LRU order: oldest first
         self.bytes = 0
@@ -70,7 +79,7 @@ class PrefixCache:
 
     @property
     def enabled(self) -> bool:
-        return self.budget > 0
+        return self.arena.slots.n > 0
 
     def match(self, tokens: list[int], chain: bytearray | None = None) -> Snapshot | None:
         """Longest cached prefix that leaves at least one token to compute (its logits start the output). `chain`:
@@ -90,32 +99,55 @@ class PrefixCache:
                 return snap
         return None
 
-    def insert(self, tokens: list[int], length: int, states: dict[int, torch.Tensor], kv_blocks: list[int],
-               chain: bytearray | None = None) -> bytes | None:
-        """Store the snapshot of tokens[:length] (length a multiple of block). Returns its key if it was stored (None if
-        not: no room, or that prefix is cached already). `chain` as in match; `tokens` needs only slicing."""
-        if not self.enabled or length <= 0 or length % self.block:
+    def reserve(self, tokens, length: int, chain: bytearray | None = None) -> int | None:
+        """An arena slot for the snapshot of tokens[:length] (`alloc_slot`), or None if that prefix is cached already
+        (refreshed instead: no copy, no eviction) or no slot can be had. `chain` as in match."""
+        key = self._key_of(tokens, length, chain)
+        if key is None:
             return None
-        n = length // self.block
-        key = _key(extend_chain(bytearray() if chain is None else chain, tokens, self.block, n), n - 1)
         if key in self.entries:
             self.entries.move_to_end(key)
             return None
-        nbytes = sum(s.numel() * s.element_size() for s in states.values())
-        if nbytes > self.budget:
+        return self.alloc_slot()
+
+    def alloc_slot(self) -> int | None:
+        """A free arena slot, evicting least recently used snapshots while none is free (safe with copies in flight:
+        the module docstring says why). None when the cache is off, or every slot is taken by a snapshot not yet
+        inserted. The caller owns the slot until it hands it to `insert` (or `arena.free`)."""
+        if not self.enabled:
             return None
-        while self.bytes + nbytes > self.budget:
+        while not self.arena.slots.free and self.entries:
             self._evict_oldest()
+        return self.arena.alloc()
+
+    def insert(self, tokens, length: int, slot: int, kv_blocks: list[int], chain: bytearray | None = None) -> bytes | None:
+        """Store the snapshot of tokens[:length] (length a multiple of block) whose linear states were copied into
+        arena `slot`; the cache takes the slot: kept under the returned key, or freed (None: that prefix is cached
+        already). `chain` as in match; `tokens` needs only slicing."""
+        key = self._key_of(tokens, length, chain)
+        if key is None or key in self.entries:
+            if key is not None:
+                self.entries.move_to_end(key)
+            self.arena.free(slot)
+            return None
         self.allocator.incref(kv_blocks)
-        self.entries[key] = Snapshot(length, states, list(kv_blocks), nbytes)
-        self.bytes += nbytes
+        self.entries[key] = Snapshot(length, slot, self.arena.views(slot), list(kv_blocks), self.arena.slot_bytes)
+        self.bytes += self.arena.slot_bytes
         return key
+
+    def _key_of(self, tokens, length: int, chain: bytearray | None) -> bytes | None:
+        """The key of tokens[:length], None if no snapshot can be stored there (cache off, not a block multiple)."""
+        if not self.enabled or length <= 0 or length % self.block:
+            return None
+        n = length // self.block
+        return _key(extend_chain(bytearray() if chain is None else chain, tokens, self.block, n), n - 1)
 
     def discard(self, key: bytes | None) -> None:
         """Drop the snapshot stored under key, if it is still there."""
         snap = self.entries.pop(key, None) if key is not None else None
         if snap is not None:
             self.allocator.release(snap.kv_blocks)
+            self.arena.free(snap.slot)
             self.bytes -= snap.nbytes
 
     def evict_for_blocks(self, need: int) -> None:

@@ -53,7 +53,7 @@ from ..model import MoE, RingLinearForCausalLM
 from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_plan_shapes, cudnn_without_recompiles
 from ..ops.transfer import to_device
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
-from .pools import LinearStatePool, PagedKVCache
+from .pools import LinearStatePool, PagedKVCache, SnapshotArena
 from .step_io import StepIO, step_graph_sizes
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,10 @@ class Segment:
     tokens: list[int]
     decode: bool  # one generated token (recurrent step) vs a prompt chunk (chunked form)
     want_logits: bool  # the last token's logits are needed (end of prompt, or decode)
-    snapshot_at: int | None = None  # position in (start, end] after which the linear states are copied out
+    # a prefix-block boundary in (start, end]: the chunk is cut there, and with snapshot_slot the linear states after
+    # it are copied into that slot of the snapshot arena (taken by the engine before the step is queued)
+    snapshot_at: int | None = None
+    snapshot_slot: int | None = None
     # decode only: the token is row `feed` of the previous step's sampled ids, still on the device (`execute`'s feed;
     # an overlapped engine schedules a step before the previous one's tokens reach the host); tokens[0] is ignored
     feed: int | None = None
@@ -146,8 +149,10 @@ def _pack_qkv_gate_weights(model: RingLinearForCausalLM) -> dict[int, torch.Tens
 
 class ModelRunner:
     def __init__(self, model: RingLinearForCausalLM, states: LinearStatePool, kv: PagedKVCache,
-                 kernels: bool | None = None, max_context: int | None = None, cuda_graphs: bool | None = None):
+                 kernels: bool | None = None, max_context: int | None = None, cuda_graphs: bool | None = None,
+                 snapshot_arena: SnapshotArena | None = None):
         self.model, self.states, self.kv = model, states, kv
+        self.snapshot_arena = snapshot_arena  # where segments with a snapshot_slot copy their states to
         cfg = model.config
         self.cfg = cfg
         self.acc = accum_dtype(model.dtype)
@@ -270,7 +275,8 @@ class ModelRunner:
     def execute(self, segs: list[Segment], feed: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
         """Run one step. Returns (logits [n, V] fp32 for the segments with want_logits, in order, or None;
-        snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_at).
+        snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_slot: the arena views
+        their states were copied into).
         feed: [m] int64 token ids on the device, the ones decode segments with `feed` set take (by index)."""
         dev = self.model.device
         fed = [(i, s.feed) for i, s in enumerate(segs) if s.feed is not None]
@@ -535,8 +541,8 @@ class ModelRunner:
             for c0, c1 in zip(cuts, cuts[1:]):
                 o_c, S = self.lightning_prefill(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], decay, self.scale, S, LIGHTNING_CHUNK)
                 o[c0:c1] = o_c[0]
-                if s.snapshot_at is not None and c1 - a == s.snapshot_at - s.start:
-                    snaps.setdefault(i, {})[l] = S[0].clone()
+                if s.snapshot_slot is not None and c1 - a == s.snapshot_at - s.start:
+                    snaps.setdefault(i, {})[l] = self._snapshot(l, s.snapshot_slot, S[0])
             pool[s.slot] = S[0]
         return o
 
@@ -578,9 +584,15 @@ class ModelRunner:
                     o[c0:c1] = o_r[a:a + c1 - c0]
             for i, c0, c1 in batch:
                 s = plan.segs[i]
-                if s.snapshot_at is not None and c1 - plan.offs[i] == s.snapshot_at - s.start:
-                    snaps.setdefault(i, {})[l] = pool[s.slot].clone()
+                if s.snapshot_slot is not None and c1 - plan.offs[i] == s.snapshot_at - s.start:
+                    snaps.setdefault(i, {})[l] = self._snapshot(l, s.snapshot_slot, pool[s.slot])
         return o
+
+    def _snapshot(self, l: int, slot: int, state: torch.Tensor) -> torch.Tensor:
+        """Queue the copy of layer l's state into arena `slot` (preallocated: no allocation mid-step); its view."""
+        dst = self.snapshot_arena.states[l][slot]
+        dst.copy_(state)
+        return dst
 
     def _prefill_rounds(self, plan: "_StepPlan", device):
         """The step's varlen prefill launches, one per cut round: (pieces, cu_seqlens, slots, prepared plan or None).

@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (default on CUDA: replay CUDA graphs captured at start-up)")
-    p.add_argument("--reply-snapshots", action="store_true",
+    p.add_argument("--reply-snapshots", action=argparse.BooleanOptionalAction, default=True,
                    help="also snapshot replies at prefix-block boundaries, so a chat's next turn resumes after the reply "
-                        "(costs decode steps while the prefix cache fills: docs/pod.md)")
+                        "(default on; --no-reply-snapshots keeps prompt snapshots only: docs/pod.md)")
     p.add_argument("--no-overlap", action="store_true",
                    help="synchronous steps: launch a step only after the previous one's tokens reached the host "
                         "(default on CUDA: overlapped)")

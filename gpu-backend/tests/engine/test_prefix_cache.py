@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from engine_helpers import greedy, make_engine, random_prompt, run_all
 
 from ringlinear.engine import prefix_cache
 from ringlinear.engine.prefix_cache import PrefixCache, block_hashes, extend_chain
-from ringlinear.engine.pools import BlockAllocator
+from ringlinear.engine.pools import BlockAllocator, SnapshotArena
 
 
 def _logprobs(outs, rid):
@@ -82,20 +84,26 @@ def test_a_waiting_request_is_hashed_and_counted_once(tiny_model, monkeypatch):
     run_all(eng)
     assert len(first.output) == 40 and len(waiting.output) == 2
     assert eng.prefix.lookups == 2  # one per request, however often the waiting one was tried
-    # each 64-token block of each prompt hashed once: 4 blocks of 300 tokens, 7 of 450
-    assert len(calls) == 300 // 64 + 450 // 64
+    # each 64-token block of each prompt hashed once: 4 blocks of 300 tokens, 7 of 450; and the first request's reply
+    # snapshot at 320 (prompt + output) one more
+    assert len(calls) == 300 // 64 + 450 // 64 + 1
+
+
+def _arena(n: int) -> SnapshotArena:
+    """An arena of n slots of one [2, 4, 4] fp32 state (128 bytes a snapshot)."""
+    return SnapshotArena(SimpleNamespace(linear_layers=[0], num_attention_heads=2, d_head=4), n, torch.device("cpu"))
 
 
 def test_lru_budget_and_block_references():
     alloc = BlockAllocator(16)
-    state = {0: torch.zeros(2, 4, 4)}  # 128 bytes a snapshot
-    cache = PrefixCache(block=64, budget_bytes=2 * 128, allocator=alloc)
+    cache = PrefixCache(block=64, arena=_arena(2), allocator=alloc)
+    assert cache.budget == 2 * 128
     prompts = [random_prompt(65, s) for s in range(3)]
     blocks = [alloc.alloc(4) for _ in range(3)]
     for p, b in zip(prompts[:2], blocks[:2]):
-        assert cache.insert(p, 64, {0: state[0].clone()}, b)
+        assert cache.insert(p, 64, cache.reserve(p, 64), b)
     assert cache.match(prompts[0]) is not None  # refreshes prompts[0]: prompts[1] is now the oldest
-    assert cache.insert(prompts[2], 64, {0: state[0].clone()}, blocks[2])
+    assert cache.insert(prompts[2], 64, cache.reserve(prompts[2], 64), blocks[2])
     assert cache.bytes <= 256 and len(cache.entries) == 2
     assert cache.match(prompts[1]) is None and cache.match(prompts[0]) is not None
     # the evicted snapshot dropped its block references; the requests' own references remain
@@ -140,7 +148,7 @@ def test_a_reply_is_a_cached_prefix_of_the_next_turn(tiny_model, overlap):
     first = eng.add_request(prompt, greedy(93))  # its last decode (position 191) reaches the boundary at 192
     run_all(eng)
     assert sorted(s.length for s in eng.prefix.entries.values()) == [64, 192]  # prompt's; the reply's latest
-    off = make_engine(tiny_model, max_step_tokens=128, overlap=overlap)  # the default: prompts' snapshots only
+    off = make_engine(tiny_model, max_step_tokens=128, overlap=overlap, reply_snapshots=False)  # prompts' only
     off.add_request(prompt, greedy(93))
     run_all(off)
     assert [s.length for s in off.prefix.entries.values()] == [64]
@@ -156,6 +164,7 @@ def test_a_reply_is_a_cached_prefix_of_the_next_turn(tiny_model, overlap):
     torch.testing.assert_close(_logprobs(outs, r.id), want_lp, rtol=0, atol=1e-4)
     eng.prefix.clear()
     assert eng.kv.blocks.used == 0  # every reference the snapshots took was given back
+    assert eng.prefix.arena.slots.used == 0  # and every arena slot
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -176,4 +185,4 @@ def test_generation_snapshots_of_stopped_and_aborted_requests(tiny_model, overla
     # which only the overlapped engine feeds (its one extra step): that snapshot ends with the stop token, all known
     assert lengths == [64, 64, 128] + ([128] if overlap else [])
     eng.prefix.clear()
-    assert eng.kv.blocks.used == 0 and eng.states.slots.used == 0
+    assert eng.kv.blocks.used == 0 and eng.states.slots.used == 0 and eng.prefix.arena.slots.used == 0

@@ -115,5 +115,5 @@ def test_overlap_defaults_by_device_and_follows_the_option(tiny_ckpt):
     base = ["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512"]
     assert build_pod(build_parser().parse_args(base))[1].engine.overlap is False  # cpu: nothing to overlap with
     assert build_pod(build_parser().parse_args(base + ["--no-overlap"]))[1].engine.config.overlap is False
-    assert build_pod(build_parser().parse_args(base))[1].engine.config.reply_snapshots is False
-    assert build_pod(build_parser().parse_args(base + ["--reply-snapshots"]))[1].engine.config.reply_snapshots
+    assert build_pod(build_parser().parse_args(base))[1].engine.config.reply_snapshots is True
+    assert build_pod(build_parser().parse_args(base + ["--no-reply-snapshots"]))[1].engine.config.reply_snapshots is False
