@@ -43,6 +43,9 @@ from ringlinear.config import RingLinearConfig  # noqa: E402
 from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
 from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
 from ringlinear.tools.params import PRESETS  # noqa: E402
+from ringlinear.engine import sampling as sampling_module  # noqa: E402
+from ringlinear.kernels.sampling import sample_rows as kernel_sample_rows  # noqa: E402
+from pod_sampling import torch_sample_rows  # noqa: E402  (bench/: the torch sampler the kernel replaced)
 
 BF16_PEAK = 788e12  # FLOP/s, 8192^3 bf16 GEMM on random data, this H200 (KINDS.md); datasheet dense: ~990e12
 COPY_BW = 4.3e12  # B/s, device-to-device copy counting read + write (KINDS.md)
@@ -165,11 +168,22 @@ def print_overlap_ratios(rows: list[dict]) -> None:
                   f"{on:.2f} ms = {off / on:.3f}x", flush=True)
 
 
+def print_sampler_ratios(rows: list[dict]) -> None:
+    """Torch sampler / sampling kernel step time per batch (mean of each's runs), for --sampler ab."""
+    for B in sorted({r["batch"] for r in rows}):
+        ms = {s: [r["step_ms"] for r in rows if r["batch"] == B and r["sampler"] == s] for s in ("kernel", "torch")}
+        if ms["kernel"] and ms["torch"]:
+            k, t = sum(ms["kernel"]) / len(ms["kernel"]), sum(ms["torch"]) / len(ms["torch"])
+            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  torch sampler / sampling kernel step time: {t:.2f} / "
+                  f"{k:.2f} ms = {t / k:.3f}x", flush=True)
+
+
 def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
                  overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0),
-                 prefix_bytes: int = 0) -> list[dict]:
-    """Decode rows per context and batch; with several `overlap` modes, each batch runs once per mode, in turn (A/B in
-    one process: the engine's overlapped vs synchronous steps)."""
+                 prefix_bytes: int = 0, samplers: tuple[str, ...] = ("kernel",)) -> list[dict]:
+    """Decode rows per context and batch; with several `overlap` modes (or `samplers`), each batch runs once per mode,
+    in turn (A/B in one process: the engine's overlapped vs synchronous steps, or its sampling kernel vs the torch
+    sampler it replaced)."""
     cfg = model.config
     rows = []
     rng = random.Random(1)
@@ -192,8 +206,10 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                 t.normal_()
             for s in eng.states.states.values():
                 s.normal_(0.0, 0.01)
-        for B, ov in ((B, ov) for B in sorted(bs, reverse=True) for ov in overlap):  # the largest batch first
+        modes = list(zip(overlap, samplers)) if len(samplers) > 1 else [(ov, samplers[0]) for ov in overlap]
+        for B, (ov, smp) in ((B, m) for B in sorted(bs, reverse=True) for m in modes):  # the largest batch first
             eng.overlap = ov
+            sampling_module.sample_rows = torch_sample_rows if smp == "torch" else kernel_sample_rows
             if time.monotonic() > deadline:
                 print(f"decode   ctx={ctx} B={B}: skipped (time budget)", flush=True)
                 continue
@@ -223,14 +239,17 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                     eng.step()
             toks = eng.generation_tokens_total - n0
             t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
-            rows.append({"context": ctx, "batch": B, "overlap": ov, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+            rows.append({"context": ctx, "batch": B, "overlap": ov, "sampler": smp, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
                          "step_ms_each": [round(t, 2) for t in each], "gc_collections_by_generation": gcs,
                          "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
-            print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
+            print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}{' torch sampler' if smp == 'torch' else ''}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
                   f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
                   f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
         if len(set(overlap)) > 1:
             print_overlap_ratios([r for r in rows if r["context"] == ctx])
+        if len(set(samplers)) > 1:
+            print_sampler_ratios([r for r in rows if r["context"] == ctx])
+        sampling_module.sample_rows = kernel_sample_rows
         del eng
         gc.collect()
         if dev.type == "cuda":
@@ -307,6 +326,9 @@ def main(argv=None) -> None:
                    help="off: the decode MoE kernels without their one-token layouts (A/B runs)")
     p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
+    p.add_argument("--sampler", choices=("kernel", "torch", "ab"), default="kernel",
+                   help="the engine's token sampler: the sampling kernel (as served), the torch sampler it replaced "
+                        "(bench/pod_sampling.py), or both in turn (A/B, overlapped steps)")
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,
@@ -354,8 +376,10 @@ def main(argv=None) -> None:
         dump()
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline,
                                            False if a.no_graphs else None,
-                                           {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap],
-                                           (a.temperature, a.top_p), int(a.prefix_cache_gib * 2**30))
+                                           {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap]
+                                           if a.sampler != "ab" else (True,) * 4,
+                                           (a.temperature, a.top_p), int(a.prefix_cache_gib * 2**30),
+                                           ("kernel", "torch") * 2 if a.sampler == "ab" else (a.sampler,))
         if dev.type == "cuda":
             res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)

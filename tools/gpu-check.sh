@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
-#                                  [mixed] [sampling] [latency] [overlap]
+#                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -18,7 +18,7 @@ for step in "$@"; do
     build) run build python3 -c "import time; t=time.time(); from ringlinear.kernels import _build; _build.extension(); print(f'built in {time.time()-t:.0f} s')" ;;
     tests) TAIL=25 run tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib gpu-backend/tests/kernels \
              gpu-backend/tests/engine/test_kernel_path.py gpu-backend/tests/engine/test_sampling.py \
-             gpu-backend/tests/engine/test_overlap.py \
+             gpu-backend/tests/engine/test_overlap.py gpu-backend/tests/engine/test_snapshot_arena.py \
              gpu-backend/tests/model/test_chunk_attention.py \
              "gpu-backend/tests/model/test_model.py::test_f32_reference_meets_golden_tolerance" ;;
     kernels) TAIL=40 run kernels sh -c "python3 bench/gpu_paged_attention.py --out $OUT && python3 bench/gpu_elementwise.py --out $OUT && python3 bench/gpu_kernels.py --only ceilings,decode,prefill,moe --out $OUT" ;;
@@ -38,6 +38,12 @@ for step in "$@"; do
     overlap) TAIL=20 run overlap python3 bench/pod_e2e.py --device cuda --models ours --prefill-contexts "" \
              --decode-contexts 4096,65536 --batches 1,8,64,256 --decode-steps 32 --overlap ab --time-budget 200 \
              --json "$OUT/overlap.json" ;;
+    sampler) TAIL=20 run sampler python3 bench/pod_e2e.py --device cuda --models ours --prefill-contexts "" \
+             --decode-contexts 4096 --batches 1,64,256 --decode-steps 32 --sampler ab --temperature 0.7 --top-p 0.9 \
+             --time-budget 200 --json "$OUT/sampler.json" ;;
+    snapshots) TAIL=4 run snapshots sh -c "for gib in 6 0 6 0; do python3 bench/pod_e2e.py --device cuda --models ours \
+             --prefill-contexts '' --decode-contexts 4096 --batches 256 --decode-steps 64 --prefix-cache-gib \$gib \
+             --json $OUT/snapshots_\$gib.json | grep 'ms/step'; done" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -8,6 +8,7 @@
 | paged-KV GQA decode attention (block tables read in place, split-K) | `paged_attention.paged_decode_attention` | `paged_attention_reference.paged_decode_attention_reference` |
 | fused attention elementwise (qkv split + silu + QK-norm + RoPE; group RMSNorm * sigmoid gate) | `elementwise.qkv_prologue`, `elementwise.gated_group_rmsnorm` | `elementwise_reference.qkv_prologue_reference`, `elementwise_reference.gated_group_rmsnorm_reference` |
 | fused residual add + RMSNorm (s = x + delta; rms_norm(s)) | `elementwise.add_rms_norm` | `elementwise_reference.add_rms_norm_reference` |
+| a step's token draws (temperature, top-k, top-p, inverse transform; no sort, no host sync) | `sampling.sample_rows` | `sampling_reference.sample_rows_reference` |
 | decode CUDA graphs; a step's pieces between its attention calls, per row count (steps with prompt tokens) | `graphs.DecodeGraphs`, `graphs.PieceGraphs` | eager calls |
 
 The extension is compiled on first use (torch.utils.cpp_extension.load, sm_90a); without CUDA every wrapper runs its
@@ -22,6 +23,8 @@ from .moe import fused_moe, pack_experts, route
 from .moe_reference import RING_MINI_ROUTER, RouterConfig
 from .paged_attention import paged_decode_attention
 from .paged_attention_reference import paged_decode_attention_reference
+from .sampling import sample_rows
+from .sampling_reference import sample_rows_reference
 
 __all__ = [
     "qkv_prologue",
@@ -43,4 +46,6 @@ __all__ = [
     "RING_MINI_ROUTER",
     "paged_decode_attention",
     "paged_decode_attention_reference",
+    "sample_rows",
+    "sample_rows_reference",
 ]

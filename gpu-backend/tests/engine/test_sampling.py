@@ -9,7 +9,7 @@ from engine_helpers import greedy, make_engine, random_prompt, run_all
 
 from ringlinear.engine import SamplingError, SamplingParams
 from ringlinear.engine.detokenizer import IncrementalDetokenizer
-from ringlinear.engine.sampling import Sampler, _inverse_cdf, sample_batch
+from ringlinear.engine.sampling import Sampler, sample_batch
 
 
 def _sample(model, params, companions=0):
@@ -134,22 +134,6 @@ def test_batched_sampling_equals_each_row_alone():
     assert sample_batch(logits[:0], []) == []
 
 
-@pytest.mark.parametrize("flat", [False, True])
-def test_top_p_rows_sorted_whole_or_by_candidates_agree(flat):
-    """Up to NUCLEUS_SORT_ROWS top-p rows are sorted whole; more take the NUCLEUS_CANDIDATES most likely tokens (and
-    the whole sort when those do not hold top_p of the mass: flat rows). A row's token is the same either way."""
-    from ringlinear.engine import sampling
-
-    V, n = 3 * sampling.NUCLEUS_CANDIDATES, sampling.NUCLEUS_SORT_ROWS + 8
-    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(7)) * (0.05 if flat else 4.0)
-    params = [SamplingParams(temperature=1.0, top_p=0.8 + 0.01 * (i % 10), seed=i) for i in range(n)]
-    probs = torch.softmax(logits, -1).sort(-1, descending=True).values[:, : sampling.NUCLEUS_CANDIDATES].sum(-1)
-    assert bool((probs >= 0.9).all()) != flat  # the candidates hold the nucleus unless the rows are flat
-    batch = [t for t, _ in sample_batch(logits, [Sampler(p) for p in params])]  # candidates (+ sort when flat)
-    alone = [Sampler(p).sample(logits[i])[0] for i, p in enumerate(params)]  # whole-row sorts
-    assert batch == alone
-
-
 def _frequencies(device, params, logits, n=6000):
     rows = logits.to(device)[None].expand(n, -1)
     toks = [t for t, _ in sample_batch(rows, [Sampler(SamplingParams(seed=s, **params)) for s in range(n)])]
@@ -172,66 +156,33 @@ def test_sampled_frequencies_follow_the_kept_distribution(device):
         assert (got - want).abs().max() < 0.025, (params, got, want)
 
 
-def test_inverse_cdf_only_lands_on_positive_weights():
-    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0]] * 4)
-    u = torch.tensor([0.0, 1 / 3 - 1e-12, 1 / 3 + 1e-12, 1 - 2.0 ** -53], dtype=torch.float64)
-    assert _inverse_cdf(w, u).tolist() == [1, 1, 3, 3]
+def test_each_row_gets_its_parameters_and_its_own_number():
+    """launch_sampling hands the kernel (or its twin) each request's temperature, top_k (-1 = off), top_p and the
+    next number of the request's own generator; greedy rows draw no number."""
+    import random
+
+    from ringlinear.kernels.sampling_reference import sample_rows_reference
+
+    logits = torch.randn(5, 400, generator=torch.Generator().manual_seed(9)) * 2
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(temperature=1.2, top_k=-1, seed=2),
+              SamplingParams(temperature=0.0, seed=3), SamplingParams(temperature=1.0, top_k=7, top_p=0.6, seed=4),
+              SamplingParams(temperature=0.5, top_k=1, seed=5)]
+    samplers = [Sampler(p) for p in params]
+    got = [t for t, _ in sample_batch(logits, samplers)]
+    u = [random.Random(p.seed).random() for p in params]
+    spec = torch.tensor([[0, 1, 2, 3, 4], [0.8, 1.2, 0.0, 1.0, 0.0], [0, 0, 0, 7, 0], [0.9, 1.0, 1.0, 0.6, 1.0],
+                         [u[0], u[1], 0.0, u[3], 0.0]], dtype=torch.float64)
+    assert got == sample_rows_reference(logits, spec).tolist()
+    assert [s.rng.random() for s in samplers] == [random.Random(p.seed).random() if p.greedy else
+                                                  _second(p.seed) for p in params]
 
 
-def _inverse_cdf_whole_rows(w, u):
-    """The plain twin of _inverse_cdf: one float64 cumulative sum over each whole row."""
-    cdf = w.double().cumsum(-1)
-    return torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).minimum(cdf[:, -1:].nextafter(torch.zeros(1, 1, dtype=torch.float64))),
-                              right=True)[:, 0].clamp(max=w.shape[1] - 1)
+def _second(seed):
+    import random
 
-
-@pytest.mark.parametrize("V", [5000, 4096, 1100])  # a partial last block, whole blocks, just over two blocks
-def test_two_level_inverse_cdf_equals_whole_row_scan(V):
-    from ringlinear.engine.sampling import CDF_BLOCK
-
-    assert V > 2 * CDF_BLOCK
-    g = torch.Generator().manual_seed(V)
-    w = torch.softmax(torch.randn(96, V, generator=g) * 3, -1)
-    w[:32] *= torch.rand(32, V, generator=g) < 0.01  # sparse rows: whole blocks of zeros
-    w[32:40] = 0
-    w[32:40, -3:] = 1.0  # mass only in the last (partial) block
-    u = torch.rand(96, dtype=torch.float64, generator=g)
-    u[:4] = 0.0
-    u[4:8] = 1 - 2.0 ** -53
-    u[32], u[33] = 0.0, 1 - 2.0 ** -53  # leading zero-mass blocks: u = 0 must skip them
-    got = _inverse_cdf(w, u)
-    assert got.tolist() == _inverse_cdf_whole_rows(w, u).tolist()
-    assert bool((w.gather(1, got[:, None]) > 0).all())
-
-
-def _draw_by_full_sort(x, params, u):
-    """The plain twin of _draw: every row on its own, top-p over a full stable sort (no ties in these logits, so the
-    order topk gives equal probabilities does not matter)."""
-    out = []
-    for row, p, ui in zip(x, params, u):
-        row = row / p.temperature
-        if 0 < p.top_k < row.numel():
-            row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
-        probs = torch.softmax(row, -1)
-        sp, order = probs, torch.arange(probs.numel())  # without top-p: the inverse transform in token order
-        if p.top_p < 1.0:
-            sp, order = probs.sort(descending=True, stable=True)
-            sp = sp * (sp.cumsum(0) - sp < p.top_p)
-        cdf = sp.double().cumsum(0)
-        out.append(int(order[int(torch.searchsorted(cdf, ui * cdf[-1], right=True))]))
-    return out
-
-
-@pytest.mark.parametrize("scale", [0.05, 3.0, 12.0])  # flat (the full-sort fallback) to peaked (the top candidates)
-def test_draw_equals_its_full_sort_twin(scale):
-    from ringlinear.engine.sampling import NUCLEUS_CANDIDATES, _draw
-
-    g = torch.Generator().manual_seed(int(scale * 100))
-    x = torch.randn(12, 3 * NUCLEUS_CANDIDATES, generator=g) * scale
-    params = [SamplingParams(temperature=t, top_p=tp, top_k=k)
-              for t, tp, k in [(1.0, 0.9, 0), (0.7, 0.5, 0), (1.2, 0.99, 0), (1.0, 1.0, 0), (1.0, 0.8, 100), (0.5, 0.3, 7)] * 2]
-    u = torch.rand(12, dtype=torch.float64, generator=g)
-    assert _draw(x, params, u).tolist() == _draw_by_full_sort(x, params, u)
+    r = random.Random(seed)
+    r.random()
+    return r.random()
 
 
 def test_tiny_temperatures_are_greedy_and_bad_logits_give_a_valid_id():

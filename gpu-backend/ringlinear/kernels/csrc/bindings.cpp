@@ -45,6 +45,7 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
                          int64_t groups, double eps);
 void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& s_out, at::Tensor& y_out, double eps);
+void sample_rows(const at::Tensor& logits, const at::Tensor& spec, at::Tensor& out);
 }  // namespace ringlinear
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -66,4 +67,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qkv_prologue", &ringlinear::qkv_prologue, "fused qkv split + silu + QK RMSNorm + partial RoPE");
   m.def("gated_group_rmsnorm", &ringlinear::gated_group_rmsnorm, "fused group RMSNorm * sigmoid(gate)");
   m.def("add_rms_norm", &ringlinear::add_rms_norm, "fused residual add + RMSNorm (s = x + delta; rms_norm(s))");
+  m.def("sample_rows", &ringlinear::sample_rows, "one token per row: temperature, top-k, top-p and the draw, no sort");
 }
