@@ -46,8 +46,7 @@ def sample_rows_reference(logits: torch.Tensor, spec: torch.Tensor) -> torch.Ten
     max_k, any_nucleus = int(sub[2].max()), bool((sub[3] < 1).any())
     idx = to_device(drawn, logits.device)
     _, temperature, top_k, top_p, u = dev_spec[:, idx]
-    x = logits[dev_spec[0, idx].long()].float() / temperature.float()[:, None]
-    x = x.masked_fill(x.isnan(), float("-inf"))
+    x = x[idx] / temperature.float()[:, None]  # (-inf / t stays -inf: masking NaN first changes nothing)
     w = torch.exp(x - x.amax(-1, keepdim=True))
     q = torch.where(w > 0, (w * 2.0 ** WEIGHT_BITS).long(), 0)  # NaN (a row of -inf or +inf) -> 0
 
