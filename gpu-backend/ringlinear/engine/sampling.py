@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..kernels.sampling import sample_rows
@@ -82,6 +83,9 @@ class Sampler:
         # Python's Mersenne Twister: 53-bit uniforms at ~0.1 us a draw (a torch CPU generator's draw costs ~5 us of
         # host time, 1.3 ms a step at 256 sampled rows)
         self.rng = random.Random(self.seed)
+        self.greedy = params.greedy
+        # its fixed columns of a step's parameter table (`kernels.sample_rows`): temperature (0 = greedy), top_k, top_p
+        self.columns = (0.0 if self.greedy else params.temperature, max(params.top_k, 0), params.top_p)
 
     def uniform(self) -> float:
         return self.rng.random()
@@ -139,12 +143,11 @@ def launch_sampling(logits: torch.Tensor, samplers: list[Sampler]) -> SampledBat
     params = [s.params for s in samplers]
     if n == 0:
         return SampledBatch(torch.empty(0, dtype=torch.int64, device=logits.device), params, [], None)
-    spec = torch.tensor([list(range(n)),
-                         [0.0 if p.greedy else p.temperature for p in params],
-                         [p.top_k if p.top_k > 0 else 0 for p in params],
-                         [p.top_p for p in params],
-                         [0.0 if p.greedy else s.uniform() for p, s in zip(params, samplers)]],  # one number a token
-                        dtype=torch.float64)
+    spec = np.empty((5, n))  # numpy: ~3x faster to fill than torch.tensor of nested lists (256 rows: ~0.1 ms)
+    spec[0] = np.arange(n)
+    spec[1:4] = np.array([s.columns for s in samplers]).T
+    spec[4] = [0.0 if s.greedy else s.uniform() for s in samplers]  # one number a sampled token
+    spec = torch.from_numpy(spec)
     tokens = sample_rows(logits.float(), spec)
     want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
     lp = None

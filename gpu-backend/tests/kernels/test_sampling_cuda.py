@@ -103,3 +103,12 @@ def test_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (spec.shape[1],)
+
+
+def test_top_p_target_is_rounded_up():
+    """The kernel's P = ceil(top_p x Q), as the twin's (a nucleus a fraction of a weight unit above one token)."""
+    logits = torch.tensor([[0.0, -1.0, float("-inf")]], device="cuda")
+    w = torch.exp(logits[0, 1])  # the twin's q1, on this device
+    q0, q1 = 2**40, int(float(w) * 2**40)
+    cols = [(0, 1.0, 0, (q0 + 0.5) / (q0 + q1), 1 - 2.0**-53), (0, 1.0, 0, q0 / (q0 + q1), 1 - 2.0**-53)]
+    assert _check(logits, _spec(cols)).tolist() == [1, 0]

@@ -104,3 +104,14 @@ def test_wrapper_checks_name_the_field():
     with pytest.raises(ValueError, match="host"):
         sample_rows(logits, _spec([(0, 1.0, 0, 1.0, 0.5)]).to("meta"))
     assert sample_rows(logits, torch.zeros(5, 0, dtype=torch.float64)).tolist() == []
+
+
+def test_top_p_target_is_rounded_up():
+    """P = ceil(top_p x Q): a nucleus that must hold a fraction of a weight unit more than the best token's weight
+    takes the next token too (floor would stop at the best token)."""
+    logits = torch.tensor([[0.0, -1.0, float("-inf")]])
+    q0, q1 = _weights(logits[0], 1.0)[:2]
+    assert q0 == 2**WEIGHT_BITS and 0 < q1 < q0
+    top_p = (q0 + 0.5) / (q0 + q1)  # top_p x Q = q0 + 1/2: ceil needs token 1, floor would not
+    assert sample_rows_reference(logits, _spec([(0, 1.0, 0, top_p, 1 - 2.0**-53)])).tolist() == [1]
+    assert sample_rows_reference(logits, _spec([(0, 1.0, 0, q0 / (q0 + q1), 1 - 2.0**-53)])).tolist() == [0]
