@@ -127,28 +127,23 @@ struct Shared {
   int n;
 };
 
-// Sum (or max) of one value per CTA over the cluster; v must be the same in all of the CTA's threads. The trailing
-// sync keeps xchg from being rewritten, or the CTA from exiting, while another CTA still reads it.
-template <int kCluster, bool kMax>
-RL_DEVICE u64 cluster_combine(Shared& sh, cg::cluster_group& cl, u64 v) {
-  if (threadIdx.x == 0) sh.xchg[0] = v;
-  cl.sync();
-  u64 out = 0;
-  for (int c = 0; c < kCluster; ++c) {
-    const u64 w = cl.map_shared_rank(&sh.xchg[0], c)[0];
-    out = kMax ? (w > out ? w : out) : out + w;
-  }
-  cl.sync();
-  return out;
-}
-
-// This CTA's values of all the cluster's CTAs (rank order) into `all`, with the same sync discipline.
+// One value per CTA (the same in all of its threads) from every CTA of the cluster, in rank order, into `all`. The
+// trailing sync keeps xchg from being rewritten, or the CTA from exiting, while another CTA still reads it.
 template <int kCluster>
 RL_DEVICE void cluster_gather(Shared& sh, cg::cluster_group& cl, u64 v, u64* all) {
   if (threadIdx.x == 0) sh.xchg[0] = v;
   cl.sync();
   for (int c = 0; c < kCluster; ++c) all[c] = cl.map_shared_rank(&sh.xchg[0], c)[0];
   cl.sync();
+}
+
+// The cluster's sum (or max) of one value per CTA.
+template <int kCluster, bool kMax>
+RL_DEVICE u64 cluster_combine(Shared& sh, cg::cluster_group& cl, u64 v) {
+  u64 all[kCluster], out = 0;
+  cluster_gather<kCluster>(sh, cl, v, all);
+  for (int c = 0; c < kCluster; ++c) out = kMax ? (all[c] > out ? all[c] : out) : out + all[c];
+  return out;
 }
 
 // The cluster's sum of the CTAs' `local` histograms (nb buckets) into `out`, in every CTA.
