@@ -40,7 +40,10 @@ def test_batched_moe_gradients_equal_reference(cfg):
     ref(x).square().sum().backward()
     fast(x).square().sum().backward()
     for (n, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+        # fp32 sums in another order: the error scales with the gradient's magnitude (up to ~1e3 here), not with the
+        # element's own, so the absolute tolerance is relative to the tensor's largest entry (torch 2.15 summed one
+        # small element of experts_up_proj 2e-4 away at a scale of 480)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * a.grad.abs().max().item(), msg=n)
 
 
 def test_use_batched_moe_shares_parameters(cfg):
