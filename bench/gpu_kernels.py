@@ -7,7 +7,8 @@ Sections: ceilings (device-to-device copy bandwidth, bf16 matmul rate), lightnin
 fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16 D=128 (ours vs fla chunk_simple_gla),
 fused MoE at the Ring-mini config with packed gate/up (decode batches vs the torch twin, prefill vs the old
 unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only moe-latency) one- and two-token
-MoE layers as a decode step runs them, per variant of the decode kernels. Writes
+MoE layers as a decode step runs them, per variant of the decode kernels, and (--only gemv) a decode step's dense
+projections of 1-4 tokens: the GEMV kernel launched as a programmatic dependent, launched plainly, and cuBLAS. Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -28,6 +29,8 @@ sys.path.insert(0, str(ROOT / "gpu-backend"))
 
 from ringlinear.kernels import lightning as L  # noqa: E402
 from ringlinear.kernels import moe as M  # noqa: E402
+from ringlinear import kernels as K  # noqa: E402
+from ringlinear.kernels.gemv_reference import linear_small_bytes  # noqa: E402
 from gpu_timing import events_ms, graph_of  # noqa: E402
 from ringlinear.kernels._build import extension  # noqa: E402
 from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops  # noqa: E402
@@ -427,6 +430,58 @@ def bench_moe_latency(batches=(1, 2), layers=19, rounds=3):
         M.DECODE_SMALL_PASSES = saved
     RESULTS["moe_latency"] = rows
 
+# Ring-mini's decode projections: (name, M, K).
+GEMV_SHAPES = [("lightning qkv + gate", 8192, 2048), ("softmax qkv", 3072, 2048), ("output", 2048, 2048),
+               ("dense gate / up", 5120, 2048), ("dense down", 2048, 5120), ("lm_head", 157184, 2048)]
+
+
+def bench_gemv(tokens=(1, 2, 4), layers=16, rounds=3):
+    """A decode step's projections as it runs them: `layers` of [RMSNorm (add_rms_norm kernel) -> projection] in one
+    CUDA graph, distinct weights per layer (cold in L2, as in a step; 4 layers for the lm_head), replayed in turn
+    for: the GEMV kernel launched as a programmatic dependent (the norm's tail overlaps its weight loads), the same
+    kernel launched plainly, and cuBLAS (torch.mm). us per projection, best round; bytes = weight + rows."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    rows = []
+    for name, Mo, Kd in GEMV_SHAPES:
+        n_layers = 4 if Mo > 100_000 else layers
+        Ws = [(torch.randn(Mo, Kd, device="cuda", generator=g) * Kd**-0.5).to(torch.bfloat16) for _ in range(n_layers)]
+        nw = torch.ones(Kd, device="cuda", dtype=torch.bfloat16)
+        for N in tokens:
+            x = torch.randn(N, Kd, device="cuda", generator=g).to(torch.bfloat16)
+            outs = [torch.empty(N, Mo, device="cuda", dtype=torch.bfloat16) for _ in Ws]
+
+            def step(proj):
+                for W, o in zip(Ws, outs):
+                    _, h = K.add_rms_norm(x, None, nw, 1e-6)
+                    proj(h, W, o)
+
+            ours = lambda h, W, o: K.linear_small(h, W, out=o)  # noqa: E731
+            cublas = lambda h, W, o: torch.mm(h, W.t(), out=o)  # noqa: E731
+            graphs = {}
+            for label, proj, dep in (("gemv, dependent launch", ours, True), ("gemv, plain launch", ours, False),
+                                     ("cuBLAS", cublas, True)):
+                K.set_programmatic_launch(dep)
+                graphs[label] = graph_of(lambda proj=proj: step(proj))
+            K.set_programmatic_launch(True)
+            norm_only = graph_of(lambda: [K.add_rms_norm(x, None, nw, 1e-6) for _ in Ws])
+            times = {k: [] for k in graphs}
+            for _ in range(rounds):
+                for k, fn in graphs.items():
+                    times[k].append(events_ms(fn, 100) * 1e3 / n_layers)
+            norm_us = events_ms(norm_only, 100) * 1e3 / n_layers
+            best = {k: min(v) for k, v in times.items()}
+            mb = linear_small_bytes(N, Mo, Kd) / 1e6
+            row = {"name": name, "M": Mo, "K": Kd, "N": N, "layers": n_layers, "us_with_norm": best, "all_us": times,
+                   "norm_alone_us": norm_us, "MB": mb,
+                   "cublas_over_dependent": best["cuBLAS"] / best["gemv, dependent launch"]}
+            rows.append(row)
+            print(f"gemv {name:22s} N={N}: " + " | ".join(f"{k} {v:.2f}" for k, v in best.items())
+                  + f" us (norm + projection; norm alone {norm_us:.2f}); {mb:.1f} MB; cuBLAS / ours "
+                  f"{row['cublas_over_dependent']:.3f}x", flush=True)
+        Ws = outs = None  # this shape's weights go before the next one's are made
+        torch.cuda.empty_cache()
+    RESULTS["gemv"] = rows
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -453,6 +508,11 @@ def main():
             except Exception as exc:  # noqa: BLE001
                 record_error(name, exc)
             (args.out / "gpu_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    if "gemv" in only:
+        try:
+            bench_gemv()
+        except Exception as exc:  # noqa: BLE001
+            record_error("gemv", exc)
     if "moe-latency" in only:
         try:
             bench_moe_latency()

@@ -43,6 +43,7 @@ from ringlinear.config import RingLinearConfig  # noqa: E402
 from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
 from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
 from ringlinear.tools.params import PRESETS  # noqa: E402
+from ringlinear.engine import runner as runner_module  # noqa: E402
 from ringlinear.engine import sampling as sampling_module  # noqa: E402
 from ringlinear.kernels.sampling import sample_rows as kernel_sample_rows  # noqa: E402
 from pod_sampling import torch_sample_rows  # noqa: E402  (bench/: the torch sampler the kernel replaced)
@@ -178,12 +179,40 @@ def print_sampler_ratios(rows: list[dict]) -> None:
                   f"{k:.2f} ms = {t / k:.3f}x", flush=True)
 
 
+# --decode-launch: (kernels launched as programmatic dependents, steps of <= this many rows through the GEMV kernel)
+LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS), "dependent-cublas": (True, 0), "plain-cublas": (False, 0)}
+
+
+def print_launch_ratios(rows: list[dict]) -> None:
+    """Step time of each --decode-launch variant against the first (mean of each variant's runs), for ab."""
+    names = list(dict.fromkeys(r["launch"] for r in rows))
+    for B in sorted({r["batch"] for r in rows}):
+        ms = {n: [r["step_ms"] for r in rows if r["batch"] == B and r["launch"] == n] for n in names}
+        if all(ms.values()):
+            mean = {n: sum(v) / len(v) for n, v in ms.items()}
+            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  step time " + " | ".join(
+                f"{n} {m:.3f} ms ({m / mean[names[0]]:.3f}x)" for n, m in mean.items()), flush=True)
+
+
+def set_launch(eng, name: str) -> None:
+    """Switch the kernels' launches and the GEMV rows to LAUNCHES[name]; the decode graphs go when anything changed."""
+    dep, rows = LAUNCHES[name]
+    if (kernels.programmatic_launch() if kernels.available() else True) == dep and runner_module.LINEAR_SMALL_ROWS == rows:
+        return
+    kernels.set_programmatic_launch(dep)
+    runner_module.LINEAR_SMALL_ROWS = rows
+    if eng.runner.graphs is not None:
+        eng.runner.graphs.reset()  # captured again by the warm steps, with the new launches
+
+
 def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
                  overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0),
-                 prefix_bytes: int = 0, samplers: tuple[str, ...] = ("kernel",)) -> list[dict]:
-    """Decode rows per context and batch; with several `overlap` modes (or `samplers`), each batch runs once per mode,
-    in turn (A/B in one process: the engine's overlapped vs synchronous steps, or its sampling kernel vs the torch
-    sampler it replaced)."""
+                 prefix_bytes: int = 0, samplers: tuple[str, ...] = ("kernel",),
+                 launches: tuple[str, ...] = ("dependent",)) -> list[dict]:
+    """Decode rows per context and batch; with several `overlap` modes (or `samplers`, or `launches`), each batch
+    runs once per mode, in turn (A/B in one process: the engine's overlapped vs synchronous steps, its sampling kernel
+    vs the torch sampler it replaced, or the LAUNCHES variants - the decode graphs are captured again at each
+    switch)."""
     cfg = model.config
     rows = []
     rng = random.Random(1)
@@ -206,9 +235,15 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                 t.normal_()
             for s in eng.states.states.values():
                 s.normal_(0.0, 0.01)
-        modes = list(zip(overlap, samplers)) if len(samplers) > 1 else [(ov, samplers[0]) for ov in overlap]
-        for B, (ov, smp) in ((B, m) for B in sorted(bs, reverse=True) for m in modes):  # the largest batch first
+        if len(launches) > 1:
+            modes = [(overlap[0], samplers[0], n) for n in launches]
+        elif len(samplers) > 1:
+            modes = [(ov, smp, launches[0]) for ov, smp in zip(overlap, samplers)]
+        else:
+            modes = [(ov, samplers[0], launches[0]) for ov in overlap]
+        for B, (ov, smp, launch) in ((B, m) for B in sorted(bs, reverse=True) for m in modes):  # the largest first
             eng.overlap = ov
+            set_launch(eng, launch)
             sampling_module.sample_rows = torch_sample_rows if smp == "torch" else kernel_sample_rows
             if time.monotonic() > deadline:
                 print(f"decode   ctx={ctx} B={B}: skipped (time budget)", flush=True)
@@ -239,17 +274,21 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                     eng.step()
             toks = eng.generation_tokens_total - n0
             t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
-            rows.append({"context": ctx, "batch": B, "overlap": ov, "sampler": smp, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+            rows.append({"context": ctx, "batch": B, "overlap": ov, "sampler": smp, "launch": launch, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
                          "step_ms_each": [round(t, 2) for t in each], "gc_collections_by_generation": gcs,
                          "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
-            print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}{' torch sampler' if smp == 'torch' else ''}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
+            print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}{' torch sampler' if smp == 'torch' else ''}"
+                  f"{'' if launch == 'dependent' else ' ' + launch}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
                   f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
                   f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
         if len(set(overlap)) > 1:
             print_overlap_ratios([r for r in rows if r["context"] == ctx])
         if len(set(samplers)) > 1:
             print_sampler_ratios([r for r in rows if r["context"] == ctx])
+        if len(set(launches)) > 1:
+            print_launch_ratios([r for r in rows if r["context"] == ctx])
         sampling_module.sample_rows = kernel_sample_rows
+        set_launch(eng, "dependent")
         del eng
         gc.collect()
         if dev.type == "cuda":
@@ -329,6 +368,11 @@ def main(argv=None) -> None:
     p.add_argument("--sampler", choices=("kernel", "torch", "ab"), default="kernel",
                    help="the engine's token sampler: the sampling kernel (as served), the torch sampler it replaced "
                         "(bench/pod_sampling.py), or both in turn (A/B, overlapped steps)")
+    p.add_argument("--decode-launch", choices=tuple(LAUNCHES) + ("ab",), default="dependent",
+                   help="dependent: the kernels launched as programmatic dependents and steps of <= LINEAR_SMALL_ROWS "
+                        "rows through the GEMV kernel (as served); dependent-cublas: cuBLAS projections; plain-cublas: "
+                        "neither (the tree before); ab: the three in turn, twice (the decode graphs are captured again at "
+                        "each switch)"),
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,
@@ -379,7 +423,8 @@ def main(argv=None) -> None:
                                            {"on": (True,), "off": (False,), "ab": (True, False, True, False)}[a.overlap]
                                            if a.sampler != "ab" else (True,) * 4,
                                            (a.temperature, a.top_p), int(a.prefix_cache_gib * 2**30),
-                                           ("kernel", "torch") * 2 if a.sampler == "ab" else (a.sampler,))
+                                           ("kernel", "torch") * 2 if a.sampler == "ab" else (a.sampler,),
+                                           tuple(LAUNCHES) * 2 if a.decode_launch == "ab" else (a.decode_launch,))
         if dev.type == "cuda":
             res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)

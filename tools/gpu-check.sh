@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
-#                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots]
+#                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots] [launch] [gemv]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -44,6 +44,10 @@ for step in "$@"; do
     snapshots) TAIL=4 run snapshots sh -c "for gib in 6 0 6 0; do python3 bench/pod_e2e.py --device cuda --models ours \
              --prefill-contexts '' --decode-contexts 4096 --batches 256 --decode-steps 64 --prefix-cache-gib \$gib \
              --json $OUT/snapshots_\$gib.json | grep 'ms/step'; done" ;;
+    launch) TAIL=16 run launch python3 bench/pod_e2e.py --device cuda --models ours --prefill-contexts "" \
+             --decode-contexts 4096,65536 --batches 1,2,4,8 --decode-steps 32 --decode-launch ab --time-budget 200 \
+             --json "$OUT/launch.json" ;;
+    gemv) TAIL=20 run gemv python3 bench/gpu_kernels.py --only gemv --out "$OUT" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -49,12 +49,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as cuda_kernels
-from ..model import MoE, RingLinearForCausalLM
+from ..model import MoE, RingLinearForCausalLM, SwiGLU
 from ..ops.attention import chunk_attention, chunk_attention_reference, cudnn_plan_shapes, cudnn_without_recompiles
 from ..ops.transfer import to_device
 from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chunked, lightning_recurrent_step, rope_cos_sin
 from .pools import LinearStatePool, PagedKVCache, SnapshotArena
 from .step_io import StepIO, step_graph_sizes
+
+# Steps of at most this many rows take the projections through the GEMV kernel (kernels.linear_small), more through
+# cuBLAS: on the H200 at Ring-mini's shapes the kernel wins at one row (its loads start under the previous kernel)
+# and loses at two (docs/benchmarks.md "Small-batch decode", fourteenth session).
+LINEAR_SMALL_ROWS = 1
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +417,23 @@ class ModelRunner:
         return x, norm(x)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden)).to(self.acc)
+        """hidden [n, D] (before the final norm) -> logits [n, V] in the accumulation dtype."""
+        norm = self.model.model.norm
+        if self.use_kernels:
+            _, h = cuda_kernels.add_rms_norm(hidden, None, norm.weight, norm.eps)
+            return self._proj(self.model.lm_head, h).to(self.acc)
+        return self.model.lm_head(norm(hidden)).to(self.acc)
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, K] @ w [M, K]^T: a decode step's few rows (<= LINEAR_SMALL_ROWS) through the GEMV kernel, whose
+        weight loads start before the kernel ahead of it ends (kernels/gemv.py); more rows through a GEMM."""
+        if self.use_kernels and x.shape[0] <= LINEAR_SMALL_ROWS:
+            return cuda_kernels.linear_small(x, w, out=out)
+        return torch.mm(x, w.t(), out=out)
+
+    def _proj(self, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """A bias-free nn.Linear of the model on x [N, K] through _linear (with a bias: the module itself)."""
+        return linear(x) if linear.bias is not None else self._linear(x, linear.weight)
 
     # ------------------------------------------------------------------------------------------ decode steps
 
@@ -462,9 +483,12 @@ class ModelRunner:
         return self._logits(x[0])
 
     def _mlp(self, mlp, x):
-        if not (self.use_kernels and isinstance(mlp, MoE)):
+        if self.use_kernels and isinstance(mlp, MoE):
+            return self._fused_moe(mlp, x[0])[None]
+        if not (self.use_kernels and isinstance(mlp, SwiGLU)):
             return mlp(x)
-        return self._fused_moe(mlp, x[0])[None]
+        x = x[0]  # the dense SwiGLU of the first layers, its projections through _proj
+        return self._proj(mlp.down_proj, F.silu(self._proj(mlp.gate_proj, x)) * self._proj(mlp.up_proj, x))[None]
 
     def _fused_moe(self, mlp, x):
         """x [N, D] -> [N, D]: the MoE block through the fused kernels."""
@@ -486,7 +510,7 @@ class ModelRunner:
             qw, kw, _ = self.norm_f32[l]
             both = self.qkv_gate.get(l)
             if both is not None:  # one GEMM for the projection and the gate, read as two column slices
-                t = torch.mm(h[0], both.t(), out=io.t if io.static else None)
+                t = self._linear(h[0], both, out=io.t if io.static else None)
                 qkv, gate = t[:, : 3 * H * d], t[:, 3 * H * d:]
             else:
                 qkv, gate = att.query_key_value(h)[0], att.g_proj(h)[0]
@@ -517,11 +541,11 @@ class ModelRunner:
         H, d = cfg.num_attention_heads, cfg.d_head
         dtype = self.model.dtype
         if self.model.model.layers[l].is_softmax:
-            return att.dense(io.a.reshape(1, N, H * d))
+            return self._proj(att.dense, io.a.reshape(N, H * d))[None]
         if self.use_kernels:  # group RMSNorm * sigmoid gate in one pass (reads the prefill kernel's bf16 output as is)
             o = cuda_kernels.gated_group_rmsnorm(io.o.view(N, H * d), io.gate, self.norm_f32[l][2],
                                                  cfg.group_norm_size, cfg.rms_norm_eps, out_dtype=dtype)
-            return att.dense(o[None])
+            return self._proj(att.dense, o)[None]
         o = group_rms_norm(io.o.reshape(1, N, H * d), att.g_norm.weight, cfg.group_norm_size, cfg.rms_norm_eps)
         o = o * torch.sigmoid(io.gate.to(self.acc))
         return att.dense(o.to(dtype))
@@ -624,7 +648,7 @@ class ModelRunner:
         if self.use_kernels:  # the fused prologue, writing k and v into the cache rows; QK-norm in the projection's
             qw, kw, _ = self.norm_f32[l]  # dtype, as the modules below do
             q, _, _ = cuda_kernels.qkv_prologue(
-                att.query_key_value(h)[0], io.pos, H, Hkv, d, silu=False,
+                self._proj(att.query_key_value, h[0]), io.pos, H, Hkv, d, silu=False,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=h.dtype, norm_dtype=h.dtype,
                 rope_cos_sin=(io.cos, io.sin), kv_cache=(K, V, io.kv_rows),

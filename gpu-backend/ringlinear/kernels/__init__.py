@@ -9,6 +9,8 @@
 | fused attention elementwise (qkv split + silu + QK-norm + RoPE; group RMSNorm * sigmoid gate) | `elementwise.qkv_prologue`, `elementwise.gated_group_rmsnorm` | `elementwise_reference.qkv_prologue_reference`, `elementwise_reference.gated_group_rmsnorm_reference` |
 | fused residual add + RMSNorm (s = x + delta; rms_norm(s)) | `elementwise.add_rms_norm` | `elementwise_reference.add_rms_norm_reference` |
 | a step's token draws (temperature, top-k, top-p, inverse transform; no sort, no host sync) | `sampling.sample_rows` | `sampling_reference.sample_rows_reference` |
+| a decode step's dense projections, a few rows (weights streamed from before the previous kernel ends) | `gemv.linear_small` | `gemv_reference.linear_small_reference` |
+| programmatic dependent launch of the decode path's kernels (on by default; contract in csrc/common.cuh) | `launch.set_programmatic_launch` | plain launches (`False`) |
 | decode CUDA graphs; a step's pieces between its attention calls, per row count (steps with prompt tokens) | `graphs.DecodeGraphs`, `graphs.PieceGraphs` | eager calls |
 
 The extension is compiled on first use (torch.utils.cpp_extension.load, sm_90a); without CUDA every wrapper runs its
@@ -17,7 +19,9 @@ twin. `available()` says whether the compiled path is in use.
 
 from ._build import KernelUnavailable, available
 from .elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
+from .gemv import linear_small
 from .graphs import DecodeGraphs, PieceGraphs
+from .launch import programmatic_launch, set_programmatic_launch
 from .lightning import lightning_decode, lightning_prefill, plan_prefill, prepare_prefill, run_prepared_prefill
 from .moe import fused_moe, pack_experts, route
 from .moe_reference import RING_MINI_ROUTER, RouterConfig
@@ -34,6 +38,9 @@ __all__ = [
     "available",
     "DecodeGraphs",
     "PieceGraphs",
+    "linear_small",
+    "programmatic_launch",
+    "set_programmatic_launch",
     "lightning_decode",
     "lightning_prefill",
     "plan_prefill",

@@ -11,7 +11,7 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("bindings.cpp", "lightning_decode.cu", "lightning_prefill.cu", "moe.cu", "moe_stream.cu", "paged_attention.cu",
            "paged_attention_f32.cu", "paged_attention_bf16.cu", "paged_attention_f16.cu", "fused_elementwise.cu",
-           "sampling.cu")
+           "sampling.cu", "launch.cu", "gemv.cu")
 # sm_90a: Hopper (H100/H200). The lightning prefill needs the a-suffixed target for wgmma; the other kernels use
 # mma.sync/ldmatrix/cp.async (sm_80+). No --use_fast_math: decode/MoE want IEEE expf/sincosf (RoPE at large
 # positions, router ties); the prefill's decay powers are a per-CTA table of exp2f values.

@@ -119,6 +119,13 @@ class DecodeGraphs:
         # also uploads it to the device, work that belongs to start-up, not to the first request's step.
         graph.replay()
 
+    def reset(self) -> None:
+        """Forget the captured graphs (and their pool): each bucket is captured again at its next call, with the
+        kernels' launch settings of then (kernels.set_programmatic_launch)."""
+        self._graphs.clear()
+        self.uncapturable.clear()
+        self._pool = None
+
     def capture_all(self):
         for b in self.batch_sizes:
             if b not in self._graphs and b not in self.uncapturable:

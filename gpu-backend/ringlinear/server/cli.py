@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels as cuda_kernels
 from ..checkpoint import CheckpointError, load_model
 from ..config import ConfigError, RingLinearConfig
 from ..engine import AsyncEngine, Engine, EngineConfig, EngineConfigError, random_model
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlap", action="store_true",
                    help="synchronous steps: launch a step only after the previous one's tokens reached the host "
                         "(default on CUDA: overlapped)")
+    p.add_argument("--no-dependent-launch", action="store_true",
+                   help="launch the decode kernels plainly (default on CUDA: as programmatic dependents, each one's "
+                        "weight loads starting before the kernel ahead of it ends; docs/kernels.md)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -132,6 +136,7 @@ def build_pod(args: argparse.Namespace):
                       prefix_block=args.prefix_block, max_step_tokens=step, max_prefill_step_tokens=prefill_step,
                       cuda_graphs=False if args.no_cuda_graphs else None, overlap=False if args.no_overlap else None,
                       reply_snapshots=args.reply_snapshots)
+    cuda_kernels.set_programmatic_launch(not args.no_dependent_launch)  # before the decode graphs are captured
     try:
         engine = Engine(model, ec, tokenizer)
     except EngineConfigError as e:

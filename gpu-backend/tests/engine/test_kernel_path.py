@@ -204,6 +204,35 @@ def test_graphed_decode_matches_eager_decode_on_cuda(tiny_ckpt):
     assert graphed.runner.capture_decode_graphs() == len(graphed.runner.graphs.batch_sizes)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dependent_launches_keep_every_logit_on_cuda(tiny_ckpt):
+    """The engine's steps (decode graphs, mixed steps, prefill) with the kernels launched as programmatic dependents
+    (the default) and plainly: bitwise the same logits at every step."""
+    from ringlinear.checkpoint import load_model
+
+    if not K.available():
+        pytest.skip("CUDA extension unavailable")
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, device="cuda")
+    logs, outs = [], []
+    try:
+        for dependent in (False, True):
+            K.set_programmatic_launch(dependent)
+            eng = make_engine(model, max_batch=6, max_step_tokens=64)
+            logs.append(_record_logits(eng))
+            reqs = [eng.add_request(random_prompt(n, seed), greedy(8)) for n, seed in ((150, 1), (70, 2), (5, 3), (1, 4))]
+            while eng.has_work():
+                eng.step()
+            outs.append([r.output for r in reqs])
+            assert eng.runner.graphs._graphs, "no decode graph was captured"
+    finally:
+        K.set_programmatic_launch(True)
+    assert outs[0] == outs[1]
+    assert len(logs[0]) == len(logs[1]) >= 8
+    for step, (a, b) in enumerate(zip(*logs)):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), f"step {step}: logits differ"
+
+
 def test_moe_packing_keeps_the_model(tiny_ckpt):
     """The runner's MoE weight packing (gate and up as halves of one buffer, for one GEMM; the shared expert stored as
     expert E of the routed buffers, for the decode kernels): parameters become views of the buffers, values and the

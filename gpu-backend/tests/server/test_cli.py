@@ -111,6 +111,19 @@ def test_step_budgets_default_by_device_and_follow_the_options(tiny_ckpt):
         build_pod(build_parser().parse_args(base + ["--max-step-tokens", "256", "--max-prefill-step-tokens", "128"]))
 
 
+def test_dependent_launch_follows_the_option(tiny_ckpt, monkeypatch):
+    """--no-dependent-launch switches the kernels' programmatic dependent launch off before the engine (and its
+    decode graphs) exist; the default switches it on."""
+    from ringlinear import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "set_programmatic_launch", calls.append)
+    base = ["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512"]
+    build_pod(build_parser().parse_args(base))
+    build_pod(build_parser().parse_args(base + ["--no-dependent-launch"]))
+    assert calls == [True, False]
+
+
 def test_overlap_defaults_by_device_and_follows_the_option(tiny_ckpt):
     base = ["--model", str(tiny_ckpt), "--memory-budget", "32MiB", "--max-context", "512"]
     assert build_pod(build_parser().parse_args(base))[1].engine.overlap is False  # cpu: nothing to overlap with

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -98,11 +99,62 @@ RL_DEVICE void mma_bf16_16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// fp32 dot product of 8 bf16 pairs (one 16-byte load of each side), accumulated into acc.
+RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
+  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
+  const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 a = __bfloat1622float2(wp[e]);
+    const float2 b = __bfloat1622float2(xp[e]);
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+  }
+}
+
 // 16-byte global->shared copy; src_bytes = 0 writes zeros (rows past the end of a sequence).
 RL_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
 }
 RL_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> RL_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90). A kernel launched by launch_dependent may start while the kernel before it
+// in the stream is still running (its blocks become resident once every block of that kernel has passed its own
+// pdl_wait), so its launch, its prologue and the loads it issues before pdl_wait overlap the previous kernel's tail.
+// A B=1 decode step is ~200 kernels of a few microseconds each (docs/kernels.md, "Dependent launches").
+// The contract every such kernel keeps, in every block:
+//  - pdl_wait() before it reads anything the previous kernel may write, and before its first global write;
+//  - pdl_launch_dependents() only after its pdl_wait(), so that when a kernel starts, the kernel two launches back
+//    has completed: before its pdl_wait a kernel may read the weights (written by no kernel of a step) and the
+//    outputs of that kernel or older ones, nothing else.
+// Launched without the attribute (set_programmatic_launch(false), or any other launcher) pdl_wait and
+// pdl_launch_dependents do nothing and the stream order is the plain one.
+RL_DEVICE void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+RL_DEVICE void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+inline std::atomic<bool>& programmatic_launch_flag() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-serialization attribute while the process-wide
+// switch is on (read at each launch, so a CUDA graph keeps what was set when it was captured).
+template <typename... Params, typename... Args>
+inline cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                    Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic_launch_flag().load(std::memory_order_relaxed) ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(std::forward<Args>(args))...);
+}
 
 }  // namespace ringlinear

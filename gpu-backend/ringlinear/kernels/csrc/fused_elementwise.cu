@@ -149,6 +149,8 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
     }
     cp_async_commit();  // possibly empty: one group per token keeps the wait count uniform
   };
+  pdl_wait();  // qkv is the projection just before this kernel (common.cuh: dependent launches)
+  pdl_launch_dependents();
   for (int j = 0; j < S - 1; ++j) fetch(j);
 
   float* xs = xch[warp] + hslot * D;
@@ -268,6 +270,8 @@ __global__ void __launch_bounds__(kGateThreads)
   Tout* yrow = out + (int64_t)blockIdx.x * C;
 
   float x[MAXV][4], gv[MAXV][4];
+  pdl_wait();  // o comes from the attention kernel just before this one
+  pdl_launch_dependents();
 #pragma unroll
   for (int i = 0; i < MAXV; ++i) {
     const int v = threadIdx.x + i * kGateThreads;
@@ -330,6 +334,8 @@ __global__ void __launch_bounds__(kAddNormThreads)
 
   float f[VPT][V];
   float ss = 0.f;
+  pdl_wait();  // delta is the output of the kernel just before this one
+  pdl_launch_dependents();
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int v = threadIdx.x + i * blockDim.x;
@@ -462,14 +468,14 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
         const int heads_per_block = (int)(pass * ((passes + split - 1) / split));
         const unsigned grid_y = (unsigned)((H + heads_per_block - 1) / heads_per_block);
         const int64_t grid = std::min<int64_t>(N, std::max<int64_t>(1, slots / grid_y));
-        kernel<<<dim3((unsigned)grid, grid_y), kPrologueThreads, smem, stream>>>(
+        C10_CUDA_CHECK(launch_dependent(kernel, dim3((unsigned)grid, grid_y), kPrologueThreads, smem, stream,
             reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N, positions.data_ptr<int64_t>(),
             q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
             reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
             reinterpret_cast<Tout*>(v_out.data_ptr()), kv_rows ? kv_rows->data_ptr<int64_t>() : nullptr,
             (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
             (int)rot, theta, cos_tab ? cos_tab->data_ptr<float>() : nullptr,
-            sin_tab ? sin_tab->data_ptr<float>() : nullptr, heads_per_block);
+            sin_tab ? sin_tab->data_ptr<float>() : nullptr, heads_per_block));
       };
       if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64>);
       else launch(qkv_prologue_kernel<Tin, Tout, 128>);
@@ -505,10 +511,10 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
         using Tout = decltype(out_tag);
         auto kernel = C <= 4 * kGateThreads * 2 ? gated_group_rmsnorm_kernel<To, Tg, Tout, 2>
                                                 : gated_group_rmsnorm_kernel<To, Tg, Tout, kGateMaxVec>;
-        kernel<<<(unsigned)N, kGateThreads, smem, stream>>>(
+        C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, kGateThreads, smem, stream,
             reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
             gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
-            (float)eps);
+            (float)eps));
       });
     });
   });
@@ -548,11 +554,11 @@ void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, c
   dispatch_float(x.scalar_type(), "add_rms_norm: x", [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
-      kernel<<<(unsigned)N, threads, 0, stream>>>(
+      C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, threads, 0, stream,
           reinterpret_cast<const T*>(x.data_ptr()), x.stride(0),
           delta ? reinterpret_cast<const T*>(delta->data_ptr()) : nullptr, delta ? delta->stride(0) : 0,
           reinterpret_cast<const T*>(weight.data_ptr()), s_out ? reinterpret_cast<T*>(s_out->data_ptr()) : nullptr,
-          reinterpret_cast<T*>(y_out.data_ptr()), (int)D, (float)eps);
+          reinterpret_cast<T*>(y_out.data_ptr()), (int)D, (float)eps));
     };
     if (vpt == 1) launch(add_rms_norm_kernel<T, 1>);
     else if (vpt == 2) launch(add_rms_norm_kernel<T, 2>);

@@ -47,24 +47,29 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   const int tid = threadIdx.x;
   float* out = a.out + ((int64_t)b * a.H + h) * D + col0;
 
+  // The slots and the state were written by earlier steps (or the step's input copies), not by the kernel before
+  // this one (the prologue that makes q, k, v): under a dependent launch the state loads are issued before pdl_wait,
+  // so their latency overlaps the prologue's tail.
   const int64_t slot = a.slots[b];
   if (slot < 0 || slot >= a.num_slots) {
+    pdl_wait();
+    pdl_launch_dependents();
     if (tid < kDecodeCols) out[tid] = slot < 0 ? 0.f : __int_as_float(0x7fc00000);
     return;
   }
+  const int c4 = tid % TPR, r0 = tid / TPR;
+  float* S = a.state + ((int64_t)slot * a.H + h) * D * D + col0 + c4 * 4;
+  float4 st[PASSES];
+#pragma unroll
+  for (int p = 0; p < PASSES; ++p) st[p] = *reinterpret_cast<const float4*>(S + (int64_t)(r0 + RPP * p) * D);
+  pdl_wait();
+  pdl_launch_dependents();
 
   const in_t* q = static_cast<const in_t*>(a.q) + b * a.q_sb + h * a.q_sh;
   const in_t* k = static_cast<const in_t*>(a.k) + b * a.k_sb + h * a.k_sh;
   const in_t* v = static_cast<const in_t*>(a.v) + b * a.v_sb + h * a.v_sh;
   for (int i = tid; i < D; i += kDecodeThreads) { sq[i] = to_float(q[i]); sk[i] = to_float(k[i]); }
   if (tid < kDecodeCols) sv[tid] = to_float(v[col0 + tid]);
-
-  // Issue the state loads before the prologue so their latency overlaps it.
-  const int c4 = tid % TPR, r0 = tid / TPR;
-  float* S = a.state + ((int64_t)slot * a.H + h) * D * D + col0 + c4 * 4;
-  float4 st[PASSES];
-#pragma unroll
-  for (int p = 0; p < PASSES; ++p) st[p] = *reinterpret_cast<const float4*>(S + (int64_t)(r0 + RPP * p) * D);
   __syncthreads();
 
   if constexpr (FUSE) {
@@ -128,9 +133,9 @@ template <int D, int COLS, bool FUSE>
 static void launch_decode_typed(const DecodeArgs& a, at::ScalarType dt, int B, cudaStream_t stream) {
   dim3 grid(D / COLS, a.H, B);
   switch (dt) {
-    case at::kFloat: lightning_decode_kernel<D, COLS, FUSE, float><<<grid, kDecodeThreads, 0, stream>>>(a); break;
-    case at::kBFloat16: lightning_decode_kernel<D, COLS, FUSE, __nv_bfloat16><<<grid, kDecodeThreads, 0, stream>>>(a); break;
-    case at::kHalf: lightning_decode_kernel<D, COLS, FUSE, __half><<<grid, kDecodeThreads, 0, stream>>>(a); break;
+    case at::kFloat: C10_CUDA_CHECK(launch_dependent(lightning_decode_kernel<D, COLS, FUSE, float>, grid, kDecodeThreads, 0, stream, a)); break;
+    case at::kBFloat16: C10_CUDA_CHECK(launch_dependent(lightning_decode_kernel<D, COLS, FUSE, __nv_bfloat16>, grid, kDecodeThreads, 0, stream, a)); break;
+    case at::kHalf: C10_CUDA_CHECK(launch_dependent(lightning_decode_kernel<D, COLS, FUSE, __half>, grid, kDecodeThreads, 0, stream, a)); break;
     default: RL_CHECK(false, "lightning_decode: q/k/v dtype must be float32, bfloat16 or float16");
   }
 }

@@ -167,19 +167,6 @@ RL_DEVICE int block_exclusive_scan(int v, int* warp_tot, int& total) {
   return base + x - v;
 }
 
-// fp32 dot product of 8 bf16 pairs (one 16-byte load of each side), accumulated into acc.
-RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
-  const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w);
-  const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&x);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const float2 a = __bfloat1622float2(wp[e]);
-    const float2 b = __bfloat1622float2(xp[e]);
-    acc = fmaf(a.x, b.x, acc);
-    acc = fmaf(a.y, b.y, acc);
-  }
-}
-
 // Decode steps (a few tokens): moe_route_kernel's selection and moe_align_kernel's sort in one launch of one block
 // (each was ~5-10 us of a 1-token step for a few hundred cycles of work: one warp walking the experts serially).
 // Selection by ranks: expert e is picked r-th when r experts beat it (higher biased score, or equal and lower index) -
@@ -396,7 +383,9 @@ __global__ void __launch_bounds__(kSmallRouteThreads) moe_router_decode_kernel(
       wv[i] = c < D8 ? __ldg(row + c) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
-  load(0);  // the weights' latency overlaps the staging of x
+  load(0);  // the weights' latency overlaps the staging of x (and, launched dependent, the previous kernel's tail)
+  pdl_wait();  // x is the norm just before this kernel
+  pdl_launch_dependents();
   for (int i = threadIdx.x; i < N * D8; i += blockDim.x)
     reinterpret_cast<uint4*>(xs_router)[i] = reinterpret_cast<const uint4*>(x)[i];
   __syncthreads();
@@ -453,6 +442,8 @@ __global__ void __launch_bounds__(kMoeWarps * 32) moe_gate_up_kernel(const __nv_
                                                              int E, int topk, int Dm, int I, int64_t sg, int64_t su,
                                                              __nv_bfloat16* __restrict__ h) {
   extern __shared__ __align__(16) __nv_bfloat16 xs[];  // [MT, Dm]
+  pdl_wait();  // the experts are chosen by the router just before this kernel
+  pdl_launch_dependents();
   if ((int)blockIdx.y >= active[E]) return;
   const int e = active[blockIdx.y];
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -540,7 +531,13 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
                                                           const int32_t* __restrict__ active, int E, const float* __restrict__ weights,
                                                           int Dm, int I, int64_t sd, float* __restrict__ y) {
   extern __shared__ __align__(16) __nv_bfloat16 hs[];  // [MT, I]
-  if ((int)blockIdx.y >= active[E]) return;
+  // The router (two launches back: common.cuh) has chosen the experts, so under a dependent launch this block's
+  // weights are in flight before pdl_wait, while gate/up still runs; h (gate/up's output) is read after it.
+  if ((int)blockIdx.y >= active[E]) {
+    pdl_wait();
+    pdl_launch_dependents();
+    return;
+  }
   const int e = active[blockIdx.y];
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kMoeWarps + w) * R;
@@ -556,6 +553,8 @@ __global__ void __launch_bounds__(kMoeWarps * 32, MINB) moe_down_kernel(const __
       wv[rr][i] = c < I8 ? __ldg(w4 + c) : make_uint4(0u, 0u, 0u, 0u);
     }
   }
+  pdl_wait();
+  pdl_launch_dependents();
   const int p0 = offsets[e], p1 = offsets[e + 1];
   for (int pb = p0; pb < p1; pb += MT) {
     const int m = min(MT, p1 - pb);
@@ -796,6 +795,8 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__
   __shared__ int srow[32];
   __shared__ float sw[32];
   const int n = blockIdx.x;
+  pdl_wait();  // ys is the output of the expert kernel just before this one
+  pdl_launch_dependents();
   if (threadIdx.x < topk) {
     const int a = n * topk + threadIdx.x;
     srow[threadIdx.x] = rows != nullptr ? rows[a] : a;
@@ -902,9 +903,10 @@ void moe_router_decode(const at::Tensor& x, const at::Tensor& w, const c10::opti
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
   const int blocks = (E + kRouterRowsPerBlock - 1) / kRouterRowsPerBlock;
-  moe_router_decode_kernel<<<blocks, kSmallRouteThreads, N * D * 2, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), D,
-      logits.data_ptr<float>(), counter.data_ptr<int32_t>(), a);
+  C10_CUDA_CHECK(launch_dependent(moe_router_decode_kernel, blocks, kSmallRouteThreads, N * D * 2,
+                                  at::cuda::getCurrentCUDAStream(), reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
+                                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), D, logits.data_ptr<float>(),
+                                  counter.data_ptr<int32_t>(), a));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -926,9 +928,9 @@ static void launch_down(const __nv_bfloat16* h, const __nv_bfloat16* wd, const a
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(moe_down_kernel<R, CPL, MT, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   constexpr int rows = kMoeWarps * R;
-  moe_down_kernel<R, CPL, MT, MINB><<<dim3((Dm + rows - 1) / rows, grid_e), kMoeWarps * 32, smem, stream>>>(
-      h, wd, offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), active.data_ptr<int32_t>(), E, weights.data_ptr<float>(),
-      Dm, I, sd, y);
+  C10_CUDA_CHECK(launch_dependent(moe_down_kernel<R, CPL, MT, MINB>, dim3((Dm + rows - 1) / rows, grid_e), kMoeWarps * 32,
+                                  smem, stream, h, wd, offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
+                                  active.data_ptr<int32_t>(), E, weights.data_ptr<float>(), Dm, I, sd, y));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -952,9 +954,9 @@ static void launch_gate_up(const __nv_bfloat16* x, const __nv_bfloat16* wg, cons
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(moe_gate_up_kernel<MT, R, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   constexpr int rows = kMoeWarps * R;
-  moe_gate_up_kernel<MT, R, S><<<dim3((I + rows - 1) / rows, grid_e), kMoeWarps * 32, smem, stream>>>(
-      x, wg, wu, offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), active.data_ptr<int32_t>(), E, topk, Dm, I,
-      sg, su, h);
+  C10_CUDA_CHECK(launch_dependent(moe_gate_up_kernel<MT, R, S>, dim3((I + rows - 1) / rows, grid_e), kMoeWarps * 32, smem,
+                                  stream, x, wg, wu, offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
+                                  active.data_ptr<int32_t>(), E, topk, Dm, I, sg, su, h));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1096,7 +1098,7 @@ void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, co
   auto launch = [&](auto* yp, auto* sp) {
     using TY = std::remove_const_t<std::remove_pointer_t<decltype(yp)>>;
     using TS = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
-    moe_combine_kernel<TY, TS><<<N, threads, 0, stream>>>(yp, rp, wp, sp, N, (int)topk, Dm, op);
+    C10_CUDA_CHECK(launch_dependent(moe_combine_kernel<TY, TS>, N, threads, 0, stream, yp, rp, wp, sp, N, (int)topk, Dm, op));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto with_shared = [&](auto* yp) {

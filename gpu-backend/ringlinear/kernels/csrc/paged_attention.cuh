@@ -122,6 +122,8 @@ __global__ void __launch_bounds__(kPagedThreads) paged_decode_split_kernel(Paged
   const int tid = threadIdx.x;
   const int gi = tid / G;                // key group of this thread (groups never straddle warps)
   const int dim0 = (tid % G) * E;        // first of this lane's E dims
+  pdl_wait();  // q and the step's own k / v row come from the prologue just before this kernel (common.cuh)
+  pdl_launch_dependents();
   const int len = load_length(a, b);
   const int k0 = split * a.split_len;
   const bool direct = a.num_splits == 1;
@@ -299,6 +301,8 @@ __global__ void __launch_bounds__(kCombineThreads) paged_decode_combine_kernel(P
   __shared__ __align__(16) float s_acc[SR][D];
   __shared__ float s_l[SR];
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  pdl_wait();  // the split pass just before this kernel
+  pdl_launch_dependents();
   const int len = load_length(a, b);
   T* o = static_cast<T*>(a.out) + ((int64_t)b * a.H + h) * D;
   if (len == 0) {
@@ -355,7 +359,7 @@ template <typename T, int D, int REP>
 static void launch_split(const PagedArgs& a, int B, cudaStream_t stream) {
   constexpr int E = lane_elems<T, D, REP>();
   dim3 grid(a.num_splits, a.Hkv, B);
-  paged_decode_split_kernel<T, D, REP, E><<<grid, kPagedThreads, 0, stream>>>(a);
+  C10_CUDA_CHECK(launch_dependent(paged_decode_split_kernel<T, D, REP, E>, grid, kPagedThreads, 0, stream, a));
 }
 
 template <typename T, int D>
@@ -370,7 +374,7 @@ static void launch_typed(const PagedArgs& a, int rep, int B, cudaStream_t stream
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (a.num_splits > 1) {
-    paged_decode_combine_kernel<T, D><<<dim3(a.H, B), kCombineThreads, 0, stream>>>(a);
+    C10_CUDA_CHECK(launch_dependent(paged_decode_combine_kernel<T, D>, dim3(a.H, B), kCombineThreads, 0, stream, a));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -1,0 +1,73 @@
+"""GPU tests: the decode projections' GEMV kernel (kernels.linear_small) against its twin and nn.Linear (skipped
+without CUDA)."""
+
+import pytest
+import torch
+
+from ringlinear.kernels import _build
+from ringlinear.kernels.gemv import GEMV_MAX_TOKENS, linear_small
+from ringlinear.kernels.gemv_reference import linear_small_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_extension():
+    if not _build.available():
+        pytest.fail("CUDA is present but the ringlinear extension did not build")
+
+
+def _close(y, ref):
+    """Both sum the same fp32 products in different orders and round once to bf16: at most one bf16 step apart,
+    relative to the magnitude of the terms (cancellation makes a single output's own magnitude the wrong scale)."""
+    scale = ref.float().abs().amax().clamp_min(1e-6)
+    err = ((y.float() - ref.float()).abs() / scale).max().item()
+    assert err <= 2.0**-7, err
+
+
+# Ring-mini's decode projections (lightning qkv + gate, softmax qkv, output, dense MLP, lm_head) and ragged shapes:
+# rows of 33 and 641 16-byte chunks (a partial and several passes of a lane's 8 chunks), M not a multiple of 8 warps.
+SHAPES = [(8192, 2048), (3072, 2048), (2048, 2048), (10240, 2048), (2048, 5120), (157184, 2048), (13, 264),
+          (1001, 5128)]
+
+
+@pytest.mark.parametrize("N", range(1, GEMV_MAX_TOKENS + 1))
+@pytest.mark.parametrize("M,K", SHAPES)
+def test_gemv_matches_twin_and_linear(M, K, N):
+    g = torch.Generator(device="cuda").manual_seed(M + K + N)
+    x = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(M, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    y = linear_small(x, w)
+    assert y.shape == (N, M) and y.dtype == torch.bfloat16
+    _close(y, linear_small_reference(x, w))
+    _close(y, torch.nn.functional.linear(x, w))
+    assert torch.equal(y, linear_small(x, w))  # deterministic
+
+
+def test_gemv_strided_views_and_out():
+    """Row-strided x and w (views of wider buffers, as the packed qkv + gate weight is) and a strided out."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    xb = torch.randn(2, 2048 + 64, device="cuda", generator=g).to(torch.bfloat16)
+    wb = (torch.randn(4096, 2048 + 128, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    x, w = xb[:, 64:], wb[:, :2048]
+    ob = torch.full((2, 5000), 7.0, device="cuda", dtype=torch.bfloat16)
+    out = ob[:, 100:4196]
+    y = linear_small(x, w, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _close(out, linear_small_reference(x.contiguous(), w.contiguous()))
+    assert (ob[:, :100] == 7).all() and (ob[:, 4196:] == 7).all()  # nothing written outside out
+
+
+def test_gemv_in_a_graph_reads_the_new_rows():
+    g = torch.Generator(device="cuda").manual_seed(4)
+    w = (torch.randn(2048, 2048, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.zeros(1, 2048, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, 2048, device="cuda", dtype=torch.bfloat16)
+    linear_small(x, w, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        linear_small(x, w, out=out)
+    for seed in range(3):
+        x.copy_(torch.randn(1, 2048, device="cuda", generator=g))
+        graph.replay()
+        _close(out, linear_small_reference(x, w))
