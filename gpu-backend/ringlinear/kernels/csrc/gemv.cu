@@ -30,15 +30,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) dense_gemv_kernel(const __nv_
   const int K8 = K / 8;
   const uint4* row = reinterpret_cast<const uint4*>(W + (int64_t)min(m, M - 1) * w_ld);  // rows past M: no store
   uint4 wv[kGemvChunks];
-  auto load = [&](int base) {
-#pragma unroll
-    for (int i = 0; i < kGemvChunks; ++i) {
-      const int c = base + lane + 32 * i;
-      wv[i] = c < K8 ? __ldg(row + c) : make_uint4(0u, 0u, 0u, 0u);
-    }
-  };
-  load(0);     // the weights: no kernel of the step writes them
-  pdl_wait();  // x is the output of the kernel just before this one
+  row_load(wv, row, 0, K8, lane);  // the weights: no kernel of the step writes them
+  pdl_wait();                       // x is the output of the kernel just before this one
   pdl_launch_dependents();
   for (int i = threadIdx.x; i < N * K8; i += blockDim.x) {
     const int n = i / K8, c = i - n * K8;
@@ -46,18 +39,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) dense_gemv_kernel(const __nv_
   }
   __syncthreads();
   float acc[kGemvMaxTokens] = {0.f, 0.f, 0.f, 0.f};
-  for (int base = 0; base < K8; base += 32 * kGemvChunks) {
-    if (base > 0) load(base);
-#pragma unroll
-    for (int i = 0; i < kGemvChunks; ++i) {
-      const int c = base + lane + 32 * i;
-      if (c < K8) {
-#pragma unroll
-        for (int n = 0; n < kGemvMaxTokens; ++n)
-          if (n < N) dot8_acc(acc[n], wv[i], xs[n * K8 + c]);
-      }
-    }
-  }
+  row_dot(acc, wv, row, xs, K8, N, lane);
 #pragma unroll
   for (int n = 0; n < kGemvMaxTokens; ++n) {
     if (n < N) {
