@@ -112,34 +112,6 @@ RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
   }
 }
 
-// One warp's dot products of a bf16 weight row (K8 16-byte chunks) with N <= MAXN bf16 rows staged in shared memory
-// (xs: row n at chunks n * K8 ...): lane l takes chunks l, l + 32, ..., C of them in flight per pass. row_load issues
-// the pass at `base` (the first one may be issued early, before pdl_wait); row_dot multiplies every pass, loading
-// those after the first itself. The decode router's GEMV and dense_gemv.
-template <int C>
-RL_DEVICE void row_load(uint4 (&wv)[C], const uint4* row, int base, int K8, int lane) {
-#pragma unroll
-  for (int i = 0; i < C; ++i) {
-    const int c = base + lane + 32 * i;
-    wv[i] = c < K8 ? __ldg(row + c) : make_uint4(0u, 0u, 0u, 0u);
-  }
-}
-template <int C, int MAXN>
-RL_DEVICE void row_dot(float (&acc)[MAXN], uint4 (&wv)[C], const uint4* row, const uint4* xs, int K8, int N, int lane) {
-  for (int base = 0; base < K8; base += 32 * C) {
-    if (base > 0) row_load(wv, row, base, K8, lane);
-#pragma unroll
-    for (int i = 0; i < C; ++i) {
-      const int c = base + lane + 32 * i;
-      if (c < K8) {
-#pragma unroll
-        for (int n = 0; n < MAXN; ++n)
-          if (n < N) dot8_acc(acc[n], wv[i], xs[n * K8 + c]);
-      }
-    }
-  }
-}
-
 // 16-byte global->shared copy; src_bytes = 0 writes zeros (rows past the end of a sequence).
 RL_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));

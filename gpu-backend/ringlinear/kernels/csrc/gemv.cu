@@ -7,7 +7,10 @@
 // or gate kernel before it still runs, and only then stages x. One warp per output row, a block per 8 rows: each lane
 // keeps kGemvChunks 16-byte chunks of its row in flight (a whole 2 048-wide row at once), the x rows sit in shared
 // memory. (A grid of resident blocks whose warps walk rows with the next row's loads double-buffered measured slower
-// on the H200: 102 registers, half the blocks per SM, half the bytes in flight - lm_head 195 vs 147 us.)
+// on the H200: 102 registers, half the blocks per SM, half the bytes in flight - lm_head 195 vs 147 us.) The router's
+// GEMV in moe.cu has the same loop; one helper for both, taking the staged rows through a pointer or a lambda, made
+// nvcc compute generic 64-bit addresses per shared load and measured 0.3-1 us slower per projection, so each keeps
+// its own.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -30,8 +33,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32) dense_gemv_kernel(const __nv_
   const int K8 = K / 8;
   const uint4* row = reinterpret_cast<const uint4*>(W + (int64_t)min(m, M - 1) * w_ld);  // rows past M: no store
   uint4 wv[kGemvChunks];
-  row_load(wv, row, 0, K8, lane);  // the weights: no kernel of the step writes them
-  pdl_wait();                       // x is the output of the kernel just before this one
+  auto load = [&](int base) {
+#pragma unroll
+    for (int i = 0; i < kGemvChunks; ++i) {
+      const int c = base + lane + 32 * i;
+      wv[i] = c < K8 ? __ldg(row + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load(0);     // the weights: no kernel of the step writes them
+  pdl_wait();  // x is the output of the kernel just before this one
   pdl_launch_dependents();
   for (int i = threadIdx.x; i < N * K8; i += blockDim.x) {
     const int n = i / K8, c = i - n * K8;
@@ -39,7 +49,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32) dense_gemv_kernel(const __nv_
   }
   __syncthreads();
   float acc[kGemvMaxTokens] = {0.f, 0.f, 0.f, 0.f};
-  row_dot(acc, wv, row, xs, K8, N, lane);
+  for (int base = 0; base < K8; base += 32 * kGemvChunks) {
+    if (base > 0) load(base);
+#pragma unroll
+    for (int i = 0; i < kGemvChunks; ++i) {
+      const int c = base + lane + 32 * i;
+      if (c < K8) {
+#pragma unroll
+        for (int n = 0; n < kGemvMaxTokens; ++n)
+          if (n < N) dot8_acc(acc[n], wv[i], xs[n * K8 + c]);
+      }
+    }
+  }
 #pragma unroll
   for (int n = 0; n < kGemvMaxTokens; ++n) {
     if (n < N) {

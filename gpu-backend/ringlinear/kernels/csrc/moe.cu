@@ -376,15 +376,32 @@ __global__ void __launch_bounds__(kSmallRouteThreads) moe_router_decode_kernel(
   const float bias_tid = bias_ready && (int)threadIdx.x < E ? __ldg(a.bias + threadIdx.x) : 0.f;
   const uint4* row = reinterpret_cast<const uint4*>(w + (int64_t)min(e, E - 1) * D);
   uint4 wv[kChunks];
-  // the weights' latency overlaps the staging of x (and, launched dependent, the previous kernel's tail)
-  row_load(wv, row, 0, D8, lane);
+  auto load = [&](int base) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = base + lane + 32 * i;
+      wv[i] = c < D8 ? __ldg(row + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load(0);  // the weights' latency overlaps the staging of x (and, launched dependent, the previous kernel's tail)
   pdl_wait();  // x is the norm just before this kernel
   pdl_launch_dependents();
   for (int i = threadIdx.x; i < N * D8; i += blockDim.x)
     reinterpret_cast<uint4*>(xs_router)[i] = reinterpret_cast<const uint4*>(x)[i];
   __syncthreads();
   float acc[kSmallRouteMaxTokens] = {0.f, 0.f, 0.f, 0.f};
-  row_dot(acc, wv, row, reinterpret_cast<const uint4*>(xs_router), D8, N, lane);
+  for (int base = 0; base < D8; base += 32 * kChunks) {
+    if (base > 0) load(base);
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = base + lane + 32 * i;
+      if (c < D8) {
+#pragma unroll
+        for (int n = 0; n < kSmallRouteMaxTokens; ++n)
+          if (n < N) dot8_acc(acc[n], wv[i], reinterpret_cast<const uint4*>(xs_router + n * D)[c]);
+      }
+    }
+  }
 #pragma unroll
   for (int n = 0; n < kSmallRouteMaxTokens; ++n) {
     if (n < N) {
