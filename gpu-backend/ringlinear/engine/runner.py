@@ -513,7 +513,7 @@ class ModelRunner:
                 t = self._linear(h[0], both, out=io.t if io.static else None)
                 qkv, gate = t[:, : 3 * H * d], t[:, 3 * H * d:]
             else:
-                qkv, gate = att.query_key_value(h)[0], att.g_proj(h)[0]
+                qkv, gate = self._proj(att.query_key_value, h[0]), self._proj(att.g_proj, h[0])
             q, k, v = cuda_kernels.qkv_prologue(
                 qkv, io.pos, H, H, d, silu=cfg.linear_silu,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
