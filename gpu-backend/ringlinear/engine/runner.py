@@ -278,10 +278,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, segs: list[Segment], feed: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, dict[int, dict[int, torch.Tensor]]]:
-        """Run one step. Returns (logits [n, V] fp32 for the segments with want_logits, in order, or None;
-        snapshots {segment index: {linear layer: state [H, d, d]}} for segments with snapshot_slot: the arena views
-        their states were copied into).
+                ) -> tuple[torch.Tensor | None, set[int]]:
+        """Run one step. Returns (logits [n, V] fp32 for the segments with want_logits, in order, or None; the
+        indices of the segments with snapshot_slot whose states were copied into that arena slot).
         feed: [m] int64 token ids on the device, the ones decode segments with `feed` set take (by index)."""
         dev = self.model.device
         fed = [(i, s.feed) for i, s in enumerate(segs) if s.feed is not None]
@@ -328,7 +327,7 @@ class ModelRunner:
             dec.rows = slice(0, len(dec_idx))  # the engine puts the decodes first: views, no gathers
         plan = _StepPlan(segs, offs, dec)
         plan.kv_prefix_rows = dict(zip(prompts, prefix_rows))
-        snaps: dict[int, dict[int, torch.Tensor]] = {}
+        snaps: set[int] = set()
         if pieces is not None:
             x = self._forward_pieces(pieces[1], self._step_io[pieces[0]], ids, pos, kv_rows, plan, snaps)
         else:
@@ -566,7 +565,8 @@ class ModelRunner:
                 o_c, S = self.lightning_prefill(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], decay, self.scale, S, LIGHTNING_CHUNK)
                 o[c0:c1] = o_c[0]
                 if s.snapshot_slot is not None and c1 - a == s.snapshot_at - s.start:
-                    snaps.setdefault(i, {})[l] = self._snapshot(l, s.snapshot_slot, S[0])
+                    self._snapshot(l, s.snapshot_slot, S[0])
+                    snaps.add(i)
             pool[s.slot] = S[0]
         return o
 
@@ -609,14 +609,13 @@ class ModelRunner:
             for i, c0, c1 in batch:
                 s = plan.segs[i]
                 if s.snapshot_slot is not None and c1 - plan.offs[i] == s.snapshot_at - s.start:
-                    snaps.setdefault(i, {})[l] = self._snapshot(l, s.snapshot_slot, pool[s.slot])
+                    self._snapshot(l, s.snapshot_slot, pool[s.slot])
+                    snaps.add(i)
         return o
 
-    def _snapshot(self, l: int, slot: int, state: torch.Tensor) -> torch.Tensor:
-        """Queue the copy of layer l's state into arena `slot` (preallocated: no allocation mid-step); its view."""
-        dst = self.snapshot_arena.states[l][slot]
-        dst.copy_(state)
-        return dst
+    def _snapshot(self, l: int, slot: int, state: torch.Tensor) -> None:
+        """Queue the copy of layer l's state into arena `slot` (preallocated: no allocation mid-step)."""
+        self.snapshot_arena.states[l][slot].copy_(state)
 
     def _prefill_rounds(self, plan: "_StepPlan", device):
         """The step's varlen prefill launches, one per cut round: (pieces, cu_seqlens, slots, prepared plan or None).
