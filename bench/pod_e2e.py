@@ -159,47 +159,28 @@ def install_contexts(eng: Engine, B: int, ctx: int, steps: int, rng, temperature
     return reqs
 
 
-def print_overlap_ratios(rows: list[dict]) -> None:
-    """Synchronous / overlapped step time per batch (mean of each mode's runs), for --overlap ab."""
+def print_mode_ratios(rows: list[dict], key: str, labels: dict) -> None:
+    """For an A/B run over rows[key] (labels: value -> name, the served mode first): each mode's mean step time per
+    batch and its ratio to the served mode's (e.g. synchronous / overlapped, torch sampler / sampling kernel)."""
     for B in sorted({r["batch"] for r in rows}):
-        ms = {ov: [r["step_ms"] for r in rows if r["batch"] == B and r["overlap"] == ov] for ov in (True, False)}
-        if ms[True] and ms[False]:
-            on, off = sum(ms[True]) / len(ms[True]), sum(ms[False]) / len(ms[False])
-            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  synchronous / overlapped step time: {off:.2f} / "
-                  f"{on:.2f} ms = {off / on:.3f}x", flush=True)
-
-
-def print_sampler_ratios(rows: list[dict]) -> None:
-    """Torch sampler / sampling kernel step time per batch (mean of each's runs), for --sampler ab."""
-    for B in sorted({r["batch"] for r in rows}):
-        ms = {s: [r["step_ms"] for r in rows if r["batch"] == B and r["sampler"] == s] for s in ("kernel", "torch")}
-        if ms["kernel"] and ms["torch"]:
-            k, t = sum(ms["kernel"]) / len(ms["kernel"]), sum(ms["torch"]) / len(ms["torch"])
-            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  torch sampler / sampling kernel step time: {t:.2f} / "
-                  f"{k:.2f} ms = {t / k:.3f}x", flush=True)
+        ms = {v: [r["step_ms"] for r in rows if r["batch"] == B and r[key] == v] for v in labels}
+        ms = {v: sum(t) / len(t) for v, t in ms.items() if t}
+        if len(ms) == len(labels) > 1:
+            ref = ms[next(iter(labels))]
+            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  step time " + " | ".join(
+                f"{labels[v]} {m:.3f} ms ({m / ref:.3f}x)" for v, m in ms.items()), flush=True)
 
 
 # --decode-launch: (kernels launched as programmatic dependents, steps of <= this many rows through the GEMV kernel)
 LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS), "dependent-cublas": (True, 0), "plain-cublas": (False, 0)}
 
 
-def print_launch_ratios(rows: list[dict]) -> None:
-    """Step time of each --decode-launch variant against the first (mean of each variant's runs), for ab."""
-    names = list(dict.fromkeys(r["launch"] for r in rows))
-    for B in sorted({r["batch"] for r in rows}):
-        ms = {n: [r["step_ms"] for r in rows if r["batch"] == B and r["launch"] == n] for n in names}
-        if all(ms.values()):
-            mean = {n: sum(v) / len(v) for n, v in ms.items()}
-            print(f"decode   ctx={rows[0]['context']:6d} B={B:3d}  step time " + " | ".join(
-                f"{n} {m:.3f} ms ({m / mean[names[0]]:.3f}x)" for n, m in mean.items()), flush=True)
-
-
 def set_launch(eng, name: str) -> None:
     """Switch the kernels' launches and the GEMV rows to LAUNCHES[name]; the decode graphs go when anything changed."""
     dep, rows = LAUNCHES[name]
-    if (kernels.programmatic_launch() if kernels.available() else True) == dep and runner_module.LINEAR_SMALL_ROWS == rows:
+    if (kernels.programmatic_launch(), runner_module.LINEAR_SMALL_ROWS) == (dep, rows):
         return
-    kernels.set_programmatic_launch(dep)
+    kernels.set_programmatic_launch(dep)  # a no-op without the extension
     runner_module.LINEAR_SMALL_ROWS = rows
     if eng.runner.graphs is not None:
         eng.runner.graphs.reset()  # captured again by the warm steps, with the new launches
@@ -281,12 +262,13 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                   f"{'' if launch == 'dependent' else ' ' + launch}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
                   f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
                   f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
+        here = [r for r in rows if r["context"] == ctx]
         if len(set(overlap)) > 1:
-            print_overlap_ratios([r for r in rows if r["context"] == ctx])
+            print_mode_ratios(here, "overlap", {True: "overlapped", False: "synchronous"})
         if len(set(samplers)) > 1:
-            print_sampler_ratios([r for r in rows if r["context"] == ctx])
+            print_mode_ratios(here, "sampler", {"kernel": "sampling kernel", "torch": "torch sampler"})
         if len(set(launches)) > 1:
-            print_launch_ratios([r for r in rows if r["context"] == ctx])
+            print_mode_ratios(here, "launch", {n: n for n in LAUNCHES})
         sampling_module.sample_rows = kernel_sample_rows
         set_launch(eng, "dependent")
         del eng
