@@ -435,12 +435,14 @@ GEMV_SHAPES = [("lightning qkv + gate", 8192, 2048), ("softmax qkv", 3072, 2048)
                ("dense gate / up", 5120, 2048), ("dense down", 2048, 5120), ("lm_head", 157184, 2048)]
 
 
-def bench_gemv(tokens=(1, 2, 4), layers=16, rounds=3):
+def bench_gemv(tokens=(1, 2, 4, 8), layers=16, rounds=3):
     """A decode step's projections as it runs them: `layers` of [RMSNorm (add_rms_norm kernel) -> projection] in one
     CUDA graph, distinct weights per layer (cold in L2, as in a step; 4 layers for the lm_head), replayed in turn
-    for: the GEMV kernel launched as a programmatic dependent (the norm's tail overlaps its weight loads), the same
-    kernel launched plainly, and cuBLAS (torch.mm). us per projection, best round; bytes = weight + rows."""
+    for: `linear_small` launched as a programmatic dependent (the norm's tail overlaps its weight loads) and launched
+    plainly, each of its two kernels forced (the CUDA-core GEMV up to 4 rows; the mma kernel at its default K split (4)
+    and at every other), and cuBLAS (torch.mm). us per projection, best round; bytes = weight + rows."""
     g = torch.Generator(device="cuda").manual_seed(5)
+    ext = extension()
     rows = []
     for name, Mo, Kd in GEMV_SHAPES:
         n_layers = 4 if Mo > 100_000 else layers
@@ -455,14 +457,26 @@ def bench_gemv(tokens=(1, 2, 4), layers=16, rounds=3):
                     _, h = K.add_rms_norm(x, None, nw, 1e-6)
                     proj(h, W, o)
 
-            ours = lambda h, W, o: K.linear_small(h, W, out=o)  # noqa: E731
-            cublas = lambda h, W, o: torch.mm(h, W.t(), out=o)  # noqa: E731
+            served = lambda h, W, o: K.linear_small(h, W, out=o)  # noqa: E731
+            variants = [("linear_small, dependent", served, True), ("linear_small, plain", served, False)]
+            if N <= 4:
+                variants.append(("CUDA-core GEMV", lambda h, W, o: ext.dense_gemv(h, W, o), True))
+            variants += [(f"mma, ksplit {ks or 'default (4)'}", lambda h, W, o, ks=ks: ext.skinny_gemm(h, W, o, ks), True)
+                         for ks in (0, 1, 2, 8)]
+            variants.append(("cuBLAS", lambda h, W, o: torch.mm(h, W.t(), out=o), True))
             graphs = {}
-            for label, proj, dep in (("gemv, dependent launch", ours, True), ("gemv, plain launch", ours, False),
-                                     ("cuBLAS", cublas, True)):
+            for label, proj, dep in variants:
                 K.set_programmatic_launch(dep)
                 graphs[label] = graph_of(lambda proj=proj: step(proj))
             K.set_programmatic_launch(True)
+            for o, W in zip(outs, Ws):  # every variant computes the same projection
+                ref = (x.float() @ W.float().t())
+                for label, proj, _ in variants:
+                    o.zero_()
+                    proj(x, W, o)
+                    err = ((o.float() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < 2**-7, (name, N, label, err)
+                break
             norm_only = graph_of(lambda: [K.add_rms_norm(x, None, nw, 1e-6) for _ in Ws])
             times = {k: [] for k in graphs}
             for _ in range(rounds):
@@ -473,7 +487,7 @@ def bench_gemv(tokens=(1, 2, 4), layers=16, rounds=3):
             mb = linear_small_bytes(N, Mo, Kd) / 1e6
             row = {"name": name, "M": Mo, "K": Kd, "N": N, "layers": n_layers, "us_with_norm": best, "all_us": times,
                    "norm_alone_us": norm_us, "MB": mb,
-                   "cublas_over_dependent": best["cuBLAS"] / best["gemv, dependent launch"]}
+                   "cublas_over_dependent": best["cuBLAS"] / best["linear_small, dependent"]}
             rows.append(row)
             print(f"gemv {name:22s} N={N}: " + " | ".join(f"{k} {v:.2f}" for k, v in best.items())
                   + f" us (norm + projection; norm alone {norm_us:.2f}); {mb:.1f} MB; cuBLAS / ours "

@@ -172,7 +172,8 @@ def print_mode_ratios(rows: list[dict], key: str, labels: dict) -> None:
 
 
 # --decode-launch: (kernels launched as programmatic dependents, steps of <= this many rows through the GEMV kernel)
-LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS), "dependent-cublas": (True, 0), "plain-cublas": (False, 0)}
+LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS), "dependent-one-row": (True, 1),
+            "dependent-cublas": (True, 0), "plain-cublas": (False, 0)}
 
 
 def set_launch(eng, name: str) -> None:
@@ -352,9 +353,9 @@ def main(argv=None) -> None:
                         "(bench/pod_sampling.py), or both in turn (A/B, overlapped steps)")
     p.add_argument("--decode-launch", choices=tuple(LAUNCHES) + ("ab",), default="dependent",
                    help="dependent: the kernels launched as programmatic dependents and steps of <= LINEAR_SMALL_ROWS "
-                        "rows through the GEMV kernel (as served); dependent-cublas: cuBLAS projections; plain-cublas: "
-                        "neither (the tree before); ab: the three in turn, twice (the decode graphs are captured again at "
-                        "each switch)"),
+                        "rows through kernels.linear_small (as served); dependent-one-row: only one-row steps through "
+                        "it (the fourteenth session's tree); dependent-cublas: cuBLAS projections; plain-cublas: "
+                        "neither; ab: the four in turn, twice (the decode graphs are captured again at each switch)"),
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,

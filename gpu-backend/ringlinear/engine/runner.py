@@ -56,10 +56,10 @@ from ..ops import accum_dtype, apply_partial_rope, group_rms_norm, lightning_chu
 from .pools import LinearStatePool, PagedKVCache, SnapshotArena
 from .step_io import StepIO, step_graph_sizes
 
-# Steps of at most this many rows take the projections through the GEMV kernel (kernels.linear_small), more through
-# cuBLAS: on the H200 at Ring-mini's shapes the kernel wins at one row (its loads start under the previous kernel)
-# and loses at two (docs/benchmarks.md "Small-batch decode", fourteenth session).
-LINEAR_SMALL_ROWS = 1
+# Steps of at most this many rows take the projections through kernels.linear_small (a GEMV at one row, the mma
+# kernel at two to eight), more through cuBLAS: on the H200 at Ring-mini's shapes ours win up to eight rows (their
+# loads start under the previous kernel; docs/benchmarks.md "Small-batch decode", fifteenth session).
+LINEAR_SMALL_ROWS = 8
 
 log = logging.getLogger(__name__)
 

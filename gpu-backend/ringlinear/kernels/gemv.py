@@ -3,10 +3,12 @@
 
     linear_small(x, w)    y = x w^T for x [N <= GEMV_MAX_TOKENS, K] and an nn.Linear weight w [M, K], bf16
 
-At one or two tokens a projection streams its weight once and cuBLAS's GEMV is already near that stream's latency;
-this kernel is launched as a programmatic dependent (kernels/launch.py), so its weight loads start while the norm or
-gate kernel before it still runs. On CUDA with the extension and bf16 rows of 16-byte vectors the kernel runs;
-anything else runs the twin. No host synchronisation, no allocation with `out`: capturable in CUDA graphs.
+At a few tokens a projection streams its weight once and cuBLAS is already near that stream's latency; these kernels
+are launched as programmatic dependents (kernels/launch.py), so their weight loads start while the norm or gate
+kernel before them still runs. One row goes through a CUDA-core GEMV (`dense_gemv`, a warp per output row), two to
+eight through `skinny_gemm`, where the weights are the 16-row operand of tensor-core mma.sync and the x rows its 8
+columns (csrc/gemv.cu). On CUDA with the extension and bf16 rows of 16-byte vectors a kernel runs; anything else runs
+the twin. No host synchronisation, no allocation with `out`: capturable in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 from . import _build
 from .gemv_reference import linear_small_reference
 
-GEMV_MAX_TOKENS = 4  # csrc kGemvMaxTokens: accumulators per lane
-GEMV_MAX_X_BYTES = 96 * 1024  # the x rows staged in shared memory
+GEMV_MAX_TOKENS = 8  # csrc kMmaTokens: the n of skinny_gemm's mma
+DENSE_GEMV_MAX_X_BYTES = 96 * 1024  # dense_gemv stages its x row in shared memory
 
 
 def _check(x, w, out) -> None:
@@ -41,10 +43,9 @@ def _check(x, w, out) -> None:
 
 
 def _kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    K = x.shape[1]
     rows16 = lambda t: t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0  # noqa: E731
-    return (x.is_cuda and x.dtype == torch.bfloat16 and K % 8 == 0 and x.shape[0] * K * 2 <= GEMV_MAX_X_BYTES
-            and rows16(x) and rows16(w) and _build.available())
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and rows16(x) and rows16(w)
+            and _build.available())
 
 
 def linear_small(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +56,11 @@ def linear_small(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
         return linear_small_reference(x, w, out)
     if out is None:
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    if x.shape[0] and w.shape[0]:
+    N, K = x.shape
+    if N == 1 and K * 2 <= DENSE_GEMV_MAX_X_BYTES:
         _build.extension().dense_gemv(x, w, out)
+    elif N and w.shape[0]:
+        _build.extension().skinny_gemm(x, w, out, 0)
     return out
 
 

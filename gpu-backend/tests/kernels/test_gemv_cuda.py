@@ -1,5 +1,5 @@
-"""GPU tests: the decode projections' GEMV kernel (kernels.linear_small) against its twin and nn.Linear (skipped
-without CUDA)."""
+"""GPU tests: the decode projections' kernels (kernels.linear_small: the CUDA-core GEMV at one row, the mma kernel at
+two to eight) against their twin and nn.Linear (skipped without CUDA)."""
 
 import pytest
 import torch
@@ -44,6 +44,33 @@ def test_gemv_matches_twin_and_linear(M, K, N):
     assert torch.equal(y, linear_small(x, w))  # deterministic
 
 
+@pytest.mark.parametrize("ksplit", [1, 2, 4, 8])
+@pytest.mark.parametrize("M,K", [(2048, 2048), (13, 264), (1001, 5128), (40, 8)])
+def test_mma_kernel_every_k_split(M, K, ksplit):
+    """The mma kernel at each K split the host may pick (and 1 to 8 rows, one included, which the runner sends to the
+    GEMV): slices that end inside a 32-wide block, empty slices (K = 8 has one block), M past the last row group."""
+    ext = _build.extension()
+    g = torch.Generator(device="cuda").manual_seed(M * 7 + K + ksplit)
+    w = (torch.randn(M, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    for N in range(1, GEMV_MAX_TOKENS + 1):
+        x = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+        y = torch.full((N, M), 7.0, device="cuda", dtype=torch.bfloat16)
+        ext.skinny_gemm(x, w, y, ksplit)
+        _close(y, linear_small_reference(x, w))
+
+
+def test_mma_kernel_rejects_a_bad_split_and_too_many_rows():
+    ext = _build.extension()
+    x = torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(32, 64, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(2, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="ksplit"):
+        ext.skinny_gemm(x, w, y, 3)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        ext.skinny_gemm(torch.zeros(9, 64, device="cuda", dtype=torch.bfloat16), w,
+                        torch.zeros(9, 32, device="cuda", dtype=torch.bfloat16), 0)
+
+
 def test_gemv_strided_views_and_out():
     """Row-strided x and w (views of wider buffers, as the packed qkv + gate weight is) and a strided out."""
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -58,16 +85,17 @@ def test_gemv_strided_views_and_out():
     assert (ob[:, :100] == 7).all() and (ob[:, 4196:] == 7).all()  # nothing written outside out
 
 
-def test_gemv_in_a_graph_reads_the_new_rows():
+@pytest.mark.parametrize("N", [1, 3, 8])
+def test_gemv_in_a_graph_reads_the_new_rows(N):
     g = torch.Generator(device="cuda").manual_seed(4)
     w = (torch.randn(2048, 2048, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    x = torch.zeros(1, 2048, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(1, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.zeros(N, 2048, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(N, 2048, device="cuda", dtype=torch.bfloat16)
     linear_small(x, w, out=out)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         linear_small(x, w, out=out)
     for seed in range(3):
-        x.copy_(torch.randn(1, 2048, device="cuda", generator=g))
+        x.copy_(torch.randn(N, 2048, device="cuda", generator=g))
         graph.replay()
         _close(out, linear_small_reference(x, w))

@@ -47,6 +47,7 @@ void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, c
                   const c10::optional<at::Tensor>& s_out, at::Tensor& y_out, double eps);
 void sample_rows(const at::Tensor& logits, const at::Tensor& spec, at::Tensor& out);
 void dense_gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y);
+void skinny_gemm(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t ksplit);
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 }  // namespace ringlinear
@@ -71,6 +72,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_group_rmsnorm", &ringlinear::gated_group_rmsnorm, "fused group RMSNorm * sigmoid(gate)");
   m.def("add_rms_norm", &ringlinear::add_rms_norm, "fused residual add + RMSNorm (s = x + delta; rms_norm(s))");
   m.def("dense_gemv", &ringlinear::dense_gemv, "y = x W^T for a few bf16 rows (decode projections; dependent launch)");
+  m.def("skinny_gemm", &ringlinear::skinny_gemm, "y = x W^T for <= 8 bf16 rows on mma.sync (ksplit 0: the default)");
   m.def("set_programmatic_launch", &ringlinear::set_programmatic_launch,
         "launch the decode path's kernels as programmatic dependents (sm_90) from now on (captured graphs keep theirs)");
   m.def("programmatic_launch", &ringlinear::programmatic_launch, "whether kernels are launched as programmatic dependents");
