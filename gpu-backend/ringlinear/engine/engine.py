@@ -105,6 +105,8 @@ class MemoryPlan:
         slot_b = LinearStatePool.bytes_per_slot(cfg)
         block_b = max(1, PagedKVCache.bytes_per_block(cfg, ec.block_size, dtype))
         prefix = ec.memory_budget // 4 if ec.prefix_cache_bytes is None else ec.prefix_cache_bytes
+        if slot_b == 0:  # no linear layers: a snapshot is KV blocks of the paged pool alone, the budget holds nothing
+            prefix = 0
         kv_bytes = ec.memory_budget - ec.max_batch * slot_b - prefix
         blocks = kv_bytes // block_b - 1 if kv_bytes > 0 else 0  # - the KV cache's scratch block
         need = -(-max_context // ec.block_size)
@@ -194,8 +196,14 @@ class Engine:
         dev = model.device
         self.states = LinearStatePool(self.cfg, self.plan.slots, dev)
         self.kv = PagedKVCache(self.cfg, self.plan.kv_blocks, ec.block_size, model.dtype, dev)
-        # the snapshots' memory, once: as many state slots as the prefix budget holds (its capacity is the budget)
-        arena = SnapshotArena(self.cfg, self.plan.prefix_bytes // self.plan.slot_bytes, dev)
+        # the snapshots' memory, once: as many state slots as the prefix budget holds (its capacity is the budget). A
+        # model without linear layers (an all-softmax config) snapshots KV blocks only: its arena slots hold nothing,
+        # one per KV block bounds the entries (each pins at least one), and the cache is on unless turned off.
+        if self.plan.slot_bytes:
+            snapshots = self.plan.prefix_bytes // self.plan.slot_bytes
+        else:
+            snapshots = self.plan.kv_blocks if ec.prefix_cache_bytes != 0 else 0
+        arena = SnapshotArena(self.cfg, snapshots, dev)
         self.prefix = PrefixCache(ec.prefix_block, arena, self.kv.blocks)
         self.runner = ModelRunner(model, self.states, self.kv, ec.kernels, self.max_context, ec.cuda_graphs, arena)
         self.overlap = ec.overlap if ec.overlap is not None else dev.type == "cuda"

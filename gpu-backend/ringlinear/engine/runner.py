@@ -327,7 +327,8 @@ class ModelRunner:
             dec.rows = slice(0, len(dec_idx))  # the engine puts the decodes first: views, no gathers
         plan = _StepPlan(segs, offs, dec)
         plan.kv_prefix_rows = dict(zip(prompts, prefix_rows))
-        snaps: set[int] = set()
+        # without linear layers a snapshot is its KV blocks alone: nothing to copy, so every reserved one is taken
+        snaps: set[int] = set() if self.cfg.linear_layers else {i for i, s in enumerate(segs) if s.snapshot_slot is not None}
         if pieces is not None:
             x = self._forward_pieces(pieces[1], self._step_io[pieces[0]], ids, pos, kv_rows, plan, snaps)
         else:

@@ -186,3 +186,38 @@ def test_generation_snapshots_of_stopped_and_aborted_requests(tiny_model, overla
     assert lengths == [64, 64, 128] + ([128] if overlap else [])
     eng.prefix.clear()
     assert eng.kv.blocks.used == 0 and eng.states.slots.used == 0 and eng.prefix.arena.slots.used == 0
+
+
+def _softmax_twin(tiny_model):
+    """The tiny config with every layer softmax (layer_group_size 1: the benchmarks' twin), random fp32 weights."""
+    import dataclasses
+
+    from ringlinear.engine.weights import random_model
+
+    cfg = dataclasses.replace(tiny_model.config, layer_group_size=1)
+    assert cfg.linear_layers == [] and cfg.softmax_layers
+    return random_model(cfg, "cpu", torch.float32, seed=3)
+
+
+def test_a_model_without_linear_layers_serves_and_caches_kv_prefixes(tiny_model):
+    """No linear layers: no state slots, snapshots of KV blocks alone (an empty arena slot each) - the engine used to
+    divide the prefix budget by a zero slot size. The prefix budget is not reserved (it would hold nothing), the cache
+    stays on unless turned off, and a hit changes no token."""
+    twin = _softmax_twin(tiny_model)
+    shared = random_prompt(200, 11)
+    first, second = shared + random_prompt(10, 12), shared[:192] + random_prompt(30, 13)
+
+    off = make_engine(twin, prefix_cache_bytes=0)
+    assert not off.prefix.enabled and off.plan.prefix_bytes == 0 and off.plan.slot_bytes == 0
+    want = off.add_request(second, greedy(5))
+    run_all(off)
+
+    eng = make_engine(twin, max_step_tokens=128)
+    assert eng.prefix.enabled and eng.plan.prefix_bytes == 0
+    assert eng.plan.kv_blocks == (32 << 20) // eng.plan.block_bytes - 1  # the whole budget is KV (- the scratch block)
+    eng.add_request(first, greedy(3))
+    run_all(eng)
+    r = eng.add_request(second, greedy(5))
+    run_all(eng)
+    assert eng.prefix.hits == 1 and r.cached_tokens == 192
+    assert r.output == want.output == twin.generate_greedy(second, 5)[0]
