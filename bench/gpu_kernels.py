@@ -374,12 +374,13 @@ def table():
 MOE_DECODE_VARIANTS = {"8-passes": False, "small-passes": True}  # DECODE_SMALL_PASSES per variant
 
 
-def bench_moe_latency(batches=(1, 2), layers=19, rounds=3):
-    """One- and two-token steps' MoE as a decode step runs it: `layers` Ring-mini MoE layers in the engine's layout
+def bench_moe_latency(batches=(1, 2, 3, 4, 6, 8), layers=19, rounds=3):
+    """A few-token decode step's MoE as the step runs it: `layers` Ring-mini MoE layers in the engine's layout
     (pack_moe: the shared expert is expert E; bf16 router), one CUDA graph of the layers' fused_moe calls replayed,
-    so each layer's experts are cold in L2 as in a step. With and without the one-token layouts (DECODE_SMALL_PASSES),
-    the two graphs replayed in turn over `rounds` (best round reported); then the one-launch router alone, its
-    routing alone (on given logits) and the router GEMV alone (cuBLAS)."""
+    so each layer's experts are cold in L2 as in a step. The decode path (at <= 2 tokens with and without the
+    one-token layouts, DECODE_SMALL_PASSES) and the stream path, the graphs replayed in turn over `rounds` (best round
+    reported; DECODE_MAX_TOKENS is where fused_moe switches); then the one-launch router alone, its routing alone (on
+    given logits) and the router GEMV alone (cuBLAS)."""
     cfg = RING_MINI_ROUTER
     E, I, Dm = cfg.num_experts, 512, 2048
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -396,16 +397,20 @@ def bench_moe_latency(batches=(1, 2), layers=19, rounds=3):
         for N in batches:
             x = torch.randn(N, Dm, device="cuda", generator=g).to(torch.bfloat16)
             graphs, outs = {}, {}
-            for name, small in MOE_DECODE_VARIANTS.items():
+            variants = {**(MOE_DECODE_VARIANTS if N <= 2 else {"decode path": saved}), "stream path": saved}
+            for name, small in variants.items():
                 M.DECODE_SMALL_PASSES = small
-                graphs[name] = graph_of(lambda: [M.fused_moe(x, **W, cfg=cfg, path="decode") for W in Ws])  # noqa: B023
-                outs[name] = M.fused_moe(x, **Ws[0], cfg=cfg, path="decode")
+                path = "stream" if name == "stream path" else "decode"
+                graphs[name] = graph_of(lambda path=path: [M.fused_moe(x, **W, cfg=cfg, path=path) for W in Ws])  # noqa: B023
+                outs[name] = M.fused_moe(x, **Ws[0], cfg=cfg, path=path)
             times = {name: [] for name in graphs}
             for _ in range(rounds):
                 for name, fn in graphs.items():
                     times[name].append(events_ms(fn, 200) * 1e3 / layers)
             row = {"N": N, "layers": layers, "us_per_layer": {k: min(v) for k, v in times.items()}, "all_us": times,
-                   "bitwise_equal": all(torch.equal(o, outs["8-passes"]) for o in outs.values())}
+                   "bitwise_equal": N > 2 or torch.equal(outs["8-passes"], outs["small-passes"]),
+                   "stream_rel_diff": ((outs["stream path"].float() - outs[next(iter(outs))].float()).norm()
+                                       / outs["stream path"].float().norm()).item()}
             ids = M.route(x, Ws[0]["router_weight"], Ws[0]["expert_bias"], cfg)[0]
             row["bytes_MB"] = (experts_touched_bytes(ids, Ws[0]["w_gate"], Ws[0]["w_down"]) + 3 * I * Dm * 2
                                + E * Dm * 2) / 1e6

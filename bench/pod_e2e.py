@@ -346,6 +346,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (default: CUDA graphs on CUDA)")
     p.add_argument("--moe-decode-latency", choices=("on", "off"), default="on",
                    help="off: the decode MoE kernels without their one-token layouts (A/B runs)")
+    p.add_argument("--moe-decode-max-tokens", type=int, default=None,
+                   help="steps of up to this many tokens take the MoE's decode path, more the stream path "
+                        "(default: kernels.moe.DECODE_MAX_TOKENS; A/B runs)")
     p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
     p.add_argument("--sampler", choices=("kernel", "torch", "ab"), default="kernel",
@@ -378,6 +381,8 @@ def main(argv=None) -> None:
     dev = torch.device(a.device)
     if a.moe_decode_latency == "off":
         kernels.moe.DECODE_SMALL_PASSES = False
+    if a.moe_decode_max_tokens is not None:
+        kernels.moe.DECODE_MAX_TOKENS = a.moe_decode_max_tokens
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     base = base_config(a)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
