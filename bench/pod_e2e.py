@@ -171,18 +171,38 @@ def print_mode_ratios(rows: list[dict], key: str, labels: dict) -> None:
                 f"{labels[v]} {m:.3f} ms ({m / ref:.3f}x)" for v, m in ms.items()), flush=True)
 
 
-# --decode-launch: (kernels launched as programmatic dependents, steps of <= this many rows through the GEMV kernel)
-LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS), "dependent-one-row": (True, 1),
-            "dependent-cublas": (True, 0), "plain-cublas": (False, 0)}
+# --decode-launch: (kernels launched as programmatic dependents, steps of <= this many rows through linear_small,
+# the stream MoE path as before the fifteenth session: cuBLAS router logits, its kernels launched plainly)
+LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS, False),
+            "dependent-moe-plain": (True, runner_module.LINEAR_SMALL_ROWS, True),
+            "dependent-one-row": (True, 1, True), "dependent-cublas": (True, 0, True), "plain-cublas": (False, 0, True)}
+_MOE = {name: getattr(kernels.moe, name) for name in ("route", "_experts_stream", "skinny_ok")}
+
+
+def _plain_launches(fn):
+    def plain(*args, **kw):
+        saved = kernels.programmatic_launch()
+        kernels.set_programmatic_launch(False)
+        try:
+            return fn(*args, **kw)
+        finally:
+            kernels.set_programmatic_launch(saved)
+    return plain
 
 
 def set_launch(eng, name: str) -> None:
-    """Switch the kernels' launches and the GEMV rows to LAUNCHES[name]; the decode graphs go when anything changed."""
-    dep, rows = LAUNCHES[name]
-    if (kernels.programmatic_launch(), runner_module.LINEAR_SMALL_ROWS) == (dep, rows):
+    """Switch the kernels' launches, the GEMV rows and the stream MoE path to LAUNCHES[name]; the decode graphs go
+    when anything changed."""
+    dep, rows, moe_plain = LAUNCHES[name]
+    if (kernels.programmatic_launch(), runner_module.LINEAR_SMALL_ROWS, kernels.moe.route is not _MOE["route"]) == \
+            (dep, rows, moe_plain):
         return
     kernels.set_programmatic_launch(dep)  # a no-op without the extension
     runner_module.LINEAR_SMALL_ROWS = rows
+    for fn_name, fn in _MOE.items():  # fused_moe looks these up at each call
+        plain = {"route": _plain_launches(fn), "_experts_stream": _plain_launches(fn),
+                 "skinny_ok": lambda *a: False}[fn_name]
+        setattr(kernels.moe, fn_name, plain if moe_plain else fn)
     if eng.runner.graphs is not None:
         eng.runner.graphs.reset()  # captured again by the warm steps, with the new launches
 
@@ -356,9 +376,11 @@ def main(argv=None) -> None:
                         "(bench/pod_sampling.py), or both in turn (A/B, overlapped steps)")
     p.add_argument("--decode-launch", choices=tuple(LAUNCHES) + ("ab",), default="dependent",
                    help="dependent: the kernels launched as programmatic dependents and steps of <= LINEAR_SMALL_ROWS "
-                        "rows through kernels.linear_small (as served); dependent-one-row: only one-row steps through "
-                        "it (the fourteenth session's tree); dependent-cublas: cuBLAS projections; plain-cublas: "
-                        "neither; ab: the four in turn, twice (the decode graphs are captured again at each switch)"),
+                        "rows through kernels.linear_small (as served); dependent-moe-plain: the stream MoE path (3-768 "
+                        "tokens) as before the fifteenth session (cuBLAS router logits, plain launches); "
+                        "dependent-one-row: that, and only one-row steps through linear_small (the fourteenth "
+                        "session's tree); dependent-cublas: cuBLAS projections; plain-cublas: nothing dependent; ab: "
+                        "all in turn, twice (the decode graphs are captured again at each switch)"),
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,

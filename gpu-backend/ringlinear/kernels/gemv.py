@@ -48,6 +48,12 @@ def _kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and _build.available())
 
 
+def skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the mma kernel takes x [N, K] @ w^T (the MoE router uses it for its fp32 logits): 1..GEMV_MAX_TOKENS
+    bf16 rows of 16-byte vectors on CUDA, the extension built."""
+    return 0 < x.shape[0] <= GEMV_MAX_TOKENS and w.dtype == x.dtype and _kernel_ok(x, w)
+
+
 def linear_small(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """y [N, M] = x [N, K] @ w [M, K]^T with fp32 accumulation, in x's dtype (nn.Linear without bias, up to the order
     of the fp32 sums), for N <= GEMV_MAX_TOKENS rows; into `out` ([N, M], unit column stride) when given."""
@@ -64,4 +70,4 @@ def linear_small(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
     return out
 
 
-__all__ = ["linear_small", "GEMV_MAX_TOKENS"]
+__all__ = ["linear_small", "skinny_ok", "GEMV_MAX_TOKENS"]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _build
+from .gemv import skinny_ok
 from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_align_reference,
                             scatter_rows_reference, stream_gemm_reference, swiglu_rows_reference)
 
@@ -191,7 +192,13 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     the plain fp32 GEMM."""
     if x.is_cuda and x.dtype == router_weight.dtype == torch.bfloat16:
         # bf16 weights (a bf16 model): bf16 products are exact in fp32, so one GEMM with fp32 accumulation and output
-        # is the fp32 GEMM of the upcast operands, without their two fp32 copies (a third of a decode step's router)
+        # is the fp32 GEMM of the upcast operands, without their two fp32 copies (a third of a decode step's router).
+        # A few tokens (the stream path's decode steps): the mma GEMV of gemv.py, launched as a dependent like the
+        # route, sort and expert kernels after it, where cuBLAS would break that chain.
+        if skinny_ok(x, router_weight):
+            logits = torch.empty(x.shape[0], router_weight.shape[0], dtype=torch.float32, device=x.device)
+            _build.extension().skinny_gemm(x, router_weight, logits, 0)
+            return logits
         try:
             return torch.mm(x, router_weight.t(), out_dtype=torch.float32)
         except (TypeError, RuntimeError):
@@ -330,17 +337,19 @@ def combine(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None,
 
 
 def stream_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
-                offsets: torch.Tensor, stages: int | None = None) -> torch.Tensor:
+                offsets: torch.Tensor, stages: int | None = None, early: bool = False) -> torch.Tensor:
     """Per expert e, rows offsets[e]..offsets[e+1] of x (or of x[gather]) times w[e]^T -> bf16 [A, F]; with w_up the
     SwiGLU bf16(silu(x Wg^T) * (x Wu^T)). w, w_up: [E, F, K] with contiguous rows (packed views are). Few rows per
-    expert: the tensor-core weight-streaming kernel of moe_stream.cu; stages None = STREAM_STAGES (read per call)."""
+    expert: the tensor-core weight-streaming kernel of moe_stream.cu; stages None = STREAM_STAGES (read per call).
+    early: offsets were written two launches back or earlier (the down GEMM right after its gate/up), so the kernel
+    may read them and start its weights before the dependent-launch wait (csrc/common.cuh)."""
     A = x.shape[0] if gather is None else gather.numel()
     if (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and (w_up is None or w_up.dtype == torch.bfloat16)
             and x.shape[1] % 8 == 0 and _build.available()):
         y = torch.empty(A, w.shape[1], dtype=torch.bfloat16, device=x.device)
         _build.extension().moe_stream_gemm(x.contiguous(), gather, _rows_contiguous(w),
                                            None if w_up is None else _rows_contiguous(w_up), offsets, y,
-                                           STREAM_STAGES if stages is None else stages)
+                                           STREAM_STAGES if stages is None else stages, early)
         return y
     return stream_gemm_reference(x, gather, w, w_up, offsets)
 
@@ -420,7 +429,7 @@ def _experts_stream(x, routed, w_gate, w_up, w_down, shared_h):
     ids, w = routed
     offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
     h = stream_gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
-    ys = stream_gemm(h, None, w_down, None, offsets)  # [A, D]
+    ys = stream_gemm(h, None, w_down, None, offsets, early=True)  # [A, D]; the sort is two launches back
     return combine(ys, inv, w, shared_h, ids.shape[1])
 
 

@@ -59,6 +59,19 @@ def test_mma_kernel_every_k_split(M, K, ksplit):
         _close(y, linear_small_reference(x, w))
 
 
+@pytest.mark.parametrize("N", [1, 3, 8])
+def test_mma_kernel_fp32_out_is_the_fp32_gemm(N):
+    """fp32 y (the MoE router's logits): the fp32 GEMM of the upcast operands up to the order of the sums."""
+    ext = _build.extension()
+    g = torch.Generator(device="cuda").manual_seed(50 + N)
+    x = torch.randn(N, 2048, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(256, 2048, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    y = torch.empty(N, 256, device="cuda", dtype=torch.float32)
+    ext.skinny_gemm(x, w, y, 0)
+    ref = x.double() @ w.double().t()
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
 def test_mma_kernel_rejects_a_bad_split_and_too_many_rows():
     ext = _build.extension()
     x = torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16)
@@ -66,6 +79,8 @@ def test_mma_kernel_rejects_a_bad_split_and_too_many_rows():
     y = torch.zeros(2, 32, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="ksplit"):
         ext.skinny_gemm(x, w, y, 3)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        ext.skinny_gemm(x, w, y.half(), 0)
     with pytest.raises(ValueError, match="at most 8 rows"):
         ext.skinny_gemm(torch.zeros(9, 64, device="cuda", dtype=torch.bfloat16), w,
                         torch.zeros(9, 32, device="cuda", dtype=torch.bfloat16), 0)

@@ -460,6 +460,8 @@ def test_stream_gemm_matches_twin(case, gate_up, stages):
     _assert_bf16_close(y, stream_gemm_reference(x, gather, w, w_up, offsets))
     assert torch.equal(y, stream_gemm(x, gather, w, w_up, offsets, stages=stages))  # deterministic
     assert torch.equal(y, stream_gemm(x, gather, w, w_up, offsets, stages=7 - stages))  # depth changes no arithmetic
+    # the weights issued before the dependent-launch wait (the down GEMM's launch; offsets were written long before)
+    assert torch.equal(y, stream_gemm(x, gather, w, w_up, offsets, stages=stages, early=True))
 
 
 def test_stream_gemm_gate_up_is_swiglu_of_two_plain_gemms():
@@ -477,13 +479,13 @@ def test_stream_gemm_rejects_bad_inputs():
     ext = _build.extension()
     y = torch.zeros(gather.numel(), w.shape[1], dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="stages"):
-        ext.moe_stream_gemm(x, gather, w, w_up, offsets, y, 5)
+        ext.moe_stream_gemm(x, gather, w, w_up, offsets, y, 5, False)
     with pytest.raises(ValueError, match=r"w_up must be bf16 \[10, 200, 136\]"):
-        ext.moe_stream_gemm(x, gather, w, w_up[:, :-1], offsets, y, 4)
+        ext.moe_stream_gemm(x, gather, w, w_up[:, :-1], offsets, y, 4, False)
     with pytest.raises(ValueError, match="gather"):
-        ext.moe_stream_gemm(x, gather[:-1], w, w_up, offsets, y, 4)
+        ext.moe_stream_gemm(x, gather[:-1], w, w_up, offsets, y, 4, False)
     with pytest.raises(ValueError, match="offsets"):
-        ext.moe_stream_gemm(x, gather, w, w_up, offsets.long(), y, 4)
+        ext.moe_stream_gemm(x, gather, w, w_up, offsets.long(), y, 4, False)
     assert not y.any()
 
 

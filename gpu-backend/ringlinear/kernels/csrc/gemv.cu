@@ -82,11 +82,11 @@ constexpr int kMmaWarps = 8;
 constexpr int kMmaTokens = 8;  // the mma's n
 constexpr int kMmaSteps = 8;   // 32-wide k blocks per lane in flight: 16 16-byte weight loads
 
-template <int KSPLIT>
+template <int KSPLIT, typename OutT>
 __global__ void __launch_bounds__(kMmaWarps * 32) skinny_gemm_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_ld,
                                                                      const __nv_bfloat16* __restrict__ W, int64_t w_ld,
-                                                                     int N, int M, int K,
-                                                                     __nv_bfloat16* __restrict__ y, int64_t y_ld) {
+                                                                     int N, int M, int K, OutT* __restrict__ y,
+                                                                     int64_t y_ld) {
   __shared__ float4 partial[KSPLIT > 1 ? kMmaWarps : 1][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int rg = blockIdx.x * (kMmaWarps / KSPLIT) + warp / KSPLIT, ks = warp % KSPLIT;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) skinny_gemm_kernel(const __nv_
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int m = m0 + 8 * (i >> 1), n = n0 + (i & 1);
-    if (m < M && n < N) y[(int64_t)n * y_ld + m] = __float2bfloat16(acc[i]);
+    if (m < M && n < N) y[(int64_t)n * y_ld + m] = from_float<OutT>(acc[i]);
   }
 }
 
@@ -173,9 +173,24 @@ void dense_gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
                                   (int)K, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), y.stride(0)));
 }
 
+template <typename OutT>
+static void launch_skinny(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int ks) {
+  const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
+  const unsigned grid = (unsigned)(((M + 15) / 16 * ks + kMmaWarps - 1) / kMmaWarps);
+  auto kernel = ks == 1 ? skinny_gemm_kernel<1, OutT> : ks == 2 ? skinny_gemm_kernel<2, OutT>
+              : ks == 4 ? skinny_gemm_kernel<4, OutT> : skinny_gemm_kernel<8, OutT>;
+  C10_CUDA_CHECK(launch_dependent(kernel, grid, kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream(),
+                                  reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
+                                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), w.stride(0), (int)N, (int)M,
+                                  (int)K, reinterpret_cast<OutT*>(y.data_ptr()), y.stride(0)));
+}
+
+// y: bf16, or fp32 (the MoE router's logits: bf16 products are exact in fp32, so these are the fp32 GEMM's up to the
+// order of the sums).
 void skinny_gemm(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t ksplit) {
-  RL_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && y.scalar_type() == at::kBFloat16,
-           "skinny_gemm: x, w and y must be bfloat16");
+  RL_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+               (y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kFloat),
+           "skinny_gemm: x and w must be bfloat16, y bfloat16 or float32");
   RL_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, "skinny_gemm: x [N, K], w [M, K], y [N, M]");
   const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
   RL_CHECK(N <= kMmaTokens, "skinny_gemm: at most ", kMmaTokens, " rows, got ", N);
@@ -189,13 +204,8 @@ void skinny_gemm(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_
   if (N == 0 || M == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
   const int ks = ksplit ? (int)ksplit : kMmaDefaultKSplit;
-  const unsigned grid = (unsigned)(((M + 15) / 16 * ks + kMmaWarps - 1) / kMmaWarps);
-  auto kernel = ks == 1 ? skinny_gemm_kernel<1> : ks == 2 ? skinny_gemm_kernel<2> : ks == 4 ? skinny_gemm_kernel<4>
-                                                                                              : skinny_gemm_kernel<8>;
-  C10_CUDA_CHECK(launch_dependent(kernel, grid, kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream(),
-                                  reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
-                                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), w.stride(0), (int)N, (int)M,
-                                  (int)K, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), y.stride(0)));
+  if (y.scalar_type() == at::kFloat) launch_skinny<float>(x, w, y, ks);
+  else launch_skinny<__nv_bfloat16>(x, w, y, ks);
 }
 
 }  // namespace ringlinear

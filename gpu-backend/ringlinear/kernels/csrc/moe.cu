@@ -32,6 +32,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(const float
                                                              bool renormalize, float scaling, int append,
                                                              int32_t* __restrict__ ids, float* __restrict__ weights) {
   extern __shared__ float rsm[];
+  pdl_wait();  // the logits are the router GEMM's, just before this kernel
+  pdl_launch_dependents();
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kRouteWarps + w;
   if (n >= N) return;
@@ -611,6 +613,8 @@ RL_DEVICE int clamp_expert(int e, int E) { return min(max(e, 0), E - 1); }
 __global__ void __launch_bounds__(kSortWarps * 32) moe_sort_count_kernel(const int32_t* __restrict__ ids, int A, int E,
                                                                          int32_t* __restrict__ counts) {
   __shared__ int hist[kMaxExperts];
+  pdl_wait();  // the ids are the router's, just before this kernel
+  pdl_launch_dependents();
   for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
   __syncthreads();
   const int a0 = blockIdx.x * kSortPerBlock, a1 = min(A, a0 + kSortPerBlock);
@@ -624,6 +628,8 @@ __global__ void __launch_bounds__(kSortWarps * 32) moe_sort_count_kernel(const i
 __global__ void __launch_bounds__(1024) moe_sort_scan_kernel(int32_t* __restrict__ counts, int B, int E,
                                                              int32_t* __restrict__ offsets, int32_t* __restrict__ ends) {
   __shared__ int warp_tot[32];
+  pdl_wait();
+  pdl_launch_dependents();
   const int e = threadIdx.x, lane = e & 31, wid = e >> 5;
   int run = 0;
   if (e < E) {
@@ -679,6 +685,8 @@ __global__ void __launch_bounds__(kSortWarps * 32) moe_sort_scatter_kernel(const
                                                                            int32_t* __restrict__ sorted, int32_t* __restrict__ inv,
                                                                            int32_t* __restrict__ tok) {
   __shared__ int cur[kSortWarps][kMaxExperts];  // per-warp counts, then per-warp cursors
+  pdl_wait();
+  pdl_launch_dependents();
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int i = threadIdx.x; i < kSortWarps * E; i += blockDim.x) cur[i / E][i % E] = 0;
   __syncthreads();
@@ -838,9 +846,11 @@ void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, 
   const size_t smem = (size_t)kRouteWarps * 2 * E * sizeof(float);
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(moe_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  moe_route_kernel<<<(N + kRouteWarps - 1) / kRouteWarps, kRouteWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
-      logits.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, N, E, (int)n_group, (int)topk_group, (int)topk,
-      renormalize, (float)scaling, (int)append, ids.data_ptr<int32_t>(), weights.data_ptr<float>());
+  C10_CUDA_CHECK(launch_dependent(moe_route_kernel, (N + kRouteWarps - 1) / kRouteWarps, kRouteWarps * 32, smem,
+                                  at::cuda::getCurrentCUDAStream(), logits.data_ptr<float>(),
+                                  bias ? bias->data_ptr<float>() : nullptr, N, E, (int)n_group, (int)topk_group,
+                                  (int)topk, renormalize, (float)scaling, (int)append, ids.data_ptr<int32_t>(),
+                                  weights.data_ptr<float>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1013,17 +1023,14 @@ void moe_sort(const at::Tensor& ids, int64_t E, int64_t topk, at::Tensor& counts
   const at::cuda::CUDAGuard guard(ids.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   if (B > 0)
-    moe_sort_count_kernel<<<B, kSortWarps * 32, 0, stream>>>(ids.data_ptr<int32_t>(), (int)A, (int)E, counts.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  moe_sort_scan_kernel<<<1, 1024, 0, stream>>>(counts.data_ptr<int32_t>(), B, (int)E, offsets.data_ptr<int32_t>(),
-                                               ends.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(launch_dependent(moe_sort_count_kernel, B, kSortWarps * 32, 0, stream, ids.data_ptr<int32_t>(),
+                                    (int)A, (int)E, counts.data_ptr<int32_t>()));
+  C10_CUDA_CHECK(launch_dependent(moe_sort_scan_kernel, 1, 1024, 0, stream, counts.data_ptr<int32_t>(), B, (int)E,
+                                  offsets.data_ptr<int32_t>(), ends.data_ptr<int32_t>()));
   if (B > 0)
-    moe_sort_scatter_kernel<<<B, kSortWarps * 32, 0, stream>>>(ids.data_ptr<int32_t>(), (int)A, (int)E, (int)topk,
-                                                               counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
-                                                               sorted.data_ptr<int32_t>(), inv.data_ptr<int32_t>(),
-                                                               tok.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(launch_dependent(moe_sort_scatter_kernel, B, kSortWarps * 32, 0, stream, ids.data_ptr<int32_t>(),
+                                    (int)A, (int)E, (int)topk, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                                    sorted.data_ptr<int32_t>(), inv.data_ptr<int32_t>(), tok.data_ptr<int32_t>()));
 }
 
 static bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }

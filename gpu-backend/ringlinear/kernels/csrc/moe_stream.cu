@@ -14,6 +14,9 @@
 //                               Otherwise: 128 output features, y = bf16(acc).
 // Rows are the expert's rows in sorted order (offsets[e] .. offsets[e+1]); each output element is one fp32 dot product
 // in a fixed k order, so results do not depend on the batch's other experts.
+// Launched as a programmatic dependent (common.cuh). With `early` (the MoE's down GEMM: its offsets come from the sort
+// two launches back, before gate/up) a CTA reads its expert's rows and issues its first weight stages before
+// griddepcontrol.wait, while gate/up still runs; otherwise it waits first.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -44,13 +47,24 @@ template <int STAGES, bool GATE_UP>
 __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
     const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ gather, const __nv_bfloat16* __restrict__ w,
     int64_t sw, const __nv_bfloat16* __restrict__ w2, int64_t sw2, const int32_t* __restrict__ offsets, int K, int F,
-    __nv_bfloat16* __restrict__ y) {
+    __nv_bfloat16* __restrict__ y, bool early) {
   extern __shared__ __align__(16) __nv_bfloat16 smem[];
   __nv_bfloat16* ws = smem;                             // [STAGES][kStreamBM * kStreamBK]
   __nv_bfloat16* xs = smem + STAGES * kStreamWTile;     // [STAGES][kStreamRows * kStreamBK]
   const int e = blockIdx.y;
+  bool waited = !early;
+  if (waited) {
+    pdl_wait();  // the offsets (and x) come from the kernel just before this one
+    pdl_launch_dependents();
+  }
   const int row0 = offsets[e], rows = offsets[e + 1] - row0;
-  if (rows <= 0) return;
+  if (rows <= 0) {
+    if (!waited) {
+      pdl_wait();
+      pdl_launch_dependents();
+    }
+    return;
+  }
   constexpr int kFeatures = GATE_UP ? kStreamBM / 2 : kStreamBM;  // output features per CTA
   const int f0 = blockIdx.x * kFeatures;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -62,8 +76,8 @@ __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
     const int prow = min(kStreamRows, rows - p0);
     const int nt = (prow + 7) >> 3;  // n8 tiles in use
 
-    // Stage loader: the 128 x 64 weight tile (8 chunks per thread) and the pass's 32 x 64 activation tile (2 each).
-    auto load = [&](int slot, int kt) {
+    // Stage loaders: the 128 x 64 weight tile (8 chunks per thread) and the pass's 32 x 64 activation tile (2 each).
+    auto load_w = [&](int slot, int kt) {
       const int k0 = kt * kStreamBK;
       __nv_bfloat16* wt = ws + slot * kStreamWTile;
 #pragma unroll
@@ -82,6 +96,9 @@ __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
         const bool ok = f < F && kc < K;
         cp_async_16(wt + swz(r, c), ok ? src + kc : we, ok ? 16 : 0);
       }
+    };
+    auto load_x = [&](int slot, int kt) {
+      const int k0 = kt * kStreamBK;
       __nv_bfloat16* xt = xs + slot * kStreamXTile;
 #pragma unroll
       for (int i = 0; i < kStreamRows * 8 / kStreamThreads; ++i) {
@@ -101,9 +118,19 @@ __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][t][i] = 0.f;
 
+    // The first stages' weights, then (once per CTA, under a dependent launch) the wait, then their activations:
+    // the prologue's weight copies all land in the first commit group, which only makes that group larger.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s < KT) load_w(s, s);
+    if (!waited) {
+      pdl_wait();  // x (gate/up's h) is the output of the kernel just before this one
+      pdl_launch_dependents();
+      waited = true;
+    }
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < KT) load(s, s);
+      if (s < KT) load_x(s, s);
       cp_async_commit();
     }
     // m16 tile j of this warp: smem weight rows mrow[j] .. +15 (GATE_UP: j = 0 gate, j = 1 up, same features).
@@ -112,7 +139,10 @@ __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
     for (int kt = 0; kt < KT; ++kt) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();  // stage kt is in smem for every thread; the slot read at kt - 1 is free again
-      if (kt + STAGES - 1 < KT) load((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+      if (kt + STAGES - 1 < KT) {
+        load_w((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        load_x((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+      }
       cp_async_commit();
       const __nv_bfloat16* wt = ws + (kt % STAGES) * kStreamWTile;
       const __nv_bfloat16* xt = xs + (kt % STAGES) * kStreamXTile;
@@ -164,17 +194,17 @@ __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
 
 template <int STAGES, bool GATE_UP>
 static void launch_stream(const at::Tensor& x, const int32_t* gather, const at::Tensor& w, const at::Tensor* w2,
-                          const at::Tensor& offsets, int K, int F, at::Tensor& y, cudaStream_t stream) {
+                          const at::Tensor& offsets, int K, int F, at::Tensor& y, bool early, cudaStream_t stream) {
   const int smem = STAGES * (kStreamWTile + kStreamXTile) * 2;
   auto kernel = moe_stream_kernel<STAGES, GATE_UP>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   constexpr int features = GATE_UP ? kStreamBM / 2 : kStreamBM;
   const int E = offsets.numel() - 1;
   auto bf = [](const at::Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr()); };
-  kernel<<<dim3((F + features - 1) / features, E), kStreamThreads, smem, stream>>>(
-      bf(x), gather, bf(w), w.stride(0), w2 ? bf(*w2) : nullptr, w2 ? w2->stride(0) : 0, offsets.data_ptr<int32_t>(), K, F,
-      reinterpret_cast<__nv_bfloat16*>(y.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_dependent(kernel, dim3((F + features - 1) / features, E), kStreamThreads, (size_t)smem, stream,
+                                  bf(x), gather, bf(w), w.stride(0), w2 ? bf(*w2) : nullptr, w2 ? w2->stride(0) : 0,
+                                  offsets.data_ptr<int32_t>(), K, F, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()),
+                                  early));
 }
 
 static void check_weights(const at::Tensor& w, int E, int F, int K, const char* name) {
@@ -187,9 +217,11 @@ static void check_weights(const at::Tensor& w, int E, int F, int K, const char* 
 
 // x [R, K] bf16 contiguous; gather [A] int32 (x row of each sorted row) or none (R == A); w [E, F, K] (gate when w_up
 // is given: then y = bf16(silu(x Wg^T) * (x Wu^T)), the SwiGLU of the two); offsets [E+1] int32; y [A, F] bf16.
-// stages: 3 or 4 (pipeline depth; 2 CTAs per SM either way).
+// stages: 3 or 4 (pipeline depth; 2 CTAs per SM either way). early: offsets were written two launches back or
+// earlier (the MoE's down GEMM), so the weights may stream before the dependent-launch wait.
 void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
-                     const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages) {
+                     const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages,
+                     bool early) {
   RL_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "moe_stream_gemm: x must be contiguous 16-byte aligned bf16 [R, K]");
@@ -218,11 +250,11 @@ void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gathe
   const int32_t* g = gather ? gather->data_ptr<int32_t>() : nullptr;
   const at::Tensor* up = w_up ? &*w_up : nullptr;
   if (up) {
-    if (stages == 3) launch_stream<3, true>(x, g, w, up, offsets, K, F, y, stream);
-    else launch_stream<4, true>(x, g, w, up, offsets, K, F, y, stream);
+    if (stages == 3) launch_stream<3, true>(x, g, w, up, offsets, K, F, y, early, stream);
+    else launch_stream<4, true>(x, g, w, up, offsets, K, F, y, early, stream);
   } else {
-    if (stages == 3) launch_stream<3, false>(x, g, w, nullptr, offsets, K, F, y, stream);
-    else launch_stream<4, false>(x, g, w, nullptr, offsets, K, F, y, stream);
+    if (stages == 3) launch_stream<3, false>(x, g, w, nullptr, offsets, K, F, y, early, stream);
+    else launch_stream<4, false>(x, g, w, nullptr, offsets, K, F, y, early, stream);
   }
 }
 
