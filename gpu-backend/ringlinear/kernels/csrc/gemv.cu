@@ -148,18 +148,23 @@ __global__ void __launch_bounds__(kMmaWarps * 32) skinny_gemm_kernel(const __nv_
 // 157 184 rows included (152 vs 162 us at 1 row with no split, at 8 rows 154 vs 163), and 8 the second at most.
 constexpr int kMmaDefaultKSplit = 4;
 
-// Shapes, dtypes and strides are validated by gemv.py; here only what the kernel relies on.
+// Shapes, dtypes and strides are validated by gemv.py; here only what the kernels rely on. Both entry points:
+// x [N <= max_rows, K], w [M, K], y [N, M], rows of x and w 16-byte vectors.
+static void check_rows(const char* fn, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int max_rows) {
+  RL_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, fn, ": x [N, K], w [M, K], y [N, M]");
+  RL_CHECK(x.size(0) <= max_rows, fn, ": at most ", max_rows, " rows, got ", x.size(0));
+  RL_CHECK(w.size(1) == x.size(1) && y.size(0) == x.size(0) && y.size(1) == w.size(0), fn, ": shapes do not match");
+  RL_CHECK(x.size(1) % 8 == 0 && x.stride(1) == 1 && w.stride(1) == 1 && y.stride(1) == 1 && x.stride(0) % 8 == 0 &&
+               w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+           fn, ": rows of x and w must be 16-byte aligned with unit column stride");
+}
+
 void dense_gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   RL_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && y.scalar_type() == at::kBFloat16,
            "dense_gemv: x, w and y must be bfloat16");
-  RL_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, "dense_gemv: x [N, K], w [M, K], y [N, M]");
+  check_rows("dense_gemv", x, w, y, kGemvMaxTokens);
   const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
-  RL_CHECK(N <= kGemvMaxTokens, "dense_gemv: at most ", kGemvMaxTokens, " rows, got ", N);
-  RL_CHECK(w.size(1) == K && y.size(0) == N && y.size(1) == M, "dense_gemv: shapes do not match");
-  RL_CHECK(K % 8 == 0 && x.stride(1) == 1 && w.stride(1) == 1 && y.stride(1) == 1 && x.stride(0) % 8 == 0 &&
-               w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-               reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-           "dense_gemv: rows of x and w must be 16-byte aligned with unit column stride");
   RL_CHECK(N * K * 2 <= 96 * 1024, "dense_gemv: the x rows must fit in 96 KB of shared memory");
   if (N == 0 || M == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
@@ -191,14 +196,8 @@ void skinny_gemm(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_
   RL_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
                (y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kFloat),
            "skinny_gemm: x and w must be bfloat16, y bfloat16 or float32");
-  RL_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, "skinny_gemm: x [N, K], w [M, K], y [N, M]");
-  const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
-  RL_CHECK(N <= kMmaTokens, "skinny_gemm: at most ", kMmaTokens, " rows, got ", N);
-  RL_CHECK(w.size(1) == K && y.size(0) == N && y.size(1) == M, "skinny_gemm: shapes do not match");
-  RL_CHECK(K % 8 == 0 && x.stride(1) == 1 && w.stride(1) == 1 && y.stride(1) == 1 && x.stride(0) % 8 == 0 &&
-               w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-               reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-           "skinny_gemm: rows of x and w must be 16-byte aligned with unit column stride");
+  check_rows("skinny_gemm", x, w, y, kMmaTokens);
+  const int64_t N = x.size(0), M = w.size(0);
   RL_CHECK(ksplit == 0 || ksplit == 1 || ksplit == 2 || ksplit == 4 || ksplit == 8,
            "skinny_gemm: ksplit must be 0 (the default, 4), 1, 2, 4 or 8, got ", ksplit);
   if (N == 0 || M == 0) return;
