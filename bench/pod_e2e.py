@@ -176,9 +176,6 @@ def print_mode_ratios(rows: list[dict], key: str, labels: dict) -> None:
 LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS, False),
             "dependent-moe-plain": (True, runner_module.LINEAR_SMALL_ROWS, True),
             "dependent-one-row": (True, 1, True), "dependent-cublas": (True, 0, True), "plain-cublas": (False, 0, True)}
-_MOE = {name: getattr(kernels.moe, name) for name in ("route", "_experts_stream", "skinny_ok")}
-
-
 def _plain_launches(fn):
     def plain(*args, **kw):
         saved = kernels.programmatic_launch()
@@ -190,6 +187,12 @@ def _plain_launches(fn):
     return plain
 
 
+# fused_moe looks these up at each call: as served, and the stream path as before (cuBLAS logits, plain launches)
+_MOE = {name: getattr(kernels.moe, name) for name in ("route", "_experts_stream", "skinny_ok")}
+_MOE_PLAIN = {"route": _plain_launches(_MOE["route"]), "_experts_stream": _plain_launches(_MOE["_experts_stream"]),
+              "skinny_ok": lambda *a: False}
+
+
 def set_launch(eng, name: str) -> None:
     """Switch the kernels' launches, the GEMV rows and the stream MoE path to LAUNCHES[name]; the decode graphs go
     when anything changed."""
@@ -199,10 +202,8 @@ def set_launch(eng, name: str) -> None:
         return
     kernels.set_programmatic_launch(dep)  # a no-op without the extension
     runner_module.LINEAR_SMALL_ROWS = rows
-    for fn_name, fn in _MOE.items():  # fused_moe looks these up at each call
-        plain = {"route": _plain_launches(fn), "_experts_stream": _plain_launches(fn),
-                 "skinny_ok": lambda *a: False}[fn_name]
-        setattr(kernels.moe, fn_name, plain if moe_plain else fn)
+    for fn_name, fn in (_MOE_PLAIN if moe_plain else _MOE).items():
+        setattr(kernels.moe, fn_name, fn)
     if eng.runner.graphs is not None:
         eng.runner.graphs.reset()  # captured again by the warm steps, with the new launches
 
