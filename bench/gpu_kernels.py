@@ -8,7 +8,8 @@ fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16
 fused MoE at the Ring-mini config with packed gate/up (decode batches vs the torch twin, prefill vs the old
 unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only moe-latency) one- and two-token
 MoE layers as a decode step runs them, per variant of the decode kernels, and (--only gemv) a decode step's dense
-projections of 1-4 tokens: the GEMV kernel launched as a programmatic dependent, launched plainly, and cuBLAS. Writes
+projections of 1-4 tokens: the GEMV kernel launched as a programmatic dependent, launched plainly, and cuBLAS, and
+(--only moe-mid) the MoE at 256-32k tokens per expert path, with the wide kernel against the CUTLASS GEMMs. Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -252,7 +253,7 @@ def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
         x = torch.randn(N, Dm, device="cuda").to(torch.bfloat16)
         row = {"N": N}
         # every expert path, CUDA-graph replays (how the engine runs decode steps); "auto" = fused_moe's own choice
-        for path in ("decode", "stream", "grouped"):
+        for path in ("decode", "stream", "wide", "grouped"):
             try:
                 row[f"{path}_graph_ms"] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path=path)))  # noqa: B023
             except Exception as exc:  # noqa: BLE001
@@ -263,7 +264,7 @@ def bench_moe(batches, prefill_tokens, copy_gbs, mm_tf):
                 row[f"stream_stages{stages}_graph_ms"] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="stream")))  # noqa: B023
             finally:
                 M.STREAM_STAGES = saved
-        auto = "decode" if N <= M.DECODE_MAX_TOKENS else "stream" if N <= M.STREAM_MAX_TOKENS else "grouped"
+        auto = M.auto_path(N)
         row["auto_path"] = auto
         row["torch_twin_ms"] = do_bench(lambda: twin(x), rep=100)
         ids, _ = M.route(x, W["router_weight"], W["expert_bias"], cfg)
@@ -435,6 +436,65 @@ def bench_moe_latency(batches=(1, 2, 3, 4, 6, 8), layers=19, rounds=3):
         M.DECODE_SMALL_PASSES = saved
     RESULTS["moe_latency"] = rows
 
+def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768)):
+    """Prompt-chunk and mixed-step MoE sizes at the Ring-mini config (packed weights, the engine's layout): the whole
+    layer per expert path (CUDA-graph replays; the wide path at both ring depths), and the expert GEMMs alone on the
+    same sorted assignments - the wide kernel (x gathered, SwiGLU fused) against what the grouped path runs for the
+    same work (row scatter + CUTLASS grouped GEMM + SwiGLU for gate/up; the CUTLASS GEMM for down)."""
+    W = moe_weights()
+    cfg = RING_MINI_ROUTER
+    Dm, I, k = 2048, 512, cfg.top_k
+    gu = M.packed_gate_up(W["w_gate"], W["w_up"])
+    rows = []
+    for N in tokens:
+        x = torch.randn(N, Dm, device="cuda").to(torch.bfloat16)
+        ids, _ = M.route(x, W["router_weight"], W["expert_bias"], cfg)
+        offsets, ends, inv, tok = M._sort(ids, cfg.num_experts)
+        A = ids.numel()
+        h = M.wide_gemm(x, tok, W["w_gate"], W["w_up"], offsets)
+
+        def grouped_gate_up():
+            t = M._grouped_mm(M.scatter_rows(x, inv, k), gu.transpose(1, 2), ends, offsets)  # noqa: B023
+            return M.swiglu(t[:, :I], t[:, I:])
+
+        gemms = {
+            "wide_gate_up_s4": lambda: M.wide_gemm(x, tok, W["w_gate"], W["w_up"], offsets, stages=4),  # noqa: B023
+            "wide_gate_up_s5": lambda: M.wide_gemm(x, tok, W["w_gate"], W["w_up"], offsets, stages=5),  # noqa: B023
+            "grouped_gate_up": grouped_gate_up,
+            "wide_down_s4": lambda: M.wide_gemm(h, None, W["w_down"], None, offsets, stages=4),  # noqa: B023
+            "wide_down_s5": lambda: M.wide_gemm(h, None, W["w_down"], None, offsets, stages=5),  # noqa: B023
+            "grouped_down": lambda: M._grouped_mm(h, W["w_down"].transpose(1, 2), ends, offsets),  # noqa: B023
+        }
+        if N <= 2048:
+            gemms["stream_gate_up"] = lambda: M.stream_gemm(x, tok, W["w_gate"], W["w_up"], offsets)  # noqa: B023
+            gemms["stream_down"] = lambda: M.stream_gemm(h, None, W["w_down"], None, offsets)  # noqa: B023
+        row = {"N": N, "assignments": A, "max_rows_per_expert": int((offsets[1:] - offsets[:-1]).max())}
+        row["gemm_us"] = {name: do_bench(graph_of(fn)) * 1e3 for name, fn in gemms.items()}
+        h_ref = grouped_gate_up()
+        row["gate_up_rel_diff_vs_grouped"] = ((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item()
+        paths = ["wide", "grouped"] + (["stream"] if N <= 4096 else [])
+        layer = {}
+        for path in paths:
+            layer[path] = do_bench(graph_of(lambda path=path: M.fused_moe(x, **W, cfg=cfg, path=path))) * 1e3  # noqa: B023
+        saved = M.WIDE_STAGES
+        try:
+            M.WIDE_STAGES = 9 - saved
+            layer[f"wide_stages{9 - saved}"] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
+        finally:
+            M.WIDE_STAGES = saved
+        row["layer_us"] = layer
+        y_ref = moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"], W["w_down"], W["shared"], cfg)
+        y = M.fused_moe(x, **W, cfg=cfg, path="wide").float()
+        row["wide_rel_err_vs_twin"] = ((y - y_ref.float()).norm() / y_ref.float().norm()).item()
+        row["flops"] = 2.0 * N * (k + 1) * 3 * Dm * I + 2.0 * N * Dm * cfg.num_experts
+        rows.append(row)
+        print(f"moe mid N={N} (max {row['max_rows_per_expert']} rows/expert): layer "
+              + " | ".join(f"{p} {v:.1f}" for p, v in layer.items()) + " us; gemms "
+              + " | ".join(f"{n} {v:.1f}" for n, v in row["gemm_us"].items())
+              + f" us; wide vs twin {row['wide_rel_err_vs_twin']:.1e}", flush=True)
+    RESULTS["moe_mid"] = rows
+
+
 # Ring-mini's decode projections: (name, M, K).
 GEMV_SHAPES = [("lightning qkv + gate", 8192, 2048), ("softmax qkv", 3072, 2048), ("output", 2048, 2048),
                ("dense gate / up", 5120, 2048), ("dense down", 2048, 5120), ("lm_head", 157184, 2048)]
@@ -537,6 +597,11 @@ def main():
             bench_moe_latency()
         except Exception as exc:  # noqa: BLE001
             record_error("moe-latency", exc)
+    if "moe-mid" in only:
+        try:
+            bench_moe_mid()
+        except Exception as exc:  # noqa: BLE001
+            record_error("moe-mid", exc)
     if "moe" in only:
         c = RESULTS.get("ceilings", {})
         try:

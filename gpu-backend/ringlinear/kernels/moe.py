@@ -5,6 +5,9 @@ paths, all reading only the experts the batch selected:
     stream   (<= STREAM_MAX_TOKENS): a CUDA stable sort of the assignments, then two tensor-core grouped GEMMs that
              stream each expert's weights once for its few rows (moe_stream.cu: weights on the MMA's M side, tokens on
              the narrow N side; x rows gathered in the kernel, SwiGLU fused into the gate+up GEMM)
+    wide     (<= WIDE_MAX_TOKENS: prompt chunks, mixed steps): the same sort, then two Hopper wgmma grouped GEMMs
+             (moe_wide.cu: 128 weight rows of one expert per CTA, the expert's rows in passes of up to 128 as the
+             N side, x gathered and SwiGLU fused like the stream path)
     grouped  (prefill): the same sort, token rows scattered into expert order, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
              one for gate+up when they are views of one packed [E, 2I, D] buffer (see pack_gate_up) - and a CUDA SwiGLU
 
@@ -32,15 +35,21 @@ from .gemv import skinny_ok
 from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_align_reference,
                             scatter_rows_reference, stream_gemm_reference, swiglu_rows_reference)
 
-# Path crossovers, H200 2026-11-28 (bench/gpu_kernels.py, graph replays, Ring-mini): decode 76 us vs stream 93 us at
-# 1 token, 128 vs 121 at 4; stream 506 vs grouped 622 us at 512 tokens, 770 vs 657 at 1024.
+# Path crossovers, H200 (bench/gpu_kernels.py, graph replays, Ring-mini layer): decode 76 us vs stream 93 us at
+# 1 token, 128 vs 121 at 4 (2026-11-28); stream / wide / grouped 501 / 556 / 624 us at 512 tokens, 607 / 577 / 645 at
+# 768, 723 / 580 / 634 at 1024, 1202 / 672 / 696 at 2048, 2275 / 970 / 979 at 4096, - / 1709 / 1514 at 8192
+# (2026-11-29, --only moe-mid).
 DECODE_MAX_TOKENS = 2
 SMALL_ROUTE_MAX_TOKENS = 4  # moe_route_align_small's limit (kSmallRouteMaxTokens): one block routes these serially
 # Up to here a stream step computes the shared expert as expert E (pack_moe layout): its N rows are one 32-row pass of
 # the stream kernel like any routed expert's; above, its rows would take several passes in the CTAs of one expert
 # while the others finish, and the separate GEMMs are the faster way.
 STREAM_FOLD_MAX_TOKENS = 32
-STREAM_MAX_TOKENS = 768  # above: the CUTLASS grouped GEMM (an expert's rows take several 32-row passes here)
+STREAM_MAX_TOKENS = 640  # above: the wide path (an expert's rows take several 32-row passes here)
+# Above: the CUTLASS grouped GEMM. The wide kernel's copies are cp.async, 16 bytes per instruction: from ~256 rows per
+# expert the tensor cores wait on the copy issue, where CUTLASS's TMA loads do not.
+WIDE_MAX_TOKENS = 4096
+WIDE_STAGES = 5  # cp.async ring slots of moe_wide_gemm (4 or 5: loads 2 or 3 k-steps ahead)
 STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
 DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
 # One- and two-token steps: the decode expert kernels take an expert's assignments in passes of 2 (gate/up) and 1
@@ -354,6 +363,21 @@ def stream_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w
     return stream_gemm_reference(x, gather, w, w_up, offsets)
 
 
+def wide_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
+              offsets: torch.Tensor, stages: int | None = None) -> torch.Tensor:
+    """stream_gemm's contract (same twin) for ~30-500 rows per expert: the wgmma kernel of moe_wide.cu (sm_90a).
+    stages None = WIDE_STAGES (read per call). Without the extension (or F not a multiple of 8): the twin."""
+    A = x.shape[0] if gather is None else gather.numel()
+    if (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and (w_up is None or w_up.dtype == torch.bfloat16)
+            and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0 and _build.available()):
+        y = torch.empty(A, w.shape[1], dtype=torch.bfloat16, device=x.device)
+        _build.extension().moe_wide_gemm(x.contiguous(), gather, _rows_contiguous(w),
+                                         None if w_up is None else _rows_contiguous(w_up), offsets, y,
+                                         WIDE_STAGES if stages is None else stages)
+        return y
+    return stream_gemm_reference(x, gather, w, w_up, offsets)
+
+
 def _shared_hidden(x, shared):
     """Shared expert down(silu(gate x) * up x) in x's dtype; gate+up as one GEMM when they are packed views."""
     if shared is None:
@@ -433,6 +457,14 @@ def _experts_stream(x, routed, w_gate, w_up, w_down, shared_h):
     return combine(ys, inv, w, shared_h, ids.shape[1])
 
 
+def _experts_wide(x, routed, w_gate, w_up, w_down, shared_h):
+    ids, w = routed
+    offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
+    h = wide_gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
+    ys = wide_gemm(h, None, w_down, None, offsets)  # [A, D]
+    return combine(ys, inv, w, shared_h, ids.shape[1])
+
+
 def _experts_grouped(x, routed, w_gate, w_up, w_down, shared_h):
     ids, w = routed
     k = ids.shape[1]
@@ -450,6 +482,18 @@ def _experts_grouped(x, routed, w_gate, w_up, w_down, shared_h):
     return combine(ys, inv, w, shared_h, k)
 
 
+PATHS = ("auto", "decode", "stream", "wide", "grouped")
+
+
+def auto_path(N: int) -> str:
+    """The expert path fused_moe takes for N tokens (module constants read per call)."""
+    if N <= DECODE_MAX_TOKENS:
+        return "decode"
+    if N <= STREAM_MAX_TOKENS:
+        return "stream"
+    return "wide" if N <= WIDE_MAX_TOKENS else "grouped"
+
+
 def fused_moe(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -462,14 +506,15 @@ def fused_moe(
     *,
     path: str = "auto",
 ) -> torch.Tensor:
-    """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "stream" | "grouped"
-    ("auto": decode up to DECODE_MAX_TOKENS tokens, stream up to STREAM_MAX_TOKENS, grouped above).
+    """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "stream" | "wide" | "grouped"
+    ("auto": decode up to DECODE_MAX_TOKENS tokens, stream up to STREAM_MAX_TOKENS, wide up to WIDE_MAX_TOKENS,
+    grouped above).
 
     w_gate / w_up may be the views returned by pack_gate_up (and the shared expert's gate / up likewise): the grouped
     path then runs one gate+up GEMM. "decode" with I > DECODE_MAX_INTERMEDIATE runs the stream path."""
     _check(x, router_weight, w_gate, w_up, w_down, cfg)
-    if path not in ("auto", "decode", "stream", "grouped"):
-        raise ValueError(f"fused_moe: path must be auto, decode, stream or grouped, got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"fused_moe: path must be one of {', '.join(PATHS)}, got {path!r}")
     N, D = x.shape
     I = w_gate.shape[1]
     bf16 = all(t.dtype == torch.bfloat16 for t in (x, w_gate, w_up, w_down))
@@ -478,7 +523,7 @@ def fused_moe(
     if N == 0:
         return x.new_empty(0, D)
     if path == "auto":
-        path = "decode" if N <= DECODE_MAX_TOKENS else "stream" if N <= STREAM_MAX_TOKENS else "grouped"
+        path = auto_path(N)
     if path == "decode" and I > DECODE_MAX_INTERMEDIATE:
         path = "stream"
     E = w_gate.shape[0]
@@ -492,11 +537,12 @@ def fused_moe(
         routed = route_decode(x, router_weight, expert_bias, cfg, append, w_gate.shape[0])
     else:
         routed = route(x, router_weight, expert_bias, cfg, append)
-    experts = {"decode": _experts_decode, "stream": _experts_stream, "grouped": _experts_grouped}[path]
+    experts = {"decode": _experts_decode, "stream": _experts_stream, "wide": _experts_wide,
+               "grouped": _experts_grouped}[path]
     return experts(x, routed, w_gate, w_up, w_down, None if both is not None else _shared_hidden(x, shared))
 
 
 __all__ = ["fused_moe", "route", "route_align_small", "route_decode", "router_counter", "router_logits", "pack_moe", "shared_as_expert", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
-           "scatter_rows", "combine", "stream_gemm", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
+           "scatter_rows", "combine", "stream_gemm", "wide_gemm", "auto_path", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
            "DECODE_SMALL_PASSES", "RouterConfig",
            "RING_MINI_ROUTER"]

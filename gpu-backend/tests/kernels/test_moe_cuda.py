@@ -6,7 +6,8 @@ import torch
 from ringlinear.kernels import _build
 from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SMALL_ROUTE_MAX_TOKENS, SORT_BLOCK, STREAM_FOLD_MAX_TOKENS,
                                    combine, fused_moe, pack_gate_up, pack_moe, packed_gate_up, route, route_align_small,
-                                   route_decode, router_logits, scatter_rows, shared_as_expert, stream_gemm, swiglu)
+                                   route_decode, router_logits, scatter_rows, shared_as_expert, stream_gemm, swiglu,
+                                   wide_gemm)
 from ringlinear.kernels.moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference,
                                               route_align_reference, route_reference, scatter_rows_reference,
                                               sort_assignments_reference, stream_gemm_reference, swiglu_rows_reference)
@@ -289,7 +290,7 @@ SHAPES = {
 
 @pytest.mark.parametrize("packed", [False, True, "moe"], ids=["unpacked", "packed", "moe-layout"])
 @pytest.mark.parametrize("with_shared", [True, False], ids=["shared", "no-shared"])
-@pytest.mark.parametrize("path", ["decode", "stream", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "stream", "wide", "grouped"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_fused_moe_matches_twin(path, shape, with_shared, packed):
     E, I, D, N, cfg = shape
@@ -377,7 +378,8 @@ def test_many_tokens_per_expert_decode_passes():
 
 @pytest.mark.parametrize("path, shape, seed, packed", [("decode", "mini-64", 11, True), ("stream", "mini-300", 14, True),
                                                        ("grouped", "mini-300", 12, True), ("decode", "mini-1", 15, "moe"),
-                                                       ("stream", "mini-4", 16, "moe")])
+                                                       ("stream", "mini-4", 16, "moe"), ("wide", "mini-300", 17, True),
+                                                       ("wide", "mini-4096", 18, "moe")])
 def test_path_captures_in_a_cuda_graph(path, shape, seed, packed):
     """Neither path synchronises with the host (capture would fail on one); the replay equals the eager result."""
     E, I, D, N, cfg = SHAPES[shape]
@@ -396,7 +398,7 @@ def test_path_captures_in_a_cuda_graph(path, shape, seed, packed):
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("path", ["decode", "stream", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "stream", "wide", "grouped"])
 def test_gate_view_with_separate_up(path):
     """w_gate a strided view of a bigger buffer (expert stride 2I*D) but w_up a separate tensor: not packed, so two
     gate/up GEMMs on the grouped path and different expert strides for gate and up in the decode kernel."""
@@ -407,7 +409,7 @@ def test_gate_view_with_separate_up(path):
     y = fused_moe(x, wr, bias, pg, wu, wd, shared, cfg, path=path)
     y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
     assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
-    if path in ("decode", "stream"):  # same arithmetic as contiguous weights
+    if path in ("decode", "stream", "wide"):  # same arithmetic as contiguous weights
         assert torch.equal(y, fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path))
 
 
@@ -495,3 +497,81 @@ def test_formatted_check_messages_raise_in_other_kernels_too():
     out = torch.empty(5001, dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="at most 1024 experts"):
         _build.extension().moe_align(ids, 5000, out, ids.clone(), out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_wide_gemm (the wide path's wgmma grouped GEMM) against the same twin
+WIDE_CASES = {
+    # rows per expert around every pass width (32 / 64 / 128) and several passes; F, K off the 64/128 tiles
+    "ragged": ([0, 1, 31, 32, 33, 64, 65, 127, 128, 129, 300, 0, 7], 200, 136),
+    # one expert with 8 passes where the grid gives each expert 4 concurrent ones (1.75x the mean): CTAs loop
+    "crowded": ([1000, 0, 3, 0], 64, 128),
+    "mini-gate-up": ("prefill", 512, 2048),
+    "mini-down": ("prefill", 2048, 512),
+}
+
+
+def _wide_inputs(case, gate_up, seed):
+    counts, F, K = WIDE_CASES[case]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if counts == "prefill":  # Ring-mini prompt chunk: 256 experts, ~0-300 rows each
+        counts = torch.randint(0, 300, (256,), generator=g, device="cuda").tolist()
+    E = len(counts)
+    offsets = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
+    A = int(offsets[-1])
+    N = max(1, A // 3)
+    if gate_up:
+        x = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+        gather = torch.randint(0, N, (A,), generator=g, device="cuda").to(torch.int32)
+    else:
+        x, gather = torch.randn(A, K, device="cuda", generator=g).to(torch.bfloat16), None
+    mk = lambda: (torch.randn(E, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)  # noqa: E731
+    return x, gather, mk(), mk() if gate_up else None, offsets
+
+
+@pytest.mark.parametrize("gate_up", [True, False], ids=["gate-up-swiglu", "plain"])
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_wide_gemm_matches_twin(case, gate_up):
+    if case.startswith("mini") and gate_up != (case == "mini-gate-up"):
+        pytest.skip("the Ring-mini shapes run as the engine uses them")
+    x, gather, w, w_up, offsets = _wide_inputs(case, gate_up, seed=len(case) + gate_up)
+    y = wide_gemm(x, gather, w, w_up, offsets, stages=5)
+    _assert_bf16_close(y, stream_gemm_reference(x, gather, w, w_up, offsets))
+    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=5))  # deterministic
+    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=4))  # ring depth changes no arithmetic
+
+
+def test_wide_gemm_gate_up_is_swiglu_of_two_plain_gemms():
+    """The fused epilogue equals the CUDA SwiGLU applied to the two plain GEMMs' bf16 outputs, bit for bit."""
+    x, gather, w, w_up, offsets = _wide_inputs("ragged", True, seed=5)
+    g = wide_gemm(x, gather, w, None, offsets)
+    u = wide_gemm(x, gather, w_up, None, offsets)
+    assert torch.equal(wide_gemm(x, gather, w, w_up, offsets), swiglu(g, u))
+
+
+def test_wide_gemm_rows_do_not_depend_on_their_neighbours():
+    """A row's output is the same whichever pass (and pass width) carries it: expert 0 with 300 rows (passes of
+    128, 128, 44) against the same rows as 300 experts of one row each (passes of width 32)."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    K, F, R = 256, 64, 300
+    x = torch.randn(R, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(1, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    one = wide_gemm(x, None, w, None, torch.tensor([0, R], dtype=torch.int32, device="cuda"))
+    split = wide_gemm(x, None, w.expand(R, F, K), None, torch.arange(R + 1, dtype=torch.int32, device="cuda"))
+    assert torch.equal(one, split)
+
+
+def test_wide_gemm_rejects_bad_inputs():
+    """The extension's argument checks raise ValueError naming the kernel and the argument, with nothing written."""
+    x, gather, w, w_up, offsets = _wide_inputs("ragged", True, seed=4)
+    ext = _build.extension()
+    y = torch.zeros(gather.numel(), w.shape[1], dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="moe_wide_gemm: stages"):
+        ext.moe_wide_gemm(x, gather, w, w_up, offsets, y, 3)
+    with pytest.raises(ValueError, match=r"moe_wide_gemm: w_up must be bf16 \[13, 200, 136\]"):
+        ext.moe_wide_gemm(x, gather, w, w_up[:, :-1], offsets, y, 4)
+    with pytest.raises(ValueError, match="moe_wide_gemm: gather"):
+        ext.moe_wide_gemm(x, gather[:-1], w, w_up, offsets, y, 4)
+    with pytest.raises(ValueError, match="moe_wide_gemm: F"):
+        ext.moe_wide_gemm(x, gather, w[:, :-4].contiguous(), w_up[:, :-4].contiguous(), offsets, y[:, :-4].contiguous(), 4)
+    assert not y.any()

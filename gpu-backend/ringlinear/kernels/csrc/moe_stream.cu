@@ -22,6 +22,7 @@
 #include <torch/extension.h>
 
 #include "common.cuh"
+#include "moe_grouped.h"
 
 namespace ringlinear {
 
@@ -207,12 +208,38 @@ static void launch_stream(const at::Tensor& x, const int32_t* gather, const at::
                                   early));
 }
 
-static void check_weights(const at::Tensor& w, int E, int F, int K, const char* name) {
+static void check_weights(const char* fn, const at::Tensor& w, int E, int F, int K, const char* name) {
   RL_CHECK(w.dim() == 3 && w.size(0) == E && w.size(1) == F && w.size(2) == K && w.scalar_type() == at::kBFloat16,
-              "moe_stream_gemm: ", name, " must be bf16 [", E, ", ", F, ", ", K, "]");
+              fn, ": ", name, " must be bf16 [", E, ", ", F, ", ", K, "]");
   RL_CHECK(w.stride(2) == 1 && w.stride(1) == K && w.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-              "moe_stream_gemm: ", name, " needs contiguous 16-byte aligned [F, K] rows per expert");
+              fn, ": ", name, " needs contiguous 16-byte aligned [F, K] rows per expert");
+}
+
+void check_grouped_args(const char* fn, const at::Tensor& x, const c10::optional<at::Tensor>& gather,
+                        const at::Tensor& w, const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets,
+                        const at::Tensor& y) {
+  RL_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              fn, ": x must be contiguous 16-byte aligned bf16 [R, K]");
+  const int K = x.size(1);
+  RL_CHECK(K % 8 == 0, fn, ": K must be a multiple of 8");
+  RL_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.is_contiguous() && offsets.scalar_type() == at::kInt,
+              fn, ": offsets must be int32 [E+1]");
+  const int E = offsets.numel() - 1;
+  RL_CHECK(E <= 65535, fn, ": at most 65535 experts");
+  const int F = w.size(1);
+  check_weights(fn, w, E, F, K, w_up ? "w_gate" : "w");
+  if (w_up) check_weights(fn, *w_up, E, F, K, "w_up");
+  const int64_t A = y.size(0);
+  RL_CHECK(y.dim() == 2 && y.size(1) == F && y.is_contiguous() && y.scalar_type() == at::kBFloat16,
+              fn, ": y must be contiguous bf16 [A, F]");
+  if (gather) {
+    RL_CHECK(gather->dim() == 1 && gather->numel() == A && gather->is_contiguous() && gather->scalar_type() == at::kInt,
+                fn, ": gather must be int32 [A]");
+  } else {
+    RL_CHECK(x.size(0) == A, fn, ": without gather, x and y must have the same rows");
+  }
 }
 
 // x [R, K] bf16 contiguous; gather [A] int32 (x row of each sorted row) or none (R == A); w [E, F, K] (gate when w_up
@@ -222,27 +249,9 @@ static void check_weights(const at::Tensor& w, int E, int F, int K, const char* 
 void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
                      const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages,
                      bool early) {
-  RL_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 &&
-                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "moe_stream_gemm: x must be contiguous 16-byte aligned bf16 [R, K]");
-  const int K = x.size(1);
-  RL_CHECK(K % 8 == 0, "moe_stream_gemm: K must be a multiple of 8");
-  RL_CHECK(offsets.dim() == 1 && offsets.numel() >= 2 && offsets.is_contiguous() && offsets.scalar_type() == at::kInt,
-              "moe_stream_gemm: offsets must be int32 [E+1]");
-  const int E = offsets.numel() - 1;
-  RL_CHECK(E <= 65535, "moe_stream_gemm: at most 65535 experts");
-  const int F = w.size(1);
-  check_weights(w, E, F, K, w_up ? "w_gate" : "w");
-  if (w_up) check_weights(*w_up, E, F, K, "w_up");
+  check_grouped_args("moe_stream_gemm", x, gather, w, w_up, offsets, y);
+  const int K = x.size(1), F = w.size(1);
   const int64_t A = y.size(0);
-  RL_CHECK(y.dim() == 2 && y.size(1) == F && y.is_contiguous() && y.scalar_type() == at::kBFloat16,
-              "moe_stream_gemm: y must be contiguous bf16 [A, F]");
-  if (gather) {
-    RL_CHECK(gather->dim() == 1 && gather->numel() == A && gather->is_contiguous() && gather->scalar_type() == at::kInt,
-                "moe_stream_gemm: gather must be int32 [A]");
-  } else {
-    RL_CHECK(x.size(0) == A, "moe_stream_gemm: without gather, x and y must have the same rows");
-  }
   RL_CHECK(stages == 3 || stages == 4, "moe_stream_gemm: stages must be 3 or 4");
   if (A == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
