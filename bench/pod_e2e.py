@@ -98,7 +98,14 @@ def time_to_first_token(eng: Engine, T: int, rng: random.Random, dev) -> float:
     return time.perf_counter() - t0
 
 
-def bench_prefill(model, contexts, dev, reps, deadline) -> list[dict]:
+# The MoE's expert paths for prompt steps (--moe-wide): as served (the wide path for 641-4 096 tokens, sixteenth
+# session) and as before it (stream path to 768 tokens, grouped above). Each sets kernels.moe's crossovers.
+MOE_PROMPT_PATHS = {"wide": {"STREAM_MAX_TOKENS": kernels.moe.STREAM_MAX_TOKENS,
+                             "WIDE_MAX_TOKENS": kernels.moe.WIDE_MAX_TOKENS},
+                    "no-wide": {"STREAM_MAX_TOKENS": 768, "WIDE_MAX_TOKENS": 0}}
+
+
+def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",)) -> list[dict]:
     cfg = model.config
     rows = []
     T_max = max(contexts)
@@ -112,20 +119,32 @@ def bench_prefill(model, contexts, dev, reps, deadline) -> list[dict]:
         if time.monotonic() > deadline:
             print(f"prefill  T={T}: skipped (time budget)", flush=True)
             break
+        times: dict[str, list[float]] = {v: [] for v in moe_paths}
         try:
-            # the first run at a new length also pays allocator growth
-            dt = min(time_to_first_token(eng, T, rng, dev) for _ in range(reps))
+            # the first run at a new length also pays allocator growth; A/B variants take turns
+            for _ in range(reps):
+                for v in moe_paths:
+                    for k, val in MOE_PROMPT_PATHS[v].items():
+                        setattr(kernels.moe, k, val)
+                    times[v].append(time_to_first_token(eng, T, rng, dev))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
+        finally:
+            for k, val in MOE_PROMPT_PATHS["wide"].items():
+                setattr(kernels.moe, k, val)
         p_flops, flops = prefill_flops(cfg, T)
         roof = T / (flops / BF16_PEAK)
-        rows.append({"context": T, "seconds": dt, "tok_s": T / dt, "roofline_tok_s": roof,
-                     "active_param_tflops": p_flops / dt / 1e12, "pct_peak_active": 100 * p_flops / dt / BF16_PEAK,
-                     "pct_peak_total": 100 * flops / dt / BF16_PEAK})
-        print(f"prefill  T={T:6d}  {dt * 1e3:9.1f} ms  {T / dt:9.0f} tok/s  roofline {roof:9.0f} tok/s  "
-              f"active-param {100 * p_flops / dt / BF16_PEAK:5.1f}% of bf16 peak  (all FLOPs {100 * flops / dt / BF16_PEAK:5.1f}%)",
-              flush=True)
+        for v in moe_paths:
+            dt = min(times[v])
+            rows.append({"context": T, "seconds": dt, "tok_s": T / dt, "roofline_tok_s": roof,
+                         "active_param_tflops": p_flops / dt / 1e12, "pct_peak_active": 100 * p_flops / dt / BF16_PEAK,
+                         "pct_peak_total": 100 * flops / dt / BF16_PEAK, **({"moe_paths": v} if len(moe_paths) > 1 else {})})
+            print(f"prefill  T={T:6d}  {dt * 1e3:9.1f} ms  {T / dt:9.0f} tok/s  roofline {roof:9.0f} tok/s  "
+                  f"active-param {100 * p_flops / dt / BF16_PEAK:5.1f}% of bf16 peak  (all FLOPs {100 * flops / dt / BF16_PEAK:5.1f}%)"
+                  + (f"  [MoE {v}]" if len(moe_paths) > 1 else ""), flush=True)
+        if len(moe_paths) > 1:
+            print(f"prefill  T={T:6d}  wide / no-wide time: {min(times['wide']) / min(times['no-wide']):.3f}", flush=True)
     del eng
     return rows
 
@@ -370,6 +389,9 @@ def main(argv=None) -> None:
     p.add_argument("--moe-decode-max-tokens", type=int, default=None,
                    help="steps of up to this many tokens take the MoE's decode path, more the stream path "
                         "(default: kernels.moe.DECODE_MAX_TOKENS; A/B runs)")
+    p.add_argument("--moe-wide", choices=("on", "ab"), default="on",
+                   help="prompt steps: the MoE's wide path for 641-4 096 tokens (as served) or, ab, that and the paths "
+                        "before it (stream to 768 tokens, grouped above) in turn at every length (use --models ours)")
     p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
     p.add_argument("--sampler", choices=("kernel", "torch", "ab"), default="kernel",
@@ -427,7 +449,8 @@ def main(argv=None) -> None:
               flush=True)
         deadline = time.monotonic() + a.time_budget
         pc = ints(a.prefill_contexts)
-        res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline) if pc else []}
+        res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
+                                              ("wide", "no-wide") if a.moe_wide == "ab" else ("wide",)) if pc else []}
         dump()
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline,
                                            False if a.no_graphs else None,

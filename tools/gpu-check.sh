@@ -2,7 +2,7 @@
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
 #                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots] [launch] [gemv]
-#                                  [moe-tests] [moe-mid]
+#                                  [moe-tests] [moe-mid] [moe-wide-e2e]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -52,6 +52,8 @@ for step in "$@"; do
     moe-tests) TAIL=15 run moe_tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib \
              gpu-backend/tests/kernels/test_moe_cuda.py ;;
     moe-mid) TAIL=14 run moe_mid python3 bench/gpu_kernels.py --only moe-mid --out "$OUT" ;;
+    moe-wide-e2e) TAIL=20 run moe_wide_e2e python3 bench/pod_e2e.py --device cuda --models ours --decode-contexts "" \
+             --prefill-contexts 1024,2048,3072,4096,8192 --prefill-reps 4 --moe-wide ab --json "$OUT/moe_wide_e2e.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
