@@ -105,6 +105,42 @@ MOE_PROMPT_PATHS = {"wide": {"STREAM_MAX_TOKENS": kernels.moe.STREAM_MAX_TOKENS,
                     "no-wide": {"STREAM_MAX_TOKENS": 768, "WIDE_MAX_TOKENS": 0}}
 
 
+def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[dict]:
+    """Prompt steps as the served pod runs those of <= max_step_tokens rows (the pieces between attention calls
+    replayed from graphs, `capture_step_graphs`), with the MoE paths of MOE_PROMPT_PATHS in turn: each round captures
+    the graphs again under each variant's crossovers (a graph keeps the path chosen at capture). Best of reps x rounds."""
+    cfg = model.config
+    T_max = max(contexts)
+    block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
+    budget = LinearStatePool.bytes_per_slot(cfg) + (-(-(T_max + 8) // BLOCK) + 1) * block_b
+    eng = Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
+                                     max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
+    rng = random.Random(0)
+    times = {(v, T): [] for v in MOE_PROMPT_PATHS for T in contexts}
+    try:
+        for _ in range(rounds):
+            for v, consts in MOE_PROMPT_PATHS.items():
+                for k, val in consts.items():
+                    setattr(kernels.moe, k, val)
+                eng.runner.drop_step_graphs()
+                captured = eng.runner.capture_step_graphs(T_max)
+                time_to_first_token(eng, min(contexts), rng, dev)
+                for T in contexts:
+                    times[(v, T)] += [time_to_first_token(eng, T, rng, dev) for _ in range(reps)]
+    finally:
+        for k, val in MOE_PROMPT_PATHS["wide"].items():
+            setattr(kernels.moe, k, val)
+        eng.runner.drop_step_graphs()
+    rows = []
+    for T in contexts:
+        w, n = min(times[("wide", T)]), min(times[("no-wide", T)])
+        rows.append({"context": T, "graphed_pieces": captured, "wide_s": w, "no_wide_s": n, "ratio": w / n})
+        print(f"prefill graphed T={T:6d}  MoE wide {w * 1e3:7.2f} ms  no-wide {n * 1e3:7.2f} ms  wide / no-wide "
+              f"{w / n:.3f}  ({captured} piece graphs)", flush=True)
+    del eng
+    return rows
+
+
 def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",)) -> list[dict]:
     cfg = model.config
     rows = []
@@ -391,7 +427,8 @@ def main(argv=None) -> None:
                         "(default: kernels.moe.DECODE_MAX_TOKENS; A/B runs)")
     p.add_argument("--moe-wide", choices=("on", "ab"), default="on",
                    help="prompt steps: the MoE's wide path for 641-4 096 tokens (as served) or, ab, that and the paths "
-                        "before it (stream to 768 tokens, grouped above) in turn at every length (use --models ours)")
+                        "before it (stream to 768 tokens, grouped above) in turn at every length, eager and then with "
+                        "the step's pieces graphed as the pod serves steps of <= max_step_tokens (use --models ours)")
     p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
     p.add_argument("--sampler", choices=("kernel", "torch", "ab"), default="kernel",
@@ -451,6 +488,8 @@ def main(argv=None) -> None:
         pc = ints(a.prefill_contexts)
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
                                               ("wide", "no-wide") if a.moe_wide == "ab" else ("wide",)) if pc else []}
+        if a.moe_wide == "ab" and pc and dev.type == "cuda":
+            res[name]["prefill_graphed_moe_ab"] = bench_prefill_graphed_moe_ab(model, pc, dev, a.prefill_reps)
         dump()
         res[name]["decode"] = bench_decode(model, ints(a.decode_contexts), ints(a.batches), a.decode_steps, dev, deadline,
                                            False if a.no_graphs else None,

@@ -53,7 +53,7 @@ for step in "$@"; do
              gpu-backend/tests/kernels/test_moe_cuda.py ;;
     moe-mid) TAIL=14 run moe_mid python3 bench/gpu_kernels.py --only moe-mid --out "$OUT" ;;
     moe-wide-e2e) TAIL=20 run moe_wide_e2e python3 bench/pod_e2e.py --device cuda --models ours --decode-contexts "" \
-             --prefill-contexts 1024,2048,3072,4096,8192 --prefill-reps 4 --moe-wide ab --json "$OUT/moe_wide_e2e.json" ;;
+             --prefill-contexts 1024,2048,3072,4096 --prefill-reps 3 --moe-wide ab --json "$OUT/moe_wide_e2e.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
