@@ -46,8 +46,8 @@ SMALL_ROUTE_MAX_TOKENS = 4  # moe_route_align_small's limit (kSmallRouteMaxToken
 # while the others finish, and the separate GEMMs are the faster way.
 STREAM_FOLD_MAX_TOKENS = 32
 STREAM_MAX_TOKENS = 640  # above: the wide path (an expert's rows take several 32-row passes here)
-# Above: the CUTLASS grouped GEMM. From ~256 rows per expert the work is compute-bound and CUTLASS's warp-specialised
-# GEMMs keep the tensor cores busier than the wide kernel's one-CTA-per-SM cp.async ring (docs/benchmarks.md).
+# Above: the CUTLASS grouped GEMM. From ~256 rows per expert the work is compute-bound and the CUTLASS GEMMs keep the
+# tensor cores busier (TMA and warp-specialised variants of the wide kernel did not close that: docs/benchmarks.md).
 WIDE_MAX_TOKENS = 4096
 WIDE_STAGES = 5  # cp.async ring slots of moe_wide_gemm (4 or 5: loads 2 or 3 k-steps ahead)
 STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
