@@ -105,31 +105,39 @@ MOE_PROMPT_PATHS = {"wide": {"STREAM_MAX_TOKENS": kernels.moe.STREAM_MAX_TOKENS,
                     "no-wide": {"STREAM_MAX_TOKENS": 768, "WIDE_MAX_TOKENS": 0}}
 
 
+def set_moe_paths(name: str) -> None:
+    for k, val in MOE_PROMPT_PATHS[name].items():
+        setattr(kernels.moe, k, val)
+
+
+def prompt_engine(model, T_max: int) -> Engine:
+    """One request at a time, room for a T_max prompt, every prompt in one step."""
+    cfg = model.config
+    block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
+    budget = LinearStatePool.bytes_per_slot(cfg) + (-(-(T_max + 8) // BLOCK) + 1) * block_b
+    return Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
+                                      max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
+
+
 def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[dict]:
     """Prompt steps as the served pod runs those of <= max_step_tokens rows (the pieces between attention calls
     replayed from graphs, `capture_step_graphs`), with the MoE paths of MOE_PROMPT_PATHS in turn: each round captures
     the graphs again under each variant's crossovers (a graph keeps the path chosen at capture). Best of reps x rounds."""
-    cfg = model.config
     T_max = max(contexts)
-    block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
-    budget = LinearStatePool.bytes_per_slot(cfg) + (-(-(T_max + 8) // BLOCK) + 1) * block_b
-    eng = Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
-                                     max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
+    eng = prompt_engine(model, T_max)
     rng = random.Random(0)
     times = {(v, T): [] for v in MOE_PROMPT_PATHS for T in contexts}
     try:
         for _ in range(rounds):
-            for v, consts in MOE_PROMPT_PATHS.items():
-                for k, val in consts.items():
-                    setattr(kernels.moe, k, val)
+            for v in MOE_PROMPT_PATHS:
+                set_moe_paths(v)
                 eng.runner.drop_step_graphs()
                 captured = eng.runner.capture_step_graphs(T_max)
                 time_to_first_token(eng, min(contexts), rng, dev)
                 for T in contexts:
                     times[(v, T)] += [time_to_first_token(eng, T, rng, dev) for _ in range(reps)]
     finally:
-        for k, val in MOE_PROMPT_PATHS["wide"].items():
-            setattr(kernels.moe, k, val)
+        set_moe_paths("wide")
         eng.runner.drop_step_graphs()
     rows = []
     for T in contexts:
@@ -144,11 +152,7 @@ def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[d
 def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",)) -> list[dict]:
     cfg = model.config
     rows = []
-    T_max = max(contexts)
-    block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
-    budget = LinearStatePool.bytes_per_slot(cfg) + (-(-(T_max + 8) // BLOCK) + 1) * block_b
-    eng = Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
-                                     max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
+    eng = prompt_engine(model, max(contexts))
     rng = random.Random(0)
     time_to_first_token(eng, min(contexts), rng, dev)  # warm-up: extension, cuBLAS/cuDNN plans, allocator
     for T in contexts:
@@ -160,15 +164,13 @@ def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",)) -> 
             # the first run at a new length also pays allocator growth; A/B variants take turns
             for _ in range(reps):
                 for v in moe_paths:
-                    for k, val in MOE_PROMPT_PATHS[v].items():
-                        setattr(kernels.moe, k, val)
+                    set_moe_paths(v)
                     times[v].append(time_to_first_token(eng, T, rng, dev))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
         finally:
-            for k, val in MOE_PROMPT_PATHS["wide"].items():
-                setattr(kernels.moe, k, val)
+            set_moe_paths("wide")
         p_flops, flops = prefill_flops(cfg, T)
         roof = T / (flops / BF16_PEAK)
         for v in moe_paths:
