@@ -1,4 +1,4 @@
-// Grouped GEMM for MoE steps of ~1k-16k tokens (prompt chunks, mixed steps), on Hopper warpgroup MMA: per expert e,
+// Grouped GEMM for MoE steps of ~1k-4k tokens (prompt chunks, mixed steps), on Hopper warpgroup MMA: per expert e,
 // Y[rows_e, F] = X[rows_e, K] . W_e[F, K]^T, the same contract as moe_stream_gemm (moe_stream.cu).
 //
 // Between the stream kernel (<= 32 rows per pass, mma.sync) and the CUTLASS grouped GEMM (128-row token tiles padded
@@ -11,7 +11,8 @@
 //     accumulator layout puts g and u of one (feature, token) in the same thread, and the epilogue writes
 //     h = bf16(silu(bf16(g)) * bf16(u)) (the grouped path's rounding) without a round trip;
 //   - both operands K-major in 128-byte-swizzled tiles (the layout wgmma's descriptors read), filled by a cp.async
-//     ring STAGES deep with one wgmma group in flight; the outputs leave through a shared-memory tile as 16-byte row stores.
+//     ring STAGES deep with one wgmma group in flight; the outputs leave through a shared-memory tile as 16-byte
+//     row stores.
 // Each output element is one fp32 dot product in a fixed k order: results do not depend on the other experts or on
 // the pass split.
 #include <ATen/cuda/CUDAContext.h>
@@ -202,8 +203,8 @@ static void launch_wide(const at::Tensor& x, const int32_t* gather, const at::Te
   constexpr int features = GATE_UP ? kWideBM / 2 : kWideBM;
   const int E = offsets.numel() - 1;
   auto bf = [](const at::Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr()); };
-  C10_CUDA_CHECK(launch_dependent(kernel, dim3(passes, (F + features - 1) / features, E), kWideThreads, (size_t)smem, stream,
-                                  bf(x), gather, bf(w), w.stride(0), w2 ? bf(*w2) : nullptr, w2 ? w2->stride(0) : 0,
+  C10_CUDA_CHECK(launch_dependent(kernel, dim3(passes, (F + features - 1) / features, E), kWideThreads, (size_t)smem,
+                                  stream, bf(x), gather, bf(w), w.stride(0), w2 ? bf(*w2) : nullptr, w2 ? w2->stride(0) : 0,
                                   offsets.data_ptr<int32_t>(), K, F, reinterpret_cast<__nv_bfloat16*>(y.data_ptr())));
 }
 
