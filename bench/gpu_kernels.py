@@ -9,7 +9,7 @@ fused MoE at the Ring-mini config with packed gate/up (decode batches vs the tor
 unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only moe-latency) one- and two-token
 MoE layers as a decode step runs them, per variant of the decode kernels, and (--only gemv) a decode step's dense
 projections of 1-4 tokens: the GEMV kernel launched as a programmatic dependent, launched plainly, and cuBLAS, and
-(--only moe-mid) the MoE at 256-32k tokens per expert path, with the wide kernel against the CUTLASS GEMMs. Writes
+(--only moe-mid) the MoE at 256-128k tokens per expert path, with the wide kernel against the CUTLASS GEMMs. Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -436,11 +436,12 @@ def bench_moe_latency(batches=(1, 2, 3, 4, 6, 8), layers=19, rounds=3):
         M.DECODE_SMALL_PASSES = saved
     RESULTS["moe_latency"] = rows
 
-def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768)):
+def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)):
     """Prompt-chunk and mixed-step MoE sizes at the Ring-mini config (packed weights, the engine's layout): the whole
-    layer per expert path (CUDA-graph replays; the wide path at both ring depths), and the expert GEMMs alone on the
-    same sorted assignments - the wide kernel (x gathered, SwiGLU fused) against what the grouped path runs for the
-    same work (row scatter + CUTLASS grouped GEMM + SwiGLU for gate/up; the CUTLASS GEMM for down)."""
+    layer per expert path (CUDA-graph replays; the wide path at both pass widths and both 128-row ring depths), and
+    the expert GEMMs alone on the same sorted assignments - the wide kernel (x gathered, SwiGLU fused) against what
+    the grouped path runs for the same work (row scatter + CUTLASS grouped GEMM + SwiGLU for gate/up; the CUTLASS GEMM
+    for down)."""
     W = moe_weights()
     cfg = RING_MINI_ROUTER
     Dm, I, k = 2048, 512, cfg.top_k
@@ -457,12 +458,15 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768)):
             t = M._grouped_mm(M.scatter_rows(x, inv, k), gu.transpose(1, 2), ends, offsets)  # noqa: B023
             return M.swiglu(t[:, :I], t[:, I:])
 
+        def wide(gate_up, stages, pass_rows):
+            return lambda: (M.wide_gemm(x, tok, W["w_gate"], W["w_up"], offsets, stages, pass_rows) if gate_up  # noqa: B023
+                            else M.wide_gemm(h, None, W["w_down"], None, offsets, stages, pass_rows))  # noqa: B023
+
         gemms = {
-            "wide_gate_up_s4": lambda: M.wide_gemm(x, tok, W["w_gate"], W["w_up"], offsets, stages=4),  # noqa: B023
-            "wide_gate_up_s5": lambda: M.wide_gemm(x, tok, W["w_gate"], W["w_up"], offsets, stages=5),  # noqa: B023
-            "grouped_gate_up": grouped_gate_up,
-            "wide_down_s4": lambda: M.wide_gemm(h, None, W["w_down"], None, offsets, stages=4),  # noqa: B023
-            "wide_down_s5": lambda: M.wide_gemm(h, None, W["w_down"], None, offsets, stages=5),  # noqa: B023
+            "wide_gate_up_s4": wide(True, 4, 128),
+            "wide_gate_up_s5": wide(True, 5, 128), "wide_gate_up_p256": wide(True, 4, 256), "grouped_gate_up": grouped_gate_up,
+            "wide_down_s4": wide(False, 4, 128), "wide_down_s5": wide(False, 5, 128),
+            "wide_down_p256": wide(False, 4, 256),
             "grouped_down": lambda: M._grouped_mm(h, W["w_down"].transpose(1, 2), ends, offsets),  # noqa: B023
         }
         if N <= 2048:
@@ -476,12 +480,14 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768)):
         layer = {}
         for path in paths:
             layer[path] = do_bench(graph_of(lambda path=path: M.fused_moe(x, **W, cfg=cfg, path=path))) * 1e3  # noqa: B023
-        saved = M.WIDE_STAGES
-        try:
-            M.WIDE_STAGES = 9 - saved
-            layer[f"wide_stages{9 - saved}"] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
+        saved = M.wide_config
+        try:  # the wide path with each kernel configuration for both GEMMs
+            for stages, pass_rows in ((5, 128), (4, 256)):
+                M.wide_config = lambda A, E, c=(stages, pass_rows): c
+                layer[f"wide_s{stages}_p{pass_rows}"] = do_bench(graph_of(  # noqa: B023
+                    lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
         finally:
-            M.WIDE_STAGES = saved
+            M.wide_config = saved
         row["layer_us"] = layer
         y_ref = moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"], W["w_down"], W["shared"], cfg)
         y = M.fused_moe(x, **W, cfg=cfg, path="wide").float()

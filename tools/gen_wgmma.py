@@ -59,7 +59,7 @@ RL_DEVICE void wgmma_m64n{N}k16_rs(float (&d)[{nd}], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }}
 ''')
-for N in (32, 64, 128):
+for N in (32, 64, 128, 256):
     nd = N // 2
     out.append(f'''// D[64 x {N}] (+)= A (shared, K-major) x B (shared, K-major).
 RL_DEVICE void wgmma_m64n{N}k16_ss(float (&d)[{nd}], uint64_t desc_a, uint64_t desc_b, int scale_d) {{

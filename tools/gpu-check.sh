@@ -51,7 +51,7 @@ for step in "$@"; do
     gemv) TAIL=20 run gemv python3 bench/gpu_kernels.py --only gemv --out "$OUT" ;;
     moe-tests) TAIL=15 run moe_tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib \
              gpu-backend/tests/kernels/test_moe_cuda.py ;;
-    moe-mid) TAIL=14 run moe_mid python3 bench/gpu_kernels.py --only moe-mid --out "$OUT" ;;
+    moe-mid) TAIL=16 run moe_mid python3 bench/gpu_kernels.py --only moe-mid --out "$OUT" ;;
     moe-wide-e2e) TAIL=20 run moe_wide_e2e python3 bench/pod_e2e.py --device cuda --models ours --decode-contexts "" \
              --prefill-contexts 1024,2048,3072,4096 --prefill-reps 3 --moe-wide ab --json "$OUT/moe_wide_e2e.json" ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -5,10 +5,10 @@ paths, all reading only the experts the batch selected:
     stream   (<= STREAM_MAX_TOKENS): a CUDA stable sort of the assignments, then two tensor-core grouped GEMMs that
              stream each expert's weights once for its few rows (moe_stream.cu: weights on the MMA's M side, tokens on
              the narrow N side; x rows gathered in the kernel, SwiGLU fused into the gate+up GEMM)
-    wide     (<= WIDE_MAX_TOKENS: prompt chunks, mixed steps): the same sort, then two Hopper wgmma grouped GEMMs
-             (moe_wide.cu: 128 weight rows of one expert per CTA, the expert's rows in passes of up to 128 as the
-             N side, x gathered and SwiGLU fused like the stream path)
-    grouped  (prefill): the same sort, token rows scattered into expert order, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
+    wide     (<= WIDE_MAX_TOKENS: prompt chunks, mixed steps, prefill): the same sort, then two Hopper wgmma grouped
+             GEMMs (moe_wide.cu: 128 weight rows of one expert per CTA, the expert's rows in passes of up to 128 or 256
+             as the N side, x gathered and SwiGLU fused like the stream path)
+    grouped  (above, or path="grouped"): the same sort, token rows scattered into expert order, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
              one for gate+up when they are views of one packed [E, 2I, D] buffer (see pack_gate_up) - and a CUDA SwiGLU
 
 and a CUDA combine that sums each token's k weighted rows plus the shared expert in fp32 straight from the sorted
@@ -36,9 +36,10 @@ from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, m
                             scatter_rows_reference, stream_gemm_reference, swiglu_rows_reference)
 
 # Path crossovers, H200 (bench/gpu_kernels.py, graph replays, Ring-mini layer): decode 76 us vs stream 93 us at
-# 1 token, 128 vs 121 at 4 (2026-11-28); stream / wide / grouped 501 / 556 / 624 us at 512 tokens, 607 / 577 / 645 at
-# 768, 723 / 580 / 634 at 1024, 1202 / 672 / 696 at 2048, 2275 / 970 / 979 at 4096, - / 1709 / 1514 at 8192
-# (2026-11-29, --only moe-mid).
+# 1 token, 128 vs 121 at 4 (2026-11-28); stream / wide / grouped 504 / 517 / 628 us at 512 tokens, 584 / 539 / 646 at
+# 768, 711 / 538 / 633 at 1024, 1181 / 597 / 681 at 2048, 2168 / 854 / 975 at 4096; wide / grouped 1360 / 1419 at
+# 8192, 2438 / 2607 at 16k, 4593 / 4696 at 32k, 8951 / 8934 at 64k, 17033 / 17750 at 128k (2026-11-29, --only
+# moe-mid, the seventeenth session's kernel).
 DECODE_MAX_TOKENS = 2
 SMALL_ROUTE_MAX_TOKENS = 4  # moe_route_align_small's limit (kSmallRouteMaxTokens): one block routes these serially
 # Up to here a stream step computes the shared expert as expert E (pack_moe layout): its N rows are one 32-row pass of
@@ -46,10 +47,13 @@ SMALL_ROUTE_MAX_TOKENS = 4  # moe_route_align_small's limit (kSmallRouteMaxToken
 # while the others finish, and the separate GEMMs are the faster way.
 STREAM_FOLD_MAX_TOKENS = 32
 STREAM_MAX_TOKENS = 640  # above: the wide path (an expert's rows take several 32-row passes here)
-# Above: the CUTLASS grouped GEMM. From ~256 rows per expert the work is compute-bound and the CUTLASS GEMMs keep the
-# tensor cores busier (TMA and warp-specialised variants of the wide kernel did not close that: docs/benchmarks.md).
-WIDE_MAX_TOKENS = 4096
-WIDE_STAGES = 5  # cp.async ring slots of moe_wide_gemm (4 or 5: loads 2 or 3 k-steps ahead)
+# Above: the CUTLASS grouped GEMM, which the wide path matches or beats at every size measured up to here.
+WIDE_MAX_TOKENS = 131072
+WIDE_STAGES = 5  # cp.async ring slots of moe_wide_gemm with 128-row passes (4 or 5: loads 2 or 3 k-steps ahead)
+# From this many rows per expert on average (~6k tokens at Ring-mini's top-8 of 256), moe_wide_gemm takes them in
+# passes of 256 instead of 128 (4 ring slots): twice the MMA work per k-step for the same per-step overhead. The layer
+# at 4 096 tokens: 854 vs 858 us; at 8 192: 1 460 vs 1 360.
+WIDE_LONG_PASS_MEAN_ROWS = 192
 STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
 DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
 # One- and two-token steps: the decode expert kernels take an expert's assignments in passes of 2 (gate/up) and 1
@@ -363,17 +367,27 @@ def stream_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w
     return stream_gemm_reference(x, gather, w, w_up, offsets)
 
 
+def wide_config(A: int, E: int) -> tuple[int, int]:
+    """(stages, pass_rows) of moe_wide_gemm for A rows over E experts (module constants read per call)."""
+    return (4, 256) if A >= WIDE_LONG_PASS_MEAN_ROWS * E else (WIDE_STAGES, 128)
+
+
 def wide_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
-              offsets: torch.Tensor, stages: int | None = None) -> torch.Tensor:
+              offsets: torch.Tensor, stages: int | None = None, pass_rows: int | None = None) -> torch.Tensor:
     """stream_gemm's contract (same twin) for ~30-500 rows per expert: the wgmma kernel of moe_wide.cu (sm_90a).
-    stages None = WIDE_STAGES (read per call). Without the extension (or F not a multiple of 8): the twin."""
+    pass_rows None = 256 from WIDE_LONG_PASS_MEAN_ROWS rows per expert on average (the host knows the mean without a
+    sync), else 128; stages None = 4 with 256-row passes, else WIDE_STAGES (constants read per call). Without the
+    extension (or F not a multiple of 8): the twin."""
     A = x.shape[0] if gather is None else gather.numel()
     if (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and (w_up is None or w_up.dtype == torch.bfloat16)
             and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0 and _build.available()):
+        if stages is None or pass_rows is None:
+            auto = wide_config(A, w.shape[0])
+            stages, pass_rows = stages or auto[0], pass_rows or auto[1]
         y = torch.empty(A, w.shape[1], dtype=torch.bfloat16, device=x.device)
         _build.extension().moe_wide_gemm(x.contiguous(), gather, _rows_contiguous(w),
-                                         None if w_up is None else _rows_contiguous(w_up), offsets, y,
-                                         WIDE_STAGES if stages is None else stages)
+                                         None if w_up is None else _rows_contiguous(w_up), offsets, y, stages,
+                                         pass_rows)
         return y
     return stream_gemm_reference(x, gather, w, w_up, offsets)
 
@@ -543,6 +557,6 @@ def fused_moe(
 
 
 __all__ = ["fused_moe", "route", "route_align_small", "route_decode", "router_counter", "router_logits", "pack_moe", "shared_as_expert", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
-           "scatter_rows", "combine", "stream_gemm", "wide_gemm", "auto_path", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
+           "scatter_rows", "combine", "stream_gemm", "wide_gemm", "wide_config", "auto_path", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
            "DECODE_SMALL_PASSES", "RouterConfig",
            "RING_MINI_ROUTER"]

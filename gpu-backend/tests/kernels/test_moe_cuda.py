@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ringlinear.kernels import _build
+from ringlinear.kernels import moe as moe_mod
 from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SMALL_ROUTE_MAX_TOKENS, SORT_BLOCK, STREAM_FOLD_MAX_TOKENS,
                                    combine, fused_moe, pack_gate_up, pack_moe, packed_gate_up, route, route_align_small,
                                    route_decode, router_logits, scatter_rows, shared_as_expert, stream_gemm, swiglu,
@@ -398,6 +399,26 @@ def test_path_captures_in_a_cuda_graph(path, shape, seed, packed):
     assert torch.equal(out, want)
 
 
+def test_wide_path_256_row_passes(monkeypatch):
+    """A prefill-sized step (8 192 tokens: ~256 rows per expert) takes 256-row passes: close to the twin, bitwise the
+    layer of 128-row passes, and capturable in a CUDA graph."""
+    E, I, D, _, cfg = SHAPES["mini-4096"]
+    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, 8192, seed=19, packed="moe")
+    assert moe_mod.wide_config(8192 * cfg.top_k, wg.shape[0]) == (4, 256)
+    fn = lambda: fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path="wide")  # noqa: E731
+    y = fn()
+    y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
+    assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
+    monkeypatch.setattr(moe_mod, "wide_config", lambda A, E: (5, 128))
+    assert torch.equal(fn(), y)
+
+
 @pytest.mark.parametrize("path", ["decode", "stream", "wide", "grouped"])
 def test_gate_view_with_separate_up(path):
     """w_gate a strided view of a bigger buffer (expert stride 2I*D) but w_up a separate tensor: not packed, so two
@@ -502,9 +523,10 @@ def test_formatted_check_messages_raise_in_other_kernels_too():
 # ---------------------------------------------------------------------------------------------------------------------
 # moe_wide_gemm (the wide path's wgmma grouped GEMM) against the same twin
 WIDE_CASES = {
-    # rows per expert around every pass width (32 / 64 / 128) and several passes; F, K off the 64/128 tiles
-    "ragged": ([0, 1, 31, 32, 33, 64, 65, 127, 128, 129, 300, 0, 7], 200, 136),
-    # one expert with 8 passes where the grid gives each expert 4 concurrent ones (1.75x the mean): CTAs loop
+    # rows per expert around every pass width (32 / 64 / 128 / 256) and several passes; F, K off the 64/128 tiles
+    "ragged": ([0, 1, 31, 32, 33, 64, 65, 127, 128, 129, 255, 256, 257, 300, 0, 7, 513], 200, 136),
+    # one expert with 8 passes of 128 (4 of 256) where the grid gives each expert 4 (2) concurrent ones (1.75x the
+    # mean): CTAs loop
     "crowded": ([1000, 0, 3, 0], 64, 128),
     "mini-gate-up": ("prefill", 512, 2048),
     "mini-down": ("prefill", 2048, 512),
@@ -535,10 +557,11 @@ def test_wide_gemm_matches_twin(case, gate_up):
     if case.startswith("mini") and gate_up != (case == "mini-gate-up"):
         pytest.skip("the Ring-mini shapes run as the engine uses them")
     x, gather, w, w_up, offsets = _wide_inputs(case, gate_up, seed=len(case) + gate_up)
-    y = wide_gemm(x, gather, w, w_up, offsets, stages=5)
+    y = wide_gemm(x, gather, w, w_up, offsets, stages=5, pass_rows=128)
     _assert_bf16_close(y, stream_gemm_reference(x, gather, w, w_up, offsets))
-    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=5))  # deterministic
-    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=4))  # ring depth changes no arithmetic
+    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=5, pass_rows=128))  # deterministic
+    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=4, pass_rows=128))  # ring depth: no arithmetic
+    assert torch.equal(y, wide_gemm(x, gather, w, w_up, offsets, stages=4, pass_rows=256))  # pass width: none either
 
 
 def test_wide_gemm_gate_up_is_swiglu_of_two_plain_gemms():
@@ -551,14 +574,16 @@ def test_wide_gemm_gate_up_is_swiglu_of_two_plain_gemms():
 
 def test_wide_gemm_rows_do_not_depend_on_their_neighbours():
     """A row's output is the same whichever pass (and pass width) carries it: expert 0 with 300 rows (passes of
-    128, 128, 44) against the same rows as 300 experts of one row each (passes of width 32)."""
+    128, 128, 44, or 256 and 44) against the same rows as 300 experts of one row each (passes of width 32)."""
     g = torch.Generator(device="cuda").manual_seed(9)
     K, F, R = 256, 64, 300
     x = torch.randn(R, K, device="cuda", generator=g).to(torch.bfloat16)
     w = (torch.randn(1, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
-    one = wide_gemm(x, None, w, None, torch.tensor([0, R], dtype=torch.int32, device="cuda"))
+    one = wide_gemm(x, None, w, None, torch.tensor([0, R], dtype=torch.int32, device="cuda"), pass_rows=128)
     split = wide_gemm(x, None, w.expand(R, F, K), None, torch.arange(R + 1, dtype=torch.int32, device="cuda"))
     assert torch.equal(one, split)
+    assert torch.equal(one, wide_gemm(x, None, w, None, torch.tensor([0, R], dtype=torch.int32, device="cuda"),
+                                      pass_rows=256))
 
 
 def test_wide_gemm_rejects_bad_inputs():
@@ -566,12 +591,18 @@ def test_wide_gemm_rejects_bad_inputs():
     x, gather, w, w_up, offsets = _wide_inputs("ragged", True, seed=4)
     ext = _build.extension()
     y = torch.zeros(gather.numel(), w.shape[1], dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="moe_wide_gemm: stages"):
-        ext.moe_wide_gemm(x, gather, w, w_up, offsets, y, 3)
-    with pytest.raises(ValueError, match=r"moe_wide_gemm: w_up must be bf16 \[13, 200, 136\]"):
-        ext.moe_wide_gemm(x, gather, w, w_up[:, :-1], offsets, y, 4)
+    for stages in (3, 6):
+        with pytest.raises(ValueError, match="moe_wide_gemm: stages must be 4 or 5"):
+            ext.moe_wide_gemm(x, gather, w, w_up, offsets, y, stages, 128)
+    with pytest.raises(ValueError, match="moe_wide_gemm: pass_rows must be 128, or 256 with stages 4; got 256 with"):
+        ext.moe_wide_gemm(x, gather, w, w_up, offsets, y, 5, 256)  # five 48 KB slots do not fit
+    with pytest.raises(ValueError, match="moe_wide_gemm: pass_rows"):
+        ext.moe_wide_gemm(x, gather, w, w_up, offsets, y, 4, 64)
+    with pytest.raises(ValueError, match=r"moe_wide_gemm: w_up must be bf16 \[17, 200, 136\]"):
+        ext.moe_wide_gemm(x, gather, w, w_up[:, :-1], offsets, y, 4, 128)
     with pytest.raises(ValueError, match="moe_wide_gemm: gather"):
-        ext.moe_wide_gemm(x, gather[:-1], w, w_up, offsets, y, 4)
+        ext.moe_wide_gemm(x, gather[:-1], w, w_up, offsets, y, 4, 128)
     with pytest.raises(ValueError, match="moe_wide_gemm: F"):
-        ext.moe_wide_gemm(x, gather, w[:, :-4].contiguous(), w_up[:, :-4].contiguous(), offsets, y[:, :-4].contiguous(), 4)
+        ext.moe_wide_gemm(x, gather, w[:, :-4].contiguous(), w_up[:, :-4].contiguous(), offsets, y[:, :-4].contiguous(),
+                          4, 128)
     assert not y.any()

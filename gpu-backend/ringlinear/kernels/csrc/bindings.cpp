@@ -30,7 +30,8 @@ void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gathe
                      const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages,
                      bool early);
 void moe_wide_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
-                   const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages);
+                   const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages,
+                   int64_t pass_rows);
 void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h);
 void moe_scatter_rows(const at::Tensor& x, const at::Tensor& inv, int64_t topk, at::Tensor& xs);
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
