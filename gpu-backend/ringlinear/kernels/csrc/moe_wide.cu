@@ -5,8 +5,9 @@
 // per expert, a scattered copy of x in, gate|up out to a separate SwiGLU pass) an expert holds ~30-500 rows. Here a
 // CTA owns 128 weight rows of one expert (the wgmma M side, 64 per warpgroup) and takes the expert's rows in passes of
 // up to BN = 128 or 256 as the N side, with N = 32 / 64 / 128 (/ 256) picked per pass so a short last pass does not
-// pay for a full tile. BN = 256 halves the weight tiles read from L2 per FLOP, which is what bounds the 128-row passes
-// once an expert holds a few hundred rows (the kernel is then compute-bound on L2-fed tiles; docs/benchmarks.md).
+// pay for a full tile. Once an expert holds a few hundred rows the bound is the warps that issue both the copies and
+// the MMAs (Nsight Compute: 2 warps per scheduler, tensor pipe ~45% busy, L2 ~50%): each k-step's barrier and copy
+// instructions are paid once per 64 columns, so a 256-row pass does twice the MMA work for them (docs/benchmarks.md).
 // An expert's passes run in neighbouring CTAs (grid x), so its weight slice comes from HBM about once per step.
 //   - x rows are gathered through `gather` while they are copied into shared memory: no scattered copy of x;
 //   - GATE_UP: a warp's 16 weight rows are 8 gate rows then the 8 up rows of the same features, so the wgmma
