@@ -98,8 +98,9 @@ def time_to_first_token(eng: Engine, T: int, rng: random.Random, dev) -> float:
     return time.perf_counter() - t0
 
 
-# The MoE's expert paths for prompt steps (--moe-wide): as served (the wide path for 641-4 096 tokens, sixteenth
-# session) and as before it (stream path to 768 tokens, grouped above). Each sets kernels.moe's crossovers.
+# The MoE's expert paths for prompt steps (--moe-wide): as served (the wide path above 640 tokens: to 4 096 since the
+# sixteenth session, to 131 072 since the seventeenth) and as before it (stream path to 768 tokens, grouped above).
+# Each sets kernels.moe's crossovers.
 MOE_PROMPT_PATHS = {"wide": {"STREAM_MAX_TOKENS": kernels.moe.STREAM_MAX_TOKENS,
                              "WIDE_MAX_TOKENS": kernels.moe.WIDE_MAX_TOKENS},
                     "no-wide": {"STREAM_MAX_TOKENS": 768, "WIDE_MAX_TOKENS": 0}}
@@ -427,10 +428,11 @@ def main(argv=None) -> None:
     p.add_argument("--moe-decode-max-tokens", type=int, default=None,
                    help="steps of up to this many tokens take the MoE's decode path, more the stream path "
                         "(default: kernels.moe.DECODE_MAX_TOKENS; A/B runs)")
-    p.add_argument("--moe-wide", choices=("on", "ab"), default="on",
-                   help="prompt steps: the MoE's wide path for 641-4 096 tokens (as served) or, ab, that and the paths "
+    p.add_argument("--moe-wide", choices=("on", "ab", "ab-eager"), default="on",
+                   help="prompt steps: the MoE's wide path above 640 tokens (as served) or, ab, that and the paths "
                         "before it (stream to 768 tokens, grouped above) in turn at every length, eager and then with "
-                        "the step's pieces graphed as the pod serves steps of <= max_step_tokens (use --models ours)")
+                        "the step's pieces graphed as the pod serves steps of <= max_step_tokens (use --models ours); "
+                        "ab-eager: the eager rounds only (prompts too long for a ladder of step graphs)")
     p.add_argument("--overlap", choices=("on", "off", "ab"), default="on",
                    help="the engine's overlapped steps (default, as served), synchronous steps, or both in turn (A/B)")
     p.add_argument("--sampler", choices=("kernel", "torch", "ab"), default="kernel",
@@ -489,7 +491,8 @@ def main(argv=None) -> None:
         deadline = time.monotonic() + a.time_budget
         pc = ints(a.prefill_contexts)
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
-                                              ("wide", "no-wide") if a.moe_wide == "ab" else ("wide",)) if pc else []}
+                                              ("wide", "no-wide") if a.moe_wide.startswith("ab") else ("wide",))
+                                if pc else []}
         if a.moe_wide == "ab" and pc and dev.type == "cuda":
             res[name]["prefill_graphed_moe_ab"] = bench_prefill_graphed_moe_ab(model, pc, dev, a.prefill_reps)
         dump()

@@ -2,7 +2,7 @@
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
 #                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots] [launch] [gemv]
-#                                  [moe-tests] [moe-mid] [moe-wide-e2e]
+#                                  [moe-tests] [moe-mid] [moe-wide-e2e] [moe-profile]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -54,6 +54,9 @@ for step in "$@"; do
     moe-mid) TAIL=16 run moe_mid python3 bench/gpu_kernels.py --only moe-mid --out "$OUT" ;;
     moe-wide-e2e) TAIL=20 run moe_wide_e2e python3 bench/pod_e2e.py --device cuda --models ours --decode-contexts "" \
              --prefill-contexts 1024,2048,3072,4096 --prefill-reps 3 --moe-wide ab --json "$OUT/moe_wide_e2e.json" ;;
+    moe-profile) TAIL=12 run moe_profile sh -c "ncu --clock-control none --profile-from-start off --set full \
+             -o $OUT/moe_wide python3 bench/profile_moe_wide.py --tokens 16384 && \
+             ncu --import $OUT/moe_wide.ncu-rep --page details > $OUT/moe_wide_details.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
