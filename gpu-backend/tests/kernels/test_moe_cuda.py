@@ -385,7 +385,12 @@ def test_path_captures_in_a_cuda_graph(path, shape, seed, packed):
     """Neither path synchronises with the host (capture would fail on one); the replay equals the eager result."""
     E, I, D, N, cfg = SHAPES[shape]
     x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=seed, packed=packed)
-    fn = lambda: fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path)  # noqa: E731
+    want, out = _eager_and_replayed(lambda: fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path))
+    assert torch.equal(out, want)
+
+
+def _eager_and_replayed(fn):
+    """fn() run eagerly (on a side stream, as before a capture), and the output of its CUDA graph's replay."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -396,7 +401,7 @@ def test_path_captures_in_a_cuda_graph(path, shape, seed, packed):
         out = fn()
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, want)
+    return want, out
 
 
 def test_wide_path_256_row_passes(monkeypatch):
@@ -406,14 +411,9 @@ def test_wide_path_256_row_passes(monkeypatch):
     x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, 8192, seed=19, packed="moe")
     assert moe_mod.wide_config(8192 * cfg.top_k, wg.shape[0]) == (4, 256)
     fn = lambda: fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path="wide")  # noqa: E731
-    y = fn()
+    y, out = _eager_and_replayed(fn)
     y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
     assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
     assert torch.equal(out, y)
     monkeypatch.setattr(moe_mod, "wide_config", lambda A, E: (5, 128))
     assert torch.equal(fn(), y)
