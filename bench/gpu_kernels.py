@@ -480,14 +480,13 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768, 6
         layer = {}
         for path in paths:
             layer[path] = do_bench(graph_of(lambda path=path: M.fused_moe(x, **W, cfg=cfg, path=path))) * 1e3  # noqa: B023
-        saved = M.wide_config
-        try:  # the wide path with each kernel configuration for both GEMMs
-            for stages, pass_rows in ((5, 128), (4, 256)):
-                M.wide_config = lambda A, E, c=(stages, pass_rows): c
-                layer[f"wide_s{stages}_p{pass_rows}"] = do_bench(graph_of(  # noqa: B023
-                    lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
+        saved = M.WIDE_LONG_PASS_MEAN_ROWS
+        try:  # the wide path with 128-row passes (WIDE_STAGES slots) and with 256-row passes for both GEMMs
+            for name, long_from in ((f"wide_s{M.WIDE_STAGES}_p128", 1 << 30), ("wide_s4_p256", 0)):
+                M.WIDE_LONG_PASS_MEAN_ROWS = long_from
+                layer[name] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
         finally:
-            M.wide_config = saved
+            M.WIDE_LONG_PASS_MEAN_ROWS = saved
         row["layer_us"] = layer
         y_ref = moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"], W["w_down"], W["shared"], cfg)
         y = M.fused_moe(x, **W, cfg=cfg, path="wide").float()

@@ -367,26 +367,26 @@ def stream_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w
     return stream_gemm_reference(x, gather, w, w_up, offsets)
 
 
-def wide_config(A: int, E: int) -> tuple[int, int]:
-    """(stages, pass_rows) of moe_wide_gemm for A rows over E experts (module constants read per call)."""
-    return (4, 256) if A >= WIDE_LONG_PASS_MEAN_ROWS * E else (WIDE_STAGES, 128)
+def wide_config(A: int, E: int, stages: int | None = None, pass_rows: int | None = None) -> tuple[int, int]:
+    """(stages, pass_rows) of moe_wide_gemm for A rows over E experts (module constants read per call). Neither given:
+    256-row passes (4 ring slots) from WIDE_LONG_PASS_MEAN_ROWS rows per expert on average - the host knows the mean
+    without a sync - else 128-row passes (WIDE_STAGES slots); stages alone: 128-row passes; pass_rows alone: 4 slots
+    for 256-row passes, else WIDE_STAGES."""
+    if stages is None and pass_rows is None:
+        return (4, 256) if A >= WIDE_LONG_PASS_MEAN_ROWS * E else (WIDE_STAGES, 128)
+    if pass_rows is None:
+        return stages, 128
+    return (4 if pass_rows == 256 else WIDE_STAGES) if stages is None else stages, pass_rows
 
 
 def wide_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
               offsets: torch.Tensor, stages: int | None = None, pass_rows: int | None = None) -> torch.Tensor:
-    """stream_gemm's contract (same twin) from ~30 rows per expert up: the wgmma kernel of moe_wide.cu (sm_90a).
-    Neither stages nor pass_rows given: wide_config's choice by the mean rows per expert (the host knows it without a
-    sync); stages alone: 128-row passes; pass_rows alone: 4 slots for 256-row passes, else WIDE_STAGES. Without the
-    extension (or F not a multiple of 8): the twin."""
+    """stream_gemm's contract (same twin) from ~30 rows per expert up: the wgmma kernel of moe_wide.cu (sm_90a), with
+    the ring depth and pass width of wide_config. Without the extension (or F not a multiple of 8): the twin."""
     A = x.shape[0] if gather is None else gather.numel()
     if (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and (w_up is None or w_up.dtype == torch.bfloat16)
             and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0 and _build.available()):
-        if stages is None and pass_rows is None:
-            stages, pass_rows = wide_config(A, w.shape[0])
-        elif pass_rows is None:
-            pass_rows = 128
-        elif stages is None:
-            stages = 4 if pass_rows == 256 else WIDE_STAGES
+        stages, pass_rows = wide_config(A, w.shape[0], stages, pass_rows)
         y = torch.empty(A, w.shape[1], dtype=torch.bfloat16, device=x.device)
         _build.extension().moe_wide_gemm(x.contiguous(), gather, _rows_contiguous(w),
                                          None if w_up is None else _rows_contiguous(w_up), offsets, y, stages,

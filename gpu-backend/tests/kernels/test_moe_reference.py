@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ringlinear.kernels import moe as moe_mod
 from ringlinear.kernels.moe import (_grouped_mm, fused_moe, pack_experts, pack_gate_up, pack_moe, packed_gate_up, route,
-                                   route_align_small, router_logits, shared_as_expert, split_bf16x3)
+                                   route_align_small, router_logits, shared_as_expert, split_bf16x3, wide_config)
 from ringlinear.kernels.moe_reference import (RouterConfig, combine_reference, experts_touched_bytes, moe_reference,
                                               route_reference, sort_assignments_reference,
                                               stream_gemm_reference, swiglu_rows_reference)
@@ -328,3 +329,19 @@ def test_stream_twin_composes_to_the_moe_twin():
     y = combine_reference(ys, inv, w, None, k)
     y_ref = moe_reference(x, wr, None, wg, wu, wd, None, cfg)
     assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < 2e-2
+
+
+def test_wide_config_picks_the_pass_width_by_mean_rows_and_keeps_given_arguments(monkeypatch):
+    """The wide kernel's (ring slots, rows per pass): 256-row passes (4 slots, the only depth that fits them) from
+    WIDE_LONG_PASS_MEAN_ROWS rows per expert on average, else 128 with WIDE_STAGES slots; what a caller gives is kept,
+    a ring depth alone meaning 128-row passes."""
+    monkeypatch.setattr(moe_mod, "WIDE_LONG_PASS_MEAN_ROWS", 192)
+    monkeypatch.setattr(moe_mod, "WIDE_STAGES", 5)
+    E = 257  # Ring-mini's routed experts and the shared one (pack_moe)
+    assert wide_config(192 * E, E) == (4, 256)
+    assert wide_config(192 * E - 1, E) == (5, 128)
+    assert wide_config(8192 * 8, E) == (4, 256) and wide_config(4096 * 8, E) == (5, 128)
+    assert wide_config(10**6, E, stages=5) == (5, 128)
+    assert wide_config(10, E, pass_rows=256) == (4, 256)
+    assert wide_config(10**6, E, pass_rows=128) == (5, 128)
+    assert wide_config(10**6, E, stages=4, pass_rows=128) == (4, 128)
