@@ -112,9 +112,13 @@ RL_DEVICE void dot8_acc(float& acc, const uint4& w, const uint4& x) {
   }
 }
 
-// 16-byte global->shared copy; src_bytes = 0 writes zeros (rows past the end of a sequence).
+// 16-byte global->shared copy to a shared-memory address; src_bytes < 16 zero-fills the rest (0 reads nothing: rows
+// past the end of a sequence).
+RL_DEVICE void cp_async_16_s(uint32_t smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
 RL_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
+  cp_async_16_s(smem_addr(smem), gmem, src_bytes);
 }
 RL_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> RL_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

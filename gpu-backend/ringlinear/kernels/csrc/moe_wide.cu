@@ -39,10 +39,6 @@ template <int BN> constexpr int wide_stage_bytes() { return kWideTileBytes + BN 
 RL_DEVICE uint32_t swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 RL_DEVICE float wide_silu(float v) { return v / (1.f + expf(-v)); }
 RL_DEVICE float wide_round(float v) { return __bfloat162float(__float2bfloat16(v)); }
-// cp.async of 16 bytes to a shared-memory address (src_bytes < 16: the rest zero-filled; 0 reads nothing).
-RL_DEVICE void cp_async_16_s(uint32_t smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
-}
 
 // Keeps a value the pass sets up once in a register: without it the compiler recomputes addresses in every k-step.
 template <typename T> RL_DEVICE T opaque(T v) {
