@@ -441,7 +441,7 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768, 6
     layer per expert path (CUDA-graph replays; the wide path at both pass widths and both 128-row ring depths), and
     the expert GEMMs alone on the same sorted assignments - the wide kernel (x gathered, SwiGLU fused) against what
     the grouped path runs for the same work (row scatter + CUTLASS grouped GEMM + SwiGLU for gate/up; the CUTLASS GEMM
-    for down)."""
+    for down), and the down GEMM on moe_tma_gemm."""
     W = moe_weights()
     cfg = RING_MINI_ROUTER
     Dm, I, k = 2048, 512, cfg.top_k
@@ -468,6 +468,9 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768, 6
             "wide_down_s4": wide(False, 4, 128), "wide_down_s5": wide(False, 5, 128),
             "wide_down_p256": wide(False, 4, 256),
             "grouped_down": lambda: M._grouped_mm(h, W["w_down"].transpose(1, 2), ends, offsets),  # noqa: B023
+            "tma_gate_up": lambda: M.tma_gemm(x, tok, W["w_gate"], W["w_up"], offsets),  # noqa: B023
+            "tma_gate_up_s3": lambda: M.tma_gemm(x, tok, W["w_gate"], W["w_up"], offsets, stages=3),  # noqa: B023
+            "tma_down": lambda: M.tma_gemm(h, None, W["w_down"], None, offsets),  # noqa: B023
         }
         if N <= 2048:
             gemms["stream_gate_up"] = lambda: M.stream_gemm(x, tok, W["w_gate"], W["w_up"], offsets)  # noqa: B023
@@ -487,7 +490,19 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768, 6
                 layer[name] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
         finally:
             M.WIDE_LONG_PASS_MEAN_ROWS = saved
+        saved = M.TMA_GATE_UP_MIN_MEAN_ROWS, M.TMA_DOWN_MIN_MEAN_ROWS
+        try:  # the wide path on the wide kernel's GEMMs only, with one or both GEMMs on moe_tma_gemm at every size
+            for name, gu_from, down_from in (("wide_no_tma", 1 << 30, 1 << 30), ("wide_tma_down", 1 << 30, 0),
+                                             ("wide_tma_both", 0, 0)):
+                M.TMA_GATE_UP_MIN_MEAN_ROWS, M.TMA_DOWN_MIN_MEAN_ROWS = gu_from, down_from
+                layer[name] = do_bench(graph_of(lambda: M.fused_moe(x, **W, cfg=cfg, path="wide"))) * 1e3  # noqa: B023
+        finally:
+            M.TMA_GATE_UP_MIN_MEAN_ROWS, M.TMA_DOWN_MIN_MEAN_ROWS = saved
         row["layer_us"] = layer
+        row["tma_gate_up_equals_wide"] = torch.equal(M.tma_gemm(x, tok, W["w_gate"], W["w_up"], offsets), h)
+        y_tma = M.tma_gemm(h, None, W["w_down"], None, offsets).float()
+        y_cutlass = M._grouped_mm(h, W["w_down"].transpose(1, 2), ends, offsets).float()
+        row["tma_down_rel_diff_vs_grouped"] = ((y_tma - y_cutlass).norm() / y_cutlass.norm()).item()
         y_ref = moe_reference(x, W["router_weight"], W["expert_bias"], W["w_gate"], W["w_up"], W["w_down"], W["shared"], cfg)
         y = M.fused_moe(x, **W, cfg=cfg, path="wide").float()
         row["wide_rel_err_vs_twin"] = ((y - y_ref.float()).norm() / y_ref.float().norm()).item()
@@ -572,6 +587,7 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--only", default="ceilings,decode,prefill,moe")
+    ap.add_argument("--moe-mid-tokens", default="", help="comma-separated token counts for --only moe-mid (default: all)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -604,7 +620,7 @@ def main():
             record_error("moe-latency", exc)
     if "moe-mid" in only:
         try:
-            bench_moe_mid()
+            bench_moe_mid(*([tuple(int(t) for t in args.moe_mid_tokens.split(","))] if args.moe_mid_tokens else []))
         except Exception as exc:  # noqa: BLE001
             record_error("moe-mid", exc)
     if "moe" in only:

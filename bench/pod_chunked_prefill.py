@@ -334,8 +334,8 @@ def main(argv=None) -> None:
             res["ttft"].extend(bench_ttft(model, name, ints(a.contexts), ints(a.reference_budgets), a.reps, dev,
                                           ["reference"]))
         dump()
-        if name == "ours" and a.mixed_batch:
-            cases = [(c.split(":")[0], int(c.split(":")[1]), c.split(":")[2:] != ["sync"]) for c in a.mixed.split(",") if c]
+        cases = [(c.split(":")[0], int(c.split(":")[1]), c.split(":")[2:] != ["sync"]) for c in a.mixed.split(",") if c]
+        if name == "ours" and a.mixed_batch and cases:  # --mixed "" or --mixed-batch "": no mixed section
             res["mixed"] = [row for B in ints(a.mixed_batch) for row in bench_mixed(
                 model, B, a.mixed_context, a.mixed_prompt, cases, a.mixed_prefill_budget, dev)]
             dump()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "lightning_decode.cu", "lightning_prefill.cu", "moe.cu", "moe_stream.cu", "moe_wide.cu", "paged_attention.cu",
+SOURCES = ("bindings.cpp", "lightning_decode.cu", "lightning_prefill.cu", "moe.cu", "moe_stream.cu", "moe_wide.cu", "moe_tma.cu", "paged_attention.cu",
            "paged_attention_f32.cu", "paged_attention_bf16.cu", "paged_attention_f16.cu", "fused_elementwise.cu",
            "sampling.cu", "launch.cu", "gemv.cu")
 # sm_90a: Hopper (H100/H200). The lightning prefill needs the a-suffixed target for wgmma; the other kernels use

@@ -7,7 +7,10 @@ paths, all reading only the experts the batch selected:
              the narrow N side; x rows gathered in the kernel, SwiGLU fused into the gate+up GEMM)
     wide     (<= WIDE_MAX_TOKENS: prompt chunks, mixed steps, prefill): the same sort, then two Hopper wgmma grouped
              GEMMs (moe_wide.cu: 128 weight rows of one expert per CTA, the expert's rows in passes of up to 128 or 256
-             as the N side, x gathered and SwiGLU fused like the stream path)
+             as the N side, x gathered and SwiGLU fused like the stream path); from TMA_*_MIN_MEAN_ROWS rows per
+             expert the GEMMs run on moe_tma.cu instead (persistent CTAs fed by a producer warpgroup: TMA boxes for
+             the weights and the down GEMM's x, x rows gathered by cp.async for gate+up; 128-row x tiles as the M
+             side, SwiGLU fused)
     grouped  (above, or path="grouped"): the same sort, token rows scattered into expert order, grouped GEMMs (torch._grouped_mm, CUTLASS on sm90) -
              one for gate+up when they are views of one packed [E, 2I, D] buffer (see pack_gate_up) - and a CUDA SwiGLU
 
@@ -54,6 +57,14 @@ WIDE_STAGES = 5  # cp.async ring slots of moe_wide_gemm with 128-row passes (4 o
 # passes of 256 instead of 128 (4 ring slots): twice the MMA work per k-step for the same per-step overhead. The layer
 # at 4 096 tokens: 854 vs 858 us; at 8 192: 1 460 vs 1 360.
 WIDE_LONG_PASS_MEAN_ROWS = 192
+# From this many rows per expert on average the wide path's GEMMs run on moe_tma_gemm (tma_gemm); the engine's layout
+# has E = 257 (the shared expert stored as expert 256), so 384 rows is ~12k tokens and 16 every wide step. H200, the
+# GEMMs alone (bench/gpu_kernels.py --only moe-mid, 2026-11-29, bench/results/gpu_moe_mid_tma.json): down 161 vs 169
+# us (the wide kernel's best) at 768 tokens, 4 113 vs 5 051 at 128k (CUTLASS 4 512); gate+up about even at 4k-8k
+# (within the runs' 5% spread), 1 199 vs 1 257 at 16k, 8 032 vs 9 123 at 128k; the layer with both on TMA 1-5% faster
+# at 16k than with the down GEMM alone in four runs.
+TMA_GATE_UP_MIN_MEAN_ROWS = 384
+TMA_DOWN_MIN_MEAN_ROWS = 16
 STREAM_STAGES = 4  # cp.async pipeline depth of moe_stream_gemm: 4 is 1-5% faster than 3 at 16-512 tokens
 DECODE_MAX_INTERMEDIATE = 2048  # moe_down_kernel keeps a lane's share of a weight row in registers (kMoeDownMaxI)
 # One- and two-token steps: the decode expert kernels take an expert's assignments in passes of 2 (gate/up) and 1
@@ -395,6 +406,30 @@ def wide_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_u
     return stream_gemm_reference(x, gather, w, w_up, offsets)
 
 
+def tma_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
+             offsets: torch.Tensor, stages: int | None = None) -> torch.Tensor:
+    """stream_gemm's contract (same twin) at many rows per expert, with gather and w_up together (the gate+up GEMM,
+    SwiGLU fused) or neither (the down GEMM, x rows already in expert order): the persistent TMA + warp-specialised
+    wgmma kernel of moe_tma.cu (sm_90a); stages: its ring slots (3, or 4 for gate+up; None: the most that fit).
+    Without the extension (or F not a multiple of 8, or more than MAX_EXPERTS experts): the twin."""
+    if (gather is None) != (w_up is None):
+        raise ValueError("tma_gemm: gather and w_up go together (the gate+up GEMM) or not at all (the down GEMM)")
+    if (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and (w_up is None or w_up.dtype == torch.bfloat16)
+            and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0 and w.shape[0] <= MAX_EXPERTS and _build.available()):
+        A = x.shape[0] if gather is None else gather.numel()
+        y = torch.empty(A, w.shape[1], dtype=torch.bfloat16, device=x.device)
+        _build.extension().moe_tma_gemm(x.contiguous(), gather, _rows_contiguous(w),
+                                        None if w_up is None else _rows_contiguous(w_up), offsets, y, stages or 0)
+        return y
+    return stream_gemm_reference(x, gather, w, w_up, offsets)
+
+
+def tma_path(A: int, E: int) -> tuple[bool, bool]:
+    """Whether the wide path's (gate+up, down) GEMMs of A assignments over E experts run on tma_gemm (module constants
+    read per call; the host knows A and E without a sync)."""
+    return A >= TMA_GATE_UP_MIN_MEAN_ROWS * E, A >= TMA_DOWN_MIN_MEAN_ROWS * E
+
+
 def _shared_hidden(x, shared):
     """Shared expert down(silu(gate x) * up x) in x's dtype; gate+up as one GEMM when they are packed views."""
     if shared is None:
@@ -477,8 +512,10 @@ def _experts_stream(x, routed, w_gate, w_up, w_down, shared_h):
 def _experts_wide(x, routed, w_gate, w_up, w_down, shared_h):
     ids, w = routed
     offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
-    h = wide_gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
-    ys = wide_gemm(h, None, w_down, None, offsets)  # [A, D]
+    tma_gate_up, tma_down = tma_path(tok.numel(), w_gate.shape[0])
+    gemm = tma_gemm if tma_gate_up else wide_gemm
+    h = gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
+    ys = (tma_gemm if tma_down else wide_gemm)(h, None, w_down, None, offsets)  # [A, D]
     return combine(ys, inv, w, shared_h, ids.shape[1])
 
 
@@ -560,6 +597,7 @@ def fused_moe(
 
 
 __all__ = ["fused_moe", "route", "route_align_small", "route_decode", "router_counter", "router_logits", "pack_moe", "shared_as_expert", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",
-           "scatter_rows", "combine", "stream_gemm", "wide_gemm", "wide_config", "auto_path", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
+           "scatter_rows", "combine", "stream_gemm", "wide_gemm", "wide_config", "tma_gemm", "tma_path", "TMA_GATE_UP_MIN_MEAN_ROWS",
+           "TMA_DOWN_MIN_MEAN_ROWS", "auto_path", "DECODE_MAX_TOKENS", "SMALL_ROUTE_MAX_TOKENS", "STREAM_FOLD_MAX_TOKENS", "STREAM_MAX_TOKENS", "DECODE_MAX_INTERMEDIATE",
            "DECODE_SMALL_PASSES", "RouterConfig",
            "RING_MINI_ROUTER"]

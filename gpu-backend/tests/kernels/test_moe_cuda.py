@@ -8,7 +8,7 @@ from ringlinear.kernels import moe as moe_mod
 from ringlinear.kernels.moe import (ROUTER_SPLIT_MIN_TOKENS, SMALL_ROUTE_MAX_TOKENS, SORT_BLOCK, STREAM_FOLD_MAX_TOKENS,
                                    combine, fused_moe, pack_gate_up, pack_moe, packed_gate_up, route, route_align_small,
                                    route_decode, router_logits, scatter_rows, shared_as_expert, stream_gemm, swiglu,
-                                   wide_gemm)
+                                   tma_gemm, wide_gemm)
 from ringlinear.kernels.moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference,
                                               route_align_reference, route_reference, scatter_rows_reference,
                                               sort_assignments_reference, stream_gemm_reference, swiglu_rows_reference)
@@ -533,22 +533,28 @@ WIDE_CASES = {
 }
 
 
-def _wide_inputs(case, gate_up, seed):
-    counts, F, K = WIDE_CASES[case]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    if counts == "prefill":  # Ring-mini prompt chunk: 256 experts, ~0-300 rows each
-        counts = torch.randint(0, 300, (256,), generator=g, device="cuda").tolist()
+def _grouped_inputs(cases, case, gate_up, seed, prefill_rows, device="cuda"):
+    """(x, gather, w, w_up, offsets) of a grouped-GEMM case: (rows per expert or "prefill", F, K); "prefill" = 256
+    experts of 0 .. prefill_rows - 1 rows (a Ring-mini prompt step). gate_up: x of A / 3 tokens gathered, with w_up."""
+    counts, F, K = cases[case]
+    g = torch.Generator(device=device).manual_seed(seed)
+    if counts == "prefill":
+        counts = torch.randint(0, prefill_rows, (256,), generator=g, device=device).tolist()
     E = len(counts)
-    offsets = torch.tensor([0] + counts, device="cuda").cumsum(0).to(torch.int32)
+    offsets = torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
     A = int(offsets[-1])
     N = max(1, A // 3)
     if gate_up:
-        x = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
-        gather = torch.randint(0, N, (A,), generator=g, device="cuda").to(torch.int32)
+        x = torch.randn(N, K, device=device, generator=g).to(torch.bfloat16)
+        gather = torch.randint(0, N, (A,), generator=g, device=device).to(torch.int32)
     else:
-        x, gather = torch.randn(A, K, device="cuda", generator=g).to(torch.bfloat16), None
-    mk = lambda: (torch.randn(E, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)  # noqa: E731
+        x, gather = torch.randn(A, K, device=device, generator=g).to(torch.bfloat16), None
+    mk = lambda: (torch.randn(E, F, K, device=device, generator=g) * K**-0.5).to(torch.bfloat16)  # noqa: E731
     return x, gather, mk(), mk() if gate_up else None, offsets
+
+
+def _wide_inputs(case, gate_up, seed):
+    return _grouped_inputs(WIDE_CASES, case, gate_up, seed, prefill_rows=300)  # ~0-300 rows: a prompt chunk
 
 
 @pytest.mark.parametrize("gate_up", [True, False], ids=["gate-up-swiglu", "plain"])
@@ -606,3 +612,122 @@ def test_wide_gemm_rejects_bad_inputs():
         ext.moe_wide_gemm(x, gather, w[:, :-4].contiguous(), w_up[:, :-4].contiguous(), offsets, y[:, :-4].contiguous(),
                           4, 128)
     assert not y.any()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_tma_gemm (the wide path's GEMMs from TMA_*_MIN_MEAN_ROWS rows per expert) against the same twin
+TMA_CASES = {
+    # rows per expert around the 128-row x tile and several tiles, empty experts; F and K off the feature tiles (256
+    # for down, 128 for gate+up) and the 64-column k-step (features past F and columns past K come in as the copies'
+    # zero fill, x rows past an expert's end are the next expert's and are not stored)
+    "ragged": ([0, 1, 63, 64, 65, 127, 128, 129, 255, 256, 257, 0, 7, 700, 0], 200, 136),
+    "one-tile-per-expert": ([128] * 3 + [1] * 5, 256, 64),
+    "mini-gate-up": ("prefill", 512, 2048),
+    "mini-down": ("prefill", 2048, 512),
+}
+
+
+def _tma_inputs(case, gate_up, seed):
+    return _grouped_inputs(TMA_CASES, case, gate_up, seed, prefill_rows=1500)  # ~0-1 500 rows: a long prompt step
+
+
+@pytest.mark.parametrize("gate_up", [True, False], ids=["gate-up-swiglu", "plain"])
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_tma_gemm_matches_twin(case, gate_up):
+    if case.startswith("mini") and gate_up != (case == "mini-gate-up"):
+        pytest.skip("the Ring-mini shapes run as the engine uses them")
+    x, gather, w, w_up, offsets = _tma_inputs(case, gate_up, seed=len(case) + gate_up)
+    y = tma_gemm(x, gather, w, w_up, offsets)
+    _assert_bf16_close(y, stream_gemm_reference(x, gather, w, w_up, offsets))
+    assert torch.equal(y, tma_gemm(x, gather, w, w_up, offsets))  # deterministic
+    assert torch.equal(y, tma_gemm(x, gather, w, w_up, offsets, stages=3))  # ring depth: no arithmetic
+
+
+def test_tma_gemm_gate_up_is_swiglu_of_two_plain_gemms():
+    """The fused epilogue equals the CUDA SwiGLU applied to the two plain GEMMs' bf16 outputs, bit for bit (the plain
+    GEMMs on x rows gathered beforehand: a row's result does not depend on how it reached shared memory)."""
+    x, gather, w, w_up, offsets = _tma_inputs("ragged", True, seed=5)
+    xs = x[gather.long()].contiguous()
+    g = tma_gemm(xs, None, w, None, offsets)
+    u = tma_gemm(xs, None, w_up, None, offsets)
+    assert torch.equal(tma_gemm(x, gather, w, w_up, offsets), swiglu(g, u))
+
+
+def test_tma_gemm_rows_do_not_depend_on_their_tile():
+    """A row's output is the same whichever x tile carries it (and whatever the tile's other rows are): 300 rows of
+    one expert against the same rows shifted by 5 behind a second expert (the same weights), so every row sits at
+    another place of another tile; and the same for the gathered gate+up GEMM."""
+    g = torch.Generator(device="cuda").manual_seed(21)
+    K, F, R = 512, 264, 300
+    x = torch.randn(R, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(1, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    w2 = (torch.randn(1, F, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    one = tma_gemm(x, None, w, None, torch.tensor([0, R], **i32))
+    junk = torch.randn(5, K, device="cuda", generator=g).to(torch.bfloat16)
+    two = torch.tensor([0, 5, R + 5], **i32)
+    assert torch.equal(one, tma_gemm(torch.cat([junk, x]), None, torch.cat([w, w]), None, two)[5:])
+    rows = torch.arange(R, **i32).flip(0)
+    gu = tma_gemm(x, rows, w, w2, torch.tensor([0, R], **i32))
+    shifted = tma_gemm(x, torch.cat([rows[:5], rows]), torch.cat([w, w]), torch.cat([w2, w2]), two)
+    assert torch.equal(gu, shifted[5:])
+
+
+def test_tma_gemm_reads_strided_expert_views():
+    """w / w_up may be views whose experts are further apart than F x K (the halves of a packed gate|up buffer): the
+    weight copies follow the expert stride, with the same result as contiguous weights."""
+    x, gather, w, w_up, offsets = _tma_inputs("ragged", True, seed=8)
+    _, gv, uv = pack_gate_up(w, w_up)
+    assert gv.stride(0) == 2 * w.shape[1] * w.shape[2]
+    assert torch.equal(tma_gemm(x, gather, gv, uv, offsets), tma_gemm(x, gather, w, w_up, offsets))
+    xs = x[gather.long()].contiguous()
+    assert torch.equal(tma_gemm(xs, None, gv, None, offsets), tma_gemm(xs, None, w, None, offsets))
+
+
+def test_tma_gemm_rejects_bad_inputs():
+    """The argument checks raise ValueError naming the kernel and the argument, with nothing written."""
+    x, gather, w, w_up, offsets = _tma_inputs("ragged", True, seed=4)
+    ext = _build.extension()
+    y = torch.zeros(gather.numel(), w.shape[1], dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="moe_tma_gemm: gather and w_up go together"):
+        ext.moe_tma_gemm(x, gather, w, None, offsets, y, 0)
+    with pytest.raises(ValueError, match="tma_gemm: gather and w_up go together"):
+        tma_gemm(x, None, w, w_up, offsets)
+    with pytest.raises(ValueError, match="moe_tma_gemm: F"):
+        ext.moe_tma_gemm(x, gather, w[:, :-4].contiguous(), w_up[:, :-4].contiguous(), offsets, y[:, :-4].contiguous(),
+                         0)
+    with pytest.raises(ValueError, match="moe_tma_gemm: gather"):
+        ext.moe_tma_gemm(x, gather[:-1], w, w_up, offsets, y, 0)
+    with pytest.raises(ValueError, match=r"moe_tma_gemm: w_up must be bf16 \[15, 200, 136\]"):
+        ext.moe_tma_gemm(x, gather, w, w_up.float(), offsets, y, 0)
+    with pytest.raises(ValueError, match="moe_tma_gemm: offsets"):
+        ext.moe_tma_gemm(x, gather, w, w_up, offsets.long(), y, 0)
+    many = torch.zeros(1026, dtype=torch.int32, device="cuda")
+    w8 = torch.zeros(1025, 8, 136, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="moe_tma_gemm: at most 1024 experts, got 1025"):
+        ext.moe_tma_gemm(x, gather, w8, w8, many, y[:, :8].contiguous(), 0)
+    for stages in (2, 5):
+        with pytest.raises(ValueError, match="moe_tma_gemm: stages must be 0"):
+            ext.moe_tma_gemm(x, gather, w, w_up, offsets, y, stages)
+    xs = x[gather.long()].contiguous()
+    with pytest.raises(ValueError, match=r"moe_tma_gemm: stages must be .*; got 4"):
+        ext.moe_tma_gemm(xs, None, w, None, offsets, y, 4)  # the down GEMM's 32 KB output tiles leave room for 3
+    assert not y.any()
+
+
+def test_wide_path_on_tma_gemms(monkeypatch):
+    """A long step (16 384 tokens: ~512 rows per expert) on the TMA GEMMs: close to the twin, capturable in a CUDA
+    graph, and close to the layer on the wide kernel's GEMMs (the k order inside an MMA may differ)."""
+    E, I, D, _, cfg = SHAPES["mini-4096"]
+    N = 16384
+    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=23, packed="moe")
+    assert moe_mod.tma_path(N * cfg.top_k, wg.shape[0]) == (True, True)
+    fn = lambda: fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path="wide")  # noqa: E731
+    y, out = _eager_and_replayed(fn)
+    y_ref = moe_reference(x, wr, bias, wg, wu, wd, shared, cfg)
+    assert ((y.double() - y_ref.double()).norm() / y_ref.double().norm()).item() < MOE_REL
+    assert torch.equal(out, y)
+    monkeypatch.setattr(moe_mod, "TMA_GATE_UP_MIN_MEAN_ROWS", 1 << 30)  # the wide kernel's GEMMs
+    monkeypatch.setattr(moe_mod, "TMA_DOWN_MIN_MEAN_ROWS", 1 << 30)
+    y_wide = fn()
+    assert ((y.double() - y_wide.double()).norm() / y_wide.double().norm()).item() < 1e-2

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from ringlinear.kernels import moe as moe_mod
 from ringlinear.kernels.moe import (_grouped_mm, fused_moe, pack_experts, pack_gate_up, pack_moe, packed_gate_up, route,
-                                   route_align_small, router_logits, shared_as_expert, split_bf16x3, wide_config)
+                                   route_align_small, router_logits, shared_as_expert, split_bf16x3, tma_gemm, tma_path,
+                                   wide_config)
 from ringlinear.kernels.moe_reference import (RouterConfig, combine_reference, experts_touched_bytes, moe_reference,
                                               route_reference, sort_assignments_reference,
                                               stream_gemm_reference, swiglu_rows_reference)
@@ -345,3 +346,29 @@ def test_wide_config_picks_the_pass_width_by_mean_rows_and_keeps_given_arguments
     assert wide_config(10, E, pass_rows=256) == (4, 256)
     assert wide_config(10**6, E, pass_rows=128) == (5, 128)
     assert wide_config(10**6, E, stages=4, pass_rows=128) == (4, 128)
+
+
+def test_tma_path_takes_each_gemm_by_mean_rows(monkeypatch):
+    """The wide path's GEMMs move to moe_tma_gemm at their own mean rows per expert (the host knows A and E)."""
+    monkeypatch.setattr(moe_mod, "TMA_GATE_UP_MIN_MEAN_ROWS", 384)
+    monkeypatch.setattr(moe_mod, "TMA_DOWN_MIN_MEAN_ROWS", 16)
+    E = 257
+    assert tma_path(16 * E - 1, E) == (False, False)
+    assert tma_path(16 * E, E) == (False, True)
+    assert tma_path(384 * E - 1, E) == (False, True)
+    assert tma_path(384 * E, E) == (True, True)
+    assert tma_path(16384 * 8, E) == (True, True)  # a 16 384-token prompt step
+
+
+def test_tma_gemm_falls_back_to_the_twin_and_checks_its_pairing():
+    """Without CUDA tma_gemm is the twin; gather without w_up (or the reverse) is refused before anything runs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 16, generator=g).to(torch.bfloat16)
+    w, w2 = (torch.randn(2, 8, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    offsets = torch.tensor([0, 4, 9], dtype=torch.int32)
+    gather = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2], dtype=torch.int32)
+    assert torch.equal(tma_gemm(x, gather, w, w2, offsets), stream_gemm_reference(x, gather, w, w2, offsets))
+    xs = x[gather.long()]
+    assert torch.equal(tma_gemm(xs, None, w, None, offsets), stream_gemm_reference(xs, None, w, None, offsets))
+    with pytest.raises(ValueError, match="gather and w_up go together"):
+        tma_gemm(x, gather, w, None, offsets)

@@ -32,6 +32,8 @@ void moe_stream_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gathe
 void moe_wide_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
                    const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages,
                    int64_t pass_rows);
+void moe_tma_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, const at::Tensor& w,
+                  const c10::optional<at::Tensor>& w_up, const at::Tensor& offsets, at::Tensor& y, int64_t stages);
 void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h);
 void moe_scatter_rows(const at::Tensor& x, const at::Tensor& inv, int64_t topk, at::Tensor& xs);
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
@@ -69,6 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_sort", &ringlinear::moe_sort, "stable multi-block sort of assignments by expert (grouped path)");
   m.def("moe_stream_gemm", &ringlinear::moe_stream_gemm, "weight-streaming grouped GEMM, few rows per expert (+ SwiGLU)");
   m.def("moe_wide_gemm", &ringlinear::moe_wide_gemm, "wgmma grouped GEMM, ~30-500 rows per expert, gathered x (+ SwiGLU)");
+  m.def("moe_tma_gemm", &ringlinear::moe_tma_gemm,
+        "persistent TMA + warp-specialised wgmma grouped GEMM, many rows per expert (gathered x + SwiGLU, or x in expert order)");
   m.def("moe_swiglu", &ringlinear::moe_swiglu, "bf16 silu(g) * u computed in fp32");
   m.def("moe_scatter_rows", &ringlinear::moe_scatter_rows, "token rows to their k expert-sorted positions");
   m.def("moe_combine", &ringlinear::moe_combine, "weighted sum of each token's expert rows + shared expert -> bf16");
