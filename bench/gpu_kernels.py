@@ -441,7 +441,7 @@ def bench_moe_mid(tokens=(256, 512, 768, 1024, 2048, 4096, 8192, 16384, 32768, 6
     layer per expert path (CUDA-graph replays; the wide path at both pass widths and both 128-row ring depths), and
     the expert GEMMs alone on the same sorted assignments - the wide kernel (x gathered, SwiGLU fused) against what
     the grouped path runs for the same work (row scatter + CUTLASS grouped GEMM + SwiGLU for gate/up; the CUTLASS GEMM
-    for down), and the down GEMM on moe_tma_gemm."""
+    for down), and both GEMMs on moe_tma_gemm (gate+up at both ring depths)."""
     W = moe_weights()
     cfg = RING_MINI_ROUTER
     Dm, I, k = 2048, 512, cfg.top_k

@@ -513,8 +513,7 @@ def _experts_wide(x, routed, w_gate, w_up, w_down, shared_h):
     ids, w = routed
     offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
     tma_gate_up, tma_down = tma_path(tok.numel(), w_gate.shape[0])
-    gemm = tma_gemm if tma_gate_up else wide_gemm
-    h = gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
+    h = (tma_gemm if tma_gate_up else wide_gemm)(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, sorted rows
     ys = (tma_gemm if tma_down else wide_gemm)(h, None, w_down, None, offsets)  # [A, D]
     return combine(ys, inv, w, shared_h, ids.shape[1])
 
