@@ -66,6 +66,15 @@ RL_DEVICE float warp_sum(float x) {
   return x;
 }
 
+// The fp32 SwiGLU of the grouped GEMMs' fused epilogues (moe_stream.cu, moe_wide.cu, moe_tma.cu): silu(bf16 g) *
+// bf16 u, with g and u rounded to bf16 first - the rounding of the grouped path, which writes g and u before
+// moe_swiglu - so every path's h is bitwise the same (tested).
+RL_DEVICE float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
+RL_DEVICE float swiglu_rounded(float g, float u) {
+  g = round_bf16(g);
+  return g / (1.f + expf(-g)) * round_bf16(u);
+}
+
 // Two floats -> one register of two bf16 (low half = first element), the operand format of mma.sync.
 RL_DEVICE uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

@@ -37,8 +37,6 @@ constexpr int kStreamXTile = kStreamRows * kStreamBK;  // bf16 elements of a sta
 // Row r's 16-byte chunk c of a [rows][64] bf16 tile, XOR-swizzled so that ldmatrix's 8 rows hit 8 distinct banks.
 RL_DEVICE int swz(int r, int c) { return r * kStreamBK + ((c ^ (r & 7)) << 3); }
 
-RL_DEVICE float silu(float v) { return v / (1.f + expf(-v)); }
-RL_DEVICE float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 }  // namespace
 
 // x: [*, K] bf16 rows (row stride K); gather [A] (x row of sorted row p) or null (x row p itself).
@@ -180,7 +178,7 @@ __global__ void __launch_bounds__(kStreamThreads, 2) moe_stream_kernel(
         __nv_bfloat16* out = y + (int64_t)(row0 + p0 + r) * F;
         if (GATE_UP) {
           const int f = f0 + warp * 16 + (lane >> 2) + 8 * (i >> 1);
-          if (f < F) out[f] = __float2bfloat16(silu(round_bf16(acc[0][t][i])) * round_bf16(acc[1][t][i]));
+          if (f < F) out[f] = __float2bfloat16(swiglu_rounded(acc[0][t][i], acc[1][t][i]));
         } else {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {

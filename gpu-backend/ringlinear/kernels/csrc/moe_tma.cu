@@ -116,14 +116,10 @@ struct TmaTiles {
 };
 }  // namespace
 
-// One output element: the down GEMM's accumulator, or (GATE_UP) h = bf16(silu(bf16(g)) * bf16(u)), the rounding of
-// moe_wide_gemm's and moe_swiglu's.
-RL_DEVICE float tma_silu(float v) { return v / (1.f + expf(-v)); }
-RL_DEVICE float tma_round(float v) { return __bfloat162float(__float2bfloat16(v)); }
+// Two output elements: the down GEMM's accumulators, or (GATE_UP) h = bf16(swiglu_rounded(g, u)), as the other paths.
 template <bool GATE_UP> RL_DEVICE uint32_t tma_out_pair(const float (&acc)[128], int i) {
   if constexpr (GATE_UP)  // i < 64: gate of the tile's feature block; i + 64: up of the same features
-    return pack_bf16(tma_silu(tma_round(acc[i])) * tma_round(acc[i + 64]),
-                     tma_silu(tma_round(acc[i + 1])) * tma_round(acc[i + 65]));
+    return pack_bf16(swiglu_rounded(acc[i], acc[i + 64]), swiglu_rounded(acc[i + 1], acc[i + 65]));
   else return pack_bf16(acc[i], acc[i + 1]);
 }
 

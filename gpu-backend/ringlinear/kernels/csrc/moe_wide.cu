@@ -37,8 +37,6 @@ template <int BN> constexpr int wide_stage_bytes() { return kWideTileBytes + BN 
 
 // Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile (1024-byte aligned): wgmma's SW128 K-major.
 RL_DEVICE uint32_t swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
-RL_DEVICE float wide_silu(float v) { return v / (1.f + expf(-v)); }
-RL_DEVICE float wide_round(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
 // Keeps a value the pass sets up once in a register: without it the compiler recomputes addresses in every k-step.
 template <typename T> RL_DEVICE T opaque(T v) {
@@ -156,8 +154,8 @@ RL_DEVICE void wide_pass(const WidePass& a, int p0, int prow) {
     const int t = n * 8 + 2 * tig;
     if constexpr (GATE_UP) {  // acc[4n + 0/1]: gate of feature fl, tokens t / t+1; acc[4n + 2/3]: up of the same
       const int fl = 32 * wg + 8 * wq + g4;
-      ot[t * kPitch + fl] = __float2bfloat16(wide_silu(wide_round(acc[4 * n])) * wide_round(acc[4 * n + 2]));
-      ot[(t + 1) * kPitch + fl] = __float2bfloat16(wide_silu(wide_round(acc[4 * n + 1])) * wide_round(acc[4 * n + 3]));
+      ot[t * kPitch + fl] = __float2bfloat16(swiglu_rounded(acc[4 * n], acc[4 * n + 2]));
+      ot[(t + 1) * kPitch + fl] = __float2bfloat16(swiglu_rounded(acc[4 * n + 1], acc[4 * n + 3]));
     } else {
       const int fl = 64 * wg + 16 * wq + g4;
       ot[t * kPitch + fl] = __float2bfloat16(acc[4 * n]);
