@@ -93,6 +93,12 @@ RL_DEVICE void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint3
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(smem_addr(p)));
 }
 
+// Four 8x8 b16 matrices to a shared-memory address (sm_90): lane l supplies the row address of matrix l/8, register i
+// holds this thread's fragment of matrix i (row lane/4, columns 2 (lane%4) + {0, 1}: the mma / wgmma C layout).
+RL_DEVICE void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3) : "memory");
+}
 // Four 8x8 b16 matrices stored transposed (sm_90): lane l supplies the row address of matrix l/8, register i holds
 // this thread's fragment of matrix i (the mma.sync C/A fragment layout: row lane/4, columns 2 (lane%4) + {0, 1}).
 RL_DEVICE void stmatrix_x4_trans(void* p, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {

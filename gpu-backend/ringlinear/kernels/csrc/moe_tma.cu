@@ -91,10 +91,6 @@ RL_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: 
 RL_DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }  // smem reusable
 RL_DEVICE void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }  // writes done
 RL_DEVICE void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
-RL_DEVICE void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r0), "r"(r1),
-               "r"(r2), "r"(r3) : "memory");
-}
 
 // The tiles of the step: expert e's x tiles are numbers first[e] .. first[e+1] - 1, each with `nt_count` feature tiles.
 struct TmaTiles {
@@ -134,7 +130,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1) moe_tma_kernel(
     const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ gather, const int32_t* __restrict__ offsets,
     int E, int K, int F, __nv_bfloat16* __restrict__ y) {
   using L = TmaSmem<GATE_UP, STAGES>;
-  constexpr int kOut = L::kOut, kTmaStages = STAGES;
+  constexpr int kOut = L::kOut;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);  // 128-byte swizzle: 1 KB atoms
   const uint32_t sbase = smem_addr(smem);
@@ -161,7 +157,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1) moe_tma_kernel(
     }
     if (tid == 31) first[E] = incl;
   } else if (tid == 32) {
-    for (int s = 0; s < kTmaStages; ++s) {
+    for (int s = 0; s < STAGES; ++s) {
       // the producer's expect-tx arrive (+ the weight boxes' bytes), and with GATE_UP one cp.async completion
       // arrive of each producer thread (the gathered x rows)
       mbar_init(full0 + 8 * s, GATE_UP ? 1 + 128 : 1);
@@ -212,12 +208,12 @@ __global__ void __launch_bounds__(kTmaThreads, 1) moe_tma_kernel(
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             const int r = rb + 16 * i;
-            cp_async_16_s(dst + r * 128 + ((c ^ (r & 7)) << 4), src[i], ok[i] && kin ? 16 : 0);
+            cp_async_16_s(dst + swz128(r, c), src[i], ok[i] && kin ? 16 : 0);
             src[i] += 64;
           }
           asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full0 + 8 * s) : "memory");
         }
-        if (++s == kTmaStages) { s = 0; phase ^= 1; }
+        if (++s == STAGES) { s = 0; phase ^= 1; }
       }
     }
     return;
@@ -246,7 +242,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1) moe_tma_kernel(
       wgmma_wait<1>();  // step kt - 1's MMAs are done: its slot goes back to the producer
       if (kt > 0 && lane == 0) mbar_arrive(empty0 + 8 * prev);
       prev = s;
-      if (++s == kTmaStages) { s = 0; phase ^= 1; }
+      if (++s == STAGES) { s = 0; phase ^= 1; }
     }
     wgmma_wait<0>();
     fence_regs(acc);
@@ -266,7 +262,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1) moe_tma_kernel(
 #pragma unroll
       for (int n = 0; n < kOut / 8; n += 2) {
         const int blk = n + mblk;  // 8-column block: box blk / 8, 16-byte chunk blk % 8 of its row
-        const uint32_t addr = out0 + (blk >> 3) * (64 * 128) + mrow * 128 + (((blk & 7) ^ (mrow & 7)) << 4);
+        const uint32_t addr = out0 + (blk >> 3) * (64 * 128) + swz128(mrow, blk & 7);
         stmatrix_x4(addr, tma_out_pair<GATE_UP>(acc, 4 * n), tma_out_pair<GATE_UP>(acc, 4 * n + 2),
                     tma_out_pair<GATE_UP>(acc, 4 * n + 4), tma_out_pair<GATE_UP>(acc, 4 * n + 6));
       }
@@ -350,18 +346,20 @@ void moe_tma_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, 
   if (A == 0) return;
   const at::cuda::CUDAGuard guard(x.device());
   const int out_tile = gate_up ? kTmaBN / 2 : kTmaBN;
-  const int64_t xd[2] = {K, x.size(0)}, xs[1] = {K};
-  const uint32_t xb[2] = {64, kTmaBM};
   const int64_t wd[3] = {K, F, E}, ws[2] = {w.stride(1), w.stride(0)};
-  const uint32_t wb[3] = {64, (uint32_t)(gate_up ? kTmaBN / 2 : kTmaBN), 1};
+  const uint32_t wb[3] = {64, (uint32_t)out_tile, 1};
   const int64_t yd[2] = {F, A}, ys[1] = {F};
   const uint32_t yb[2] = {64, 64};
-  const CUtensorMap tx = bf16_map(x.data_ptr(), 2, xd, xs, xb);  // (unused with gate_up: x rows are gathered)
   const CUtensorMap tw = bf16_map(w.data_ptr(), 3, wd, ws, wb);
-  CUtensorMap tw2 = tw;
+  // the kernel reads tx only for down (gate+up gathers its x rows) and tw2 only for gate+up: tw stands in otherwise
+  CUtensorMap tx = tw, tw2 = tw;
   if (gate_up) {
     const int64_t us[2] = {w_up->stride(1), w_up->stride(0)};
     tw2 = bf16_map(w_up->data_ptr(), 3, wd, us, wb);
+  } else {
+    const int64_t xd[2] = {K, x.size(0)}, xs[1] = {K};
+    const uint32_t xb[2] = {64, kTmaBM};
+    tx = bf16_map(x.data_ptr(), 2, xd, xs, xb);
   }
   const CUtensorMap ty = bf16_map(y.data_ptr(), 2, yd, ys, yb);
   auto kernel = moe_tma_kernel<false, 3>;

@@ -35,8 +35,6 @@ constexpr int kWideTileBytes = 128 * 128;          // weight tile [128 rows][64 
 // A ring slot: the weight tile, then the activation tile [BN rows][64 bf16] (BN = expert rows per pass).
 template <int BN> constexpr int wide_stage_bytes() { return kWideTileBytes + BN * 128; }
 
-// Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile (1024-byte aligned): wgmma's SW128 K-major.
-RL_DEVICE uint32_t swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 // Keeps a value the pass sets up once in a register: without it the compiler recomputes addresses in every k-step.
 template <typename T> RL_DEVICE T opaque(T v) {

@@ -31,6 +31,9 @@ RL_DEVICE uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_byt
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo_bytes >> 4) << 16) | ((uint64_t)(sbo_bytes >> 4) << 32) |
          (1ull << 62);
 }
+// Byte offset of 16-byte chunk c of row r in such a tile (rows of 128 bytes; also what a TMA box with the 128-byte
+// swizzle writes).
+RL_DEVICE uint32_t swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 // D[64 x 64] (+)= A (registers) x B (shared, descriptor); TRANS_B: B stored N-contiguous (MN-major).
 template <int TRANS_B>
