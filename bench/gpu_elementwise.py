@@ -4,7 +4,7 @@
     PYTHONPATH=gpu-backend python3 bench/gpu_elementwise.py --out DIR [--quick]
 
 Ring-mini shapes (H = 16, d = 128, rotary 64, 4 KV heads in the softmax layers, group_norm_size 4 = 4 groups of 512)
-at N = 1, 64, 4096, 32768 tokens per step:
+at N = 1, 64, 4096, 32768, 131072 tokens per step (--sizes):
 
     lightning-prologue  bf16 qkv [N, 48*128] -> fp32 cast, QK RMSNorm, partial RoPE (runner._lightning) vs ours
                         with fp32 output (the same bytes) and bf16 output
@@ -134,6 +134,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", default="1,64,4096,32768,131072", help="comma list of token counts N")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +151,7 @@ def main(argv=None):
     print(f"device {res['device']}  kernels={kernels}  copy {cbw:.0f} GB/s", flush=True)
     hdr = f"{'case':40s} {'N':>6s} {'peer us':>10s} {'ours us':>10s} {'ratio':>7s} {'ours GB/s':>10s} {'% copy':>7s}"
     print(hdr)
-    for N in ((1, 64, 512) if a.quick else (1, 64, 4096, 32768)):
+    for N in ((1, 64, 512) if a.quick else [int(x) for x in a.sizes.split(",")]):
         for name, peer, ours, nbytes in cases(N, dev):
             try:
                 tp, to = bench(peer), bench(ours)

@@ -9,7 +9,8 @@ fused MoE at the Ring-mini config with packed gate/up (decode batches vs the tor
 unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only moe-latency) one- and two-token
 MoE layers as a decode step runs them, per variant of the decode kernels, and (--only gemv) a decode step's dense
 projections of 1-4 tokens: the GEMV kernel launched as a programmatic dependent, launched plainly, and cuBLAS, and
-(--only moe-mid) the MoE at 256-128k tokens per expert path, with the wide kernel against the CUTLASS GEMMs. Writes
+(--only moe-mid) the MoE at 256-128k tokens per expert path, with the wide kernel against the CUTLASS GEMMs, and
+(--only route) the router's selection kernels at 4k-128k tokens against the torch twin. Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -582,6 +583,43 @@ def bench_gemv(tokens=(1, 2, 4, 8), layers=16, rounds=3):
     RESULTS["gemv"] = rows
 
 
+def bench_route(tokens=(4096, 32768, 131072)):
+    """The router's selection step (sigmoid, group top-2 sums, kept groups, top-8, weights) on fp32 logits at the
+    Ring-mini config, as a prefill step runs it: moe_route's register path for 256 experts against its shared-memory
+    kernel (which a logits view off 16-byte alignment takes) and the torch twin (route_reference), with the shared
+    expert appended. Both kernels must pick the same experts with bitwise the same weights."""
+    from ringlinear.kernels.moe_reference import route_reference
+
+    cfg, ext, rows = RING_MINI_ROUTER, extension(), []
+    g = torch.Generator(device="cuda").manual_seed(3)
+    bias = torch.randn(256, device="cuda", generator=g) * 0.01
+    for N in tokens:
+        logits = torch.randn(N, 256, device="cuda", generator=g)
+        buf = torch.empty(N * 256 + 1, device="cuda")
+        buf[1:].copy_(logits.reshape(-1))
+        shifted = buf[1:].view(N, 256)
+        outs = {}
+
+        def kernel(lg, key):
+            ids = torch.empty(N, 9, dtype=torch.int32, device="cuda")
+            w = torch.empty(N, 9, device="cuda")
+            outs[key] = (ids, w)
+            return lambda: ext.moe_route(lg, bias, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.norm_topk_prob,
+                                         float(cfg.routed_scaling_factor), 256, ids, w)
+
+        fast, general = kernel(logits, "fast"), kernel(shifted, "general")
+        fast(), general()
+        same = bool(torch.equal(*[o[0] for o in outs.values()]) and torch.equal(*[o[1] for o in outs.values()]))
+        t_fast, t_general = do_bench(fast) * 1e3, do_bench(general) * 1e3
+        t_twin = do_bench(lambda: route_reference(logits, bias, cfg)) * 1e3
+        rows.append({"tokens": N, "register_us": t_fast, "shared_memory_us": t_general, "twin_us": t_twin,
+                     "bitwise_same": same})
+        print(f"route N={N:6d}: register path {t_fast:8.1f} us | shared-memory kernel {t_general:8.1f} us "
+              f"({t_general / t_fast:.2f}x) | torch twin {t_twin:8.1f} us ({t_twin / t_fast:.1f}x) | same: {same}",
+              flush=True)
+    RESULTS["route"] = rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -618,6 +656,11 @@ def main():
             bench_moe_latency()
         except Exception as exc:  # noqa: BLE001
             record_error("moe-latency", exc)
+    if "route" in only:
+        try:
+            bench_route()
+        except Exception as exc:  # noqa: BLE001
+            record_error("route", exc)
     if "moe-mid" in only:
         try:
             bench_moe_mid(*([tuple(int(t) for t in args.moe_mid_tokens.split(","))] if args.moe_mid_tokens else []))

@@ -20,6 +20,7 @@ import operator
 import torch
 
 from . import _build
+from ..ops.rope import rope_cos_sin as _rope_tables
 from .elementwise_reference import add_rms_norm_reference, gated_group_rmsnorm_reference, qkv_prologue_reference
 
 PROLOGUE_HEAD_DIMS = (64, 128)
@@ -116,10 +117,11 @@ def qkv_prologue(
     exactly as ops.rms_norm / ops.rope_cos_sin / ops.apply_partial_rope (angles in fp64). norm_dtype: the dtype
     the QK-norm rounds to, as ops.rms_norm does in its input's dtype. None (default) = fp32: the lightning layers,
     which cast the projection to fp32 first. The softmax layers normalise the bf16 projection itself: pass
-    norm_dtype=qkv.dtype there to reproduce model.py bit for bit (the fp32 norm differs by <= 1 bf16 ulp).
+    norm_dtype=qkv.dtype there to reproduce model.py bit for bit (the fp32 norm differs by <= 1 bf16 ulp). The kernel
+    takes these two; another norm dtype runs the twin.
     rope_cos_sin: ops.rope_cos_sin(positions, rotary_dim, rope_theta) for these positions ([..., N, rotary_dim]
-    each), when the caller has it (the runner computes it once per step): the kernel then reads the angles' cos/sin
-    instead of computing them in fp64 for every token of every layer. Same values either way.
+    each), when the caller has it (the runner computes it once per step for every layer); without it the tables are
+    built here from positions (the kernel reads its angles from them). Same values either way.
     kv_cache: (K, V, rows) with K, V [R, Hkv, d] contiguous caches of out_dtype and rows int [N] (distinct, < R): k and
     v go straight to K[rows], V[rows] (one kernel instead of the prologue and two index_put copies); the returned k
     and v are then K and V themselves.
@@ -192,7 +194,7 @@ def qkv_prologue(
             raise ValueError(f"{fn}: out {name} must be a contiguous {out_dtype} [{N}, {heads}, {d}] on {dev}")
 
     kernel_ok = (d in PROLOGUE_HEAD_DIMS and qkv.dtype in _KERNEL_DTYPES and out_dtype in _KERNEL_DTYPES
-                 and (norm_dtype is None or norm_dtype in _KERNEL_DTYPES))
+                 and (norm_dtype is None or norm_dtype in (torch.float32, qkv.dtype)))
     if not (kernel_ok and _use_cuda(qkv)):
         q, k, v = qkv_prologue_reference(qkv, positions, Hq, Hkv, d, silu=silu, q_norm_weight=q_norm_weight,
                                          k_norm_weight=k_norm_weight, eps=eps, rotary_dim=rot, rope_theta=theta,
@@ -212,9 +214,10 @@ def qkv_prologue(
         k, v = K, V
     if N == 0:
         return q, k, v
+    if rot and tables is None:  # the kernel reads the angles from tables: the ones the runner builds once per step
+        tables = _rope_tables(positions, rot, theta, torch.float32)
     _build.extension().qkv_prologue(
         _aligned_rows(qkv, 16 // qkv.element_size()),
-        positions.to(torch.int64).contiguous(),
         _weight_f32(q_norm_weight),
         _weight_f32(k_norm_weight),
         q, k, v,
@@ -222,7 +225,6 @@ def qkv_prologue(
         _NORM_CODES[norm_dtype or torch.float32],
         eps,
         rot,
-        theta,
         *(tables or (None, None)),
         None if kv_cache is None else rows.to(torch.int64).contiguous(),
     )

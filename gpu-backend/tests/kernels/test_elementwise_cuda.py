@@ -160,6 +160,59 @@ def test_prologue_reads_rope_tables(case):
         qkv_prologue(qkv, pos, H, Hkv, d, rope_cos_sin=(tables[0][:, :-1], tables[1][:, :-1]), **args)
 
 
+@pytest.mark.parametrize("N", [5000, 70_000])
+def test_prologue_long_walks_match_twin(N):
+    """Each warp walks its head group over many tokens (past one wave of warps), so every slot of its cp.async ring is
+    reused many times: the lightning shape with fp32 norms and the softmax shape writing k/v into cache rows."""
+    H, d = 16, 128
+    qkv, pos, qw, kw = _inputs(N, H, H, d, torch.bfloat16, seed=N)
+    args = dict(silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=64, rope_theta=THETA,
+                out_dtype=torch.bfloat16, rope_cos_sin=rope_cos_sin(pos[None], 64, THETA, torch.float32))
+    for g, w, nm in zip(qkv_prologue(qkv, pos, H, H, d, **args), qkv_prologue_reference(qkv, pos, H, H, d, **{
+            k: v for k, v in args.items() if k != "rope_cos_sin"}), "qkv"):
+        _check(g, w, f"lightning N={N} {nm}")
+    Hkv = 4
+    soft = qkv[:, : (H + 2 * Hkv) * d]  # a column slice, as the runner's fused projection output
+    rows = torch.randperm(N + 100, device="cuda")[:N]
+    K = torch.zeros(N + 100, Hkv, d, dtype=torch.bfloat16, device="cuda")
+    V = torch.zeros_like(K)
+    sargs = {**args, "norm_dtype": torch.bfloat16}
+    q, _, _ = qkv_prologue(soft, pos, H, Hkv, d, kv_cache=(K, V, rows), **sargs)
+    wq, wk, wv = qkv_prologue_reference(soft, pos, H, Hkv, d, **{k: v for k, v in sargs.items() if k != "rope_cos_sin"})
+    assert torch.equal(V[rows], wv)
+    for g, w in ((q, wq), (K[rows], wk)):
+        scale = w.float().abs().amax(-1, keepdim=True)
+        assert ((g.float() - w.float()).abs() <= BF16_NORM_REL * scale).all()
+
+
+def test_prologue_other_norm_dtype_runs_twin():
+    """The kernel rounds the QK-norm to fp32 or to qkv's dtype; fp16 rounding of a bf16 projection runs the twin."""
+    N, H, Hkv, d = 40, 4, 2, 128
+    qkv, pos, qw, kw = _inputs(N, H, Hkv, d, torch.bfloat16, seed=5)
+    args = dict(silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=64, rope_theta=THETA,
+                norm_dtype=torch.float16, out_dtype=torch.bfloat16)
+    for g, w in zip(qkv_prologue(qkv, pos, H, Hkv, d, **args), qkv_prologue_reference(qkv, pos, H, Hkv, d, **args)):
+        assert torch.equal(g, w)
+
+
+def test_prologue_unaligned_rope_tables():
+    """Tables that are views at a 4-byte offset (not 16-byte aligned) take the kernel's scalar table copies: the same
+    outputs as aligned ones."""
+    N, H, Hkv, d, rot = 300, 16, 4, 128, 64
+    qkv, pos, qw, kw = _inputs(N, H, Hkv, d, torch.bfloat16, seed=11)
+    cos, sin = rope_cos_sin(pos, rot, THETA, torch.float32)
+    args = dict(silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=EPS, rotary_dim=rot, rope_theta=THETA)
+    want = qkv_prologue(qkv, pos, H, Hkv, d, rope_cos_sin=(cos, sin), **args)
+    shifted = []
+    for t in (cos, sin):
+        buf = torch.empty(N * rot + 1, device="cuda")
+        buf[1:].copy_(t.reshape(-1))
+        shifted.append(buf[1:].view(N, rot))
+    assert shifted[0].data_ptr() % 16
+    for g, w in zip(qkv_prologue(qkv, pos, H, Hkv, d, rope_cos_sin=tuple(shifted), **args), want):
+        assert torch.equal(g, w)
+
+
 def test_prologue_large_positions_and_int32_positions():
     N, H, Hkv, d = 64, 4, 4, 128
     qkv, _, qw, kw = _inputs(N, H, Hkv, d, torch.float32, seed=3)

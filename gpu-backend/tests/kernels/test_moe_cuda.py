@@ -142,6 +142,46 @@ def test_route_align_small_ties_and_nan_rows():
         route_align_small(torch.zeros(SMALL_ROUTE_MAX_TOKENS + 1, E, device="cuda"), None, cfg)
 
 
+@pytest.mark.parametrize("n_group,topk_group,topk", [(8, 4, 8), (32, 8, 8), (1, 1, 8), (4, 2, 32), (16, 16, 6)])
+@pytest.mark.parametrize("append", [-1, 256])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_route_256_experts_matches_general_kernel(n_group, topk_group, topk, append, with_bias):
+    """moe_route's register path for 256 experts (8 per lane, a warp max per pick) against the shared-memory kernel,
+    which a logits view off 16-byte alignment still takes: the same experts in the same order and bitwise the same
+    weights, on scores rounded to quarters so that exact ties (within and across lanes and groups) are everywhere."""
+    g = torch.Generator(device="cuda").manual_seed(n_group * 100 + topk + append)
+    N, E = 3000, 256
+    logits = (torch.randn(N, E, device="cuda", generator=g) * 4).round() / 4
+    bias = (torch.randn(E, device="cuda", generator=g) * 4).round() / 16 if with_bias else None
+    k = topk + (append >= 0)
+
+    def run(lg):
+        ids = torch.empty(N, k, dtype=torch.int32, device="cuda")
+        w = torch.empty(N, k, device="cuda")
+        _build.extension().moe_route(lg, bias, n_group, topk_group, topk, True, 2.5, append, ids, w)
+        return ids, w
+
+    buf = torch.empty(N * E + 1, device="cuda")
+    buf[1:].copy_(logits.reshape(-1))
+    shifted = buf[1:].view(N, E)  # 4 bytes off alignment: the general kernel
+    assert shifted.data_ptr() % 16
+    ids, w = run(logits)
+    ids_g, w_g = run(shifted)
+    assert torch.equal(ids, ids_g) and torch.equal(w, w_g)
+    # and the twin's picks on continuous scores. Even these tie now and then (3 000 x 256 sigmoids, 2^-24 apart near
+    # the top), and torch.topk orders ties as it likes: so the picked scores must be the twin's, in its order.
+    logits = torch.randn(N, E, device="cuda", generator=g)
+    ids, w = run(logits)
+    cfg = RouterConfig(num_experts=E, top_k=topk, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5)
+    ids_r, w_r = route_reference(logits, bias, cfg)
+    biased = torch.sigmoid(logits) + (bias if bias is not None else 0.0)
+    assert torch.equal(biased.gather(1, ids[:, :topk].long()), biased.gather(1, ids_r))
+    assert (ids[:, :topk].long() == ids_r).float().mean().item() > 0.99
+    assert (w[:, :topk] - w_r).abs().max().item() < WEIGHT_ATOL
+    if append >= 0:
+        assert (ids[:, -1] == append).all() and (w[:, -1] == 1).all()
+
+
 def test_router_logits_bf16_weights_one_gemm():
     """bf16 router weights (a bf16 model): one GEMM with fp32 accumulation, the fp32 GEMM of the upcast operands up
     to the summation order."""

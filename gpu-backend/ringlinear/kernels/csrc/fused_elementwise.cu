@@ -6,17 +6,17 @@
 //   add_rms_norm          s = x [+ delta] (rounded to x's dtype) -> ops.rms_norm(s, weight) in x's dtype
 //
 // Memory-bound, so the aim is one pass over each row with 16-byte accesses: one CTA per row for the norms; the
-// prologue's CTAs each walk many rows through a 3-deep cp.async ring so loads overlap the arithmetic. Products and
-// sums that the eager reference rounds separately use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs:
-// RoPE then matches torch bit for bit given the same inputs. RoPE angles are ops.rope_cos_sin's (pos *
+// prologue's warps each walk many tokens of one head group through their own cp.async ring. Products and sums that the eager reference rounds separately use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs:
+// RoPE then matches torch bit for bit given the same inputs. RoPE angles are ops.rope_cos_sin's tables (pos *
 // theta^(-2i/r) in double, cos/sin in double, rounded to fp32; an fp32 angle at position 1e6 would be off by up to
-// 0.03 rad): read from its tables when the caller passes them, else computed the same way per token.
+// 0.03 rad), which the caller passes (elementwise.py builds them when its own caller has none).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <tuple>
 
 #include "common.cuh"
@@ -26,10 +26,8 @@ namespace {
 
 constexpr int kPrologueThreads = 256;
 constexpr int kPrologueWarps = kPrologueThreads / 32;
-constexpr int kPrologueRounds = 4;  // head vectors a lane takes from the ring per pass (64 heads at bf16)
 constexpr int kPrologueMinBlocks = 4;  // <= 64 registers: 4 CTAs (1024 threads) per SM
-constexpr int kPrologueStages = 3;     // tokens of a block in flight: 2 loading while 1 computes
-constexpr int kPrologueMaxRing = 200 * 1024;  // bytes of that ring (3 fp32 rows of 16K elements)
+constexpr int kPrologueStages = 4;     // slots of a warp's ring: 3 tokens loading while 1 computes
 constexpr int kGateThreads = 256;
 constexpr int kGateWarps = kGateThreads / 32;
 constexpr int kGateMaxVec = 8;  // float4 vectors per thread: rows of up to 8192 channels
@@ -40,15 +38,19 @@ constexpr int kAddNormMaxDim = 8192;  // 16-byte vectors per thread: <= 4 (16-bi
 // Codes of the dtype the QK-norm rounds to (ops.rms_norm works in its input's dtype). Keep in sync with elementwise.py.
 constexpr int kNormF32 = 0, kNormBF16 = 1, kNormF16 = 2;
 
-RL_DEVICE float round_to(float x, int code) {
-  if (code == kNormBF16) return __bfloat162float(__float2bfloat16_rn(x));
-  if (code == kNormF16) return __half2float(__float2half_rn(x));
+template <int CODE>
+RL_DEVICE float round_to(float x) {
+  if constexpr (CODE == kNormBF16) return __bfloat162float(__float2bfloat16_rn(x));
+  if constexpr (CODE == kNormF16) return __half2float(__float2half_rn(x));
   return x;
 }
 
-// 4-byte global->shared copy (cp.async's smallest size, .ca: the 16-byte form alone may bypass L1).
+// Global->shared copies through L1 (.ca): the RoPE tables of a token, read by every warp of the block that takes it.
 RL_DEVICE void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 
 // 16 bytes of T (V = 16 / sizeof(T) elements) -> floats.
@@ -99,52 +101,61 @@ RL_DEVICE void store(T* p, const float* f) {
 // qkv prologue
 // ---------------------------------------------------------------------------------------------------------------
 // A head's D elements are spread over LPH = D / V lanes (V elements of 16 bytes each), so a warp covers HPW = 32 / LPH
-// heads per pass and the per-head RMS is a shuffle reduction inside an aligned group of LPH lanes. RoPE partners
-// (element e and e +- r/2) may sit in other lanes: they are exchanged through a per-warp shared buffer.
-// grid.y splits a token's heads: block y takes heads [y * heads_per_block, ...) (all of them when grid.y == 1). A
-// step of a few tokens (decode) would otherwise leave one block per token walking every head in turn (~6 us at one
-// token; split, the token's heads run side by side on several SMs).
-template <typename Tin, typename Tout, int D>
+// heads - one "head group" - and the per-head RMS is a shuffle reduction inside an aligned group of LPH lanes. Every
+// warp keeps one head group (the grid holds a whole number of warps per group: see the launch) and walks tokens
+// n0, n0 + TS, ... through its own ring of kPrologueStages shared-memory slots: each lane cp.asyncs its 16 bytes of the
+// row and the lanes together the token's RoPE tables, kPrologueStages - 1 tokens ahead of the one being computed.
+// Only __syncwarp orders a warp's slots, so warps never wait for each other: the version before this one staged a
+// whole token per block behind two __syncthreads and ran at 33-55% of the copy rate at 32k tokens.
+// RoPE partners (element e and e +- r/2) sit in lane sub +- r/(2V) at the same index when V divides r/2 (a shuffle);
+// otherwise they are exchanged through a per-warp shared buffer.
+template <typename Tin, typename Tout, int D, int NORM>
 __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
-    qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, int N, const int64_t* __restrict__ positions,
-                        const float* __restrict__ q_w, const float* __restrict__ k_w, Tout* __restrict__ q_out,
-                        Tout* __restrict__ k_out, Tout* __restrict__ v_out, const int64_t* __restrict__ kv_rows,
-                        int Hq, int Hkv, int silu, int norm_code,
-                        float eps, int rot, double theta, const float* __restrict__ cos_tab,
-                        const float* __restrict__ sin_tab, int heads_per_block) {
+    qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, int N, const float* __restrict__ q_w,
+                        const float* __restrict__ k_w, Tout* __restrict__ q_out, Tout* __restrict__ k_out,
+                        Tout* __restrict__ v_out, const int64_t* __restrict__ kv_rows, int Hq, int Hkv, int silu,
+                        float eps, int rot, const float* __restrict__ cos_tab,
+                        const float* __restrict__ sin_tab, int vec_tables) {
   constexpr int V = 16 / sizeof(Tin);
   constexpr int LPH = D / V;
   constexpr int HPW = 32 / LPH;
-  static_assert(D % V == 0 && LPH >= 1 && LPH <= 32 && 32 % LPH == 0, "head must split evenly over lanes");
-  constexpr int kHeadsPerPass = kPrologueWarps * HPW;
   constexpr int S = kPrologueStages;
-
-  extern __shared__ uint4 ring[];  // [S][row16]: the raw rows of this block's next tokens
-  __shared__ float cos_s[S][D / 2], sin_s[S][D / 2];
-  __shared__ float xch[kPrologueWarps][HPW * D];
+  static_assert(D % V == 0 && LPH >= 1 && LPH <= 32 && 32 % LPH == 0, "head must split evenly over lanes");
+  extern __shared__ uint4 ring[];  // per warp: S slots of [32 x 16 bytes of the row][cos[rot]][sin[rot]]
+  __shared__ alignas(16) float xch[kPrologueWarps][HPW * D];  // RoPE partners when V does not divide r/2
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane % LPH, hslot = lane / LPH;
-  const int H = Hq + 2 * Hkv, half = rot / 2;
-  const int row16 = H * D * (int)sizeof(Tin) / 16;
-  const int hlo = blockIdx.y * heads_per_block, hhi = min(H, hlo + heads_per_block);  // this block's heads
-  constexpr int kHead16 = D * (int)sizeof(Tin) / 16;  // 16-byte pieces of one head
-  const bool tables = cos_tab != nullptr;
+  const int H = Hq + 2 * Hkv, P = (H + HPW - 1) / HPW, half = rot / 2;
+  const int64_t gw = (int64_t)blockIdx.x * kPrologueWarps + warp;
+  const int64_t TS = (int64_t)gridDim.x * kPrologueWarps / P;  // tokens walked side by side per head group
+  const int group = (int)(gw % P), h = group * HPW + hslot;      // this lane's head (>= H: idle, still shuffles)
+  const bool is_q = h < Hq, is_k = h >= Hq && h < Hq + Hkv, live = h < H;
+  const bool warp_roped = rot > 0 && group * HPW < Hq + Hkv;     // the warp holds a q or k head: it needs the tables
+  const int e0 = sub * V;                                        // first element of the lane's head vector
+  const bool roped = (is_q || is_k) && e0 < rot;
+  const bool shfl_rope = half % V == 0, vec_rope = rot % V == 0;  // warp-uniform
+  const int partner = e0 < half ? lane + half / V : lane - half / V;
+  const float* w = is_q ? q_w : (is_k ? k_w : nullptr);          // the lane's norm weight (L1-resident)
 
-  // The block walks tokens blockIdx.x, + gridDim.x, ...; token j of its walk lands in stage j % S through cp.async,
-  // S - 1 tokens ahead of the one being computed, so loads stay in flight while the arithmetic runs. The rope
-  // tables (ops.rope_cos_sin's output, computed once per step for every layer) ride along; without them the angles
-  // are ops.rope_cos_sin's fp64 arithmetic, per token.
-  auto fetch = [&](int j) {
-    const int n = blockIdx.x + j * gridDim.x;
-    if (n < N) {
-      const int st = j % S;
-      const uint4* src = reinterpret_cast<const uint4*>(qkv + (int64_t)n * row_stride);
-      for (int c = hlo * kHead16 + threadIdx.x; c < hhi * kHead16; c += kPrologueThreads)
-        cp_async_16(ring + st * row16 + c, src + c, 16);
-      if (tables && (int)threadIdx.x < half) {
-        cp_async_4(&cos_s[st][threadIdx.x], cos_tab + (int64_t)n * rot + threadIdx.x);
-        cp_async_4(&sin_s[st][threadIdx.x], sin_tab + (int64_t)n * rot + threadIdx.x);
+  const int slot_u4 = 32 + rot / 2;  // 16-byte units of a slot (2 * rot floats of tables; rot is even)
+  uint4* my_ring = ring + (int64_t)warp * S * slot_u4;
+  auto fetch = [&](int64_t j) {
+    const int64_t m = gw / P + j * TS;
+    if (m < N) {
+      uint4* slot = my_ring + (j % S) * slot_u4;
+      if (live) cp_async_16(slot + lane, qkv + m * row_stride + h * D + e0, 16);
+      if (warp_roped) {
+        float* tab = reinterpret_cast<float*>(slot + 32);
+        if (vec_tables) {  // rot % 4 == 0, 16-byte aligned tables: rot / 4 vectors of cos, then of sin
+          for (int c = lane; c < rot / 2; c += 32) {
+            const float* src = (c < rot / 4 ? cos_tab + m * rot + 4 * c : sin_tab + m * rot + 4 * (c - rot / 4));
+            cp_async_16_ca(tab + 4 * c, src);
+          }
+        } else {
+          for (int c = lane; c < 2 * rot; c += 32)
+            cp_async_4(tab + c, c < rot ? cos_tab + m * rot + c : sin_tab + m * rot + (c - rot));
+        }
       }
     }
     cp_async_commit();  // possibly empty: one group per token keeps the wait count uniform
@@ -154,98 +165,90 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
   for (int j = 0; j < S - 1; ++j) fetch(j);
 
   float* xs = xch[warp] + hslot * D;
-  for (int j = 0;; ++j) {
-    const int n = blockIdx.x + j * gridDim.x;
-    if (n >= N) break;  // block-uniform
-    const int st = j % S;
-    fetch(j + S - 1);  // into the stage read in iteration j - 1 (released by its closing barrier)
-    if (!tables && (int)threadIdx.x < half) {
-      const double inv_freq = 1.0 / pow(theta, (double)(2 * threadIdx.x) / (double)rot);
-      double sn, cs;
-      sincos((double)positions[n] * inv_freq, &sn, &cs);
-      cos_s[st][threadIdx.x] = (float)cs;
-      sin_s[st][threadIdx.x] = (float)sn;
+  for (int64_t j = 0;; ++j) {
+    const int64_t m = gw / P + j * TS;
+    if (m >= N) break;  // warp-uniform
+    fetch(j + S - 1);  // into the slot read in iteration j - 1 (released by its closing __syncwarp)
+    const int64_t row = kv_rows != nullptr && !is_q && live ? kv_rows[m] : m;  // k/v's cache row: loaded early
+    cp_async_wait<S - 1>();  // this lane's copies of token m have landed
+    __syncwarp();            // and the other lanes' (the tables)
+    const uint4* slot = my_ring + (j % S) * slot_u4;
+    const float* cs = reinterpret_cast<const float*>(slot + 32);
+    const float* sn = cs + rot;
+    float f[V];
+    if (live) {
+      unpack16<Tin, V>(slot[lane], f);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) f[i] = 0.f;
     }
-    cp_async_wait<S - 1>();  // this thread's copies of token n have landed
-    __syncthreads();         // everyone's
-    const Tin* row = reinterpret_cast<const Tin*>(ring + st * row16);
-    const float* cs_ = cos_s[st];
-    const float* sn_ = sin_s[st];
-    for (int h0 = hlo; h0 < hhi; h0 += kHeadsPerPass * kPrologueRounds) {  // block-uniform loop
-      float x[kPrologueRounds][V];
+    if (silu) {
 #pragma unroll
-      for (int r = 0; r < kPrologueRounds; ++r) {
-        const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
-        if (h < hhi) {
-          unpack16<Tin, V>(*reinterpret_cast<const uint4*>(row + h * D + sub * V), x[r]);  // from the ring
-        } else {
+      for (int i = 0; i < V; ++i) f[i] = f[i] / (1.f + expf(-f[i]));  // torch's silu: x / (1 + exp(-x))
+    }
 #pragma unroll
-          for (int i = 0; i < V; ++i) x[r][i] = 0.f;
+    for (int i = 0; i < V; ++i) f[i] = round_to<NORM>(f[i]);
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) ss += f[i] * f[i];
+#pragma unroll
+    for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (w != nullptr) {
+      // ops.rms_norm: normed = (x * rsqrt(mean(x^2) + eps)) in the norm dtype, then weight(norm dtype) * normed.
+      const float rs = rsqrtf(__fmul_rn(ss, 1.f / D) + eps);  // = ss / D exactly: D is a power of two
+      float wv[V];
+#pragma unroll
+      for (int c = 0; c < V / 4; ++c) load4<float>(w + e0 + 4 * c, wv + 4 * c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) f[i] = round_to<NORM>(__fmul_rn(round_to<NORM>(wv[i]), round_to<NORM>(__fmul_rn(f[i], rs))));
+    }
+    if (rot > 0 && shfl_rope && vec_rope) {  // warp-uniform; the usual shapes (rot = 64 or 32 of 128 / 64)
+      // ops.apply_partial_rope: y = x * cos + rotate_half(x) * sin over the first rot dims, products rounded. Here a
+      // lane's V elements all sit on one side: partner lane sub +- r/(2V), rotate_half's sign the same for all V
+      // (x - y == x + (-y) exactly, so one form serves both halves).
+      float o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = __shfl_sync(0xffffffffu, f[i], partner);
+      if (roped) {
+        const float sign = e0 < half ? -1.f : 1.f;
+        float c[V], sv[V];
+#pragma unroll
+        for (int q = 0; q < V / 4; ++q) {
+          *reinterpret_cast<float4*>(c + 4 * q) = *reinterpret_cast<const float4*>(cs + e0 + 4 * q);
+          *reinterpret_cast<float4*>(sv + 4 * q) = *reinterpret_cast<const float4*>(sn + e0 + 4 * q);
         }
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[i] = __fadd_rn(__fmul_rn(f[i], c[i]), __fmul_rn(sign * o[i], sv[i]));
       }
+    } else if (rot > 0) {  // any even rot: partners through the warp's exchange buffer, per element
 #pragma unroll
-      for (int r = 0; r < kPrologueRounds; ++r) {
-        if (h0 + r * kHeadsPerPass >= hhi) break;  // block-uniform
-        // Lanes whose head is past the block's last (h >= hhi) still run the shuffles and __syncwarp below, then
-        // store nothing.
-        const int h = h0 + r * kHeadsPerPass + warp * HPW + hslot;
-        float* f = x[r];
-        if (silu) {
+      for (int c = 0; c < V / 4; ++c)
+        *reinterpret_cast<float4*>(xs + e0 + 4 * c) = make_float4(f[4 * c], f[4 * c + 1], f[4 * c + 2], f[4 * c + 3]);
+      __syncwarp();
+      float o[V];
 #pragma unroll
-          for (int i = 0; i < V; ++i) f[i] = f[i] / (1.f + expf(-f[i]));  // torch's silu: x / (1 + exp(-x))
-        }
+      for (int i = 0; i < V; ++i) {
+        const int e = e0 + i;
+        o[i] = e < half ? xs[e + half] : (e < rot ? xs[e - half] : 0.f);
+      }
+      __syncwarp();  // the buffer is rewritten by the next token
+      if (roped) {
 #pragma unroll
-        for (int i = 0; i < V; ++i) f[i] = round_to(f[i], norm_code);
-        const bool is_q = h < Hq, is_k = h >= Hq && h < Hq + Hkv;
-        const float* w = is_q ? q_w : (is_k ? k_w : nullptr);
-
-        float ss = 0.f;
-#pragma unroll
-        for (int i = 0; i < V; ++i) ss += f[i] * f[i];
-#pragma unroll
-        for (int o = LPH / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (w != nullptr) {
-          // ops.rms_norm: normed = (x * rsqrt(mean(x^2) + eps)) in the norm dtype, then weight(norm dtype) * normed.
-          const float rs = rsqrtf(__fdiv_rn(ss, (float)D) + eps);
-          float wv[V];
-#pragma unroll
-          for (int c = 0; c < V / 4; ++c) load4<float>(w + sub * V + 4 * c, wv + 4 * c);
-#pragma unroll
-          for (int i = 0; i < V; ++i)
-            f[i] = round_to(__fmul_rn(round_to(wv[i], norm_code), round_to(__fmul_rn(f[i], rs), norm_code)), norm_code);
-        }
-
-        if (rot > 0) {  // block-uniform
-#pragma unroll
-          for (int i = 0; i < V; ++i) xs[sub * V + i] = f[i];
-          __syncwarp();
-          if (is_q || is_k) {
-            // ops.apply_partial_rope: y = x * cos + rotate_half(x) * sin over the first rot dims, products rounded.
-#pragma unroll
-            for (int i = 0; i < V; ++i) {
-              const int e = sub * V + i;
-              if (e < half) {
-                f[i] = __fsub_rn(__fmul_rn(f[i], cs_[e]), __fmul_rn(xs[e + half], sn_[e]));
-              } else if (e < rot) {
-                f[i] = __fadd_rn(__fmul_rn(f[i], cs_[e - half]), __fmul_rn(xs[e - half], sn_[e - half]));
-              }
-            }
-          }
-          __syncwarp();  // the buffer is rewritten by the next round
-        }
-
-        if (h < hhi) {
-          const int64_t kv_row = kv_rows != nullptr ? kv_rows[n] : n;  // k/v straight into their KV-cache rows
-          Tout* dst = is_q ? q_out + ((int64_t)n * Hq + h) * D
-                           : (is_k ? k_out + (kv_row * Hkv + (h - Hq)) * D
-                                   : v_out + (kv_row * Hkv + (h - Hq - Hkv)) * D);
-          store<Tout, V>(dst + sub * V, f);
+        for (int i = 0; i < V; ++i) {
+          const int e = e0 + i;
+          if (e < half) f[i] = __fsub_rn(__fmul_rn(f[i], cs[e]), __fmul_rn(o[i], sn[e]));
+          else if (e < rot) f[i] = __fadd_rn(__fmul_rn(f[i], cs[e]), __fmul_rn(o[i], sn[e]));
         }
       }
     }
-    __syncthreads();  // stage st and its cos/sin are free for the fetch of iteration j + 1
+    if (live) {  // k/v straight into their KV-cache rows when kv_rows is given
+      Tout* dst = is_q ? q_out + (m * Hq + h) * D
+                       : (is_k ? k_out + (row * Hkv + (h - Hq)) * D : v_out + (row * Hkv + (h - Hq - Hkv)) * D);
+      store<Tout, V>(dst + e0, f);
+    }
+    __syncwarp();  // slot j % S is free for the fetch of iteration j + 1
   }
-  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+  cp_async_wait<0>();  // no copy may still target shared memory when the warp exits
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ template <typename To, typename Tg, typename Tout, int MAXV>
 __global__ void __launch_bounds__(kGateThreads)
     gated_group_rmsnorm_kernel(const To* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
                                int64_t gate_stride, const float* __restrict__ weight, Tout* __restrict__ out, int C,
-                               int groups, float eps) {
+                               int groups, float eps, int gshift) {
   extern __shared__ float smem[];
   const int nvec = C / 4, gsize = C / groups, gvec = gsize / 4;
   float* part = smem;          // [nvec] sum of squares of each float4
@@ -297,14 +300,14 @@ __global__ void __launch_bounds__(kGateThreads)
   for (int i = 0; i < MAXV; ++i) {
     const int v = threadIdx.x + i * kGateThreads;
     if (v < nvec) {
-      const float rs = scale[(4 * v) / gsize];  // a float4 never straddles groups: gsize % 4 == 0
+      const float rs = scale[gshift >= 0 ? v >> gshift : v / gvec];  // a float4 never straddles groups
       float w[4], y[4];
       const float* g = gv[i];
       load4<float>(weight + 4 * v, w);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         // ops.group_rms_norm then * torch.sigmoid (1 / (1 + exp(-g))), each product rounded as in eager torch.
-        const float sig = 1.f / (1.f + expf(-g[j]));
+        const float sig = __frcp_rn(1.f + expf(-g[j]));  // == 1.f / (...): both correctly rounded, rcp is cheaper
         y[j] = __fmul_rn(__fmul_rn(w[j], __fmul_rn(x[i][j], rs)), sig);
       }
       store<Tout, 4>(yrow + 4 * v, y);
@@ -409,10 +412,9 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // ---------------------------------------------------------------------------------------------------------------
 // Host entry points (shapes and dtypes are validated by elementwise.py; the checks here guard the raw pointers)
 // ---------------------------------------------------------------------------------------------------------------
-void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& q_w,
-                  const c10::optional<at::Tensor>& k_w, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out,
-                  bool silu, int64_t norm_code, double eps, int64_t rot, double theta,
-                  const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab,
+void qkv_prologue(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
+                  at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out, bool silu, int64_t norm_code, double eps,
+                  int64_t rot, const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab,
                   const c10::optional<at::Tensor>& kv_rows) {
   RL_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
   const int64_t N = q_out.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
@@ -428,8 +430,6 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
   RL_CHECK(qkv.dim() == 2 && qkv.size(0) == N && qkv.size(1) == (Hq + 2 * Hkv) * D && qkv.stride(1) == 1,
               "qkv_prologue: qkv must be [N, (Hq + 2 Hkv) d] with unit column stride");
   RL_CHECK(aligned16(qkv) && (qkv.stride(0) * qkv.element_size()) % 16 == 0, "qkv_prologue: qkv rows must be 16-byte aligned");
-  RL_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == N,
-              "qkv_prologue: positions must be contiguous int64 [N]");
   for (const auto* w : {&q_w, &k_w}) {
     if (w->has_value()) {
       RL_CHECK((*w)->scalar_type() == at::kFloat && (*w)->is_contiguous() && (*w)->numel() == D && aligned16(**w),
@@ -439,7 +439,8 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
   RL_CHECK(D == 64 || D == 128, "qkv_prologue: head_dim must be 64 or 128");
   RL_CHECK(rot >= 0 && rot <= D && rot % 2 == 0, "qkv_prologue: rotary_dim must be even and <= head_dim");
   RL_CHECK(norm_code >= kNormF32 && norm_code <= kNormF16, "qkv_prologue: bad norm dtype code");
-  RL_CHECK(cos_tab.has_value() == sin_tab.has_value(), "qkv_prologue: pass both rope tables or neither");
+  RL_CHECK(cos_tab.has_value() == sin_tab.has_value() && (rot == 0 || cos_tab.has_value()),
+           "qkv_prologue: rotary_dim > 0 needs both rope tables");
   for (const auto* t : {&cos_tab, &sin_tab}) {
     if (t->has_value()) {
       RL_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->numel() == N * rot,
@@ -456,29 +457,38 @@ void qkv_prologue(const at::Tensor& qkv, const at::Tensor& positions, const c10:
     dispatch_float(q_out.scalar_type(), "qkv_prologue: out_dtype", [&](auto out_tag) {
       using Tout = decltype(out_tag);
       auto launch = [&](auto kernel) {
-        // Enough blocks to fill the SMs at the occupancy the ring allows; each walks its share of the tokens. With
-        // fewer tokens than block slots, a token's heads are split over up to one block per pass of heads.
-        const int smem = kPrologueStages * (int)((Hq + 2 * Hkv) * D * sizeof(Tin));
-        RL_CHECK(smem <= kPrologueMaxRing, "qkv_prologue: (q + 2 kv heads) x head_dim = ", (Hq + 2 * Hkv) * D,
-                 " elements per token is too wide for the kernel's shared-memory ring");
-        const int64_t slots = prologue_resident_blocks(kernel, smem, qkv.get_device());
-        const int H = (int)(Hq + 2 * Hkv), pass = kPrologueWarps * 32 / ((int)D * (int)sizeof(Tin) / 16);
-        const int64_t passes = (H + pass - 1) / pass;
-        const int64_t split = std::max<int64_t>(1, std::min<int64_t>(passes, slots / N));
-        const int heads_per_block = (int)(pass * ((passes + split - 1) / split));
-        const unsigned grid_y = (unsigned)((H + heads_per_block - 1) / heads_per_block);
-        const int64_t grid = std::min<int64_t>(N, std::max<int64_t>(1, slots / grid_y));
-        C10_CUDA_CHECK(launch_dependent(kernel, dim3((unsigned)grid, grid_y), kPrologueThreads, smem, stream,
-            reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N, positions.data_ptr<int64_t>(),
+        // Each warp keeps one group of heads (P groups per token), so the grid is a whole number of warps per group:
+        // blocks a multiple of P / gcd(P, warps per block). As many as the tokens need, at most one wave.
+        const int64_t V = 16 / (int64_t)sizeof(Tin), hpw = 32 / (D / V);
+        const int64_t P = (Hq + 2 * Hkv + hpw - 1) / hpw;
+        const int smem = kPrologueWarps * kPrologueStages * (int)(32 + rot / 2) * 16;
+        const int64_t step = P / std::gcd(P, (int64_t)kPrologueWarps);
+        const int64_t needed = (N * P + kPrologueWarps - 1) / kPrologueWarps;
+        const int64_t resident = prologue_resident_blocks(kernel, smem, qkv.get_device());
+        const int64_t wave = std::max<int64_t>(step, resident / step * step);
+        const int64_t grid = std::min<int64_t>(wave, (needed + step - 1) / step * step);
+        const bool vec_tables = rot > 0 && rot % 4 == 0 && aligned16(*cos_tab) && aligned16(*sin_tab);
+        C10_CUDA_CHECK(launch_dependent(kernel, dim3((unsigned)grid), kPrologueThreads, smem, stream,
+            reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N,
             q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
             reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
             reinterpret_cast<Tout*>(v_out.data_ptr()), kv_rows ? kv_rows->data_ptr<int64_t>() : nullptr,
-            (int)Hq, (int)Hkv, (int)silu, (int)norm_code, (float)eps,
-            (int)rot, theta, cos_tab ? cos_tab->data_ptr<float>() : nullptr,
-            sin_tab ? sin_tab->data_ptr<float>() : nullptr, heads_per_block));
+            (int)Hq, (int)Hkv, (int)silu, (float)eps, (int)rot,
+            cos_tab ? cos_tab->data_ptr<float>() : nullptr, sin_tab ? sin_tab->data_ptr<float>() : nullptr,
+            (int)vec_tables));
       };
-      if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64>);
-      else launch(qkv_prologue_kernel<Tin, Tout, 128>);
+      // The QK-norm rounds to fp32 (lightning layers) or to the input's dtype (softmax layers): elementwise.py
+      // sends any other norm dtype to the twin.
+      auto by_norm = [&](auto norm_tag) {
+        constexpr int NORM = decltype(norm_tag)::value;
+        if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64, NORM>);
+        else launch(qkv_prologue_kernel<Tin, Tout, 128, NORM>);
+      };
+      constexpr int kNormIn = std::is_same_v<Tin, __nv_bfloat16> ? kNormBF16
+                              : (std::is_same_v<Tin, __half> ? kNormF16 : kNormF32);
+      RL_CHECK(norm_code == kNormF32 || norm_code == kNormIn, "qkv_prologue: the norm dtype must be fp32 or qkv's dtype");
+      if (norm_code == kNormF32) by_norm(std::integral_constant<int, kNormF32>{});
+      else if constexpr (kNormIn != kNormF32) by_norm(std::integral_constant<int, kNormIn>{});
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -503,6 +513,8 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
   const at::cuda::CUDAGuard guard(o.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const size_t smem = (size_t)(C / 4 + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
+  const int64_t gvec = C / groups / 4;  // float4 vectors per group: a shift instead of a division when a power of two
+  const int gshift = (gvec & (gvec - 1)) == 0 ? __builtin_ctzll((unsigned long long)gvec) : -1;
   dispatch_float(o.scalar_type(), "gated_group_rmsnorm: o", [&](auto o_tag) {
     using To = decltype(o_tag);
     dispatch_float(gate.scalar_type(), "gated_group_rmsnorm: gate", [&](auto g_tag) {
@@ -514,7 +526,7 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
         C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, kGateThreads, smem, stream,
             reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
             gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
-            (float)eps));
+            (float)eps, gshift));
       });
     });
   });

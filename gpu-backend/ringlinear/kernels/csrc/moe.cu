@@ -2,6 +2,7 @@
 // group-limited top-k), plus the decode-path expert kernels that read only the experts a batch selected.
 //
 //   moe_route_kernel     one warp per token: scores, group top-2 sums, kept groups, top-k, normalised weights
+//   moe_route256_kernel  the same for 256 experts with the scores in registers (8 per lane)
 //   moe_align_kernel     one block: per-expert counts, offsets, assignment indices sorted by expert, active experts
 //   moe_gate_up_kernel   per (expert, row tile): h = silu(x Wg^T) * (x Wu^T) for the expert's assignments
 //   moe_down_kernel      per (expert, row tile): y[a] = w_a * (h Wd^T), written at the assignment's own row; the
@@ -109,6 +110,105 @@ __global__ void __launch_bounds__(kRouteWarps * 32) moe_route_kernel(const float
       ids[(int64_t)n * kout + topk] = append;
       weights[(int64_t)n * kout + topk] = 1.f;
     }
+  }
+}
+
+// The same selection for 256 experts with the scores in registers: lane l holds experts 8l .. 8l + 7, so a group of
+// gs experts is gs / 8 adjacent lanes (group top-2 by xor shuffles), groups are kept by rank, and each top-k round is
+// one warp max (__reduce_max_sync) over order-preserving integer keys, ties to the lowest expert (lowest lane, then
+// lowest slot) as moe_route_kernel's argmax rounds break them. moe_route_kernel spent ~1 000 instructions per token
+// walking shared memory (the router step was ~0.6 ms of a 128k-token prefill layer); this is the path for 256 experts.
+constexpr int kRoute256Warps = 8;
+
+RL_DEVICE uint32_t order_key(float x) {  // a < b as floats (no NaN) <=> key(a) < key(b) as unsigned
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__global__ void __launch_bounds__(kRoute256Warps * 32) moe_route256_kernel(
+    const float* __restrict__ logits, const float* __restrict__ bias, int N, int n_group, int topk_group, int topk,
+    bool renormalize, float scaling, int append, int32_t* __restrict__ ids, float* __restrict__ weights) {
+  constexpr int EPL = 8;  // experts per lane
+  pdl_wait();  // the logits are the router GEMM's, just before this kernel
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * kRoute256Warps + (threadIdx.x >> 5);
+  if (n >= N) return;
+  float sc[EPL], key_src[EPL];
+  {
+    const float4* lg = reinterpret_cast<const float4*>(logits + (int64_t)n * 256 + EPL * lane);
+    const float4 a = lg[0], b = lg[1];
+    const float l8[EPL] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float b8[EPL] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (bias != nullptr) {
+      const float4 c = __ldg(reinterpret_cast<const float4*>(bias + EPL * lane));
+      const float4 d = __ldg(reinterpret_cast<const float4*>(bias + EPL * lane + 4));
+      b8[0] = c.x, b8[1] = c.y, b8[2] = c.z, b8[3] = c.w, b8[4] = d.x, b8[5] = d.y, b8[6] = d.z, b8[7] = d.w;
+    }
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+      sc[j] = __frcp_rn(1.f + expf(-l8[j]));  // == 1 / (1 + exp(-x)) of moe_route_kernel: both correctly rounded
+      key_src[j] = sc[j] + b8[j];
+    }
+  }
+  if (topk_group < n_group) {  // keep the topk_group groups with the largest top-2 sums
+    const int lanes_per_group = 32 / n_group;  // 256 / n_group experts per group, 8 per lane (n_group | 32)
+    float m1 = -INFINITY, m2 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+      const float x = key_src[j];
+      if (x > m1) { m2 = m1; m1 = x; } else if (x > m2) { m2 = x; }
+    }
+    for (int o = 1; o < lanes_per_group; o <<= 1) {
+      const float a1 = __shfl_xor_sync(0xffffffffu, m1, o), a2 = __shfl_xor_sync(0xffffffffu, m2, o);
+      const float hi = fmaxf(m1, a1), lo = fmaxf(fminf(m1, a1), fmaxf(m2, a2));
+      m1 = hi, m2 = lo;
+    }
+    const float mine = m1 + m2;
+    const int g = lane / lanes_per_group;
+    int rank = 0;
+    for (int gg = 0; gg < n_group; ++gg) {
+      const float other = __shfl_sync(0xffffffffu, mine, gg * lanes_per_group);
+      rank += other > mine || (other == mine && gg < g);
+    }
+    if (rank >= topk_group) {
+#pragma unroll
+      for (int j = 0; j < EPL; ++j) key_src[j] = -INFINITY;
+    }
+  }
+  uint32_t key[EPL];
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) key[j] = order_key(key_src[j]);  // >= 1 for any non-NaN score: 0 marks a pick
+  float sum = 0.f, my_p = 0.f;
+  int my_id = 0;
+  for (int r = 0; r < topk; ++r) {
+    uint32_t best = key[0];
+    int jb = 0;
+#pragma unroll
+    for (int j = 1; j < EPL; ++j)
+      if (key[j] > best) best = key[j], jb = j;
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+    const int win = __ffs(__ballot_sync(0xffffffffu, best == top)) - 1;
+    float p = 0.f;
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+      if (j == jb) p = sc[j];
+      if (lane == win && j == jb) key[j] = 0u;
+    }
+    p = __shfl_sync(0xffffffffu, p, win);
+    const int e = EPL * win + __shfl_sync(0xffffffffu, jb, win);
+    if (lane == r) my_p = p, my_id = e;
+    sum += p;
+  }
+  const int kout = topk + (append >= 0);
+  const float norm = renormalize ? scaling / (sum + 1e-20f) : scaling;
+  if (lane < topk) {
+    ids[(int64_t)n * kout + lane] = my_id;
+    weights[(int64_t)n * kout + lane] = my_p * norm;
+  }
+  if (lane == 0 && append >= 0) {
+    ids[(int64_t)n * kout + topk] = append;
+    weights[(int64_t)n * kout + topk] = 1.f;
   }
 }
 
@@ -843,6 +943,17 @@ void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, 
   RL_CHECK(n_group >= 1 && n_group <= 32 && E % n_group == 0, "moe_route: n_group must divide the experts and be <= 32");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(logits.device());
+  const bool aligned = reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+                       (!bias || reinterpret_cast<uintptr_t>(bias->data_ptr()) % 16 == 0);
+  if (E == 256 && 32 % n_group == 0 && aligned) {  // moe_route256_kernel: 8 experts per lane, a group = 32/n_group lanes
+    C10_CUDA_CHECK(launch_dependent(moe_route256_kernel, (N + kRoute256Warps - 1) / kRoute256Warps,
+                                    kRoute256Warps * 32, 0, at::cuda::getCurrentCUDAStream(), logits.data_ptr<float>(),
+                                    bias ? bias->data_ptr<float>() : nullptr, N, (int)n_group, (int)topk_group,
+                                    (int)topk, renormalize, (float)scaling, (int)append, ids.data_ptr<int32_t>(),
+                                    weights.data_ptr<float>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const size_t smem = (size_t)kRouteWarps * 2 * E * sizeof(float);
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(moe_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
