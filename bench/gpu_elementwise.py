@@ -16,8 +16,8 @@ at N = 1, 64, 4096, 32768, 131072 tokens per step (--sizes):
                         `x = x + a` then post_attention_layernorm) vs ours (both s and the normed rows written)
     rmsnorm             bf16 [N, 2048] -> RMSNorm alone (input_layernorm of layer 0, the final norm) vs ours
 
-The peer excludes rope_cos_sin, which the runner computes once per step for all layers; ours recomputes the angles
-in every call, except in the "tables" rows, which pass those tables as the runner does. Norm weights are passed to ours in fp32 (convert once at load: bf16 weights cost a conversion launch
+The peer excludes rope_cos_sin, which the runner computes once per step for all layers; ours builds those tables
+(ops.rope_cos_sin, eager) in every call, except in the "tables" rows, which pass them as the runner does. Norm weights are passed to ours in fp32 (convert once at load: bf16 weights cost a conversion launch
 per call). GB/s counts the bytes ours must move (inputs read once, outputs written once), for both columns; % copy
 is against a device-to-device copy measured in the same run. --quick: small N and few repetitions; it also runs on
 a CPU (the twins then stand in for the kernels) as a smoke test of the harness. Writes DIR/gpu_elementwise.json.

@@ -138,41 +138,56 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
   const int partner = e0 < half ? lane + half / V : lane - half / V;
   const float* w = is_q ? q_w : (is_k ? k_w : nullptr);          // the lane's norm weight (L1-resident)
 
+  // Per-lane addresses of token n0 and their step per TS tokens: the walk below only adds (the 64-bit index products
+  // of every token were a good part of the kernel's instructions, which bound it).
+  const int64_t n0 = gw / P;
   const int slot_u4 = 32 + rot / 2;  // 16-byte units of a slot (2 * rot floats of tables; rot is even)
-  uint4* my_ring = ring + (int64_t)warp * S * slot_u4;
-  auto fetch = [&](int64_t j) {
-    const int64_t m = gw / P + j * TS;
-    if (m < N) {
-      uint4* slot = my_ring + (j % S) * slot_u4;
-      if (live) cp_async_16(slot + lane, qkv + m * row_stride + h * D + e0, 16);
+  uint4* const my_ring = ring + warp * S * slot_u4;
+  const Tin* fetch_src = qkv + n0 * row_stride + (live ? h * D + e0 : 0);
+  const int64_t src_step = TS * row_stride;
+  // The table chunks this lane copies in the vector case: chunk c < rot / 4 is cos[4c..], else sin[4(c - rot/4)..];
+  // chunks lane and lane + 32 (rot <= 128: at most 64 chunks).
+  const int tab_chunks = vec_tables ? rot / 2 : 0;
+  const float* tab_src0 = lane < rot / 4 ? cos_tab + 4 * lane : sin_tab + 4 * (lane - rot / 4);
+  const float* tab_src1 = sin_tab + 4 * (lane + 32 - rot / 4);
+  const int64_t tab_off0 = n0 * rot, tab_step = TS * rot;
+  int64_t fetch_m = n0, fetch_tab = tab_off0;
+  int fetch_slot = 0;
+  auto fetch = [&]() {
+    if (fetch_m < N) {
+      uint4* slot = my_ring + fetch_slot * slot_u4;
+      if (live) cp_async_16(slot + lane, fetch_src, 16);
       if (warp_roped) {
         float* tab = reinterpret_cast<float*>(slot + 32);
-        if (vec_tables) {  // rot % 4 == 0, 16-byte aligned tables: rot / 4 vectors of cos, then of sin
-          for (int c = lane; c < rot / 2; c += 32) {
-            const float* src = (c < rot / 4 ? cos_tab + m * rot + 4 * c : sin_tab + m * rot + 4 * (c - rot / 4));
-            cp_async_16_ca(tab + 4 * c, src);
-          }
+        if (tab_chunks) {  // rot % 4 == 0, 16-byte aligned tables: rot / 4 vectors of cos, then of sin
+          if (lane < tab_chunks) cp_async_16_ca(tab + 4 * lane, tab_src0 + fetch_tab);
+          if (lane + 32 < tab_chunks) cp_async_16_ca(tab + 4 * (lane + 32), tab_src1 + fetch_tab);
         } else {
           for (int c = lane; c < 2 * rot; c += 32)
-            cp_async_4(tab + c, c < rot ? cos_tab + m * rot + c : sin_tab + m * rot + (c - rot));
+            cp_async_4(tab + c, c < rot ? cos_tab + fetch_tab + c : sin_tab + fetch_tab + (c - rot));
         }
       }
     }
     cp_async_commit();  // possibly empty: one group per token keeps the wait count uniform
+    fetch_m += TS, fetch_src += src_step, fetch_tab += tab_step, fetch_slot = fetch_slot == S - 1 ? 0 : fetch_slot + 1;
   };
+  // Where the lane's head vector of token m goes: dst0 + (m, or k/v's cache row) * dst_step.
+  Tout* const dst0 = (is_q ? q_out + h * D : (is_k ? k_out + (h - Hq) * D : v_out + (h - Hq - Hkv) * D)) + e0;
+  const int64_t dst_step = (int64_t)(is_q ? Hq : Hkv) * D;
+  const bool cache_row = kv_rows != nullptr && !is_q;
   pdl_wait();  // qkv is the projection just before this kernel (common.cuh: dependent launches)
   pdl_launch_dependents();
-  for (int j = 0; j < S - 1; ++j) fetch(j);
+  for (int j = 0; j < S - 1; ++j) fetch();
 
   float* xs = xch[warp] + hslot * D;
-  for (int64_t j = 0;; ++j) {
-    const int64_t m = gw / P + j * TS;
-    if (m >= N) break;  // warp-uniform
-    fetch(j + S - 1);  // into the slot read in iteration j - 1 (released by its closing __syncwarp)
-    const int64_t row = kv_rows != nullptr && !is_q && live ? kv_rows[m] : m;  // k/v's cache row: loaded early
+  int slot_i = 0;
+  for (int64_t m = n0; m < N; m += TS) {  // warp-uniform
+    fetch();  // S - 1 tokens ahead, into the slot read in the iteration before (released by its closing __syncwarp)
+    const int64_t row = cache_row && live ? kv_rows[m] : m;  // k/v's cache row: loaded early
     cp_async_wait<S - 1>();  // this lane's copies of token m have landed
     __syncwarp();            // and the other lanes' (the tables)
-    const uint4* slot = my_ring + (j % S) * slot_u4;
+    const uint4* slot = my_ring + slot_i * slot_u4;
+    slot_i = slot_i == S - 1 ? 0 : slot_i + 1;
     const float* cs = reinterpret_cast<const float*>(slot + 32);
     const float* sn = cs + rot;
     float f[V];
@@ -241,12 +256,8 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
         }
       }
     }
-    if (live) {  // k/v straight into their KV-cache rows when kv_rows is given
-      Tout* dst = is_q ? q_out + (m * Hq + h) * D
-                       : (is_k ? k_out + (row * Hkv + (h - Hq)) * D : v_out + (row * Hkv + (h - Hq - Hkv)) * D);
-      store<Tout, V>(dst + e0, f);
-    }
-    __syncwarp();  // slot j % S is free for the fetch of iteration j + 1
+    if (live) store<Tout, V>(dst0 + row * dst_step, f);  // k/v straight into their KV-cache rows with kv_rows
+    __syncwarp();  // this slot is free for the next iteration's fetch
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the warp exits
 }
@@ -262,7 +273,7 @@ template <typename To, typename Tg, typename Tout, int MAXV>
 __global__ void __launch_bounds__(kGateThreads)
     gated_group_rmsnorm_kernel(const To* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
                                int64_t gate_stride, const float* __restrict__ weight, Tout* __restrict__ out, int C,
-                               int groups, float eps, int gshift) {
+                               int groups, float eps) {
   extern __shared__ float smem[];
   const int nvec = C / 4, gsize = C / groups, gvec = gsize / 4;
   float* part = smem;          // [nvec] sum of squares of each float4
@@ -300,7 +311,7 @@ __global__ void __launch_bounds__(kGateThreads)
   for (int i = 0; i < MAXV; ++i) {
     const int v = threadIdx.x + i * kGateThreads;
     if (v < nvec) {
-      const float rs = scale[gshift >= 0 ? v >> gshift : v / gvec];  // a float4 never straddles groups
+      const float rs = scale[(4 * v) / gsize];  // a float4 never straddles groups: gsize % 4 == 0
       float w[4], y[4];
       const float* g = gv[i];
       load4<float>(weight + 4 * v, w);
@@ -513,8 +524,6 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
   const at::cuda::CUDAGuard guard(o.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const size_t smem = (size_t)(C / 4 + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
-  const int64_t gvec = C / groups / 4;  // float4 vectors per group: a shift instead of a division when a power of two
-  const int gshift = (gvec & (gvec - 1)) == 0 ? __builtin_ctzll((unsigned long long)gvec) : -1;
   dispatch_float(o.scalar_type(), "gated_group_rmsnorm: o", [&](auto o_tag) {
     using To = decltype(o_tag);
     dispatch_float(gate.scalar_type(), "gated_group_rmsnorm: gate", [&](auto g_tag) {
@@ -526,7 +535,7 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
         C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, kGateThreads, smem, stream,
             reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
             gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
-            (float)eps, gshift));
+            (float)eps));
       });
     });
   });
