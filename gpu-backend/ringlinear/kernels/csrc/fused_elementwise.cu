@@ -273,7 +273,7 @@ template <typename To, typename Tg, typename Tout, int MAXV>
 __global__ void __launch_bounds__(kGateThreads)
     gated_group_rmsnorm_kernel(const To* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
                                int64_t gate_stride, const float* __restrict__ weight, Tout* __restrict__ out, int C,
-                               int groups, float eps) {
+                               int groups, float eps, int gshift) {
   extern __shared__ float smem[];
   const int nvec = C / 4, gsize = C / groups, gvec = gsize / 4;
   float* part = smem;          // [nvec] sum of squares of each float4
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kGateThreads)
   for (int i = 0; i < MAXV; ++i) {
     const int v = threadIdx.x + i * kGateThreads;
     if (v < nvec) {
-      const float rs = scale[(4 * v) / gsize];  // a float4 never straddles groups: gsize % 4 == 0
+      const float rs = scale[gshift >= 0 ? v >> gshift : v / gvec];  // a float4 never straddles groups
       float w[4], y[4];
       const float* g = gv[i];
       load4<float>(weight + 4 * v, w);
@@ -524,6 +524,9 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
   const at::cuda::CUDAGuard guard(o.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const size_t smem = (size_t)(C / 4 + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
+  // float4 vectors per group: a shift instead of a division when a power of two (5% of the kernel at 32k-128k rows)
+  const int64_t gvec = C / groups / 4;
+  const int gshift = (gvec & (gvec - 1)) == 0 ? __builtin_ctzll((unsigned long long)gvec) : -1;
   dispatch_float(o.scalar_type(), "gated_group_rmsnorm: o", [&](auto o_tag) {
     using To = decltype(o_tag);
     dispatch_float(gate.scalar_type(), "gated_group_rmsnorm: gate", [&](auto g_tag) {
@@ -535,7 +538,7 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
         C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, kGateThreads, smem, stream,
             reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
             gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
-            (float)eps));
+            (float)eps, gshift));
       });
     });
   });
