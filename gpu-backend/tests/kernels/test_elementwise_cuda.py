@@ -76,6 +76,7 @@ CASES = [  # (name, Hq, Hkv, d, rotary_dim, silu, norm)
     ("rotary0", 16, 4, 128, 0, False, True),
     ("rotary2", 3, 1, 128, 2, True, True),  # half = 1: partners in the same lane
     ("rotary-odd-half", 5, 3, 64, 22, False, True),  # half = 11: partners straddle lanes unevenly
+    ("full-rotary-128", 4, 2, 128, 128, False, True),  # 64 table vectors a token: each lane copies two
 ]
 
 

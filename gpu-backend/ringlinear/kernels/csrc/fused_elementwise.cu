@@ -105,8 +105,10 @@ RL_DEVICE void store(T* p, const float* f) {
 // warp keeps one head group (the grid holds a whole number of warps per group: see the launch) and walks tokens
 // n0, n0 + TS, ... through its own ring of kPrologueStages shared-memory slots: each lane cp.asyncs its 16 bytes of the
 // row and the lanes together the token's RoPE tables, kPrologueStages - 1 tokens ahead of the one being computed.
-// Only __syncwarp orders a warp's slots, so warps never wait for each other: the version before this one staged a
-// whole token per block behind two __syncthreads and ran at 33-55% of the copy rate at 32k tokens.
+// Only __syncwarp orders a warp's slots, so warps never wait for each other. The version before this one (a whole
+// token per block behind two __syncthreads) ran at 33-55% of the copy rate at 32k tokens, issue-bound; what paid was
+// fewer instructions per token - the norm's rounding at compile time, one RoPE form per lane, addresses by adds -
+// more than the barriers removed (docs/benchmarks.md, nineteenth session).
 // RoPE partners (element e and e +- r/2) sit in lane sub +- r/(2V) at the same index when V divides r/2 (a shuffle);
 // otherwise they are exchanged through a per-warp shared buffer.
 template <typename Tin, typename Tout, int D, int NORM>
