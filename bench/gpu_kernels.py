@@ -10,7 +10,9 @@ unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only
 MoE layers as a decode step runs them, per variant of the decode kernels, and (--only gemv) a decode step's dense
 projections of 1-4 tokens: the GEMV kernel launched as a programmatic dependent, launched plainly, and cuBLAS, and
 (--only moe-mid) the MoE at 256-128k tokens per expert path, with the wide kernel against the CUTLASS GEMMs, and
-(--only route) the router's selection kernels at 4k-128k tokens against the torch twin. Writes
+(--only route) the router's selection kernels at 4k-128k tokens against the torch twin, and (--only prefill-v) a
+lightning layer's attention from its raw projection with v read in place by the prefill kernel against v copied
+by qkv_prologue. Writes
 gpu_kernels.json and gpu_prefill_throughput.png into --out; prints a table last.
 """
 
@@ -620,6 +622,41 @@ def bench_route(tokens=(4096, 32768, 131072)):
     RESULTS["route"] = rows
 
 
+def bench_prefill_v(tokens=(4096, 16384, 32768, 131072)):
+    """A lightning layer's attention from its raw projection at the Ring-mini shape (qkv: 3 x 2048 columns of the
+    [T, 8192] qkv + gate GEMM output, fp32 QK-norm, RoPE on 64 of 128 channels, one sequence from position 0):
+    qkv_prologue writing q, k and v then the prefill (the path before), against qkv_prologue writing q and k only and
+    the prefill reading v in place from the projection (v_in_place), on one prepared plan, with a bitwise check of
+    the outputs and final states."""
+    from ringlinear.ops.rope import rope_cos_sin
+
+    rows, gamma, rot = [], gammas(), D // 2
+    for T in tokens:
+        g = torch.Generator(device="cuda").manual_seed(T)
+        t = torch.randn(T, 4 * H * D, device="cuda", generator=g).to(torch.bfloat16)
+        qkv, pos = t[:, : 3 * H * D], torch.arange(T, device="cuda")
+        cos, sin = rope_cos_sin(pos, rot, 1e6)
+        kw = dict(silu=False, q_norm_weight=torch.rand(D, device="cuda", generator=g) + 0.5,
+                  k_norm_weight=torch.rand(D, device="cuda", generator=g) + 0.5, eps=1e-6, rotary_dim=rot,
+                  rope_theta=1e6, out_dtype=torch.bfloat16, rope_cos_sin=(cos, sin))
+        prep = L.prepare_prefill([T], [0], [False], H, D, "cuda")
+        states = [torch.zeros(1, H, D, D, device="cuda") for _ in range(2)]
+        prologue = {m: (lambda m=m: K.qkv_prologue(qkv, pos, H, H, D, v_in_place=m, **kw)) for m in (False, True)}
+        layer = {m: (lambda m=m, s=s: L.run_prepared_prefill(prep, *prologue[m](), s, gamma))
+                 for m, s in ((False, states[0]), (True, states[1]))}
+        same = bool(torch.equal(layer[False](), layer[True]()) and torch.equal(*states))
+        row = {"tokens": T, "bitwise_same": same}
+        for m, name in ((False, "copied"), (True, "in_place")):
+            row[f"v_{name}_ms"] = do_bench(layer[m])
+            row[f"prologue_v_{name}_ms"] = do_bench(prologue[m])
+        rows.append(row)
+        print(f"prefill from qkv T={T:6d}: v in place {row['v_in_place_ms']:7.3f} ms | v copied {row['v_copied_ms']:7.3f} "
+              f"ms ({row['v_copied_ms'] / row['v_in_place_ms']:.2f}x) | prologue alone {row['prologue_v_in_place_ms']:.3f}"
+              f" / {row['prologue_v_copied_ms']:.3f} ms | same: {same}", flush=True)
+        del t, qkv, states
+    RESULTS["prefill_v"] = rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -656,6 +693,11 @@ def main():
             bench_moe_latency()
         except Exception as exc:  # noqa: BLE001
             record_error("moe-latency", exc)
+    if "prefill-v" in only:
+        try:
+            bench_prefill_v()
+        except Exception as exc:  # noqa: BLE001
+            record_error("prefill-v", exc)
     if "route" in only:
         try:
             bench_route()

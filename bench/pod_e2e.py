@@ -150,40 +150,51 @@ def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[d
     return rows
 
 
-def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",)) -> list[dict]:
+def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=(True,)) -> list[dict]:
+    """Best of reps per context. A/B variants take turns: MoE paths (moe_paths) and, for ours, the lightning layers'
+    v read in place from the projection or copied by the prologue (v_modes: ModelRunner.v_in_place)."""
     cfg = model.config
     rows = []
     eng = prompt_engine(model, max(contexts))
     rng = random.Random(0)
     time_to_first_token(eng, min(contexts), rng, dev)  # warm-up: extension, cuBLAS/cuDNN plans, allocator
+    variants = [(m, f) for m in moe_paths for f in v_modes]
+    label = lambda v: " ".join(([f"MoE {v[0]}"] if len(moe_paths) > 1 else [])  # noqa: E731
+                               + ([f"v {'in place' if v[1] else 'copied'}"] if len(v_modes) > 1 else []))
     for T in contexts:
         if time.monotonic() > deadline:
             print(f"prefill  T={T}: skipped (time budget)", flush=True)
             break
-        times: dict[str, list[float]] = {v: [] for v in moe_paths}
+        times: dict[tuple, list[float]] = {v: [] for v in variants}
         try:
             # the first run at a new length also pays allocator growth; A/B variants take turns
             for _ in range(reps):
-                for v in moe_paths:
-                    set_moe_paths(v)
+                for v in variants:
+                    set_moe_paths(v[0])
+                    eng.runner.v_in_place = v[1]
                     times[v].append(time_to_first_token(eng, T, rng, dev))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
         finally:
             set_moe_paths("wide")
+            eng.runner.v_in_place = True
         p_flops, flops = prefill_flops(cfg, T)
         roof = T / (flops / BF16_PEAK)
-        for v in moe_paths:
+        for v in variants:
             dt = min(times[v])
             rows.append({"context": T, "seconds": dt, "tok_s": T / dt, "roofline_tok_s": roof,
                          "active_param_tflops": p_flops / dt / 1e12, "pct_peak_active": 100 * p_flops / dt / BF16_PEAK,
-                         "pct_peak_total": 100 * flops / dt / BF16_PEAK, **({"moe_paths": v} if len(moe_paths) > 1 else {})})
+                         "pct_peak_total": 100 * flops / dt / BF16_PEAK, **({"moe_paths": v[0]} if len(moe_paths) > 1 else {}),
+                         **({"v": "in place" if v[1] else "copied"} if len(v_modes) > 1 else {})})
             print(f"prefill  T={T:6d}  {dt * 1e3:9.1f} ms  {T / dt:9.0f} tok/s  roofline {roof:9.0f} tok/s  "
                   f"active-param {100 * p_flops / dt / BF16_PEAK:5.1f}% of bf16 peak  (all FLOPs {100 * flops / dt / BF16_PEAK:5.1f}%)"
-                  + (f"  [MoE {v}]" if len(moe_paths) > 1 else ""), flush=True)
+                  + (f"  [{label(v)}]" if len(variants) > 1 else ""), flush=True)
         if len(moe_paths) > 1:
-            print(f"prefill  T={T:6d}  wide / no-wide time: {min(times['wide']) / min(times['no-wide']):.3f}", flush=True)
+            print(f"prefill  T={T:6d}  wide / no-wide time: {min(times[('wide', v_modes[0])]) / min(times[('no-wide', v_modes[0])]):.3f}", flush=True)
+        if len(v_modes) > 1:
+            print(f"prefill  T={T:6d}  v in place / copied time: "
+                  f"{min(times[(moe_paths[0], True)]) / min(times[(moe_paths[0], False)]):.3f}", flush=True)
     del eng
     return rows
 
@@ -362,7 +373,8 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
 def ratios(ours: list[dict], twin: list[dict], keys: tuple[str, ...]) -> list[dict]:
     t = {tuple(r[k] for k in keys): r for r in twin}
     return [dict({k: r[k] for k in keys}, ours_tok_s=r["tok_s"], twin_tok_s=t[key]["tok_s"],
-                 ratio=r["tok_s"] / t[key]["tok_s"], roofline_ratio=r["roofline_tok_s"] / t[key]["roofline_tok_s"])
+                 ratio=r["tok_s"] / t[key]["tok_s"], roofline_ratio=r["roofline_tok_s"] / t[key]["roofline_tok_s"],
+                 **{k: r[k] for k in ("moe_paths", "v") if k in r})
             for r in ours if (key := tuple(r[k] for k in keys)) in t]
 
 
@@ -449,6 +461,9 @@ def main(argv=None) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,
                    help="decode engines' prefix cache, with reply snapshots (default off): what those cost the steps")
+    p.add_argument("--v-in-place", choices=("on", "ab"), default="on",
+                   help="ab: ours' prompts also with the lightning layers' v copied by the prologue instead of read in "
+                        "place from the projection, taking turns (rows labelled v)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -491,7 +506,8 @@ def main(argv=None) -> None:
         deadline = time.monotonic() + a.time_budget
         pc = ints(a.prefill_contexts)
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
-                                              ("wide", "no-wide") if a.moe_wide.startswith("ab") else ("wide",))
+                                              ("wide", "no-wide") if a.moe_wide.startswith("ab") else ("wide",),
+                                              (True, False) if a.v_in_place == "ab" and cfg.linear_layers else (True,))
                                 if pc else []}
         if a.moe_wide == "ab" and pc and dev.type == "cuda":
             res[name]["prefill_graphed_moe_ab"] = bench_prefill_graphed_moe_ab(model, pc, dev, a.prefill_reps)
@@ -517,7 +533,8 @@ def main(argv=None) -> None:
         res["decode_ratio"] = ratios(res["ours"]["decode"], res["twin"]["decode"], ("context", "batch"))
         print("\nprefill  ours / twin (tok/s), roofline ratio")
         for r in res["prefill_ratio"]:
-            print(f"  T={r['context']:6d}  {r['ours_tok_s']:9.0f} / {r['twin_tok_s']:9.0f} = {r['ratio']:5.2f}x   (roofline {r['roofline_ratio']:5.2f}x)")
+            print(f"  T={r['context']:6d}  {r['ours_tok_s']:9.0f} / {r['twin_tok_s']:9.0f} = {r['ratio']:5.2f}x   (roofline {r['roofline_ratio']:5.2f}x)"
+                  + "".join(f"  [{k} {r[k]}]" for k in ("moe_paths", "v") if k in r))
         print("decode   ours / twin (tok/s) at the same batch, roofline ratio")
         for r in res["decode_ratio"]:
             print(f"  ctx={r['context']:6d} B={r['batch']:3d}  {r['ours_tok_s']:9.1f} / {r['twin_tok_s']:9.1f} = {r['ratio']:5.2f}x   (roofline {r['roofline_ratio']:5.2f}x)")

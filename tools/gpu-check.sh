@@ -2,7 +2,7 @@
 # The GPU machine's checks (issue 6), run from the repo root on the H200 in one call:
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
 #                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots] [launch] [gemv]
-#                                  [moe-tests] [moe-mid] [moe-wide-e2e] [moe-profile]
+#                                  [moe-tests] [moe-mid] [moe-wide-e2e] [moe-profile] [prefill-v] [e2e-v-ab]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -48,6 +48,9 @@ for step in "$@"; do
     launch) TAIL=16 run launch python3 bench/pod_e2e.py --device cuda --models ours --prefill-contexts "" \
              --decode-contexts 4096,65536 --batches 1,2,4,8 --decode-steps 32 --decode-launch ab --time-budget 200 \
              --json "$OUT/launch.json" ;;
+    prefill-v) TAIL=6 run prefill_v python3 bench/gpu_kernels.py --only prefill-v --out "$OUT" ;;
+    e2e-v-ab) TAIL=30 run e2e_v_ab python3 bench/pod_e2e.py --device cuda --decode-contexts "" \
+             --v-in-place ab --time-budget 200 --json "$OUT/e2e_v_ab.json" ;;
     gemv) TAIL=20 run gemv python3 bench/gpu_kernels.py --only gemv --out "$OUT" ;;
     moe-tests) TAIL=15 run moe_tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib \
              gpu-backend/tests/kernels/test_moe_cuda.py ;;

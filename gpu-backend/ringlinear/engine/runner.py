@@ -60,6 +60,10 @@ from .step_io import StepIO, step_graph_sizes
 # kernel at two to eight), more through cuBLAS: on the H200 at Ring-mini's shapes ours win up to eight rows (their
 # loads start under the previous kernel; docs/benchmarks.md "Small-batch decode", fifteenth session).
 LINEAR_SMALL_ROWS = 8
+# Prompt steps of at least this many rows read the lightning layers' v in place from the projection (ModelRunner.
+# v_in_place). H200, one layer's prologue + prefill at Ring-mini's shape: 0.87x at 4k tokens (the copy the prologue
+# just wrote is still in L2), 1.22-1.26x at 16k-128k (docs/benchmarks.md, twentieth session).
+V_IN_PLACE_MIN_TOKENS = 8192
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +175,11 @@ class ModelRunner:
         self.chunk_attention = chunk_attention_reference
         # None = auto: the kernels wherever they apply. True on CPU runs the kernel path through the twins.
         self.use_kernels = kernels_usable(model) if kernels is None else bool(kernels)
+        # Prompt-only bf16 steps of at least V_IN_PLACE_MIN_TOKENS rows: the lightning prologue writes q and k only,
+        # and the prefill kernel reads v in place from the projection (qkv_prologue's v_in_place). False copies v as
+        # well: bitwise the same (an A/B switch for the benches).
+        self.v_in_place = True
+        self.v_in_place_min_tokens = V_IN_PLACE_MIN_TOKENS
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
         self._step_io: dict[int, StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
@@ -345,6 +354,8 @@ class ModelRunner:
         # decode rows keep fp32.
         bf16 = plan.dec is None and self.model.dtype == torch.bfloat16
         io = StepIO(ids=ids, pos=pos, kv_rows=kv_rows, qkv_dtype=torch.bfloat16 if bf16 else self.acc)
+        io.v_in_place = (bf16 and self.v_in_place and not self.cfg.linear_silu
+                         and ids.shape[0] >= self.v_in_place_min_tokens)
         self._piece(0, io)
         for l in range(self.cfg.num_hidden_layers):
             self._attention(l, io, plan, snaps)
@@ -518,7 +529,7 @@ class ModelRunner:
                 qkv, io.pos, H, H, d, silu=cfg.linear_silu,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=io.qkv_dtype, rope_cos_sin=(io.cos, io.sin),
-                out=(io.q, io.k, io.v) if io.static else None)
+                out=(io.q, io.k, io.v) if io.static else None, v_in_place=io.v_in_place and not io.static)
             if io.static:
                 if both is None:  # (with the packed weights the gate already is io.gate: a view of io.t)
                     io.gate.copy_(gate)

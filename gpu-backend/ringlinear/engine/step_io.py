@@ -36,6 +36,7 @@ class StepIO:
         self.qs = None  # a softmax layer's queries [N, H, d] (its k and v go to the KV cache)
         self.o = self.a = None  # attention outputs [N, H, d]: lightning (fp32 when static), softmax
         self.qkv_dtype = None  # the lightning q/k/v dtype
+        self.v_in_place = False  # eager prompt-only bf16 steps: io.v is a view of the projection (ModelRunner.v_in_place)
         for name, value in fields.items():
             setattr(self, name, value)
 

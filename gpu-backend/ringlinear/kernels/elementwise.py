@@ -83,6 +83,22 @@ def _weight_f32(w: torch.Tensor | None) -> torch.Tensor | None:
     return w.clone() if w.data_ptr() % 16 else w
 
 
+def _rope_table_args(fn: str, rope_cos_sin, N: int, rot: int, dev: torch.device) -> list[torch.Tensor] | None:
+    """A caller's (cos, sin) of ops.rope_cos_sin, checked and as the kernels read them: contiguous fp32 [N, rot]."""
+    if rope_cos_sin is None or not rot:
+        return None
+    if len(rope_cos_sin) != 2:
+        raise ValueError(f"{fn}: rope_cos_sin must be the (cos, sin) pair of ops.rope_cos_sin")
+    tables = []
+    for name, t in zip(("cos", "sin"), rope_cos_sin):
+        if not (torch.is_tensor(t) and t.is_floating_point() and t.device == dev and t.dim() >= 1
+                and t.shape[-1] == rot and t.numel() == N * rot):
+            raise ValueError(f"{fn}: rope_cos_sin {name} must be a float tensor [..., {N}, {rot}] on {dev}, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+        tables.append(t.reshape(N, rot).to(torch.float32).contiguous())
+    return tables
+
+
 def _use_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda and _build.available()
 
@@ -106,6 +122,7 @@ def qkv_prologue(
     rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+    v_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused projection qkv [N, (Hq + 2 Hkv) d] (q heads, then k heads, then v heads) into q [N, Hq, d],
     k [N, Hkv, d], v [N, Hkv, d] (contiguous, out_dtype), computing in fp32:
@@ -125,6 +142,9 @@ def qkv_prologue(
     kv_cache: (K, V, rows) with K, V [R, Hkv, d] contiguous caches of out_dtype and rows int [N] (distinct, < R): k and
     v go straight to K[rows], V[rows] (one kernel instead of the prologue and two index_put copies); the returned k
     and v are then K and V themselves.
+    v_in_place: return v as a view of qkv's v columns ([N, Hkv, d], token stride qkv.stride(0)) instead of a copy: v
+    is qkv's own values when there is no silu and out_dtype is qkv's dtype (both required), and the lightning prefill
+    kernel reads such a view in place - a third of the prologue's traffic saved. Not with kv_cache or an out v.
     out: (q, k, v) buffers to write instead of new tensors (contiguous, out_dtype, the shapes above; k and v None
     with kv_cache): a step replayed from CUDA graphs keeps them at fixed addresses.
     """
@@ -157,17 +177,7 @@ def qkv_prologue(
     _dtype("out_dtype", fn, out_dtype)
     if norm_dtype is not None:
         _dtype("norm_dtype", fn, norm_dtype)
-    tables = None
-    if rope_cos_sin is not None and rot:
-        if len(rope_cos_sin) != 2:
-            raise ValueError(f"{fn}: rope_cos_sin must be the (cos, sin) pair of ops.rope_cos_sin")
-        tables = []
-        for name, t in zip(("cos", "sin"), rope_cos_sin):
-            if not (torch.is_tensor(t) and t.is_floating_point() and t.device == dev and t.dim() >= 1
-                    and t.shape[-1] == rot and t.numel() == N * rot):
-                raise ValueError(f"{fn}: rope_cos_sin {name} must be a float tensor [..., {N}, {rot}] on {dev}, "
-                                 f"got {getattr(t, 'shape', type(t).__name__)}")
-            tables.append(t.reshape(N, rot).to(torch.float32).contiguous())
+    tables = _rope_table_args(fn, rope_cos_sin, N, rot, dev)
 
     if kv_cache is not None:
         K, V, rows = kv_cache
@@ -182,10 +192,19 @@ def qkv_prologue(
     bufs = (None, None, None) if out is None else tuple(out)
     if len(bufs) != 3:
         raise ValueError(f"{fn}: out must be a (q, k, v) tuple")
+    if not isinstance(v_in_place, bool):
+        raise ValueError(f"{fn}: v_in_place must be a bool, got {v_in_place!r}")
+    if v_in_place:
+        if silu or out_dtype != qkv.dtype or kv_cache is not None or bufs[2] is not None:
+            raise ValueError(f"{fn}: v_in_place needs silu=False, out_dtype == qkv.dtype ({qkv.dtype}), no kv_cache "
+                             "and no out v: v is then qkv's own columns")
+        bufs = (bufs[0], bufs[1], qkv[:, (Hq + Hkv) * d:].unflatten(1, (Hkv, d)))
     for name, b, heads in zip(("q", "k", "v"), bufs, (Hq, Hkv, Hkv)):
         if b is None:
             if out is not None and (name == "q" or kv_cache is None):
                 raise ValueError(f"{fn}: out {name} is missing")
+            continue
+        if v_in_place and name == "v":
             continue
         if kv_cache is not None and name != "q":
             raise ValueError(f"{fn}: out {name} must be None with kv_cache (k and v go to the cache)")
@@ -203,9 +222,9 @@ def qkv_prologue(
             K[rows], V[rows] = k, v
             k, v = K, V
         res = []
-        for t, b in zip((q, k, v), bufs):
+        for t, b in zip((q, k, v), bufs[:2]):
             res.append(t if b is None else b.copy_(t))
-        return tuple(res)
+        return (*res, bufs[2] if v_in_place else (v if bufs[2] is None else bufs[2].copy_(v)))
     q = torch.empty(N, Hq, d, dtype=out_dtype, device=dev) if bufs[0] is None else bufs[0]
     if kv_cache is None:
         k = torch.empty(N, Hkv, d, dtype=out_dtype, device=dev) if bufs[1] is None else bufs[1]
@@ -220,7 +239,7 @@ def qkv_prologue(
         _aligned_rows(qkv, 16 // qkv.element_size()),
         _weight_f32(q_norm_weight),
         _weight_f32(k_norm_weight),
-        q, k, v,
+        q, k, None if v_in_place else v,
         silu,
         _NORM_CODES[norm_dtype or torch.float32],
         eps,

@@ -233,8 +233,21 @@ def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool],
                            table(scan_rows, 6), ws, jsplit, sum(seq_lens), max(slots, default=-1))
 
 
+def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
+    """x in bf16, as is when the kernel can read it (head-major rows of one head stride d and a 16-byte aligned token
+    stride: a view of a projection's columns, e.g. qkv_prologue's v_in_place), otherwise a contiguous copy."""
+    x = x.to(torch.bfloat16)
+    T, H, d = x.shape
+    if x.stride(2) == 1 and (x.stride(1) == d or H == 1) and x.stride(0) % 8 == 0 and x.stride(0) >= H * d \
+            and x.data_ptr() % 16 == 0:
+        return x if x.stride(1) == d else x.as_strided(x.shape, (x.stride(0), d, 1))
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: float | None = None) -> torch.Tensor:
-    """Launch the three prefill passes for a prepared plan (shapes as in lightning_prefill; no host sync)."""
+    """Launch the three prefill passes for a prepared plan (shapes as in lightning_prefill; no host sync). q, k, v
+    may be views with a token stride of their own (v read in place from the qkv projection)."""
     _check_qkv("run_prepared_prefill", q, k, v, 3)
     T, H, d = q.shape
     if (T, H, d) != (prep.tokens, prep.heads, prep.head_dim):
@@ -244,8 +257,10 @@ def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: fl
     if prep.max_slot >= state.shape[0]:
         raise ValueError(f"run_prepared_prefill: slot {prep.max_slot} is outside the state pool of {state.shape[0]}")
     gamma = _check_gamma("run_prepared_prefill", gamma, H)
-    qb, kb, vb = (x.to(torch.bfloat16).contiguous() for x in (q, k, v))
-    o = torch.empty_like(qb)
+    qb, kb, vb = (_rows_in_place(x) for x in (q, k, v))
+    if qb.stride(0) != kb.stride(0):  # the kernel reads q and k with one token stride
+        qb, kb = qb.contiguous(), kb.contiguous()
+    o = torch.empty(T, H, d, dtype=torch.bfloat16, device=q.device)
     _build.extension().lightning_prefill(qb, kb, vb, o, state, prep.ws, prep.items_state, prep.items_out, prep.scan,
                                          gamma, float(d**-0.5 if scale is None else scale),
                                          prep.jsplit)

@@ -70,6 +70,37 @@ def test_kernel_path_through_twins_matches_reference(tiny_model):
             assert torch.allclose(s_ker[key][l], st, rtol=0, atol=1e-4 * st.abs().max().item())
 
 
+def test_v_in_place_glue_through_twins_keeps_every_logit(tiny_ckpt):
+    """The runner's v_in_place glue on CPU (a bf16 model, the kernels' twins): prompt-only steps hand the lightning
+    layers v as a view of the projection, chunked prompts and decodes beside them too; bitwise the logits of the
+    same engine copying v."""
+    from ringlinear.checkpoint import load_model
+
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16)
+    logs, outs, views = [], [], []
+    for in_place in (False, True):
+        eng = make_engine(model, max_batch=4, max_step_tokens=64, kernels=True, cuda_graphs=False)
+        eng.runner.v_in_place, eng.runner.v_in_place_min_tokens = in_place, 0
+        seen, prologue = [0], K.qkv_prologue
+
+        def counted(*a, _seen=seen, **kw):
+            _seen[0] += bool(kw.get("v_in_place"))
+            return prologue(*a, **kw)
+
+        K.qkv_prologue = counted
+        try:
+            logs.append(_record_logits(eng))
+            outs.append(_scenario(eng))
+        finally:
+            K.qkv_prologue = prologue
+        views.append(seen[0])
+    assert views[0] == 0 and views[1] > 0, views
+    assert outs[0] == outs[1]
+    for step, (a, b) in enumerate(zip(*logs)):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), f"step {step}: logits differ"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernels_match_reference_ops_on_cuda(tiny_ckpt):
     from ringlinear.checkpoint import load_model
@@ -517,3 +548,54 @@ def test_piece_graphs_replay_on_the_callers_buffers_on_cuda():
     small = K.PieceGraphs([lambda: y[:4].copy_(x[:4] @ w1)], pool=g.pool)
     small(0)
     torch.testing.assert_close(y[:4], x[:4] @ w1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_v_in_place_keeps_every_logit_on_cuda():
+    """Prompt-only bf16 steps leave the lightning layers' v in the projection (the prologue writes q and k, the prefill
+    kernel reads v in place): the engine's steps with and without it give bitwise the same logits, at a head dim of
+    128 and with norm weights away from 1; the prompts cover one-round steps, a prompt cut into chunks, and decodes
+    beside prompts (which copy v)."""
+    from ringlinear.config import RingLinearConfig
+    from ringlinear.engine.weights import random_model
+    from ringlinear.tools.make_tiny import TINY
+
+    if not K.available():
+        pytest.skip("CUDA extension unavailable")
+    cfg = RingLinearConfig.from_dict({**TINY, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
+                                       "group_norm_size": 2})
+    model = random_model(cfg, "cuda", torch.bfloat16, seed=5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+    logs, outs, views = [], [], []
+    for in_place in (False, True):
+        eng = make_engine(model, max_batch=4, max_step_tokens=512, cuda_graphs=False)
+        eng.runner.v_in_place = in_place
+        eng.runner.v_in_place_min_tokens = 0  # (the served threshold is 8k rows: these steps are shorter)
+        seen, prologue = [0], K.qkv_prologue
+
+        def counted(*a, _seen=seen, **kw):
+            _seen[0] += bool(kw.get("v_in_place"))
+            return prologue(*a, **kw)
+
+        K.qkv_prologue = counted
+        try:
+            logs.append(_record_logits(eng))
+            first = eng.add_request(random_prompt(300, 1), greedy(4))
+            while eng.has_work():
+                eng.step()
+            reqs = [first] + [eng.add_request(random_prompt(n, seed), greedy(4)) for n, seed in ((700, 2), (90, 3))]
+            while eng.has_work():
+                eng.step()
+        finally:
+            K.qkv_prologue = prologue
+        outs.append([r.output for r in reqs])
+        views.append(seen[0])
+    assert views[0] == 0 and views[1] >= len(cfg.linear_layers), views
+    assert outs[0] == outs[1]
+    assert len(logs[0]) == len(logs[1])
+    for step, (a, b) in enumerate(zip(*logs)):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b), f"step {step}: logits differ"

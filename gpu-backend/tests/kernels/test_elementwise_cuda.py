@@ -95,6 +95,10 @@ def test_prologue_matches_twin(case, in_dtype, out_dtype, N):
         _check(g, w, f"{case[0]} {nm}")
     if not silu and in_dtype == out_dtype:
         assert torch.equal(got[2], want[2])  # v is a plain copy
+        # ... which v_in_place leaves in qkv: the kernel then walks the q and k heads only
+        q, k, v = qkv_prologue(qkv, pos, H, Hkv, d, v_in_place=True, **args)
+        assert torch.equal(q, got[0]) and torch.equal(k, got[1]) and torch.equal(v, got[2])
+        assert v.data_ptr() == qkv[:, (H + Hkv) * d:].data_ptr()
 
 
 @pytest.mark.parametrize("N", [1, 37, 600])

@@ -225,6 +225,10 @@ def _prologue_args(**over):
     (dict(rope_theta=0.0), "rope_theta"),
     (dict(out_dtype=torch.int8), "out_dtype"),
     (dict(norm_dtype=torch.int32), "norm_dtype"),
+    (dict(v_in_place=1), "v_in_place"),
+    (dict(v_in_place=True, silu=True), "v_in_place"),
+    (dict(v_in_place=True, out_dtype=torch.bfloat16), "v_in_place"),
+    (dict(v_in_place=True, out=(torch.zeros(3, 4, 64), torch.zeros(3, 2, 64), torch.zeros(3, 2, 64))), "v_in_place"),
 ])
 def test_prologue_validation(over, name):
     a = _prologue_args(**over)
@@ -343,3 +347,23 @@ def test_prologue_kv_cache_rows_on_cpu():
     assert not K[[2, 4, 6, 7]].any() and not V[[2, 4, 6, 7]].any()
     with pytest.raises(ValueError, match="kv_cache rows"):
         qkv_prologue(qkv, pos, H, Hkv, d, kv_cache=(K, V, rows[:3]), **args)
+
+
+@pytest.mark.parametrize("out", [False, True])
+def test_prologue_v_in_place_returns_the_projection_view(out):
+    """v_in_place: q and k as the copying call computes them (into given buffers too), v a view of qkv's v columns
+    that nothing writes (the caller's projection is left as it was)."""
+    H, Hkv, d, N = 4, 2, 64, 5
+    wide = torch.randn(N, (H + 2 * Hkv) * d + 64)
+    qkv = wide[:, : (H + 2 * Hkv) * d]
+    before = wide.clone()
+    kw = dict(silu=False, q_norm_weight=torch.rand(d) + 0.5, k_norm_weight=torch.rand(d) + 0.5, eps=EPS, rotary_dim=32,
+              rope_theta=THETA, out_dtype=torch.float32)
+    bufs = (torch.empty(N, H, d), torch.empty(N, Hkv, d), None) if out else None
+    q, k, v = qkv_prologue(qkv, torch.arange(N), H, Hkv, d, v_in_place=True, out=bufs, **kw)
+    q2, k2, v2 = qkv_prologue(qkv, torch.arange(N), H, Hkv, d, **kw)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+    assert v.data_ptr() == qkv[:, (H + Hkv) * d:].data_ptr() and v.stride() == (qkv.stride(0), d, 1)
+    if out:
+        assert q.data_ptr() == bufs[0].data_ptr() and k.data_ptr() == bufs[1].data_ptr()
+    assert torch.equal(wide, before)

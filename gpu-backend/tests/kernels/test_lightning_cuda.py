@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ringlinear.kernels import DecodeGraphs, available
-from ringlinear.kernels.lightning import lightning_decode, lightning_prefill
+from ringlinear.kernels.elementwise import qkv_prologue
+from ringlinear.kernels.lightning import lightning_decode, lightning_prefill, prepare_prefill, run_prepared_prefill
 from ringlinear.kernels.lightning_reference import (
     lightning_decode_reference,
     lightning_prefill_reference,
@@ -185,3 +186,39 @@ def test_prefill_then_decode_continues_the_sequence():
     o_ref = lightning_prefill_reference(q.double(), k.double(), v.double(), ref_state, [0, T + 1], [1], gamma)
     assert _rel(o_dec[0], o_ref[T]) < PREFILL_REL
     assert _rel(state[1], ref_state[1]) < STATE_REL
+
+
+@pytest.mark.parametrize("lens,block_len", [([1], None), ([4097, 700], 128), ([20000], None), ([3, 0, 2048], 64)])
+@pytest.mark.parametrize("jsplit", [1, 2])
+def test_prefill_reads_projection_views_in_place(lens, block_len, jsplit):
+    """q, k, v as views of a projection's columns (v at the [T, 4 H d] qkv + gate GEMM output's stride, as
+    qkv_prologue(v_in_place=True) returns it; q and k at another stride) give bitwise the output and states of
+    contiguous copies, and the wrapper reads them without copying."""
+    torch.manual_seed(len(lens) + jsplit)
+    H, d, dev = 16, 128, "cuda"
+    T = sum(lens)
+    proj = torch.randn(T, 4 * H * d, device=dev).to(torch.bfloat16)
+    qk = torch.randn(T, 3 * H * d, device=dev).to(torch.bfloat16)
+    views = (qk[:, :H * d].unflatten(1, (H, d)), qk[:, H * d:2 * H * d].unflatten(1, (H, d)),
+             proj[:, 2 * H * d:3 * H * d].unflatten(1, (H, d)))
+    prep = prepare_prefill(lens, list(range(len(lens))), [True] * len(lens), H, d, dev, block_len, jsplit)
+    state0 = torch.randn(len(lens), H, d, d, device=dev) * 0.1
+    gamma = _gamma(H, dev)
+    s_views, s_copies = state0.clone(), state0.clone()
+    copies = [t.contiguous() for t in views]
+    o_views = run_prepared_prefill(prep, *views, s_views, gamma)
+    o_copies = run_prepared_prefill(prep, *copies, s_copies, gamma)
+    assert torch.equal(o_views, o_copies) and torch.equal(s_views, s_copies)
+    # the lightning layer's way: qkv_prologue writes q and k, v stays in the projection
+    qkv = proj[:, :3 * H * d]
+    pos = torch.arange(T, device=dev)
+    kw = dict(silu=False, q_norm_weight=torch.rand(d, device=dev) + 0.5, k_norm_weight=torch.rand(d, device=dev) + 0.5,
+              eps=1e-6, rotary_dim=64, rope_theta=1e6, out_dtype=torch.bfloat16)
+    q, k, v = qkv_prologue(qkv, pos, H, H, d, v_in_place=True, **kw)
+    assert v.data_ptr() == qkv.data_ptr() + 2 * H * d * qkv.element_size()
+    assert v.stride(0) == 4 * H * d or T == 1  # (torch gives a single row the contiguous stride)
+    q2, k2, v2 = qkv_prologue(qkv, pos, H, H, d, **kw)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+    s_a, s_b = state0.clone(), state0.clone()
+    assert torch.equal(run_prepared_prefill(prep, q, k, v, s_a, gamma), run_prepared_prefill(prep, q2, k2, v2, s_b, gamma))
+    assert torch.equal(s_a, s_b)

@@ -43,9 +43,9 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             double scale, int64_t cap, int64_t split_len, int64_t num_splits, at::Tensor& out,
                             at::Tensor& ws_acc, at::Tensor& ws_ml);
 void qkv_prologue(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
-                  at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out, bool silu, int64_t norm_code, double eps,
-                  int64_t rot, const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab,
-                  const c10::optional<at::Tensor>& kv_rows);
+                  at::Tensor& q_out, at::Tensor& k_out, const c10::optional<at::Tensor>& v_opt, bool silu,
+                  int64_t norm_code, double eps, int64_t rot, const c10::optional<at::Tensor>& cos_tab,
+                  const c10::optional<at::Tensor>& sin_tab, const c10::optional<at::Tensor>& kv_rows);
 void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::Tensor& weight, at::Tensor& out,
                          int64_t groups, double eps);
 void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,

@@ -110,14 +110,16 @@ RL_DEVICE void store(T* p, const float* f) {
 // fewer instructions per token - the norm's rounding at compile time, one RoPE form per lane, addresses by adds -
 // more than the barriers removed (docs/benchmarks.md, nineteenth session).
 // RoPE partners (element e and e +- r/2) sit in lane sub +- r/(2V) at the same index when V divides r/2 (a shuffle);
-// otherwise they are exchanged through a per-warp shared buffer.
-template <typename Tin, typename Tout, int D, int NORM>
+// otherwise they are exchanged through a per-warp shared buffer. ROT > 0: the rotary dim (and 16-byte aligned tables)
+// at compile time - the models' 64 of 128 - so the table copy and the RoPE form are fixed; 0: both from the arguments.
+template <typename Tin, typename Tout, int D, int NORM, int ROT = 0>
 __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
     qkv_prologue_kernel(const Tin* __restrict__ qkv, int64_t row_stride, int N, const float* __restrict__ q_w,
                         const float* __restrict__ k_w, Tout* __restrict__ q_out, Tout* __restrict__ k_out,
-                        Tout* __restrict__ v_out, const int64_t* __restrict__ kv_rows, int Hq, int Hkv, int silu,
-                        float eps, int rot, const float* __restrict__ cos_tab,
-                        const float* __restrict__ sin_tab, int vec_tables) {
+                        Tout* __restrict__ v_out, const int64_t* __restrict__ kv_rows, int Hq, int Hkv, int Hv, int silu,
+                        float eps, int rot_arg, const float* __restrict__ cos_tab,
+                        const float* __restrict__ sin_tab, int vec_tables_arg) {
+  const int rot = ROT > 0 ? ROT : rot_arg, vec_tables = ROT > 0 ? 1 : vec_tables_arg;
   constexpr int V = 16 / sizeof(Tin);
   constexpr int LPH = D / V;
   constexpr int HPW = 32 / LPH;
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane % LPH, hslot = lane / LPH;
-  const int H = Hq + 2 * Hkv, P = (H + HPW - 1) / HPW, half = rot / 2;
+  const int H = Hq + Hkv + Hv, P = (H + HPW - 1) / HPW, half = rot / 2;  // Hv = 0: v is read in place by the caller
   const int64_t gw = (int64_t)blockIdx.x * kPrologueWarps + warp;
   const int64_t TS = (int64_t)gridDim.x * kPrologueWarps / P;  // tokens walked side by side per head group
   const int group = (int)(gw % P), h = group * HPW + hslot;      // this lane's head (>= H: idle, still shuffles)
@@ -408,7 +410,10 @@ int64_t prologue_resident_blocks(K* kernel, int smem, int device) {
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  if (smem > 48 * 1024)
+  // Past 48 KB with the static exchange buffer the kernel must opt in (a full rotary dim of 128: 48 KB of ring + 8 KB).
+  cudaFuncAttributes attr{};
+  RL_CHECK(cudaFuncGetAttributes(&attr, kernel) == cudaSuccess, "qkv_prologue: kernel attributes");
+  if (smem + attr.sharedSizeBytes > 48 * 1024)
     RL_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
              "qkv_prologue: shared memory size refused");
   int per_sm = 0, sms = 0;
@@ -425,12 +430,16 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // ---------------------------------------------------------------------------------------------------------------
 // Host entry points (shapes and dtypes are validated by elementwise.py; the checks here guard the raw pointers)
 // ---------------------------------------------------------------------------------------------------------------
+// v_out None: no v is written (the caller reads qkv's v columns in place); not with kv_rows.
 void qkv_prologue(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
-                  at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out, bool silu, int64_t norm_code, double eps,
-                  int64_t rot, const c10::optional<at::Tensor>& cos_tab, const c10::optional<at::Tensor>& sin_tab,
-                  const c10::optional<at::Tensor>& kv_rows) {
+                  at::Tensor& q_out, at::Tensor& k_out, const c10::optional<at::Tensor>& v_opt, bool silu,
+                  int64_t norm_code, double eps, int64_t rot, const c10::optional<at::Tensor>& cos_tab,
+                  const c10::optional<at::Tensor>& sin_tab, const c10::optional<at::Tensor>& kv_rows) {
+  RL_CHECK(v_opt.has_value() || !kv_rows.has_value(), "qkv_prologue: kv_rows needs v_out (the V cache)");
+  const at::Tensor& v_out = v_opt.has_value() ? *v_opt : k_out;  // (only shapes and dtypes checked without v)
   RL_CHECK(q_out.dim() == 3 && k_out.dim() == 3 && v_out.dim() == 3, "qkv_prologue: outputs must be [N, H, d]");
   const int64_t N = q_out.size(0), Hq = q_out.size(1), Hkv = k_out.size(1), D = q_out.size(2);
+  const int64_t Hv = v_opt.has_value() ? Hkv : 0;
   RL_CHECK(q_out.is_contiguous() && k_out.is_contiguous() && v_out.is_contiguous(), "qkv_prologue: outputs must be contiguous");
   // with kv_rows, k_out / v_out are KV caches [rows, Hkv, d] and token n's k/v go to row kv_rows[n] (the caller keeps
   // the rows in range, as for the index_put this replaces)
@@ -465,6 +474,7 @@ void qkv_prologue(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, c
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(qkv.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool vec_tables = rot > 0 && rot % 4 == 0 && aligned16(*cos_tab) && aligned16(*sin_tab);
   dispatch_float(qkv.scalar_type(), "qkv_prologue: qkv", [&](auto in_tag) {
     using Tin = decltype(in_tag);
     dispatch_float(q_out.scalar_type(), "qkv_prologue: out_dtype", [&](auto out_tag) {
@@ -473,20 +483,19 @@ void qkv_prologue(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, c
         // Each warp keeps one group of heads (P groups per token), so the grid is a whole number of warps per group:
         // blocks a multiple of P / gcd(P, warps per block). As many as the tokens need, at most one wave.
         const int64_t V = 16 / (int64_t)sizeof(Tin), hpw = 32 / (D / V);
-        const int64_t P = (Hq + 2 * Hkv + hpw - 1) / hpw;
+        const int64_t P = (Hq + Hkv + Hv + hpw - 1) / hpw;
         const int smem = kPrologueWarps * kPrologueStages * (int)(32 + rot / 2) * 16;
         const int64_t step = P / std::gcd(P, (int64_t)kPrologueWarps);
         const int64_t needed = (N * P + kPrologueWarps - 1) / kPrologueWarps;
         const int64_t resident = prologue_resident_blocks(kernel, smem, qkv.get_device());
         const int64_t wave = std::max<int64_t>(step, resident / step * step);
         const int64_t grid = std::min<int64_t>(wave, (needed + step - 1) / step * step);
-        const bool vec_tables = rot > 0 && rot % 4 == 0 && aligned16(*cos_tab) && aligned16(*sin_tab);
         C10_CUDA_CHECK(launch_dependent(kernel, dim3((unsigned)grid), kPrologueThreads, smem, stream,
             reinterpret_cast<const Tin*>(qkv.data_ptr()), qkv.stride(0), (int)N,
             q_w ? q_w->data_ptr<float>() : nullptr, k_w ? k_w->data_ptr<float>() : nullptr,
             reinterpret_cast<Tout*>(q_out.data_ptr()), reinterpret_cast<Tout*>(k_out.data_ptr()),
-            reinterpret_cast<Tout*>(v_out.data_ptr()), kv_rows ? kv_rows->data_ptr<int64_t>() : nullptr,
-            (int)Hq, (int)Hkv, (int)silu, (float)eps, (int)rot,
+            v_opt ? reinterpret_cast<Tout*>(v_out.data_ptr()) : nullptr, kv_rows ? kv_rows->data_ptr<int64_t>() : nullptr,
+            (int)Hq, (int)Hkv, (int)Hv, (int)silu, (float)eps, (int)rot,
             cos_tab ? cos_tab->data_ptr<float>() : nullptr, sin_tab ? sin_tab->data_ptr<float>() : nullptr,
             (int)vec_tables));
       };
@@ -495,7 +504,12 @@ void qkv_prologue(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_w, c
       auto by_norm = [&](auto norm_tag) {
         constexpr int NORM = decltype(norm_tag)::value;
         if (D == 64) launch(qkv_prologue_kernel<Tin, Tout, 64, NORM>);
-        else launch(qkv_prologue_kernel<Tin, Tout, 128, NORM>);
+        else if constexpr (sizeof(Tin) == 2) {  // the models' rotary dim: 64 of 128 (two table vectors a lane)
+          if (rot == 64 && vec_tables) launch(qkv_prologue_kernel<Tin, Tout, 128, NORM, 64>);
+          else launch(qkv_prologue_kernel<Tin, Tout, 128, NORM>);
+        } else {
+          launch(qkv_prologue_kernel<Tin, Tout, 128, NORM>);
+        }
       };
       constexpr int kNormIn = std::is_same_v<Tin, __nv_bfloat16> ? kNormBF16
                               : (std::is_same_v<Tin, __half> ? kNormF16 : kNormF32);

@@ -32,8 +32,9 @@ struct PrefillItem {
 };
 
 struct PrefillArgs {
-  const __nv_bfloat16* q; const __nv_bfloat16* k; const __nv_bfloat16* v;  // [T_total, H, D] contiguous
-  __nv_bfloat16* o;                                                        // [T_total, H, D]
+  const __nv_bfloat16* q; const __nv_bfloat16* k; const __nv_bfloat16* v;  // [T_total, H, D], token strides below
+  __nv_bfloat16* o;                                                        // [T_total, H, D] contiguous
+  int64_t qk_stride, v_stride;  // elements between tokens: v may be read in place from the qkv projection
   float* ws;                                                               // [n_ws, H, D, D]
   float* state;                                                            // [slots, H, D, D]
   const PrefillItem* items;
@@ -118,8 +119,10 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int jbase = blockIdx.z * JW;
   const int jl = 16 * w + g;  // this thread's S^T rows jl, jl + 8 (CTA-local)
-  const int64_t tok_stride = (int64_t)a.H * D;
+  const int64_t tok_stride = (int64_t)a.H * D;  // of o
   const int64_t base = (int64_t)it.start * tok_stride + (int64_t)h * D;
+  const int64_t qk_base = (int64_t)it.start * a.qk_stride + (int64_t)h * D;
+  const int64_t v_base = (int64_t)it.start * a.v_stride + (int64_t)h * D;
   if (tid <= kChunk) {  // visible after the loop's first barrier
     pw[tid] = exp2f((float)tid * log2f(a.gamma[h]));
     pws[tid] = pw[tid] * a.scale;
@@ -142,15 +145,15 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
 
   const int nchunks = (it.len + kChunk - 1) / kChunk;
   auto tile = [&](int buf, int which) { return smem + (buf * SM::TILES + which) * SM::TILE; };
-  const ChunkCopier<D, NT> copier(tid, tok_stride);
+  const ChunkCopier<D, NT> copier(tid, a.qk_stride), copier_v(tid, a.v_stride);
   auto issue = [&](int c) {
     if (c < nchunks) {
       const int buf = c % NBUF;
       const int rows = min(kChunk, it.len - c * kChunk);
-      const int64_t off = base + (int64_t)c * kChunk * tok_stride;
+      const int64_t off = qk_base + (int64_t)c * kChunk * a.qk_stride;
       if constexpr (!STATE_ONLY) copier.load(tile(buf, 0), a.q + off, rows);
       copier.load(tile(buf, KI), a.k + off, rows);
-      copier.load(tile(buf, VI), a.v + off, rows);
+      copier_v.load(tile(buf, VI), a.v + v_base + (int64_t)c * kChunk * a.v_stride, rows);
     }
     cp_async_commit();  // empty groups keep the wait count uniform
   };
@@ -363,15 +366,26 @@ static void launch_prefill(const PrefillArgs& a, int n_items, cudaStream_t strea
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 // items_state / items_out: int32 [n, 4] (PrefillItem); scan_seqs: int32 [N, 6] (ScanSeq, slot as two int32 words).
+// q, k, v: bf16 [T, H, D] with unit channel stride and head stride D, 16-byte aligned token strides (q and k one
+// stride, v its own: a view of the qkv projection's v columns is read in place); o contiguous.
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
                        const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit) {
   const int H = q.size(1), D = q.size(2);
   RL_CHECK(jsplit == 1 || (jsplit == 2 && D == 128), "lightning_prefill: jsplit must be 1, or 2 with head dim 128");
   RL_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &o})
-    RL_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "lightning_prefill: q/k/v/o must be contiguous bf16");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v})
+    RL_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 3 && t->size(0) == q.size(0) && t->size(1) == H &&
+                 t->size(2) == D && t->stride(2) == 1 && t->stride(1) == D && t->stride(0) % 8 == 0 &&
+                 t->stride(0) >= (int64_t)H * D && aligned16(t->data_ptr()),
+             "lightning_prefill: q/k/v must be bf16 [T, H, D] with unit channel stride, head stride D and a token "
+             "stride that is a multiple of 8, 16-byte aligned");
+  RL_CHECK(k.stride(0) == q.stride(0), "lightning_prefill: q and k must share a token stride");
+  RL_CHECK(o.is_contiguous() && o.scalar_type() == at::kBFloat16 && o.sizes() == q.sizes(),
+           "lightning_prefill: o must be contiguous bf16 [T, H, D]");
   RL_CHECK(state.is_contiguous() && state.scalar_type() == at::kFloat, "lightning_prefill: state must be contiguous fp32");
   RL_CHECK(ws.is_contiguous() && ws.scalar_type() == at::kFloat, "lightning_prefill: workspace must be contiguous fp32");
   const at::cuda::CUDAGuard guard(q.device());
@@ -381,6 +395,7 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.k = reinterpret_cast<const __nv_bfloat16*>(k.data_ptr());
   a.v = reinterpret_cast<const __nv_bfloat16*>(v.data_ptr());
   a.o = reinterpret_cast<__nv_bfloat16*>(o.data_ptr());
+  a.qk_stride = q.stride(0), a.v_stride = v.stride(0);
   a.ws = ws.data_ptr<float>(); a.state = state.data_ptr<float>();
   RL_CHECK(gamma.is_contiguous() && gamma.scalar_type() == at::kFloat && gamma.numel() == H, "lightning_prefill: gamma must be fp32 [H]");
   a.gamma = gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
