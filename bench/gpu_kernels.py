@@ -671,10 +671,16 @@ def main():
     RESULTS["torch"] = torch.__version__
     RESULTS["build_s"] = time.time() - t0
     only = set(args.only.split(","))
+    mid_tokens = [tuple(int(t) for t in args.moe_mid_tokens.split(","))] if args.moe_mid_tokens else []
     sections = [
         ("ceilings", ceilings, ()),
         ("decode", bench_decode, ([1, 64, 256],)),
         ("prefill", bench_prefill, ([4096, 16384] if args.quick else [4096, 16384, 65536, 131072],)),
+        ("gemv", bench_gemv, ()),
+        ("moe-latency", bench_moe_latency, ()),
+        ("prefill-v", bench_prefill_v, ()),
+        ("route", bench_route, ()),
+        ("moe-mid", bench_moe_mid, mid_tokens),
     ]
     for name, fn, fargs in sections:
         if name in only:
@@ -683,31 +689,6 @@ def main():
             except Exception as exc:  # noqa: BLE001
                 record_error(name, exc)
             (args.out / "gpu_kernels.json").write_text(json.dumps(RESULTS, indent=1))
-    if "gemv" in only:
-        try:
-            bench_gemv()
-        except Exception as exc:  # noqa: BLE001
-            record_error("gemv", exc)
-    if "moe-latency" in only:
-        try:
-            bench_moe_latency()
-        except Exception as exc:  # noqa: BLE001
-            record_error("moe-latency", exc)
-    if "prefill-v" in only:
-        try:
-            bench_prefill_v()
-        except Exception as exc:  # noqa: BLE001
-            record_error("prefill-v", exc)
-    if "route" in only:
-        try:
-            bench_route()
-        except Exception as exc:  # noqa: BLE001
-            record_error("route", exc)
-    if "moe-mid" in only:
-        try:
-            bench_moe_mid(*([tuple(int(t) for t in args.moe_mid_tokens.split(","))] if args.moe_mid_tokens else []))
-        except Exception as exc:  # noqa: BLE001
-            record_error("moe-mid", exc)
     if "moe" in only:
         c = RESULTS.get("ceilings", {})
         try:

@@ -26,6 +26,31 @@ def _record_logits(eng):
     return log
 
 
+def _v_in_place_ab(model, run, **engine_kw):
+    """run(eng) on an engine copying the lightning layers' v, then on one reading it in place from the projection
+    (every step size): per engine its logits per step, what run returned, and how many qkv_prologue calls took
+    v_in_place."""
+    logs, outs, views = [], [], []
+    prologue = K.qkv_prologue
+    for in_place in (False, True):
+        eng = make_engine(model, cuda_graphs=False, **engine_kw)
+        eng.runner.v_in_place, eng.runner.v_in_place_min_tokens = in_place, 0
+        seen = [0]
+
+        def counted(*a, _seen=seen, **kw):
+            _seen[0] += bool(kw.get("v_in_place"))
+            return prologue(*a, **kw)
+
+        K.qkv_prologue = counted
+        try:
+            logs.append(_record_logits(eng))
+            outs.append(run(eng))
+        finally:
+            K.qkv_prologue = prologue
+        views.append(seen[0])
+    return logs, outs, views
+
+
 def _scenario(eng):
     """Three prompts that need chunked prefill (64-aligned cuts, snapshots) next to running decodes."""
     reqs = [eng.add_request(random_prompt(n, seed), greedy(6)) for n, seed in ((150, 1), (70, 2), (5, 3))]
@@ -77,23 +102,7 @@ def test_v_in_place_glue_through_twins_keeps_every_logit(tiny_ckpt):
     from ringlinear.checkpoint import load_model
 
     model = load_model(tiny_ckpt, dtype=torch.bfloat16)
-    logs, outs, views = [], [], []
-    for in_place in (False, True):
-        eng = make_engine(model, max_batch=4, max_step_tokens=64, kernels=True, cuda_graphs=False)
-        eng.runner.v_in_place, eng.runner.v_in_place_min_tokens = in_place, 0
-        seen, prologue = [0], K.qkv_prologue
-
-        def counted(*a, _seen=seen, **kw):
-            _seen[0] += bool(kw.get("v_in_place"))
-            return prologue(*a, **kw)
-
-        K.qkv_prologue = counted
-        try:
-            logs.append(_record_logits(eng))
-            outs.append(_scenario(eng))
-        finally:
-            K.qkv_prologue = prologue
-        views.append(seen[0])
+    logs, outs, views = _v_in_place_ab(model, _scenario, max_batch=4, max_step_tokens=64, kernels=True)
     assert views[0] == 0 and views[1] > 0, views
     assert outs[0] == outs[1]
     for step, (a, b) in enumerate(zip(*logs)):
@@ -569,30 +578,17 @@ def test_v_in_place_keeps_every_logit_on_cuda():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):
                 p.uniform_(0.5, 1.5)
-    logs, outs, views = [], [], []
-    for in_place in (False, True):
-        eng = make_engine(model, max_batch=4, max_step_tokens=512, cuda_graphs=False)
-        eng.runner.v_in_place = in_place
-        eng.runner.v_in_place_min_tokens = 0  # (the served threshold is 8k rows: these steps are shorter)
-        seen, prologue = [0], K.qkv_prologue
 
-        def counted(*a, _seen=seen, **kw):
-            _seen[0] += bool(kw.get("v_in_place"))
-            return prologue(*a, **kw)
+    def run(eng):
+        first = eng.add_request(random_prompt(300, 1), greedy(4))
+        while eng.has_work():
+            eng.step()
+        reqs = [first] + [eng.add_request(random_prompt(n, seed), greedy(4)) for n, seed in ((700, 2), (90, 3))]
+        while eng.has_work():
+            eng.step()
+        return [r.output for r in reqs]
 
-        K.qkv_prologue = counted
-        try:
-            logs.append(_record_logits(eng))
-            first = eng.add_request(random_prompt(300, 1), greedy(4))
-            while eng.has_work():
-                eng.step()
-            reqs = [first] + [eng.add_request(random_prompt(n, seed), greedy(4)) for n, seed in ((700, 2), (90, 3))]
-            while eng.has_work():
-                eng.step()
-        finally:
-            K.qkv_prologue = prologue
-        outs.append([r.output for r in reqs])
-        views.append(seen[0])
+    logs, outs, views = _v_in_place_ab(model, run, max_batch=4, max_step_tokens=512)
     assert views[0] == 0 and views[1] >= len(cfg.linear_layers), views
     assert outs[0] == outs[1]
     assert len(logs[0]) == len(logs[1])
