@@ -61,8 +61,9 @@ from .step_io import StepIO, step_graph_sizes
 # loads start under the previous kernel; docs/benchmarks.md "Small-batch decode", fifteenth session).
 LINEAR_SMALL_ROWS = 8
 # Prompt steps of at least this many rows read the lightning layers' v in place from the projection (ModelRunner.
-# v_in_place). H200, one layer's prologue + prefill at Ring-mini's shape: 0.87x at 4k tokens (the copy the prologue
-# just wrote is still in L2), 1.22-1.26x at 16k-128k (docs/benchmarks.md, twentieth session).
+# v_in_place). H200, one layer's prologue + prefill at Ring-mini's shape: 1.19-1.26x at 16k-128k in every run, at 4k
+# 0.87x / 0.94x / 1.17x over three (the copy the prologue has just written may still be in L2; docs/benchmarks.md,
+# twentieth session).
 V_IN_PLACE_MIN_TOKENS = 8192
 
 log = logging.getLogger(__name__)
@@ -529,7 +530,7 @@ class ModelRunner:
                 qkv, io.pos, H, H, d, silu=cfg.linear_silu,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
                 rotary_dim=cfg.rot_dim, rope_theta=cfg.rope_theta, out_dtype=io.qkv_dtype, rope_cos_sin=(io.cos, io.sin),
-                out=(io.q, io.k, io.v) if io.static else None, v_in_place=io.v_in_place and not io.static)
+                out=(io.q, io.k, io.v) if io.static else None, v_in_place=io.v_in_place)
             if io.static:
                 if both is None:  # (with the packed weights the gate already is io.gate: a view of io.t)
                     io.gate.copy_(gate)
