@@ -110,9 +110,22 @@ def _open(path: Path):
         raise CheckpointError(f"cannot read {path.name}: {e} (truncated or not a safetensors file?)") from None
 
 
-def read_state_dict(ckpt: str | Path, cfg: RingLinearConfig) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, validated against `cfg`, in the module's naming (experts stacked)."""
+def _placed(name: str, t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> torch.Tensor:
+    """t on `device` in `dtype` (None: as stored); the router's expert bias stays fp32 (it sets the expert choice)."""
+    if device is None and dtype is None:
+        return t
+    keep_fp32 = name.endswith("expert_bias")
+    return t.to(device=device, dtype=torch.float32 if keep_fp32 else (dtype or t.dtype))
+
+
+def read_state_dict(ckpt: str | Path, cfg: RingLinearConfig, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, validated against `cfg`, in the module's naming (experts stacked), in `dtype` on
+    `device` (None: as stored, on the host). Each tensor moves to the device as it is read and an expert stack is built
+    there once its last expert is in, so the host holds one tensor at a time, not the checkpoint (Ring-mini is 33 GB
+    in bf16) - and the device holds one stack's parts twice at most."""
     ckpt = Path(ckpt)
+    device = None if device is None else torch.device(device)
     expected = expected_tensors(cfg)
     files = _shard_files(ckpt)
     stored = {_canonical(n): n for n in files if not _IGNORED.search(n)}  # checkpoint name -> name as stored
@@ -127,6 +140,7 @@ def read_state_dict(ckpt: str | Path, cfg: RingLinearConfig) -> dict[str, torch.
     for name, as_stored in stored.items():
         by_file.setdefault(files[as_stored], []).append(name)
     experts: dict[str, list[torch.Tensor | None]] = {}
+    filled: dict[str, int] = {}  # experts read so far per stack (each name is read once)
     out: dict[str, torch.Tensor] = {}
     for path, names in by_file.items():
         with _open(path) as f:
@@ -140,12 +154,17 @@ def read_state_dict(ckpt: str | Path, cfg: RingLinearConfig) -> dict[str, torch.
                 if t.dtype not in LOADABLE_DTYPES:
                     raise CheckpointError(f"tensor {name}: dtype {t.dtype} is not loadable (bf16, fp16 or fp32)")
                 target, e = map_name(name)
+                t = _placed(name, t, dtype, device)
                 if e is None:
                     out[target] = t
-                else:
-                    experts.setdefault(target, [None] * cfg.num_experts)[e] = t
-    for target, parts in experts.items():
-        out[target] = torch.stack(parts)  # every part is present: checked against `expected` above
+                    continue
+                parts = experts.setdefault(target, [None] * cfg.num_experts)
+                parts[e] = t
+                filled[target] = filled.get(target, 0) + 1
+                if filled[target] == cfg.num_experts:
+                    out[target] = torch.stack(parts)
+                    del experts[target]
+    assert not experts, f"expert stacks left incomplete: {sorted(experts)}"  # `expected` lists every expert
     return out
 
 
@@ -158,12 +177,9 @@ def load_model(ckpt: str | Path, dtype: torch.dtype | None = torch.float32, devi
         cfg = RingLinearConfig.from_file(ckpt)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    sd = read_state_dict(ckpt, cfg)
+    sd = read_state_dict(ckpt, cfg, dtype=dtype, device=device)
     with torch.device("meta"):
         model = RingLinearForCausalLM(cfg)
-    for name, t in sd.items():
-        keep_fp32 = name.endswith("expert_bias")
-        sd[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else (dtype or t.dtype))
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 

@@ -107,6 +107,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_weights_fit(cfg: RingLinearConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """SystemExit naming both sizes when the model's weights alone exceed the GPU's free memory (Ring-flash-linear-2.0
+    in bf16 is ~208 GB against an H200's ~139 GiB), before any tensor is read: otherwise the load fails after reading
+    for minutes, with a CUDA out-of-memory traceback."""
+    if device.type != "cuda":
+        return
+    need = cfg.parameter_counts()["total"] * torch.empty(0, dtype=dtype).element_size()
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise SystemExit(f"error: the model's weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
+                         f"but {device} has {free / 2**30:.1f} GiB free (of {total / 2**30:.1f} GiB): this pod runs "
+                         "a model on one GPU; use a GPU with more memory or a smaller model")
+
+
 def build_pod(args: argparse.Namespace):
     """(app, AsyncEngine) from parsed options; raises SystemExit with a clear message on bad options."""
     device = resolve_device(args.device)
@@ -114,12 +128,14 @@ def build_pod(args: argparse.Namespace):
     tok_dir = args.tokenizer or args.model
     try:
         if args.model:
+            check_weights_fit(RingLinearConfig.from_file(args.model), dtype, device)
             model = load_model(args.model, dtype=dtype, device=device)
             name = args.served_model_name or Path(args.model).resolve().name
         else:
             from ..tools.params import PRESETS
             src = args.random_weights
             cfg = RingLinearConfig.from_dict(PRESETS[src]) if src in PRESETS else RingLinearConfig.from_file(src)
+            check_weights_fit(cfg, dtype, device)
             model = random_model(cfg, device, dtype, args.seed)
             name = args.served_model_name or (src if src in PRESETS else Path(src).resolve().name)
         tokenizer = ChatTokenizer(tok_dir) if tok_dir else None

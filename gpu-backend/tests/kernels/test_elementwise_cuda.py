@@ -283,6 +283,10 @@ def test_gate_reads_half_precision_attention_output(o_dtype, C, groups):
     got = gated_group_rmsnorm(o, gate, w, groups, EPS, torch.bfloat16)
     _check(got, gated_group_rmsnorm(o.float(), gate, w, groups, EPS, torch.bfloat16), "half o vs fp32 o")
     _check(got, gated_group_rmsnorm_reference(o, gate, w, groups, EPS, torch.bfloat16), "half o vs twin")
+    # gate rows 8 bytes off a 16-byte multiple apart: the float4 layout instead of the 16-byte one, same result
+    padded = torch.zeros(300, C + 4, device="cuda", dtype=torch.bfloat16)
+    padded[:, :C] = gate
+    _check(gated_group_rmsnorm(o, padded[:, :C], w, groups, EPS, torch.bfloat16), got, "float4 layout vs 16-byte")
 
 
 def test_gate_strided_inputs_and_empty():

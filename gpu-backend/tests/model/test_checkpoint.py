@@ -48,6 +48,56 @@ def test_every_tensor_is_consumed_once(tiny_ckpt, tiny_model):
         assert t.shape == params[name].shape, name
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_tensors_are_placed_as_they_are_read(tmp_path, shards, monkeypatch):
+    """With a dtype and device every tensor is converted right after it is read (the host never holds the whole
+    checkpoint), an expert stack is built once its last expert is in, and the result equals reading as stored and
+    converting afterwards (the router's expert bias stays fp32)."""
+    import ringlinear.checkpoint as ck
+
+    ckpt = make_tiny("tiny", tmp_path / "ckpt", shards=shards)
+    cfg = RingLinearConfig.from_file(ckpt)
+    plain = read_state_dict(ckpt, cfg)
+    placed, live, peak = [], [0], [0]  # tensors read but not yet placed: at most one at any time
+    read = ck._placed
+
+    def counting(name, t, dtype, device):
+        placed.append(name)
+        out = read(name, t, dtype, device)
+        live[0] -= 1
+        return out
+
+    real_open = ck.safe_open
+
+    class Counted:
+        def __init__(self, *a, **kw):
+            self.f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            return self.f.get_tensor(name)
+
+        def keys(self):
+            return self.f.keys()
+
+    monkeypatch.setattr(ck, "_placed", counting)
+    monkeypatch.setattr(ck, "safe_open", Counted)
+    sd = read_state_dict(ckpt, cfg, dtype=torch.bfloat16, device="cpu")
+    assert peak[0] == 1 and len(placed) == len(ck.expected_tensors(cfg))
+    assert set(sd) == set(plain)
+    for name, t in sd.items():
+        want = torch.float32 if name.endswith("expert_bias") else torch.bfloat16
+        assert t.dtype == want and torch.equal(t, plain[name].to(want)), name
+
+
 def test_bias_alias_and_ignored_buffers(tmp_path, tiny_ckpt, reference_logits):
     ckpt = _copy(tiny_ckpt, tmp_path / "c")
     tensors = load_file(str(ckpt / "model.safetensors"))

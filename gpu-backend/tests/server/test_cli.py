@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from ringlinear.engine import EngineDead, SamplingParams
-from ringlinear.server.cli import build_parser, build_pod, parse_size
+from ringlinear.server.cli import build_parser, build_pod, check_weights_fit, parse_size
 
 
 def test_parse_size():
@@ -47,6 +47,22 @@ def test_bad_options_exit_with_a_message(tiny_ckpt, tmp_path):
         build_pod(build_parser().parse_args(["--model", str(tiny_ckpt), "--memory-budget", "1MiB"]))
     with pytest.raises(SystemExit, match="config.json not found|no model.safetensors"):
         build_pod(build_parser().parse_args(["--model", str(tmp_path)]))
+
+
+def test_weights_that_cannot_fit_the_gpu_are_refused_before_loading(tiny_model, monkeypatch):
+    """Ring-flash-linear-2.0 in bf16 (~208 GB) on a GPU with 139 GiB free: a message naming both sizes, before any
+    tensor is read; a model that fits, or any model on the CPU, passes."""
+    from ringlinear.config import RingLinearConfig
+    from ringlinear.tools.params import PRESETS
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 << 30, 140 << 30))
+    cuda = torch.device("cuda", 0)
+    flash = RingLinearConfig.from_dict(PRESETS["ring-flash-linear-2.0"])
+    with pytest.raises(SystemExit, match=r"need 194\.\d GiB in bfloat16 but cuda:0 has 139\.0 GiB free"):
+        check_weights_fit(flash, torch.bfloat16, cuda)
+    check_weights_fit(RingLinearConfig.from_dict(PRESETS["ring-mini-linear-2.0"]), torch.bfloat16, cuda)  # ~30.6 GiB
+    check_weights_fit(flash, torch.bfloat16, torch.device("cpu"))
+    check_weights_fit(tiny_model.config, torch.float32, cuda)
 
 
 def test_stopped_engine_fails_waiting_streams(tiny_model):

@@ -269,42 +269,58 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
 // ---------------------------------------------------------------------------------------------------------------
 // gated group RMSNorm
 // ---------------------------------------------------------------------------------------------------------------
-// Each thread keeps its float4 vectors of the row (and of the gate, loaded with them so both streams are in flight
-// before the first barrier) in registers; per-vector sums of squares go to shared memory and one warp per group sums
-// its group's in a fixed order (deterministic, no atomics). MAXV = float4 vectors per thread: 2 for rows of up to
-// 2048 channels (few registers: 8 blocks per SM), kGateMaxVec above.
-template <typename To, typename Tg, typename Tout, int MAXV>
-__global__ void __launch_bounds__(kGateThreads)
+// Each thread keeps its VEC-element vectors of the row (and of the gate, loaded with them so both streams are in
+// flight before the first barrier) in registers; per-vector sums of squares go to shared memory and one warp per
+// group sums its group's in a fixed order (deterministic, no atomics). MAXV = vectors per thread.
+//   VEC 4, THREADS 256: any dtypes (fp32 o is 16 bytes a vector); MAXV 2 for rows of up to 2048 channels (few
+//     registers: 8 blocks per SM), kGateMaxVec above.
+//   VEC 8, THREADS 128 (16-bit o and gate, 16-byte aligned rows: the prefill kernel's bf16 output): 16-byte loads and
+//     16 blocks of one row each per SM, twice the bytes in flight of the float4 layout, which ran this case at 64% of
+//     the copy rate against 84% for fp32 o (one block per row: the bytes a block has in flight bound the rate).
+template <typename To, typename Tg, typename Tout, int MAXV, int VEC, int THREADS>
+__global__ void __launch_bounds__(THREADS)
     gated_group_rmsnorm_kernel(const To* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
                                int64_t gate_stride, const float* __restrict__ weight, Tout* __restrict__ out, int C,
                                int groups, float eps, int gshift) {
+  static_assert(VEC == 4 || (VEC == 8 && sizeof(To) == 2 && sizeof(Tg) == 2), "16-byte vectors of 16-bit o and gate");
+  constexpr int kWarps = THREADS / 32;
   extern __shared__ float smem[];
-  const int nvec = C / 4, gsize = C / groups, gvec = gsize / 4;
-  float* part = smem;          // [nvec] sum of squares of each float4
+  const int nvec = C / VEC, gsize = C / groups, gvec = gsize / VEC;
+  float* part = smem;          // [nvec] sum of squares of each vector
   float* scale = smem + nvec;  // [groups] rsqrt(mean + eps)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const To* orow = o + (int64_t)blockIdx.x * o_stride;
   const Tg* grow = gate + (int64_t)blockIdx.x * gate_stride;
   Tout* yrow = out + (int64_t)blockIdx.x * C;
 
-  float x[MAXV][4], gv[MAXV][4];
+  float x[MAXV][VEC], gv[MAXV][VEC];
   pdl_wait();  // o comes from the attention kernel just before this one
   pdl_launch_dependents();
 #pragma unroll
   for (int i = 0; i < MAXV; ++i) {
-    const int v = threadIdx.x + i * kGateThreads;
+    const int v = threadIdx.x + i * THREADS;
     if (v < nvec) {
-      load4<To>(orow + 4 * v, x[i]);
-      load4<Tg>(grow + 4 * v, gv[i]);
+      if constexpr (VEC == 8) {
+        load16<To, 8>(orow + 8 * v, x[i]);
+        load16<Tg, 8>(grow + 8 * v, gv[i]);
+      } else {
+        load4<To>(orow + 4 * v, x[i]);
+        load4<Tg>(grow + 4 * v, gv[i]);
+      }
     }
   }
 #pragma unroll
   for (int i = 0; i < MAXV; ++i) {
-    const int v = threadIdx.x + i * kGateThreads;
-    if (v < nvec) part[v] = x[i][0] * x[i][0] + x[i][1] * x[i][1] + x[i][2] * x[i][2] + x[i][3] * x[i][3];
+    const int v = threadIdx.x + i * THREADS;
+    if (v < nvec) {
+      float ss = x[i][0] * x[i][0];
+#pragma unroll
+      for (int j = 1; j < VEC; ++j) ss += x[i][j] * x[i][j];
+      part[v] = ss;
+    }
   }
   __syncthreads();
-  for (int g = warp; g < groups; g += kGateWarps) {
+  for (int g = warp; g < groups; g += kWarps) {
     float s = 0.f;
     for (int v = lane; v < gvec; v += 32) s += part[g * gvec + v];
     s = warp_sum(s);
@@ -313,19 +329,20 @@ __global__ void __launch_bounds__(kGateThreads)
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < MAXV; ++i) {
-    const int v = threadIdx.x + i * kGateThreads;
+    const int v = threadIdx.x + i * THREADS;
     if (v < nvec) {
-      const float rs = scale[gshift >= 0 ? v >> gshift : v / gvec];  // a float4 never straddles groups
-      float w[4], y[4];
+      const float rs = scale[gshift >= 0 ? v >> gshift : v / gvec];  // a vector never straddles groups
+      float w[VEC], y[VEC];
       const float* g = gv[i];
-      load4<float>(weight + 4 * v, w);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < VEC; j += 4) load4<float>(weight + VEC * v + j, w + j);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
         // ops.group_rms_norm then * torch.sigmoid (1 / (1 + exp(-g))), each product rounded as in eager torch.
         const float sig = __frcp_rn(1.f + expf(-g[j]));  // == 1.f / (...): both correctly rounded, rcp is cheaper
         y[j] = __fmul_rn(__fmul_rn(w[j], __fmul_rn(x[i][j], rs)), sig);
       }
-      store<Tout, 4>(yrow + 4 * v, y);
+      store<Tout, VEC>(yrow + VEC * v, y);
     }
   }
 }
@@ -539,9 +556,13 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(o.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const size_t smem = (size_t)(C / 4 + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
-  // float4 vectors per group: a shift instead of a division when a power of two (5% of the kernel at 32k-128k rows)
-  const int64_t gvec = C / groups / 4;
+  // 16-byte vectors for 16-bit o and gate whose rows allow them (VEC 8, above); float4 vectors otherwise
+  const bool wide = o.element_size() == 2 && gate.element_size() == 2 && C % 8 == 0 && (C / groups) % 8 == 0 &&
+                    o.stride(0) % 8 == 0 && gate.stride(0) % 8 == 0;
+  const int vec = wide ? 8 : 4;
+  const size_t smem = (size_t)(C / vec + groups) * sizeof(float);  // <= (2048 + 2048) * 4 bytes
+  // vectors per group: a shift instead of a division when a power of two (5% of the kernel at 32k-128k rows)
+  const int64_t gvec = C / groups / vec;
   const int gshift = (gvec & (gvec - 1)) == 0 ? __builtin_ctzll((unsigned long long)gvec) : -1;
   dispatch_float(o.scalar_type(), "gated_group_rmsnorm: o", [&](auto o_tag) {
     using To = decltype(o_tag);
@@ -549,12 +570,22 @@ void gated_group_rmsnorm(const at::Tensor& o, const at::Tensor& gate, const at::
       using Tg = decltype(g_tag);
       dispatch_float(out.scalar_type(), "gated_group_rmsnorm: out_dtype", [&](auto out_tag) {
         using Tout = decltype(out_tag);
-        auto kernel = C <= 4 * kGateThreads * 2 ? gated_group_rmsnorm_kernel<To, Tg, Tout, 2>
-                                                : gated_group_rmsnorm_kernel<To, Tg, Tout, kGateMaxVec>;
-        C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, kGateThreads, smem, stream,
-            reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
-            gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
-            (float)eps, gshift));
+        auto launch = [&](auto kernel, int threads) {
+          C10_CUDA_CHECK(launch_dependent(kernel, (unsigned)N, threads, smem, stream,
+              reinterpret_cast<const To*>(o.data_ptr()), o.stride(0), reinterpret_cast<const Tg*>(gate.data_ptr()),
+              gate.stride(0), weight.data_ptr<float>(), reinterpret_cast<Tout*>(out.data_ptr()), (int)C, (int)groups,
+              (float)eps, gshift));
+        };
+        if constexpr (sizeof(To) == 2 && sizeof(Tg) == 2) {
+          if (wide) {
+            constexpr int kT = kGateThreads / 2;
+            if (C <= 8 * kT * 2) launch(gated_group_rmsnorm_kernel<To, Tg, Tout, 2, 8, kT>, kT);
+            else launch(gated_group_rmsnorm_kernel<To, Tg, Tout, kGateMaxVec, 8, kT>, kT);
+            return;
+          }
+        }
+        if (C <= 4 * kGateThreads * 2) launch(gated_group_rmsnorm_kernel<To, Tg, Tout, 2, 4, kGateThreads>, kGateThreads);
+        else launch(gated_group_rmsnorm_kernel<To, Tg, Tout, kGateMaxVec, 4, kGateThreads>, kGateThreads);
       });
     });
   });
