@@ -107,18 +107,35 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what the kernel can hand out without swapping), or None off Linux."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_weights_fit(cfg: RingLinearConfig, dtype: torch.dtype, device: torch.device) -> None:
     """SystemExit naming both sizes when the model's weights alone exceed the GPU's free memory (Ring-flash-linear-2.0
-    in bf16 is ~208 GB against an H200's ~139 GiB), before any tensor is read: otherwise the load fails after reading
-    for minutes, with a CUDA out-of-memory traceback."""
-    if device.type != "cuda":
-        return
+    in bf16 is ~208 GB against an H200's ~139 GiB), or on the CPU the host's available memory, before any tensor is
+    read: otherwise the load fails after reading for minutes, with an out-of-memory traceback or a killed process."""
     need = cfg.parameter_counts()["total"] * torch.empty(0, dtype=dtype).element_size()
-    free, total = torch.cuda.mem_get_info(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"{device} has {free / 2**30:.1f} GiB free (of {total / 2**30:.1f} GiB)"
+    else:
+        free = host_available_bytes()
+        if free is None:
+            return
+        where = f"this host has {free / 2**30:.1f} GiB of memory available"
     if need > free:
         raise SystemExit(f"error: the model's weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} "
-                         f"but {device} has {free / 2**30:.1f} GiB free (of {total / 2**30:.1f} GiB): this pod runs "
-                         "a model on one GPU; use a GPU with more memory or a smaller model")
+                         f"but {where}: this pod runs a model on one device; use one with more memory, a smaller "
+                         "model, or (CPU) --dtype bfloat16")
 
 
 def build_pod(args: argparse.Namespace):

@@ -50,8 +50,8 @@ def test_bad_options_exit_with_a_message(tiny_ckpt, tmp_path):
 
 
 def test_weights_that_cannot_fit_the_gpu_are_refused_before_loading(tiny_model, monkeypatch):
-    """Ring-flash-linear-2.0 in bf16 (~208 GB) on a GPU with 139 GiB free: a message naming both sizes, before any
-    tensor is read; a model that fits, or any model on the CPU, passes."""
+    """Ring-flash-linear-2.0 in bf16 (~208 GB) on a GPU with 139 GiB free, Ring-mini in fp32 on a host with 48 GiB
+    available: a message naming both sizes, before any tensor is read; a model that fits passes."""
     from ringlinear.config import RingLinearConfig
     from ringlinear.tools.params import PRESETS
 
@@ -61,8 +61,34 @@ def test_weights_that_cannot_fit_the_gpu_are_refused_before_loading(tiny_model, 
     with pytest.raises(SystemExit, match=r"need 194\.\d GiB in bfloat16 but cuda:0 has 139\.0 GiB free"):
         check_weights_fit(flash, torch.bfloat16, cuda)
     check_weights_fit(RingLinearConfig.from_dict(PRESETS["ring-mini-linear-2.0"]), torch.bfloat16, cuda)  # ~30.6 GiB
-    check_weights_fit(flash, torch.bfloat16, torch.device("cpu"))
     check_weights_fit(tiny_model.config, torch.float32, cuda)
+    # the CPU: the host's available memory (Ring-mini in fp32 is ~61 GiB)
+    import ringlinear.server.cli as cli
+
+    monkeypatch.setattr(cli, "host_available_bytes", lambda: 48 << 30)
+    mini = RingLinearConfig.from_dict(PRESETS["ring-mini-linear-2.0"])
+    with pytest.raises(SystemExit, match=r"need 61\.2 GiB in float32 but this host has 48\.0 GiB of memory available"):
+        check_weights_fit(mini, torch.float32, torch.device("cpu"))
+    check_weights_fit(mini, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(cli, "host_available_bytes", lambda: None)  # not Linux: nothing to compare with
+    check_weights_fit(flash, torch.float32, torch.device("cpu"))
+
+
+def test_host_available_bytes_reads_meminfo(tmp_path, monkeypatch):
+    import builtins
+    from pathlib import Path
+
+    from ringlinear.server.cli import host_available_bytes
+
+    if Path("/proc/meminfo").exists():
+        assert host_available_bytes() > 0
+    fake = tmp_path / "meminfo"
+    fake.write_text("MemTotal:       131072000 kB\nMemFree:         1000 kB\nMemAvailable:   65536000 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(fake if f == "/proc/meminfo" else f, *a, **k))
+    assert host_available_bytes() == 65536000 * 1024
+    fake.write_text("MemTotal:       131072000 kB\n")  # a kernel without MemAvailable
+    assert host_available_bytes() is None
 
 
 def test_stopped_engine_fails_waiting_streams(tiny_model):
