@@ -274,9 +274,10 @@ __global__ void __launch_bounds__(kPrologueThreads, kPrologueMinBlocks)
 // group sums its group's in a fixed order (deterministic, no atomics). MAXV = vectors per thread.
 //   VEC 4, THREADS 256: any dtypes (fp32 o is 16 bytes a vector); MAXV 2 for rows of up to 2048 channels (few
 //     registers: 8 blocks per SM), kGateMaxVec above.
-//   VEC 8, THREADS 128 (16-bit o and gate, 16-byte aligned rows: the prefill kernel's bf16 output): 16-byte loads and
-//     16 blocks of one row each per SM, twice the bytes in flight of the float4 layout, which ran this case at 64% of
-//     the copy rate against 84% for fp32 o (one block per row: the bytes a block has in flight bound the rate).
+//   VEC 8, THREADS 128 (16-bit o and gate, 16-byte aligned rows: the prefill kernel's bf16 output): 16-byte loads, a
+//     row per 128 threads. One block per row: the bytes the SM's blocks have in flight bound the rate, and the float4
+//     layout ran this case at 64% of the copy rate against 84% for fp32 o; this one 78% (56 registers: 9 blocks an SM,
+//     the row held in registers across the norm's barrier caps it there).
 template <typename To, typename Tg, typename Tout, int MAXV, int VEC, int THREADS>
 __global__ void __launch_bounds__(THREADS)
     gated_group_rmsnorm_kernel(const To* __restrict__ o, int64_t o_stride, const Tg* __restrict__ gate,
