@@ -13,13 +13,19 @@ from ringlinear.engine.runner import kernels_usable
 from ringlinear.ops import lightning_recurrent_step
 
 
-def _record_logits(eng):
-    """Wrap the runner so every step's logits (or None) are kept."""
+def _record_logits(eng, forced_tokens: bool = False):
+    """Wrap the runner so every step's logits (or None) are kept. forced_tokens: the sampler gets logits that force a
+    token fixed by (step, row), so engines whose logits differ by rounding still feed the same tokens and every step
+    stays comparable."""
     log, execute = [], eng.runner.execute
 
     def wrapped(segs, feed=None):
         logits, snaps = execute(segs, feed)
         log.append(None if logits is None else logits.float().cpu())
+        if forced_tokens and logits is not None:
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            logits = logits.clone()
+            logits[rows, (7919 * len(log) + 104729 * rows + 17) % logits.shape[1]] = 1e4
         return logits, snaps
 
     eng.runner.execute = wrapped
@@ -597,24 +603,6 @@ def test_v_in_place_keeps_every_logit_on_cuda():
         assert a is None or torch.equal(a, b), f"step {step}: logits differ"
 
 
-def _forced_logits(eng):
-    """Record every step's logits (fp32, on the host) and hand the sampler logits that force a token fixed by (step,
-    row): engines whose logits differ by rounding still feed the same tokens, so every step stays comparable."""
-    log, execute = [], eng.runner.execute
-
-    def wrapped(segs, feed=None):
-        logits, snaps = execute(segs, feed)
-        log.append(None if logits is None else logits.float().cpu())
-        if logits is not None:
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            logits = logits.clone()
-            logits[rows, (7919 * len(log) + 104729 * rows + 17) % logits.shape[1]] = 1e4
-        return logits, snaps
-
-    eng.runner.execute = wrapped
-    return log
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["ring-mini-linear-2.0", "ring-flash-linear-2.0"])
 def test_family_layer_shapes_match_reference_on_cuda(preset):
@@ -663,7 +651,7 @@ def test_family_layer_shapes_match_reference_on_cuda(preset):
     engines = {"ref32": make_engine(m32, kernels=False, **kw), "ref16": make_engine(m16, kernels=False, **kw),
                "kernels": make_engine(m16, **kw)}  # built last: it packs m16's MoE and qkv weights (views)
     assert engines["kernels"].runner.use_kernels and engines["kernels"].runner.graphs is not None
-    logs = {name: _forced_logits(eng) for name, eng in engines.items()}
+    logs = {name: _record_logits(eng, forced_tokens=True) for name, eng in engines.items()}
     for eng in engines.values():
         run(eng)
     steps = [i for i, a in enumerate(logs["ref32"]) if a is not None]
