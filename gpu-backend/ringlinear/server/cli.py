@@ -123,7 +123,7 @@ def check_weights_fit(cfg: RingLinearConfig, dtype: torch.dtype, device: torch.d
     """SystemExit naming both sizes when the model's weights alone exceed the GPU's free memory (Ring-flash-linear-2.0
     in bf16 is ~208 GB against an H200's ~139 GiB), or on the CPU the host's available memory, before any tensor is
     read: otherwise the load fails after reading for minutes, with an out-of-memory traceback or a killed process."""
-    need = cfg.parameter_counts()["total"] * torch.empty(0, dtype=dtype).element_size()
+    need = cfg.parameter_counts()["total"] * dtype.itemsize
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         where = f"{device} has {free / 2**30:.1f} GiB free (of {total / 2**30:.1f} GiB)"
