@@ -626,8 +626,9 @@ def bench_prefill_v(tokens=(4096, 16384, 32768, 131072)):
     """A lightning layer's attention from its raw projection at the Ring-mini shape (qkv: 3 x 2048 columns of the
     [T, 8192] qkv + gate GEMM output, fp32 QK-norm, RoPE on 64 of 128 channels, one sequence from position 0):
     qkv_prologue writing q, k and v then the prefill (the path before), against qkv_prologue writing q and k only and
-    the prefill reading v in place from the projection (v_in_place), on one prepared plan, with a bitwise check of
-    the outputs and final states."""
+    the prefill reading v in place from the projection (v_in_place), and against no prologue pass at all (q, k and v
+    raw from the projection, the prefill kernel applying the QK-norm and RoPE: QKPrologue), on one prepared plan,
+    with a bitwise check of the outputs and final states."""
     from ringlinear.ops.rope import rope_cos_sin
 
     rows, gamma, rot = [], gammas(), D // 2
@@ -640,19 +641,25 @@ def bench_prefill_v(tokens=(4096, 16384, 32768, 131072)):
                   k_norm_weight=torch.rand(D, device="cuda", generator=g) + 0.5, eps=1e-6, rotary_dim=rot,
                   rope_theta=1e6, out_dtype=torch.bfloat16, rope_cos_sin=(cos, sin))
         prep = L.prepare_prefill([T], [0], [False], H, D, "cuda")
-        states = [torch.zeros(1, H, D, D, device="cuda") for _ in range(2)]
+        states = [torch.zeros(1, H, D, D, device="cuda") for _ in range(3)]
         prologue = {m: (lambda m=m: K.qkv_prologue(qkv, pos, H, H, D, v_in_place=m, **kw)) for m in (False, True)}
         layer = {m: (lambda m=m, s=s: L.run_prepared_prefill(prep, *prologue[m](), s, gamma))
                  for m, s in ((False, states[0]), (True, states[1]))}
-        same = bool(torch.equal(layer[False](), layer[True]()) and torch.equal(*states))
+        raw = qkv.unflatten(1, (3 * H, D)).split(H, 1)
+        pro = L.QKPrologue(kw["q_norm_weight"], kw["k_norm_weight"], 1e-6, cos, sin, pos, 1e6)
+        layer["fused"] = lambda: L.run_prepared_prefill(prep, *raw, states[2], gamma, qk_prologue=pro)
+        outs = [layer[m]() for m in (False, True, "fused")]
+        same = bool(all(torch.equal(outs[0], o) for o in outs[1:]) and all(torch.equal(states[0], st) for st in states))
         row = {"tokens": T, "bitwise_same": same}
         for m, name in ((False, "copied"), (True, "in_place")):
             row[f"v_{name}_ms"] = do_bench(layer[m])
             row[f"prologue_v_{name}_ms"] = do_bench(prologue[m])
+        row["qk_in_prefill_ms"] = do_bench(layer["fused"])
         rows.append(row)
-        print(f"prefill from qkv T={T:6d}: v in place {row['v_in_place_ms']:7.3f} ms | v copied {row['v_copied_ms']:7.3f} "
-              f"ms ({row['v_copied_ms'] / row['v_in_place_ms']:.2f}x) | prologue alone {row['prologue_v_in_place_ms']:.3f}"
-              f" / {row['prologue_v_copied_ms']:.3f} ms | same: {same}", flush=True)
+        print(f"prefill from qkv T={T:6d}: qk in prefill {row['qk_in_prefill_ms']:7.3f} ms | v in place "
+              f"{row['v_in_place_ms']:7.3f} ms ({row['v_in_place_ms'] / row['qk_in_prefill_ms']:.2f}x) | v copied "
+              f"{row['v_copied_ms']:7.3f} ms ({row['v_copied_ms'] / row['qk_in_prefill_ms']:.2f}x) | prologue alone "
+              f"{row['prologue_v_in_place_ms']:.3f} / {row['prologue_v_copied_ms']:.3f} ms | same: {same}", flush=True)
         del t, qkv, states
     RESULTS["prefill_v"] = rows
 

@@ -150,9 +150,19 @@ def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[d
     return rows
 
 
-def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=(True,)) -> list[dict]:
+# --v-in-place: the (v in place, q and k raw into the prefill) modes ours' prompts take turns with
+PROLOGUE_AB = {"ab": ((True, True), (False, False)), "qk-ab": ((True, True), (True, False))}
+
+
+def _prologue_label(mode) -> str:
+    v_in_place, qk_raw = mode
+    return ("qk in prefill, " if qk_raw and v_in_place else "") + ("v in place" if v_in_place else "v copied")
+
+
+def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=((True, True),)) -> list[dict]:
     """Best of reps per context. A/B variants take turns: MoE paths (moe_paths) and, for ours, the lightning layers'
-    v read in place from the projection or copied by the prologue (v_modes: ModelRunner.v_in_place)."""
+    prologue (v_modes: (v read in place from the projection or copied by the prologue, q and k handed raw to the prefill
+    kernel or through the prologue): ModelRunner.v_in_place, ModelRunner.qk_prologue_in_prefill)."""
     cfg = model.config
     rows = []
     eng = prompt_engine(model, max(contexts))
@@ -160,7 +170,7 @@ def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_m
     time_to_first_token(eng, min(contexts), rng, dev)  # warm-up: extension, cuBLAS/cuDNN plans, allocator
     variants = [(m, f) for m in moe_paths for f in v_modes]
     label = lambda v: " ".join(([f"MoE {v[0]}"] if len(moe_paths) > 1 else [])  # noqa: E731
-                               + ([f"v {'in place' if v[1] else 'copied'}"] if len(v_modes) > 1 else []))
+                               + ([_prologue_label(v[1])] if len(v_modes) > 1 else []))
     for T in contexts:
         if time.monotonic() > deadline:
             print(f"prefill  T={T}: skipped (time budget)", flush=True)
@@ -171,14 +181,14 @@ def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_m
             for _ in range(reps):
                 for v in variants:
                     set_moe_paths(v[0])
-                    eng.runner.v_in_place = v[1]
+                    eng.runner.v_in_place, eng.runner.qk_prologue_in_prefill = v[1]
                     times[v].append(time_to_first_token(eng, T, rng, dev))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
         finally:
             set_moe_paths("wide")
-            eng.runner.v_in_place = True
+            eng.runner.v_in_place = eng.runner.qk_prologue_in_prefill = True
         p_flops, flops = prefill_flops(cfg, T)
         roof = T / (flops / BF16_PEAK)
         for v in variants:
@@ -186,15 +196,16 @@ def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_m
             rows.append({"context": T, "seconds": dt, "tok_s": T / dt, "roofline_tok_s": roof,
                          "active_param_tflops": p_flops / dt / 1e12, "pct_peak_active": 100 * p_flops / dt / BF16_PEAK,
                          "pct_peak_total": 100 * flops / dt / BF16_PEAK, **({"moe_paths": v[0]} if len(moe_paths) > 1 else {}),
-                         **({"v": "in place" if v[1] else "copied"} if len(v_modes) > 1 else {})})
+                         **({"v": _prologue_label(v[1])} if len(v_modes) > 1 else {})})
             print(f"prefill  T={T:6d}  {dt * 1e3:9.1f} ms  {T / dt:9.0f} tok/s  roofline {roof:9.0f} tok/s  "
                   f"active-param {100 * p_flops / dt / BF16_PEAK:5.1f}% of bf16 peak  (all FLOPs {100 * flops / dt / BF16_PEAK:5.1f}%)"
                   + (f"  [{label(v)}]" if len(variants) > 1 else ""), flush=True)
         if len(moe_paths) > 1:
             print(f"prefill  T={T:6d}  wide / no-wide time: {min(times[('wide', v_modes[0])]) / min(times[('no-wide', v_modes[0])]):.3f}", flush=True)
         if len(v_modes) > 1:
-            print(f"prefill  T={T:6d}  v in place / copied time: "
-                  f"{min(times[(moe_paths[0], True)]) / min(times[(moe_paths[0], False)]):.3f}", flush=True)
+            a, b = ((moe_paths[0], m) for m in v_modes[:2])
+            print(f"prefill  T={T:6d}  {_prologue_label(a[1])} / {_prologue_label(b[1])} time: "
+                  f"{min(times[a]) / min(times[b]):.3f}", flush=True)
     del eng
     return rows
 
@@ -461,9 +472,10 @@ def main(argv=None) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,
                    help="decode engines' prefix cache, with reply snapshots (default off): what those cost the steps")
-    p.add_argument("--v-in-place", choices=("on", "ab"), default="on",
+    p.add_argument("--v-in-place", choices=("on", "ab", "qk-ab"), default="on",
                    help="ab: ours' prompts also with the lightning layers' v copied by the prologue instead of read in "
-                        "place from the projection, taking turns (rows labelled v)")
+                        "place from the projection; qk-ab: also with q and k through the prologue instead of raw into "
+                        "the prefill kernel (both v in place); taking turns (rows labelled v)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -507,7 +519,8 @@ def main(argv=None) -> None:
         pc = ints(a.prefill_contexts)
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
                                               ("wide", "no-wide") if a.moe_wide.startswith("ab") else ("wide",),
-                                              (True, False) if a.v_in_place == "ab" and cfg.linear_layers else (True,))
+                                              PROLOGUE_AB.get(a.v_in_place, ((True, True),)) if cfg.linear_layers
+                                              else ((True, True),))
                                 if pc else []}
         if a.moe_wide == "ab" and pc and dev.type == "cuda":
             res[name]["prefill_graphed_moe_ab"] = bench_prefill_graphed_moe_ab(model, pc, dev, a.prefill_reps)

@@ -181,6 +181,10 @@ class ModelRunner:
         # well: bitwise the same (an A/B switch for the benches).
         self.v_in_place = True
         self.v_in_place_min_tokens = V_IN_PLACE_MIN_TOKENS
+        # Those steps also hand the prefill q and k raw from the projection, and the prefill kernel applies the QK-norm
+        # and RoPE to each chunk as it loads it (kernels.QKPrologue): no prologue pass over q and k. Bitwise the same
+        # (False: the A/B switch). On the GPU for the released models' head shape (d 128, rotary 64) only.
+        self.qk_prologue_in_prefill = True
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
         self._step_io: dict[int, StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
@@ -357,6 +361,9 @@ class ModelRunner:
         io = StepIO(ids=ids, pos=pos, kv_rows=kv_rows, qkv_dtype=torch.bfloat16 if bf16 else self.acc)
         io.v_in_place = (bf16 and self.v_in_place and not self.cfg.linear_silu
                          and ids.shape[0] >= self.v_in_place_min_tokens)
+        cfg = self.cfg
+        io.qk_raw = (io.v_in_place and self.qk_prologue_in_prefill and self.use_kernels and cfg.use_qk_norm
+                     and (ids.device.type != "cuda" or (cfg.d_head == 128 and cfg.rot_dim == 64)))
         self._piece(0, io)
         for l in range(self.cfg.num_hidden_layers):
             self._attention(l, io, plan, snaps)
@@ -413,7 +420,8 @@ class ModelRunner:
                 io.a = out
         elif self.use_kernels:
             o = self._lightning_kernels(l, io.q[rows], io.k[rows], io.v[rows], self.states.states[l], plan, snaps,
-                                        out=io.o[rows] if io.static else None)
+                                        out=io.o[rows] if io.static else None,
+                                        pro=self._qk_prologue(l, io) if io.qk_raw else None)
             if not io.static:
                 io.o = o
         else:
@@ -526,6 +534,10 @@ class ModelRunner:
                 qkv, gate = t[:, : 3 * H * d], t[:, 3 * H * d:]
             else:
                 qkv, gate = self._proj(att.query_key_value, h[0]), self._proj(att.g_proj, h[0])
+            if io.qk_raw:  # the prefill applies the QK-norm and RoPE as it loads q and k: the projection's columns
+                io.q, io.k, io.v = qkv.unflatten(1, (3 * H, d)).split(H, 1)
+                io.gate = gate
+                return
             q, k, v = cuda_kernels.qkv_prologue(
                 qkv, io.pos, H, H, d, silu=cfg.linear_silu,
                 q_norm_weight=qw, k_norm_weight=kw, eps=att.query_layernorm.eps,
@@ -562,6 +574,12 @@ class ModelRunner:
         o = o * torch.sigmoid(io.gate.to(self.acc))
         return att.dense(o.to(dtype))
 
+    def _qk_prologue(self, l, io: StepIO):
+        """Layer l's QK-norm and RoPE for a prefill handed raw q and k (io.qk_raw)."""
+        qw, kw, _ = self.norm_f32[l]
+        eps = self.model.model.layers[l].attention.query_layernorm.eps
+        return cuda_kernels.QKPrologue(qw, kw, eps, io.cos[0], io.sin[0], io.pos, self.cfg.rope_theta)
+
     def _lightning_reference(self, l, q, k, v, pool, decay, plan: "_StepPlan", snaps):
         N, H, d = q.shape[1:]
         o = torch.empty(N, H, d, dtype=self.acc, device=q.device)
@@ -583,11 +601,13 @@ class ModelRunner:
             pool[s.slot] = S[0]
         return o
 
-    def _lightning_kernels(self, l, q, k, v, pool, plan: "_StepPlan", snaps, out=None):
+    def _lightning_kernels(self, l, q, k, v, pool, plan: "_StepPlan", snaps, out=None, pro=None):
         """q, k, v [N, H, d]: decode rows in one in-place step over the pool; prompt chunks in varlen launches, one
         per cut round (round r runs every segment's r-th piece; a segment's pieces are sequential in its slot).
         Writes `out` (fp32 [N, H, d]) when given. Otherwise a prompt-only step in one round returns the prefill
-        kernel's output itself (bf16 for bf16 q: the gated norm reads it directly), and other steps an fp32 buffer."""
+        kernel's output itself (bf16 for bf16 q: the gated norm reads it directly), and other steps an fp32 buffer.
+        pro: q and k are raw, the prefill applies this QKPrologue (prompt-only steps)."""
+        assert pro is None or plan.dec is None, "raw q and k are for prompt-only steps"
         gamma = self.gamma[l]
         rounds = self._prefill_rounds(plan, q.device)
         if out is None and plan.dec is not None and not rounds and _all_rows(plan.dec.rows):  # decode only: as is
@@ -608,10 +628,13 @@ class ModelRunner:
                 cat = lambda t: t[lo:hi]  # noqa: E731
             else:
                 cat = lambda t: torch.cat([t[a:b] for _, a, b in batch])  # noqa: E731
+            p = None if pro is None else pro.rows(slice(lo, hi) if _covers(batch, hi, lo) else [(a, b) for _, a, b in batch])
             if prep is not None:  # planned once per step, reused by every lightning layer
-                o_r = cuda_kernels.run_prepared_prefill(prep, cat(q), cat(k), cat(v), pool, gamma, scale=self.scale)
+                o_r = cuda_kernels.run_prepared_prefill(prep, cat(q), cat(k), cat(v), pool, gamma, scale=self.scale,
+                                                        qk_prologue=p)
             else:
-                o_r = cuda_kernels.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, slots, gamma, scale=self.scale)
+                o_r = cuda_kernels.lightning_prefill(cat(q), cat(k), cat(v), pool, cu, slots, gamma, scale=self.scale,
+                                                     qk_prologue=p)
             if whole:
                 o = o_r
             elif _covers(batch, hi, lo):

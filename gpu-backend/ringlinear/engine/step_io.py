@@ -37,6 +37,7 @@ class StepIO:
         self.o = self.a = None  # attention outputs [N, H, d]: lightning (fp32 when static), softmax
         self.qkv_dtype = None  # the lightning q/k/v dtype
         self.v_in_place = False  # eager prompt-only bf16 steps: io.v is a view of the projection (ModelRunner.v_in_place)
+        self.qk_raw = False  # ... and io.q, io.k too, raw: the prefill applies the QK prologue (qk_prologue_in_prefill)
         for name, value in fields.items():
             setattr(self, name, value)
 

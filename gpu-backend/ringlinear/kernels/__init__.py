@@ -3,7 +3,7 @@
 | kernel | wrapper | twin |
 |---|---|---|
 | lightning decode (in-place slot state, fused QK-norm + RoPE) | `lightning.lightning_decode` | `lightning_reference.lightning_decode_reference` |
-| lightning varlen prefill (tensor cores, split across SMs) | `lightning.lightning_prefill` | `lightning_reference.lightning_prefill_reference` |
+| lightning varlen prefill (tensor cores, split across SMs; optionally the QK-norm + RoPE of raw q, k as it loads them) | `lightning.lightning_prefill` (`lightning.QKPrologue`) | `lightning_reference.lightning_prefill_reference` (after `qkv_prologue`) |
 | MoE router / experts | `moe.route`, `moe.fused_moe` | `moe_reference.route_reference`, `moe_reference.moe_reference` |
 | paged-KV GQA decode attention (block tables read in place, split-K) | `paged_attention.paged_decode_attention` | `paged_attention_reference.paged_decode_attention_reference` |
 | fused attention elementwise (qkv split + silu + QK-norm + RoPE; group RMSNorm * sigmoid gate) | `elementwise.qkv_prologue`, `elementwise.gated_group_rmsnorm` | `elementwise_reference.qkv_prologue_reference`, `elementwise_reference.gated_group_rmsnorm_reference` |
@@ -22,7 +22,8 @@ from .elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
 from .gemv import linear_small
 from .graphs import DecodeGraphs, PieceGraphs
 from .launch import programmatic_launch, set_programmatic_launch
-from .lightning import lightning_decode, lightning_prefill, plan_prefill, prepare_prefill, run_prepared_prefill
+from .lightning import (QKPrologue, lightning_decode, lightning_prefill, plan_prefill, prepare_prefill,
+                        run_prepared_prefill)
 from .moe import fused_moe, pack_experts, route
 from .moe_reference import RING_MINI_ROUTER, RouterConfig
 from .paged_attention import paged_decode_attention
@@ -42,6 +43,7 @@ __all__ = [
     "programmatic_launch",
     "set_programmatic_launch",
     "lightning_decode",
+    "QKPrologue",
     "lightning_prefill",
     "plan_prefill",
     "prepare_prefill",

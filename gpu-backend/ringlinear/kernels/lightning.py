@@ -233,6 +233,65 @@ def prepare_prefill(seq_lens: list[int], slots: list[int], use_init: list[bool],
                            table(scan_rows, 6), ws, jsplit, sum(seq_lens), max(slots, default=-1))
 
 
+@dataclass(frozen=True)
+class QKPrologue:
+    """The lightning layers' QK-norm and partial RoPE, for a prefill handed raw q, k (the qkv projection's columns):
+    qkv_prologue's arithmetic with silu off and the norm in fp32. q_norm_weight / k_norm_weight [d]; cos, sin: the rows'
+    rope tables, ops.rope_cos_sin(positions, rotary_dim, rope_theta) [T, rotary_dim]; positions [T] and rope_theta
+    (the twin builds its angles from them).
+    With d = 128 and rotary_dim = 64 (the released models) the prefill kernel applies it to each chunk's tiles as it
+    loads them: bitwise qkv_prologue's q and k, without that kernel's pass over them. Otherwise qkv_prologue runs first."""
+
+    q_norm_weight: torch.Tensor
+    k_norm_weight: torch.Tensor
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    rope_theta: float
+
+    def rows(self, index) -> "QKPrologue":
+        """The same prologue for rows `index` (a slice or a list of (start, stop) runs) of the tables."""
+        if isinstance(index, slice):
+            pick = lambda t: t[index]  # noqa: E731
+        else:
+            pick = lambda t: torch.cat([t[a:b] for a, b in index])  # noqa: E731
+        return QKPrologue(self.q_norm_weight, self.k_norm_weight, self.eps, pick(self.cos), pick(self.sin),
+                          pick(self.positions), self.rope_theta)
+
+    def fused(self, head_dim: int, jsplit: int) -> bool:
+        """Whether the prefill kernel takes it (else apply() runs first)."""
+        return head_dim == 128 and jsplit == 1 and self.cos.shape[-1] == 64
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k [T, H, d] raw -> through qkv_prologue (its kernel on the GPU, its twin elsewhere), bf16."""
+        from .elementwise import qkv_prologue
+
+        T, H, d = q.shape
+        qkv = torch.cat([q.reshape(T, H * d), k.reshape(T, H * d), torch.zeros_like(k).reshape(T, H * d)], 1)
+        q, k, _ = qkv_prologue(qkv, self.positions, H, H, d, silu=False, q_norm_weight=self.q_norm_weight,
+                               k_norm_weight=self.k_norm_weight, eps=self.eps, rotary_dim=self.cos.shape[-1],
+                               rope_theta=self.rope_theta, out_dtype=torch.bfloat16, rope_cos_sin=(self.cos, self.sin))
+        return q, k
+
+    def kernel_args(self, T: int) -> tuple:
+        """(q_w, k_w, cos, sin, eps) for the extension, checked."""
+        for name, t in (("cos", self.cos), ("sin", self.sin)):
+            if not (torch.is_tensor(t) and t.dtype == torch.float32 and tuple(t.shape) == (T, 64)):
+                raise ValueError(f"QKPrologue: {name} must be float32 [{T}, 64], got "
+                                 f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        cos, sin = self.cos, self.sin
+        if cos.stride(1) != 1 or cos.stride(0) % 4 or cos.stride(0) != sin.stride(0) \
+                or cos.data_ptr() % 16 or sin.data_ptr() % 16:
+            cos, sin = cos.contiguous(), sin.contiguous()
+        from .elementwise import _weight_f32
+
+        for name, w in (("q_norm_weight", self.q_norm_weight), ("k_norm_weight", self.k_norm_weight)):
+            if not (torch.is_tensor(w) and w.dim() == 1 and w.shape[0] == 128):
+                raise ValueError(f"QKPrologue: {name} must be [128], got {tuple(getattr(w, 'shape', ()))}")
+        return _weight_f32(self.q_norm_weight), _weight_f32(self.k_norm_weight), cos, sin, float(self.eps)
+
+
 def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
     """x in bf16, as is when the kernel can read it (head-major rows of one head stride d and a 16-byte aligned token
     stride: a view of a projection's columns, e.g. qkv_prologue's v_in_place), otherwise a contiguous copy."""
@@ -245,9 +304,11 @@ def _rows_in_place(x: torch.Tensor) -> torch.Tensor:
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: float | None = None) -> torch.Tensor:
+def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: float | None = None,
+                         qk_prologue: QKPrologue | None = None) -> torch.Tensor:
     """Launch the three prefill passes for a prepared plan (shapes as in lightning_prefill; no host sync). q, k, v
-    may be views with a token stride of their own (v read in place from the qkv projection)."""
+    may be views with a token stride of their own (v read in place from the qkv projection). qk_prologue: q and k
+    are raw (QKPrologue)."""
     _check_qkv("run_prepared_prefill", q, k, v, 3)
     T, H, d = q.shape
     if (T, H, d) != (prep.tokens, prep.heads, prep.head_dim):
@@ -257,13 +318,19 @@ def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: fl
     if prep.max_slot >= state.shape[0]:
         raise ValueError(f"run_prepared_prefill: slot {prep.max_slot} is outside the state pool of {state.shape[0]}")
     gamma = _check_gamma("run_prepared_prefill", gamma, H)
+    pro_args = (None,) * 4 + (0.0,)
+    if qk_prologue is not None:
+        if qk_prologue.fused(d, prep.jsplit):
+            pro_args = qk_prologue.kernel_args(T)
+        else:
+            q, k = qk_prologue.apply(q, k)
     qb, kb, vb = (_rows_in_place(x) for x in (q, k, v))
     if qb.stride(0) != kb.stride(0):  # the kernel reads q and k with one token stride
         qb, kb = qb.contiguous(), kb.contiguous()
     o = torch.empty(T, H, d, dtype=torch.bfloat16, device=q.device)
     _build.extension().lightning_prefill(qb, kb, vb, o, state, prep.ws, prep.items_state, prep.items_out, prep.scan,
                                          gamma, float(d**-0.5 if scale is None else scale),
-                                         prep.jsplit)
+                                         prep.jsplit, *pro_args)
     return o if q.dtype == torch.bfloat16 else o.to(q.dtype)
 
 
@@ -289,11 +356,13 @@ def lightning_prefill(
     use_initial_state=None,
     block_len: int | None = None,
     jsplit: int | None = None,
+    qk_prologue: QKPrologue | None = None,
 ) -> torch.Tensor:
     """Varlen lightning prefill. q, k, v: [T_total, H, d] (bf16 on the GPU path; other float dtypes are cast to bf16
     for the tensor cores); cu_seqlens: [N+1] token offsets (segments may be empty); slots: [N] distinct state slots;
     use_initial_state: [N] bools (default all True) - start from state[slot] or from zeros. The final state of each
-    sequence is written to state[slot] in place. Returns o [T_total, H, d] in q's dtype.
+    sequence is written to state[slot] in place. qk_prologue: q and k are the projection's raw columns; the prefill
+    applies the QK-norm and RoPE first (QKPrologue). Returns o [T_total, H, d] in q's dtype.
 
     cu_seqlens/slots are read on the host (one synchronisation when they live on the GPU): prefill is not graphed.
     """
@@ -318,7 +387,9 @@ def lightning_prefill(
 
     if d in SUPPORTED_HEAD_DIMS and _use_cuda(q, k, v, state):
         prep = prepare_prefill([cu[i + 1] - cu[i] for i in range(n)], sl, use, H, d, q.device, block_len, jsplit)
-        return run_prepared_prefill(prep, q, k, v, state, gamma, scale)
+        return run_prepared_prefill(prep, q, k, v, state, gamma, scale, qk_prologue)
+    if qk_prologue is not None:
+        q, k = qk_prologue.apply(q, k)
     o = lightning_prefill_reference(q, k, v, state, cu, sl, gamma, scale=scale, use_initial_state=use, chunk=CHUNK)
     return o.to(q.dtype)
 
@@ -331,6 +402,7 @@ __all__ = [
     "run_prepared_prefill",
     "PrefillPlan",
     "PreparedPrefill",
+    "QKPrologue",
     "CHUNK",
     "SUPPORTED_HEAD_DIMS",
 ]

@@ -32,29 +32,36 @@ def _record_logits(eng, forced_tokens: bool = False):
     return log
 
 
-def _v_in_place_ab(model, run, **engine_kw):
-    """run(eng) on an engine copying the lightning layers' v, then on one reading it in place from the projection
-    (every step size): per engine its logits per step, what run returned, and how many qkv_prologue calls took
-    v_in_place."""
-    logs, outs, views = [], [], []
-    prologue = K.qkv_prologue
-    for in_place in (False, True):
+def _prologue_ab(model, run, **engine_kw):
+    """run(eng) on three engines (every step size): one copying the lightning layers' v, one reading it in place from
+    the projection, one also handing q and k raw to the prefill (which applies the QK-norm and RoPE). Per engine its
+    logits per step, what run returned, and how many qkv_prologue calls took v_in_place and prefill calls a
+    QKPrologue."""
+    logs, outs, counts = [], [], []
+    originals = {name: getattr(K, name) for name in ("qkv_prologue", "lightning_prefill", "run_prepared_prefill")}
+    keys = {"qkv_prologue": "v_in_place", "lightning_prefill": "qk_prologue", "run_prepared_prefill": "qk_prologue"}
+    for in_place, qk_raw in ((False, False), (True, False), (True, True)):
         eng = make_engine(model, cuda_graphs=False, **engine_kw)
         eng.runner.v_in_place, eng.runner.v_in_place_min_tokens = in_place, 0
-        seen = [0]
+        eng.runner.qk_prologue_in_prefill = qk_raw
+        seen = {"v_in_place": 0, "qk_prologue": 0}
 
-        def counted(*a, _seen=seen, **kw):
-            _seen[0] += bool(kw.get("v_in_place"))
-            return prologue(*a, **kw)
+        def counted(name):
+            def call(*a, **kw):
+                seen[keys[name]] += kw.get(keys[name]) is not None and kw.get(keys[name]) is not False
+                return originals[name](*a, **kw)
+            return call
 
-        K.qkv_prologue = counted
+        for name in originals:
+            setattr(K, name, counted(name))
         try:
             logs.append(_record_logits(eng))
             outs.append(run(eng))
         finally:
-            K.qkv_prologue = prologue
-        views.append(seen[0])
-    return logs, outs, views
+            for name, fn in originals.items():
+                setattr(K, name, fn)
+        counts.append(seen)
+    return logs, outs, counts
 
 
 def _scenario(eng):
@@ -102,18 +109,21 @@ def test_kernel_path_through_twins_matches_reference(tiny_model):
 
 
 def test_v_in_place_glue_through_twins_keeps_every_logit(tiny_ckpt):
-    """The runner's v_in_place glue on CPU (a bf16 model, the kernels' twins): prompt-only steps hand the lightning
-    layers v as a view of the projection, chunked prompts and decodes beside them too; bitwise the logits of the
-    same engine copying v."""
+    """The runner's v_in_place and raw q / k glue on CPU (a bf16 model, the kernels' twins): prompt-only steps hand
+    the lightning layers v as a view of the projection (and q, k raw with a QKPrologue), chunked prompts and decodes
+    beside them too; bitwise the logits of the same engine copying v."""
     from ringlinear.checkpoint import load_model
 
     model = load_model(tiny_ckpt, dtype=torch.bfloat16)
-    logs, outs, views = _v_in_place_ab(model, _scenario, max_batch=4, max_step_tokens=64, kernels=True)
-    assert views[0] == 0 and views[1] > 0, views
-    assert outs[0] == outs[1]
-    for step, (a, b) in enumerate(zip(*logs)):
-        assert (a is None) == (b is None)
-        assert a is None or torch.equal(a, b), f"step {step}: logits differ"
+    logs, outs, counts = _prologue_ab(model, _scenario, max_batch=4, max_step_tokens=64, kernels=True)
+    assert counts[0] == {"v_in_place": 0, "qk_prologue": 0}, counts
+    assert counts[1]["v_in_place"] > 0 and counts[1]["qk_prologue"] == 0, counts
+    assert counts[2]["v_in_place"] == 0 and counts[2]["qk_prologue"] > 0, counts
+    assert outs[0] == outs[1] == outs[2]
+    for log in logs[1:]:
+        for step, (a, b) in enumerate(zip(logs[0], log)):
+            assert (a is None) == (b is None)
+            assert a is None or torch.equal(a, b), f"step {step}: logits differ"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -568,9 +578,10 @@ def test_piece_graphs_replay_on_the_callers_buffers_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_v_in_place_keeps_every_logit_on_cuda():
     """Prompt-only bf16 steps leave the lightning layers' v in the projection (the prologue writes q and k, the prefill
-    kernel reads v in place): the engine's steps with and without it give bitwise the same logits, at a head dim of
-    128 and with norm weights away from 1; the prompts cover one-round steps, a prompt cut into chunks, and decodes
-    beside prompts (which copy v)."""
+    kernel reads v in place), and also q and k (the prefill kernel applies the QK-norm and RoPE as it loads them):
+    the engine's steps with and without either give bitwise the same logits, at a head dim of 128 and with norm
+    weights away from 1; the prompts cover one-round steps, a prompt cut into chunks, and decodes beside prompts
+    (which copy v)."""
     from ringlinear.config import RingLinearConfig
     from ringlinear.engine.weights import random_model
     from ringlinear.tools.make_tiny import TINY
@@ -594,13 +605,15 @@ def test_v_in_place_keeps_every_logit_on_cuda():
             eng.step()
         return [r.output for r in reqs]
 
-    logs, outs, views = _v_in_place_ab(model, run, max_batch=4, max_step_tokens=512)
-    assert views[0] == 0 and views[1] >= len(cfg.linear_layers), views
-    assert outs[0] == outs[1]
-    assert len(logs[0]) == len(logs[1])
-    for step, (a, b) in enumerate(zip(*logs)):
-        assert (a is None) == (b is None)
-        assert a is None or torch.equal(a, b), f"step {step}: logits differ"
+    logs, outs, counts = _prologue_ab(model, run, max_batch=4, max_step_tokens=512)
+    assert counts[1]["v_in_place"] >= len(cfg.linear_layers), counts
+    assert counts[2]["qk_prologue"] >= len(cfg.linear_layers) and counts[2]["v_in_place"] == 0, counts
+    assert outs[0] == outs[1] == outs[2]
+    assert len(logs[0]) == len(logs[1]) == len(logs[2])
+    for log in logs[1:]:
+        for step, (a, b) in enumerate(zip(logs[0], log)):
+            assert (a is None) == (b is None)
+            assert a is None or torch.equal(a, b), f"step {step}: logits differ"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -222,3 +222,67 @@ def test_prefill_reads_projection_views_in_place(lens, block_len, jsplit):
     s_a, s_b = state0.clone(), state0.clone()
     assert torch.equal(run_prepared_prefill(prep, q, k, v, s_a, gamma), run_prepared_prefill(prep, q2, k2, v2, s_b, gamma))
     assert torch.equal(s_a, s_b)
+
+
+@pytest.mark.parametrize("lens,block_len", [([1], None), ([4097, 700], 128), ([20000], None), ([3, 0, 2048], 64),
+                                            ([63, 65, 129], 64)])
+@pytest.mark.parametrize("jsplit", [1, 2])
+def test_prefill_applies_the_qk_prologue_bitwise(lens, block_len, jsplit):
+    """Raw q, k (the projection's columns) with a QKPrologue: bitwise qkv_prologue's q and k followed by the prefill -
+    outputs and final states - whether the kernel applies it as it loads each chunk (jsplit 1) or the wrapper runs
+    qkv_prologue first (jsplit 2); and as close to the fp64 twin as the prefill alone. Positions restart per sequence
+    at distant offsets, the norm weights are away from 1 and the rows' scales vary, so every part of the prologue
+    counts."""
+    from ringlinear.kernels.lightning import QKPrologue
+    from ringlinear.ops.rope import rope_cos_sin
+
+    torch.manual_seed(7 * len(lens) + jsplit)
+    H, d, dev = 16, 128, "cuda"
+    T = sum(lens)
+    proj = (torch.randn(T, 4 * H * d, device=dev) * torch.rand(T, 1, device=dev) * 4).to(torch.bfloat16)
+    qkv = proj[:, :3 * H * d]
+    pos = torch.cat([torch.arange(n, device=dev) + 50_000 * i for i, n in enumerate(lens)])
+    qw, kw = torch.rand(d, device=dev) + 0.5, torch.rand(d, device=dev) + 0.5
+    cos, sin = rope_cos_sin(pos, 64, 1e6)
+    pro = QKPrologue(qw, kw, 1e-6, cos, sin, pos, 1e6)
+    q_raw, k_raw, v = qkv.unflatten(1, (3 * H, d)).split(H, 1)
+    slots = list(range(len(lens)))
+    prep = prepare_prefill(lens, slots, [True] * len(lens), H, d, dev, block_len, jsplit)
+    state0 = torch.randn(len(lens), H, d, d, device=dev) * 0.1
+    gamma = _gamma(H, dev)
+    s_fused, s_split = state0.clone(), state0.clone()
+    o_fused = run_prepared_prefill(prep, q_raw, k_raw, v, s_fused, gamma, qk_prologue=pro)
+    q, k, _ = qkv_prologue(qkv, pos, H, H, d, silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=1e-6, rotary_dim=64,
+                           rope_theta=1e6, out_dtype=torch.bfloat16, rope_cos_sin=(cos, sin))
+    o_split = run_prepared_prefill(prep, q, k, v, s_split, gamma)
+    assert torch.equal(o_fused, o_split) and torch.equal(s_fused, s_split)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    s_wrap = state0.clone()
+    o_wrap = lightning_prefill(q_raw, k_raw, v, s_wrap, cu, slots, gamma, block_len=block_len, jsplit=jsplit,
+                               qk_prologue=pro)
+    assert torch.equal(o_wrap, o_split) and torch.equal(s_wrap, s_split)
+    ref_state = state0.double()
+    o_ref = lightning_prefill_reference(q.double(), k.double(), v.double(), ref_state, cu, slots, gamma)
+    assert _rel(o_fused, o_ref) < PREFILL_REL
+    assert _rel(s_fused, ref_state) < STATE_REL
+
+
+def test_prefill_qk_prologue_rejects_bad_tables():
+    """A QKPrologue whose tables do not match the rows fails by name before any launch."""
+    from ringlinear.kernels.lightning import QKPrologue
+    from ringlinear.ops.rope import rope_cos_sin
+
+    H, d, T, dev = 2, 128, 100, "cuda"
+    qkv = torch.randn(T, 3 * H * d, device=dev).to(torch.bfloat16)
+    q, k, v = qkv.unflatten(1, (3 * H, d)).split(H, 1)
+    pos = torch.arange(T, device=dev)
+    cos, sin = rope_cos_sin(pos, 64, 1e6)
+    w = torch.ones(d, device=dev)
+    state = torch.zeros(1, H, d, d, device=dev)
+    for bad, match in (((cos[:50], sin[:50]), "cos must be float32"), ((cos, sin.double()), "sin must be float32")):
+        with pytest.raises(ValueError, match=match):
+            lightning_prefill(q, k, v, state, [0, T], [0], _gamma(H, dev),
+                              qk_prologue=QKPrologue(w, w, 1e-6, *bad, pos, 1e6))
+    assert torch.count_nonzero(state) == 0

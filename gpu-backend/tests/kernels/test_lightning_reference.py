@@ -165,6 +165,34 @@ def test_wrappers_fall_back_to_the_twin_on_cpu():
     assert torch.allclose(od, od_ref) and torch.allclose(st1, st3)
 
 
+def test_qk_prologue_twin_is_qkv_prologue_then_prefill():
+    """On the CPU a prefill handed raw q, k and a QKPrologue runs qkv_prologue's twin, then the prefill twin; rows()
+    takes the tables (and positions) of a slice or of runs of rows, as the runner's cut rounds need."""
+    from ringlinear.kernels.elementwise_reference import qkv_prologue_reference
+    from ringlinear.kernels.lightning import QKPrologue
+    from ringlinear.ops.rope import rope_cos_sin
+
+    H, d, T = 2, 64, 40
+    qkv = _rand(T, 3 * H * d, seed=31, dtype=torch.float32).to(torch.bfloat16) * 3
+    pos = torch.arange(T) + 7
+    cos, sin = rope_cos_sin(pos, 32, 1e4)
+    qw, kw = torch.rand(d) + 0.5, torch.rand(d) + 0.5
+    pro = QKPrologue(qw, kw, 1e-6, cos, sin, pos, 1e4)
+    q_raw, k_raw, v = qkv.unflatten(1, (3 * H, d)).split(H, 1)
+    gamma = _gamma(H, torch.float32)
+    s1, s2 = torch.zeros(2, H, d, d), torch.zeros(2, H, d, d)
+    o1 = lightning_prefill(q_raw, k_raw, v, s1, [0, 15, T], [1, 0], gamma, qk_prologue=pro)
+    q, k, _ = qkv_prologue_reference(qkv, pos, H, H, d, silu=False, q_norm_weight=qw, k_norm_weight=kw, eps=1e-6,
+                                     rotary_dim=32, rope_theta=1e4, out_dtype=torch.bfloat16)
+    assert not torch.equal(q, q_raw.contiguous())
+    o2 = lightning_prefill(q, k, v, s2, [0, 15, T], [1, 0], gamma)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    part = pro.rows([(3, 9), (20, 25)])
+    assert torch.equal(part.cos, torch.cat([cos[3:9], cos[20:25]]))
+    assert torch.equal(part.positions, torch.cat([pos[3:9], pos[20:25]]))
+    assert torch.equal(pro.rows(slice(5, 10)).sin, sin[5:10]) and pro.rows(slice(5, 10)).rope_theta == 1e4
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

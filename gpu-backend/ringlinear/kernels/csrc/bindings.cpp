@@ -9,7 +9,9 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       int64_t cols);
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
-                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit);
+                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit,
+                       const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
+                       const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, double eps);
 void moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
                int64_t topk, bool renormalize, double scaling, int64_t append, at::Tensor& ids, at::Tensor& weights);
 void moe_route_align_small(const at::Tensor& logits, const c10::optional<at::Tensor>& bias, int64_t n_group,

@@ -11,6 +11,11 @@
 //   pass 3 (output kernel): every block starts from its entering state and walks its chunks, writing outputs;
 //           the last block of a sequence writes the final state back into the request's slot.
 //
+// Fused QK prologue (PRO): q and k may come raw from the qkv projection; the kernel then applies the lightning
+// layers' per-head RMSNorm (fp32, * weight) and NeoX RoPE on the first 64 of 128 dims to each chunk's tiles in shared
+// memory, the qkv_prologue kernel's arithmetic with its sum of squares in the same order: bitwise what that kernel
+// would have written, without its pass over q and k (read, then written and read back here: ~1 ms a layer at 128k).
+//
 // Register layout of one CTA (D/16 warps = D/64 warpgroups): warp w owns rows j = 16w..16w+15 of S^T (v index j,
 // k index i) as wgmma accumulators, so S^T doubles as the register A operand of O^T = S^T Q^T.
 #include <ATen/cuda/CUDAContext.h>
@@ -40,6 +45,10 @@ struct PrefillArgs {
   const PrefillItem* items;
   const float* gamma;  // [H] per-head decay in (0, 1]
   int H; float scale;
+  // PRO only: QK-norm weights [D] (fp32), eps, and the rope tables [T_total, tab_stride] (fp32, halves duplicated:
+  // columns 0..31 are read) of the packed tokens
+  const float* q_w; const float* k_w; float eps;
+  const float* cos; const float* sin; int64_t tab_stride;
 };
 
 // Every chunk GEMM is a warpgroup MMA that reads its shared-memory operand once per 64 rows (the previous kernel's
@@ -53,7 +62,7 @@ struct PrefillArgs {
 // Tiles are [64, D] bf16 in 128-byte-swizzled halves of 64 columns (swz), loaded NBUF - 1 chunks ahead by cp.async.
 RL_DEVICE int swz(int r, int c) { return (c >> 6) * (kChunk * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7); }
 
-template <int D, bool STATE_ONLY, int JS>
+template <int D, bool STATE_ONLY, int JS, bool PRO = false>
 struct PrefillSmem {
   static constexpr int JW = D / JS;  // S^T rows per CTA
   static constexpr int NWG = JW / 64;
@@ -65,8 +74,13 @@ struct PrefillSmem {
   static constexpr int OS_ROW = JW + 8;            // output staging [C, JW] (padded rows), double-buffered
   static constexpr int OS_AT = P_AT + kChunk * kChunk;
   static constexpr int POW_AT = STATE_ONLY ? P_AT : OS_AT + 2 * kChunk * OS_ROW;  // gamma^k and scale gamma^k, k <= C
-  static constexpr int BYTES = POW_AT * 2 + 2 * (kChunk + 1) * 4 + 1024;  // + alignment slack
-  static constexpr int MIN_BLOCKS = STATE_ONLY ? 2 : 1;
+  // PRO: the rope tables of two chunks ([buf][4 float4][THREADS]: each thread's own cos / sin pieces), then the
+  // q and k norm weights [2][D] (bytes from the aligned start)
+  static constexpr int TAB_B = (POW_AT * 2 + 2 * (kChunk + 1) * 4 + 15) / 16 * 16;
+  static constexpr int NW_B = TAB_B + (PRO ? 2 * 4 * THREADS * 16 : 0);
+  static constexpr int BYTES = NW_B + (PRO ? 2 * D * 4 : 0) + 1024;  // + alignment slack
+  static constexpr int MIN_BLOCKS = STATE_ONLY && !PRO ? 2 : 1;
+  static_assert(BYTES <= 227 * 1024, "shared memory");
 };
 
 // One thread's share of copying a [C, D] chunk into a swizzled tile: NT threads cover ROWS rows per step, so each
@@ -98,10 +112,103 @@ RL_DEVICE uint32_t scale_bf16x2(uint32_t x, float f0, float f1) {
   return pack_bf16(fx.x * f0, fx.y * f1);
 }
 
-template <int D, bool STATE_ONLY, int JS>
-__global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, PrefillSmem<D, STATE_ONLY, JS>::MIN_BLOCKS)
+// The fused QK prologue's share of one thread (PRO; D = 128, 256 threads, the rotary dims 0..63): thread (row, j)
+// holds 16-byte pieces j, j + 4 (dims e < 32 and their RoPE partners e + 32), 8 + j and 12 + j of one row of a chunk's
+// q / k tile. It copies those pieces and its rows' cos / sin pieces itself, so it reads them after its own
+// cp.async wait, without a barrier. The 4 threads of a row are adjacent lanes; the 8 threads of a 16-byte shared-memory
+// phase take rows r and r + 4, whose swizzled pieces fall in different banks.
+RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
+struct QkPrologue {
+  int row, j;
+  RL_DEVICE explicit QkPrologue(int tid) {
+    const int g4 = (tid & 31) >> 2;
+    row = (tid >> 5) * 8 + ((g4 >> 1) | ((g4 & 1) << 2));
+    j = tid & 3;
+  }
+  // Row `row` of a chunk (rows past `rows` zero-filled) from src (the chunk's first token, token stride `stride`).
+  RL_DEVICE void load(__nv_bfloat16* tile, const __nv_bfloat16* src, int64_t stride, int rows) const {
+    const bool ok = row < rows;
+    const __nv_bfloat16* g = src + (ok ? (int64_t)row * stride : 0);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async_16(tile + swz(row, 8 * (j + 4 * i)), g + 8 * (j + 4 * i), ok ? 16 : 0);
+  }
+  // cos[8j .. 8j+7], sin[8j .. 8j+7] of the row's token into tab[4][THREADS] float4 (tab + tid). Through L1 (.ca): a
+  // thread's two 16-byte pieces share a 32-byte sector, which the second copy then finds there instead of in L2 (the
+  // 16 heads' CTAs read every table row: 0.11 ms of 1.63 a layer at 128k on the H200 went to those second reads).
+  RL_DEVICE void load_tables(float4* tab, int tid, int nt, const float* cos, const float* sin, int64_t tok,
+                             int64_t stride, int rows) const {
+    const bool ok = row < rows;
+    const int64_t off = ok ? (tok + row) * stride + 8 * j : 0;
+    const int bytes = ok ? 16 : 0;
+    cp_async_16_ca(tab + tid, cos + off, bytes);
+    cp_async_16_ca(tab + nt + tid, cos + off + 4, bytes);
+    cp_async_16_ca(tab + 2 * nt + tid, sin + off, bytes);
+    cp_async_16_ca(tab + 3 * nt + tid, sin + off + 4, bytes);
+  }
+  // In place: x -> w * (x * rsqrt(mean(x^2) + eps)) per head row, then RoPE; rows past `rows` stay zero.
+  RL_DEVICE void apply(__nv_bfloat16* tile, const float* w, const float4* tab, int tid, int nt, float eps,
+                       int rows) const {
+    if (row >= rows) return;  // the row's 4 lanes skip together
+    float f[4][8];
+    uint4 raw[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      raw[i] = *reinterpret_cast<const uint4*>(tile + swz(row, 8 * (j + 4 * i)));
+      const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&raw[i]);
+#pragma unroll
+      for (int x = 0; x < 8; ++x) f[i][x] = __bfloat162float(e[x]);
+    }
+    // qkv_prologue sums its lane's 8 elements (piece p), then shuffles over the head's 16 lanes with xor 8, 4, 2, 1:
+    // ((s_j + s_j+8) + (s_j+4 + s_j+12)), then xor 2 and 1 over j - the same additions here.
+    float s[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[i] = 0.f;
+#pragma unroll
+      for (int x = 0; x < 8; ++x) s[i] += f[i][x] * f[i][x];
+    }
+    float ss = (s[0] + s[2]) + (s[1] + s[3]);
+    const unsigned mask = 0xFu << (threadIdx.x & 28);
+    ss += __shfl_xor_sync(mask, ss, 2);
+    ss += __shfl_xor_sync(mask, ss, 1);
+    const float rs = rsqrtf(__fmul_rn(ss, 1.f / 128) + eps);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 w0 = *reinterpret_cast<const float4*>(w + 8 * (j + 4 * i));
+      const float4 w1 = *reinterpret_cast<const float4*>(w + 8 * (j + 4 * i) + 4);
+      const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+      for (int x = 0; x < 8; ++x) f[i][x] = __fmul_rn(wv[x], __fmul_rn(f[i][x], rs));
+    }
+    const float4 c0 = tab[tid], c1 = tab[nt + tid], s0 = tab[2 * nt + tid], s1 = tab[3 * nt + tid];
+    const float cs[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+    const float sn[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {  // dims e = 8j + x and e + 32 (the tables repeat over the halves)
+      const float a = f[0][x], b = f[1][x];
+      f[0][x] = __fadd_rn(__fmul_rn(a, cs[x]), __fmul_rn(-b, sn[x]));
+      f[1][x] = __fadd_rn(__fmul_rn(b, cs[x]), __fmul_rn(a, sn[x]));
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint4 o;
+      o.x = pack_bf16(f[i][0], f[i][1]); o.y = pack_bf16(f[i][2], f[i][3]);
+      o.z = pack_bf16(f[i][4], f[i][5]); o.w = pack_bf16(f[i][6], f[i][7]);
+      *reinterpret_cast<uint4*>(tile + swz(row, 8 * (j + 4 * i))) = o;
+    }
+  }
+};
+
+template <int D, bool STATE_ONLY, int JS, bool PRO>
+__global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
+                                  PrefillSmem<D, STATE_ONLY, JS, PRO>::MIN_BLOCKS)
     lightning_prefill_kernel(PrefillArgs a) {
-  using SM = PrefillSmem<D, STATE_ONLY, JS>;
+  using SM = PrefillSmem<D, STATE_ONLY, JS, PRO>;
+  static_assert(!PRO || (D == 128 && SM::THREADS == 256), "the fused QK prologue: head dim 128, one CTA per state");
   constexpr int NT = SM::THREADS, NBUF = SM::NBUF, JW = SM::JW, NWG = SM::NWG;
   constexpr int NS = D / 2;       // S^T accumulators per thread: [64, D] per warpgroup
   constexpr int SCN = 64 / NWG;   // score columns s per warpgroup
@@ -113,6 +220,9 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
   // the factors of P and of the inter-chunk term.
   float* pw = reinterpret_cast<float*>(smem + SM::POW_AT);
   float* pws = pw + kChunk + 1;
+  uint8_t* smem_b = reinterpret_cast<uint8_t*>(smem);
+  float4* tabs = reinterpret_cast<float4*>(smem_b + SM::TAB_B);  // PRO: [2][4][THREADS]
+  float* qk_w = reinterpret_cast<float*>(smem_b + SM::NW_B);      // PRO: q weights [D], k weights [D]
 
   const PrefillItem it = a.items[blockIdx.x];
   const int h = blockIdx.y;
@@ -127,6 +237,11 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
     pw[tid] = exp2f((float)tid * log2f(a.gamma[h]));
     pws[tid] = pw[tid] * a.scale;
   }
+  if constexpr (PRO) {  // read by every thread's first prologue: this block's barrier below
+    if (tid < D) qk_w[tid] = a.q_w[tid];
+    else if (tid < 2 * D) qk_w[tid] = a.k_w[tid - D];
+  }
+  const QkPrologue pro(tid);
 
   // st[4n + x]: S^T[jbase + jl + 8 (x >> 1)][8n + 2 tig + (x & 1)]
   float st[NS];
@@ -151,14 +266,39 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
       const int buf = c % NBUF;
       const int rows = min(kChunk, it.len - c * kChunk);
       const int64_t off = qk_base + (int64_t)c * kChunk * a.qk_stride;
-      if constexpr (!STATE_ONLY) copier.load(tile(buf, 0), a.q + off, rows);
-      copier.load(tile(buf, KI), a.k + off, rows);
+      if constexpr (PRO) {  // each thread copies what its own prologue share reads (QkPrologue)
+        if constexpr (!STATE_ONLY) pro.load(tile(buf, 0), a.q + off, a.qk_stride, rows);
+        pro.load(tile(buf, KI), a.k + off, a.qk_stride, rows);
+        pro.load_tables(tabs + (c & 1) * 4 * NT, tid, NT, a.cos, a.sin, it.start + (int64_t)c * kChunk, a.tab_stride,
+                        rows);
+      } else {
+        if constexpr (!STATE_ONLY) copier.load(tile(buf, 0), a.q + off, rows);
+        copier.load(tile(buf, KI), a.k + off, rows);
+      }
       copier_v.load(tile(buf, VI), a.v + v_base + (int64_t)c * kChunk * a.v_stride, rows);
     }
     cp_async_commit();  // empty groups keep the wait count uniform
   };
+  // PRO: chunk c's q / k tiles through the prologue, once this thread's copies of the chunk have landed. Chunk c's
+  // tables sit in buffer c % 2: loaded with the chunk's tiles, two chunks ahead of use at most (the loop issues chunk
+  // c + 2 after chunk c - 1's prologue, past a barrier).
+  auto prologue = [&](int c) {
+    if constexpr (PRO) {
+      const int buf = c % NBUF, rows = min(kChunk, it.len - c * kChunk);
+      const float4* tab = tabs + (c & 1) * 4 * NT;
+      if constexpr (!STATE_ONLY) pro.apply(tile(buf, 0), qk_w, tab, tid, NT, a.eps, rows);
+      pro.apply(tile(buf, KI), qk_w + D, tab, tid, NT, a.eps, rows);
+    }
+  };
 #pragma unroll
   for (int c = 0; c < NBUF - 1; ++c) issue(c);
+  if constexpr (PRO) {
+    __syncthreads();  // the norm weights
+    if (nchunks > 0) {
+      cp_async_wait<NBUF - 2>();  // chunk 0 (this thread's copies)
+      prologue(0);
+    }
+  }
   // Output chunk c: staging buffer c % 2 -> rows of o (16-byte stores, the JW columns of this CTA).
   auto out_stage = [&](int c) { return smem + SM::OS_AT + (c & 1) * kChunk * SM::OS_ROW; };
   // (fixed piece per thread, as in ChunkCopier)
@@ -287,6 +427,12 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS>::THREADS, Prefi
                           pack_bf16(x[2], x[3]), pack_bf16(x[4], x[5]), pack_bf16(x[6], x[7]));
       }
     }
+    if constexpr (PRO) {  // the next chunk's prologue while the state update runs on the tensor cores
+      if (c + 1 < nchunks) {
+        cp_async_wait<NBUF - 2>();  // chunk c + 1 (issued before c + 2)
+        prologue(c + 1);
+      }
+    }
     wgmma_wait<0>();
     fence_regs(st);
   }
@@ -356,11 +502,11 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
   }
 }
 
-template <int D, bool STATE_ONLY, int JS>
+template <int D, bool STATE_ONLY, int JS, bool PRO = false>
 static void launch_prefill(const PrefillArgs& a, int n_items, cudaStream_t stream) {
   if (n_items == 0) return;
-  using SM = PrefillSmem<D, STATE_ONLY, JS>;
-  auto kern = lightning_prefill_kernel<D, STATE_ONLY, JS>;
+  using SM = PrefillSmem<D, STATE_ONLY, JS, PRO>;
+  auto kern = lightning_prefill_kernel<D, STATE_ONLY, JS, PRO>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SM::BYTES));
   kern<<<dim3(n_items, a.H, JS), SM::THREADS, SM::BYTES, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -371,9 +517,13 @@ static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // items_state / items_out: int32 [n, 4] (PrefillItem); scan_seqs: int32 [N, 6] (ScanSeq, slot as two int32 words).
 // q, k, v: bf16 [T, H, D] with unit channel stride and head stride D, 16-byte aligned token strides (q and k one
 // stride, v its own: a view of the qkv projection's v columns is read in place); o contiguous.
+// q_w, k_w, cos, sin (all or none): the fused QK prologue on raw q, k (D = 128, jsplit 1): norm weights fp32 [D],
+// rope tables fp32 [T, 64] (ops.rope_cos_sin of the tokens' positions: halves duplicated), eps the norm's.
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
-                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit) {
+                       const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit,
+                       const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
+                       const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, double eps) {
   const int H = q.size(1), D = q.size(2);
   RL_CHECK(jsplit == 1 || (jsplit == 2 && D == 128), "lightning_prefill: jsplit must be 1, or 2 with head dim 128");
   RL_CHECK(D == 64 || D == 128, "lightning_prefill: head dim must be 64 or 128, got ", D);
@@ -399,10 +549,27 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.ws = ws.data_ptr<float>(); a.state = state.data_ptr<float>();
   RL_CHECK(gamma.is_contiguous() && gamma.scalar_type() == at::kFloat && gamma.numel() == H, "lightning_prefill: gamma must be fp32 [H]");
   a.gamma = gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
+  const bool pro = q_w.has_value();
+  RL_CHECK(k_w.has_value() == pro && cos.has_value() == pro && sin.has_value() == pro,
+           "lightning_prefill: the fused QK prologue needs q_w, k_w, cos and sin together");
+  if (pro) {
+    RL_CHECK(D == 128 && jsplit == 1, "lightning_prefill: the fused QK prologue needs head dim 128 and jsplit 1");
+    for (const at::Tensor* t : {&*q_w, &*k_w})
+      RL_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == D && aligned16(t->data_ptr()),
+               "lightning_prefill: QK-norm weights must be contiguous, 16-byte aligned fp32 [", D, "]");
+    for (const at::Tensor* t : {&*cos, &*sin})
+      RL_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == q.size(0) && t->size(1) == 64 &&
+                   t->stride(1) == 1 && t->stride(0) % 4 == 0 && aligned16(t->data_ptr()),
+               "lightning_prefill: rope tables must be fp32 [T, 64] rows with unit column stride, 16-byte aligned");
+    RL_CHECK(cos->stride(0) == sin->stride(0), "lightning_prefill: cos and sin must share a row stride");
+    a.q_w = q_w->data_ptr<float>(); a.k_w = k_w->data_ptr<float>(); a.eps = (float)eps;
+    a.cos = cos->data_ptr<float>(); a.sin = sin->data_ptr<float>(); a.tab_stride = cos->stride(0);
+  }
 
   a.items = reinterpret_cast<const PrefillItem*>(items_state.data_ptr<int32_t>());
   const int n_state = items_state.size(0);
-  if (D == 64) launch_prefill<64, true, 1>(a, n_state, stream);
+  if (pro) launch_prefill<128, true, 1, true>(a, n_state, stream);
+  else if (D == 64) launch_prefill<64, true, 1>(a, n_state, stream);
   else if (jsplit == 1) launch_prefill<128, true, 1>(a, n_state, stream);
   else launch_prefill<128, true, 2>(a, n_state, stream);
 
@@ -416,7 +583,8 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   a.items = reinterpret_cast<const PrefillItem*>(items_out.data_ptr<int32_t>());
   const int n_out = items_out.size(0);
-  if (D == 64) launch_prefill<64, false, 1>(a, n_out, stream);
+  if (pro) launch_prefill<128, false, 1, true>(a, n_out, stream);
+  else if (D == 64) launch_prefill<64, false, 1>(a, n_out, stream);
   else if (jsplit == 1) launch_prefill<128, false, 1>(a, n_out, stream);
   else launch_prefill<128, false, 2>(a, n_out, stream);
 }
