@@ -150,19 +150,22 @@ def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[d
     return rows
 
 
-# --v-in-place: the (v in place, q and k raw into the prefill) modes ours' prompts take turns with
-PROLOGUE_AB = {"ab": ((True, True), (False, False)), "qk-ab": ((True, True), (True, False))}
+# --v-in-place: the (v in place, q and k raw into the prefill, MoE add + norm in the combine) modes prompts take turns with
+PROLOGUE_AB = {"ab": ((True, True, True), (False, False, True)), "qk-ab": ((True, True, True), (True, False, True)),
+               "moe-ab": ((True, True, True), (True, True, False))}
 
 
 def _prologue_label(mode) -> str:
-    v_in_place, qk_raw = mode
-    return ("qk in prefill, " if qk_raw and v_in_place else "") + ("v in place" if v_in_place else "v copied")
+    v_in_place, qk_raw, moe_add_norm = mode
+    return (("qk in prefill, " if qk_raw and v_in_place else "") + ("v in place" if v_in_place else "v copied")
+            + ("" if moe_add_norm else ", MoE add + norm apart"))
 
 
-def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=((True, True),)) -> list[dict]:
-    """Best of reps per context. A/B variants take turns: MoE paths (moe_paths) and, for ours, the lightning layers'
-    prologue (v_modes: (v read in place from the projection or copied by the prologue, q and k handed raw to the prefill
-    kernel or through the prologue): ModelRunner.v_in_place, ModelRunner.qk_prologue_in_prefill)."""
+def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=((True, True, True),)) -> list[dict]:
+    """Best of reps per context. A/B variants take turns: MoE paths (moe_paths) and the runner's switches (v_modes:
+    (v read in place from the projection or copied by the prologue, q and k handed raw to the prefill kernel or
+    through the prologue, the residual add + norm in the MoE's combine or apart): ModelRunner.v_in_place,
+    ModelRunner.qk_prologue_in_prefill, ModelRunner.moe_add_norm)."""
     cfg = model.config
     rows = []
     eng = prompt_engine(model, max(contexts))
@@ -181,14 +184,14 @@ def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_m
             for _ in range(reps):
                 for v in variants:
                     set_moe_paths(v[0])
-                    eng.runner.v_in_place, eng.runner.qk_prologue_in_prefill = v[1]
+                    eng.runner.v_in_place, eng.runner.qk_prologue_in_prefill, eng.runner.moe_add_norm = v[1]
                     times[v].append(time_to_first_token(eng, T, rng, dev))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
         finally:
             set_moe_paths("wide")
-            eng.runner.v_in_place = eng.runner.qk_prologue_in_prefill = True
+            eng.runner.v_in_place = eng.runner.qk_prologue_in_prefill = eng.runner.moe_add_norm = True
         p_flops, flops = prefill_flops(cfg, T)
         roof = T / (flops / BF16_PEAK)
         for v in variants:
@@ -472,10 +475,11 @@ def main(argv=None) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,
                    help="decode engines' prefix cache, with reply snapshots (default off): what those cost the steps")
-    p.add_argument("--v-in-place", choices=("on", "ab", "qk-ab"), default="on",
+    p.add_argument("--v-in-place", choices=("on", "ab", "qk-ab", "moe-ab"), default="on",
                    help="ab: ours' prompts also with the lightning layers' v copied by the prologue instead of read in "
                         "place from the projection; qk-ab: also with q and k through the prologue instead of raw into "
-                        "the prefill kernel (both v in place); taking turns (rows labelled v)")
+                        "the prefill kernel (both v in place); moe-ab: also with the residual add + norm after the MoE "
+                        "as its own kernel (ModelRunner.moe_add_norm); taking turns (rows labelled v)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -519,8 +523,8 @@ def main(argv=None) -> None:
         pc = ints(a.prefill_contexts)
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
                                               ("wide", "no-wide") if a.moe_wide.startswith("ab") else ("wide",),
-                                              PROLOGUE_AB.get(a.v_in_place, ((True, True),)) if cfg.linear_layers
-                                              else ((True, True),))
+                                              PROLOGUE_AB.get(a.v_in_place, ((True, True, True),))
+                                              if cfg.linear_layers or a.v_in_place == "moe-ab" else ((True, True, True),))
                                 if pc else []}
         if a.moe_wide == "ab" and pc and dev.type == "cuda":
             res[name]["prefill_graphed_moe_ab"] = bench_prefill_graphed_moe_ab(model, pc, dev, a.prefill_reps)

@@ -185,6 +185,9 @@ class ModelRunner:
         # and RoPE to each chunk as it loads it (kernels.QKPrologue): no prologue pass over q and k. Bitwise the same
         # (False: the A/B switch). On the GPU for the released models' head shape (d 128, rotary 64) only.
         self.qk_prologue_in_prefill = True
+        # A MoE layer's combine kernel also adds the residual and applies the next layer's input norm (fused_moe's
+        # add_norm): the MoE output is never written. Bitwise the same as the separate add_rms_norm (False: A/B).
+        self.moe_add_norm = True
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
         self._step_io: dict[int, StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
@@ -391,19 +394,18 @@ class ModelRunner:
         projection and prologue); piece 0 starts with the embedding, piece L ends with the last residual add."""
         layers = self.model.model.layers
         if k == 0:
-            x, delta = self.model.model.word_embeddings(io.ids)[None], None
+            x, h = self._add_norm(self.model.model.word_embeddings(io.ids)[None], None, layers[0].input_layernorm)
             cos, sin = rope_cos_sin(io.pos[None], self.cfg.rot_dim, self.cfg.rope_theta, self.acc)
             io.put("cos", cos)
             io.put("sin", sin)
         else:
             layer = layers[k - 1]
             x, h = self._add_norm(io.x, self._attention_out(k - 1, layer.attention, io), layer.post_attention_layernorm)
-            delta = self._mlp(layer.mlp, h)
-        if k == len(layers):
-            io.put("x", x + delta)
-            return
+            if k == len(layers):
+                io.put("x", x + self._mlp(layer.mlp, h))
+                return
+            x, h = self._mlp_and_norm(layer.mlp, x, h, layers[k].input_layernorm)
         layer = layers[k]
-        x, h = self._add_norm(x, delta, layer.input_layernorm)
         io.put("x", x)
         if layer.is_softmax:
             self._softmax_in(k, layer.attention, h, io)
@@ -510,14 +512,25 @@ class ModelRunner:
         x = x[0]  # the dense SwiGLU of the first layers, its projections through _proj
         return self._proj(mlp.down_proj, F.silu(self._proj(mlp.gate_proj, x)) * self._proj(mlp.up_proj, x))[None]
 
-    def _fused_moe(self, mlp, x):
-        """x [N, D] -> [N, D]: the MoE block through the fused kernels."""
+    def _mlp_and_norm(self, mlp, x, h, norm):
+        """The residual stream after the MLP of h and the next layer's input norm of it: (x + mlp(h), norm(that)). On the
+        kernel path a MoE's combine kernel adds and normalises too (the MoE output is never written)."""
+        if self.use_kernels and self.moe_add_norm and isinstance(mlp, MoE):
+            s, y = self._fused_moe(mlp, h[0], add_norm=(x[0], norm))
+            return s[None], y[None]
+        return self._add_norm(x, self._mlp(mlp, h), norm)
+
+    def _fused_moe(self, mlp, x, add_norm=None):
+        """x [N, D] -> [N, D]: the MoE block through the fused kernels. add_norm = (residual [N, D], RMSNorm module):
+        (residual + MoE(x), norm of that) instead, from the combine kernel (as _add_norm would give them)."""
         sh = mlp.shared_experts
         bias = mlp.gate.expert_bias if self.cfg.moe_router_enable_expert_bias else None
         return cuda_kernels.fused_moe(x, mlp.gate.weight, bias, mlp.experts_gate_proj, mlp.experts_up_proj,
                                       mlp.experts_down_proj,
                                       None if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight),
-                                      self.router_cfg)
+                                      self.router_cfg,
+                                      add_norm=None if add_norm is None else (add_norm[0], add_norm[1].weight,
+                                                                             add_norm[1].eps))
 
     # ------------------------------------------------------------------------------------------ lightning layers
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _build
+from .elementwise import add_rms_norm
 from .gemv import skinny_ok
 from .moe_reference import (RING_MINI_ROUTER, RouterConfig, combine_reference, moe_reference, route_align_reference,
                             scatter_rows_reference, stream_gemm_reference, swiglu_rows_reference)
@@ -348,16 +349,38 @@ def scatter_rows(x: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor
 
 
 def combine(ys: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor | None, shared: torch.Tensor | None,
-            top_k: int) -> torch.Tensor:
-    """out [N, D] bf16 = sum_j w[n, j] * ys[rows[n*k + j]] + shared[n], fp32 in a fixed j order (see moe_combine)."""
-    if ys.is_cuda and _build.available() and ys.shape[1] % 8 == 0:
-        N = (ys.shape[0] if rows is None else rows.numel()) // top_k
-        out = torch.empty(N, ys.shape[1], dtype=torch.bfloat16, device=ys.device)
+            top_k: int, add_norm: tuple | None = None):
+    """out [N, D] bf16 = sum_j w[n, j] * ys[rows[n*k + j]] + shared[n], fp32 in a fixed j order (see moe_combine).
+    add_norm = (x [N, D] bf16, weight [D], eps): returns add_rms_norm(x, out, weight, eps) instead, (s, normed) - in
+    the same kernel when it can (bitwise the two kernels apart), else through elementwise.add_rms_norm."""
+    N = (ys.shape[0] if rows is None else rows.numel()) // top_k
+    D = ys.shape[1]
+    if ys.is_cuda and _build.available() and D % 8 == 0:
+        args = (None, None, 0.0, None)
+        fused = add_norm is not None and _norm_fusable(add_norm[0], D)
+        if fused:
+            x, weight, eps = add_norm
+            nw = weight.to(torch.bfloat16).contiguous()
+            args = (x, nw if nw.data_ptr() % 16 == 0 else nw.clone(), float(eps),
+                    torch.empty(N, D, dtype=torch.bfloat16, device=ys.device))
+        out = torch.empty(N, D, dtype=torch.bfloat16, device=ys.device)
         _build.extension().moe_combine(ys.contiguous(), None if rows is None else rows.reshape(-1).contiguous(),
                                        None if w is None else w.reshape(-1).float().contiguous(),
-                                       None if shared is None else shared.contiguous(), top_k, out)
+                                       None if shared is None else shared.contiguous(), top_k, out, *args)
+        if fused:
+            return out, args[3]
+    else:
+        out = combine_reference(ys, rows, w, shared, top_k)
+    if add_norm is None:
         return out
-    return combine_reference(ys, rows, w, shared, top_k)
+    x, weight, eps = add_norm
+    return add_rms_norm(x, out.to(x.dtype), weight, eps)
+
+
+def _norm_fusable(x: torch.Tensor, D: int) -> bool:
+    """Whether moe_combine can add x and normalise (the layout add_rms_norm's kernel takes, bf16, <= 8 192 channels)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] == D and x.stride(1) == 1
+            and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and D <= 8192)
 
 
 def stream_gemm(x: torch.Tensor, gather: torch.Tensor | None, w: torch.Tensor, w_up: torch.Tensor | None,
@@ -449,7 +472,7 @@ def _rows_contiguous(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(2) == 1 and w.stride(1) == w.shape[2] else w.contiguous()
 
 
-def _experts_decode(x, routed, w_gate, w_up, w_down, shared_h):
+def _experts_decode(x, routed, w_gate, w_up, w_down, shared_h, add_norm=None):
     """routed: (ids, w) from route, or (ids, w, offsets, order, active) from route_align_small."""
     ext = _build.extension()
     N, D = x.shape
@@ -468,7 +491,7 @@ def _experts_decode(x, routed, w_gate, w_up, w_down, shared_h):
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     ext.moe_experts_decode(x.contiguous(), _rows_contiguous(w_gate), _rows_contiguous(w_up), _rows_contiguous(w_down),
                            offsets, order, active, w.reshape(-1).contiguous(), k, h, y, DECODE_SMALL_PASSES)
-    return combine(y, None, None, shared_h, k)  # y rows are already weighted, in assignment order
+    return combine(y, None, None, shared_h, k, add_norm)  # y rows are already weighted, in assignment order
 
 
 def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, ends: torch.Tensor, offsets: torch.Tensor):
@@ -501,24 +524,24 @@ def _sort(ids: torch.Tensor, E: int):
     return offsets, ends, inv, tok
 
 
-def _experts_stream(x, routed, w_gate, w_up, w_down, shared_h):
+def _experts_stream(x, routed, w_gate, w_up, w_down, shared_h, add_norm=None):
     ids, w = routed
     offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
     h = stream_gemm(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, rows in sorted order
     ys = stream_gemm(h, None, w_down, None, offsets, early=True)  # [A, D]; the sort is two launches back
-    return combine(ys, inv, w, shared_h, ids.shape[1])
+    return combine(ys, inv, w, shared_h, ids.shape[1], add_norm)
 
 
-def _experts_wide(x, routed, w_gate, w_up, w_down, shared_h):
+def _experts_wide(x, routed, w_gate, w_up, w_down, shared_h, add_norm=None):
     ids, w = routed
     offsets, _, inv, tok = _sort(ids, w_gate.shape[0])
     tma_gate_up, tma_down = tma_path(tok.numel(), w_gate.shape[0])
     h = (tma_gemm if tma_gate_up else wide_gemm)(x, tok, w_gate, w_up, offsets)  # [A, I] = SwiGLU, sorted rows
     ys = (tma_gemm if tma_down else wide_gemm)(h, None, w_down, None, offsets)  # [A, D]
-    return combine(ys, inv, w, shared_h, ids.shape[1])
+    return combine(ys, inv, w, shared_h, ids.shape[1], add_norm)
 
 
-def _experts_grouped(x, routed, w_gate, w_up, w_down, shared_h):
+def _experts_grouped(x, routed, w_gate, w_up, w_down, shared_h, add_norm=None):
     ids, w = routed
     k = ids.shape[1]
     I = w_gate.shape[1]
@@ -532,7 +555,7 @@ def _experts_grouped(x, routed, w_gate, w_up, w_down, shared_h):
         g = _grouped_mm(xs, w_gate.transpose(1, 2), ends, offsets)
         u = _grouped_mm(xs, w_up.transpose(1, 2), ends, offsets)
     ys = _grouped_mm(swiglu(g, u), w_down.transpose(1, 2), ends, offsets)
-    return combine(ys, inv, w, shared_h, k)
+    return combine(ys, inv, w, shared_h, k, add_norm)
 
 
 PATHS = ("auto", "decode", "stream", "wide", "grouped")
@@ -558,10 +581,15 @@ def fused_moe(
     cfg: RouterConfig = RING_MINI_ROUTER,
     *,
     path: str = "auto",
-) -> torch.Tensor:
+    add_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+):
     """MoE block forward: x [N, D] bf16 -> [N, D] in x's dtype. path: "auto" | "decode" | "stream" | "wide" | "grouped"
     ("auto": decode up to DECODE_MAX_TOKENS tokens, stream up to STREAM_MAX_TOKENS, wide up to WIDE_MAX_TOKENS,
     grouped above).
+
+    add_norm = (residual [N, D], weight [D], eps): return (s, normed) = elementwise.add_rms_norm(residual, out, weight,
+    eps) instead of out - the residual add and the next layer's input norm, done by the combine kernel on the way
+    (bitwise the same; the MoE output is never written).
 
     w_gate / w_up may be the views returned by pack_gate_up (and the shared expert's gate / up likewise): the grouped
     path then runs one gate+up GEMM. "decode" with I > DECODE_MAX_INTERMEDIATE runs the stream path."""
@@ -571,10 +599,14 @@ def fused_moe(
     N, D = x.shape
     I = w_gate.shape[1]
     bf16 = all(t.dtype == torch.bfloat16 for t in (x, w_gate, w_up, w_down))
-    if not (x.is_cuda and bf16 and _kernel_shapes_ok(D, I) and _build.available()):
-        return moe_reference(x, router_weight, expert_bias, w_gate, w_up, w_down, shared, cfg).to(x.dtype)
-    if N == 0:
-        return x.new_empty(0, D)
+    if add_norm is not None:
+        res = add_norm[0]
+        if not (torch.is_tensor(res) and res.shape == x.shape and res.dtype == x.dtype and res.device == x.device):
+            raise ValueError(f"fused_moe: add_norm's residual must be {x.dtype} {tuple(x.shape)} on {x.device} like x")
+    if not (x.is_cuda and bf16 and _kernel_shapes_ok(D, I) and _build.available()) or N == 0:
+        out = (moe_reference(x, router_weight, expert_bias, w_gate, w_up, w_down, shared, cfg).to(x.dtype) if N
+               else x.new_empty(0, D))
+        return out if add_norm is None else add_rms_norm(add_norm[0], out, add_norm[1], add_norm[2])
     if path == "auto":
         path = auto_path(N)
     if path == "decode" and I > DECODE_MAX_INTERMEDIATE:
@@ -592,7 +624,7 @@ def fused_moe(
         routed = route(x, router_weight, expert_bias, cfg, append)
     experts = {"decode": _experts_decode, "stream": _experts_stream, "wide": _experts_wide,
                "grouped": _experts_grouped}[path]
-    return experts(x, routed, w_gate, w_up, w_down, None if both is not None else _shared_hidden(x, shared))
+    return experts(x, routed, w_gate, w_up, w_down, None if both is not None else _shared_hidden(x, shared), add_norm)
 
 
 __all__ = ["fused_moe", "route", "route_align_small", "route_decode", "router_counter", "router_logits", "pack_moe", "shared_as_expert", "split_bf16x3", "pack_experts", "pack_gate_up", "packed_gate_up", "swiglu",

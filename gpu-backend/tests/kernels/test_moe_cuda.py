@@ -299,6 +299,47 @@ def test_combine_kernel(N, k, D, ys_dtype, shared_dtype, permuted):
     assert torch.equal(out, combine(ys, rows, w, shared, k))
 
 
+@pytest.mark.parametrize("N,k,D", [(1, 8, 2048), (37, 4, 256), (300, 8, 4096), (5, 2, 800), (3, 8, 4800)])
+@pytest.mark.parametrize("ys_dtype,shared_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, None)])
+def test_combine_with_add_norm_is_the_two_kernels_bitwise(N, k, D, ys_dtype, shared_dtype):
+    """combine(..., add_norm=(x, weight, eps)) writes add_rms_norm(x, combine(...), weight, eps) - s and the normed
+    rows - bitwise, from one kernel (add_rms_norm's thread layout for D = 800: 128 threads, and 4 800: 160 threads of
+    4 vectors), with x a strided view of a wider residual buffer; nothing is written to x."""
+    from ringlinear.kernels.elementwise import add_rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(N * k + D)
+    ys = torch.randn(N * k, D, device="cuda", generator=g).to(ys_dtype)
+    rows = torch.randperm(N * k, device="cuda", generator=g).to(torch.int32)
+    w = torch.rand(N, k, device="cuda", generator=g)
+    shared = None if shared_dtype is None else torch.randn(N, D, device="cuda", generator=g).to(shared_dtype)
+    wide = (torch.randn(N, D + 64, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    x, x0 = wide[:, :D], wide.clone()
+    weight = torch.rand(D, device="cuda", generator=g) + 0.5
+    s, h = combine(ys, rows, w, shared, k, add_norm=(x, weight, 1e-6))
+    s_ref, h_ref = add_rms_norm(x, combine(ys, rows, w, shared, k), weight, 1e-6)
+    assert torch.equal(s, s_ref) and torch.equal(h, h_ref)
+    assert s.is_contiguous() and h.is_contiguous() and torch.equal(wide, x0)
+
+
+@pytest.mark.parametrize("path", ["decode", "stream", "wide", "grouped"])
+@pytest.mark.parametrize("shape", ["small-37", "mini-4", "mini-300"])
+def test_fused_moe_with_add_norm_is_moe_then_add_rms_norm(path, shape):
+    """fused_moe(..., add_norm=...) on every path: bitwise add_rms_norm(residual, fused_moe(...)), the engine's MoE
+    layout (the shared expert as expert E where a path folds it in)."""
+    from ringlinear.kernels.elementwise import add_rms_norm
+
+    E, I, D, N, cfg = SHAPES[shape]
+    x, wr, bias, wg, wu, wd, shared = _moe_inputs(E, I, D, N, seed=N + 3, packed="moe")
+    g = torch.Generator(device="cuda").manual_seed(N)
+    res = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16)
+    weight = (torch.rand(D, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    s, h = fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path, add_norm=(res, weight, 1e-6))
+    s_ref, h_ref = add_rms_norm(res, fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path), weight, 1e-6)
+    assert torch.equal(s, s_ref) and torch.equal(h, h_ref)
+    with pytest.raises(ValueError, match="add_norm's residual"):
+        fused_moe(x, wr, bias, wg, wu, wd, shared, cfg, path=path, add_norm=(res[:-1], weight, 1e-6))
+
+
 # ------------------------------------------------------------------------------------------------ fused_moe
 def _moe_inputs(E, I, D, N, seed, packed=False):
     g = torch.Generator(device="cuda").manual_seed(seed)

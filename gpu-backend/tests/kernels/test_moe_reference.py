@@ -222,6 +222,22 @@ def test_sort_assignments_reference_is_stable_and_inverse():
     assert offsets[0] == 0 and offsets[-1] == N * k and (offsets[13:] == offsets[12]).all()
 
 
+def test_fused_moe_add_norm_on_cpu_is_moe_then_add_rms_norm():
+    """add_norm on the CPU fallback: (residual + MoE(x), rms_norm of that), as the runner's two steps give them; a
+    residual of another shape is refused by name."""
+    from ringlinear.kernels.elementwise_reference import add_rms_norm_reference
+
+    E, I, D, N = SMALL.num_experts, 32, 24, 4
+    wr, bias, wg, wu, wd, shared = _weights(E, I, D, 3)
+    g = torch.Generator().manual_seed(5)
+    x, res, weight = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g), torch.rand(D, generator=g) + 0.5
+    s, h = fused_moe(x, wr, bias, wg, wu, wd, shared, SMALL, add_norm=(res, weight, 1e-6))
+    s_ref, h_ref = add_rms_norm_reference(res, fused_moe(x, wr, bias, wg, wu, wd, shared, SMALL), weight, 1e-6)
+    assert torch.equal(s, s_ref) and torch.equal(h, h_ref)
+    with pytest.raises(ValueError, match="add_norm's residual"):
+        fused_moe(x, wr, bias, wg, wu, wd, shared, SMALL, add_norm=(res[:, :-1], weight, 1e-6))
+
+
 def test_combine_reference_equals_scatter_then_weighted_sum():
     """The combine twin against the old un-permute formulation (y[order] = ys; sum_j w_j y[n, j] + shared)."""
     g = torch.Generator().manual_seed(11)

@@ -39,7 +39,9 @@ void moe_tma_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& gather, 
 void moe_swiglu(const at::Tensor& g, const at::Tensor& u, at::Tensor& h);
 void moe_scatter_rows(const at::Tensor& x, const at::Tensor& inv, int64_t topk, at::Tensor& xs);
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
-                 const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out);
+                 const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out,
+                 const c10::optional<at::Tensor>& res, const c10::optional<at::Tensor>& norm_w, double eps,
+                 const c10::optional<at::Tensor>& y_out);
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
                             double scale, int64_t cap, int64_t split_len, int64_t num_splits, at::Tensor& out,

@@ -10,7 +10,8 @@
 //   moe_sort_*_kernel    grouped path: stable counting sort of the N*k assignments by expert over many blocks
 //                        (count -> scan -> scatter), giving sorted ids, their inverse and the gather token of each row
 //   moe_swiglu_kernel    h = bf16(silu(g) * u) in fp32 from gate/up rows (one [M, 2I] buffer or two [M, I])
-//   moe_combine_kernel   out[n] = bf16(sum_j w[n,j] * ys[row(n,j)] + shared[n]), fixed j order, fp32 accumulation
+//   moe_combine_kernel   out[n] = bf16(sum_j w[n,j] * ys[row(n,j)] + shared[n]), fixed j order, fp32 accumulation;
+//                        optionally followed by the residual add and the next RMSNorm (add_rms_norm's arithmetic)
 // Every per-assignment result is computed with one fixed reduction order, so outputs do not depend on how the
 // align kernel's atomics ordered assignments inside an expert.
 #include <ATen/cuda/CUDAContext.h>
@@ -896,12 +897,21 @@ __global__ void __launch_bounds__(kScatterWarps * 32) moe_scatter_rows_kernel(co
 
 // out[n, :] = bf16( sum_{j < k} w[n*k + j] * ys[row(n*k + j), :] + shared[n, :] ), j ascending, fp32 accumulation.
 // row(a) = rows[a] (the inverse sort permutation) or a when rows is null; w null = all ones; shared optional.
-template <typename TY, typename TS>
+// NORM: then, as add_rms_norm does with that bf16 output as delta, out = s = bf16(res[n] + out) and
+// y_out = rms_norm(s, nw, eps), with add_rms_norm's thread layout (the launch's blockDim: vector v of a row in thread
+// v % blockDim) and reduction order: bitwise that kernel's s and y, without writing the MoE output and reading it
+// back. Rows of <= kCombineNormMaxVec * blockDim 8-element vectors.
+constexpr int kCombineNormMaxVec = 4;
+template <typename TY, typename TS, bool NORM>
 __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__ ys, const int32_t* __restrict__ rows,
                                                           const float* __restrict__ w, const TS* __restrict__ shared, int N,
-                                                          int topk, int Dm, __nv_bfloat16* __restrict__ out) {
+                                                          int topk, int Dm, __nv_bfloat16* __restrict__ out,
+                                                          const __nv_bfloat16* __restrict__ res, int64_t res_stride,
+                                                          const __nv_bfloat16* __restrict__ nw, float eps,
+                                                          __nv_bfloat16* __restrict__ y_out) {
   __shared__ int srow[32];
   __shared__ float sw[32];
+  __shared__ float warp_ss[256 / 32];
   const int n = blockIdx.x;
   pdl_wait();  // ys is the output of the expert kernel just before this one
   pdl_launch_dependents();
@@ -911,8 +921,10 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__
     sw[threadIdx.x] = w != nullptr ? w[a] : 1.f;
   }
   __syncthreads();
-  for (int c = threadIdx.x * 8; c < Dm; c += blockDim.x * 8) {
-    float acc[8];
+  constexpr int MAXV = NORM ? kCombineNormMaxVec : 1;
+  float sv[MAXV][8];  // NORM: this thread's vectors of s
+  float ss = 0.f;
+  auto combine8 = [&](int c, float* acc) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
     for (int j = 0; j < topk; ++j) {
@@ -928,7 +940,47 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] += s[i];
     }
-    store8(out + (int64_t)n * Dm + c, acc);
+  };
+  if constexpr (!NORM) {
+    for (int c = threadIdx.x * 8; c < Dm; c += blockDim.x * 8) {
+      float acc[8];
+      combine8(c, acc);
+      store8(out + (int64_t)n * Dm + c, acc);
+    }
+    return;
+  } else {
+#pragma unroll
+    for (int it = 0; it < MAXV; ++it) {
+      const int c = (threadIdx.x + it * blockDim.x) * 8;
+      if (c < Dm) {
+        float acc[8], xr[8];
+        combine8(c, acc);
+        load8(res + (int64_t)n * res_stride + c, xr);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)  // delta = the combine's bf16 output; s = bf16(x + delta)
+          sv[it][i] = __bfloat162float(__float2bfloat16(__fadd_rn(xr[i], __bfloat162float(__float2bfloat16(acc[i])))));
+        store8(out + (int64_t)n * Dm + c, sv[it]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) ss += sv[it][i] * sv[it][i];
+      }
+    }
+    ss = warp_sum(ss);
+    if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
+    __syncthreads();
+    ss = 0.f;
+    for (int wi = 0; wi < (int)(blockDim.x / 32); ++wi) ss += warp_ss[wi];
+    const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)Dm), eps));
+#pragma unroll
+    for (int it = 0; it < MAXV; ++it) {
+      const int c = (threadIdx.x + it * blockDim.x) * 8;
+      if (c < Dm) {
+        float wv[8], y[8];
+        load8(nw + c, wv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) y[i] = __fmul_rn(wv[i], __bfloat162float(__float2bfloat16(__fmul_rn(sv[it][i], r))));
+        store8(y_out + (int64_t)n * Dm + c, y);
+      }
+    }
   }
 }
 
@@ -1190,8 +1242,12 @@ void moe_scatter_rows(const at::Tensor& x, const at::Tensor& inv, int64_t topk, 
 
 // ys [R, D] bf16 or fp32 rows; rows [N*k] int32 (optional: row of assignment a, else a itself); w [N*k] fp32 (optional,
 // else 1); shared [N, D] bf16 or fp32 (optional); out [N, D] bf16.
+// res, norm_w, y_out (all or none): then out = s = res + the combine (bf16 rows with unit column stride, 16-byte
+// aligned) and y_out = rms_norm(s, norm_w [D] bf16, eps), bitwise add_rms_norm(res, combine, norm_w, eps).
 void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& w,
-                 const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out) {
+                 const c10::optional<at::Tensor>& shared, int64_t topk, at::Tensor& out,
+                 const c10::optional<at::Tensor>& res, const c10::optional<at::Tensor>& norm_w, double eps,
+                 const c10::optional<at::Tensor>& y_out) {
   RL_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kBFloat16, "moe_combine: out must be contiguous bf16 [N, D]");
   const int N = out.size(0), Dm = out.size(1);
   RL_CHECK(topk >= 1 && topk <= 32, "moe_combine: top-k must be in 1..32");
@@ -1206,17 +1262,44 @@ void moe_combine(const at::Tensor& ys, const c10::optional<at::Tensor>& rows, co
     RL_CHECK(shared->is_contiguous() && shared->size(0) == N && shared->size(1) == Dm && aligned16(*shared) &&
                     (shared->scalar_type() == at::kBFloat16 || shared->scalar_type() == at::kFloat),
                 "moe_combine: shared must be contiguous bf16/fp32 [N, D]");
+  const bool norm = res.has_value();
+  RL_CHECK(norm_w.has_value() == norm && y_out.has_value() == norm,
+           "moe_combine: res, norm_w and y_out go together (the residual add and RMSNorm after the combine)");
+  int threads = std::min(256, std::max(32, ((Dm / 8 + 31) / 32) * 32));
+  if (norm) {
+    RL_CHECK(res->dim() == 2 && res->size(0) == N && res->size(1) == Dm && res->stride(1) == 1 &&
+                 res->scalar_type() == at::kBFloat16 && aligned16(*res) && res->stride(0) % 8 == 0,
+             "moe_combine: res must be bf16 [N, D] rows with unit column stride, 16-byte aligned");
+    RL_CHECK(norm_w->is_contiguous() && norm_w->scalar_type() == at::kBFloat16 && norm_w->numel() == Dm &&
+                 aligned16(*norm_w),
+             "moe_combine: norm_w must be contiguous, 16-byte aligned bf16 [D]");
+    RL_CHECK(y_out->is_contiguous() && y_out->sizes() == out.sizes() && y_out->scalar_type() == at::kBFloat16 &&
+                 aligned16(*y_out),
+             "moe_combine: y_out must be contiguous bf16 [N, D]");
+    // add_rms_norm's layout: the smallest power-of-two vectors per thread with 256 threads, then the fewest warps
+    const int nvec = Dm / 8;
+    int vpt = 1;
+    while (vpt * 256 < nvec) vpt *= 2;
+    RL_CHECK(vpt <= kCombineNormMaxVec, "moe_combine: rows of at most ", kCombineNormMaxVec * 256 * 8,
+             " channels with the norm, got ", Dm);
+    threads = std::min(256, ((nvec + vpt - 1) / vpt + 31) / 32 * 32);
+  }
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(out.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int threads = std::min(256, std::max(32, ((Dm / 8 + 31) / 32) * 32));
   const int32_t* rp = rows ? rows->data_ptr<int32_t>() : nullptr;
   const float* wp = w ? w->data_ptr<float>() : nullptr;
   __nv_bfloat16* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  const __nv_bfloat16* resp = norm ? reinterpret_cast<const __nv_bfloat16*>(res->data_ptr()) : nullptr;
+  const __nv_bfloat16* nwp = norm ? reinterpret_cast<const __nv_bfloat16*>(norm_w->data_ptr()) : nullptr;
+  __nv_bfloat16* yop = norm ? reinterpret_cast<__nv_bfloat16*>(y_out->data_ptr()) : nullptr;
+  const int64_t res_stride = norm ? res->stride(0) : 0;
   auto launch = [&](auto* yp, auto* sp) {
     using TY = std::remove_const_t<std::remove_pointer_t<decltype(yp)>>;
     using TS = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
-    C10_CUDA_CHECK(launch_dependent(moe_combine_kernel<TY, TS>, N, threads, 0, stream, yp, rp, wp, sp, N, (int)topk, Dm, op));
+    auto kernel = norm ? moe_combine_kernel<TY, TS, true> : moe_combine_kernel<TY, TS, false>;
+    C10_CUDA_CHECK(launch_dependent(kernel, N, threads, 0, stream, yp, rp, wp, sp, N, (int)topk, Dm, op, resp,
+                                    res_stride, nwp, (float)eps, yop));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto with_shared = [&](auto* yp) {
