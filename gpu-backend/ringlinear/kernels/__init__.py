@@ -4,7 +4,7 @@
 |---|---|---|
 | lightning decode (in-place slot state, fused QK-norm + RoPE) | `lightning.lightning_decode` | `lightning_reference.lightning_decode_reference` |
 | lightning varlen prefill (tensor cores, split across SMs; optionally the QK-norm + RoPE of raw q, k as it loads them) | `lightning.lightning_prefill` (`lightning.QKPrologue`) | `lightning_reference.lightning_prefill_reference` (after `qkv_prologue`) |
-| MoE router / experts | `moe.route`, `moe.fused_moe` | `moe_reference.route_reference`, `moe_reference.moe_reference` |
+| MoE router / experts (optionally the residual add + next RMSNorm in the combine: `add_norm`) | `moe.route`, `moe.fused_moe` | `moe_reference.route_reference`, `moe_reference.moe_reference` (then `add_rms_norm`) |
 | paged-KV GQA decode attention (block tables read in place, split-K) | `paged_attention.paged_decode_attention` | `paged_attention_reference.paged_decode_attention_reference` |
 | fused attention elementwise (qkv split + silu + QK-norm + RoPE; group RMSNorm * sigmoid gate) | `elementwise.qkv_prologue`, `elementwise.gated_group_rmsnorm` | `elementwise_reference.qkv_prologue_reference`, `elementwise_reference.gated_group_rmsnorm_reference` |
 | fused residual add + RMSNorm (s = x + delta; rms_norm(s)) | `elementwise.add_rms_norm` | `elementwise_reference.add_rms_norm_reference` |
