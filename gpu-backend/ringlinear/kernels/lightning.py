@@ -11,6 +11,7 @@ import torch
 
 from ..ops.transfer import to_device
 from . import _build
+from .elementwise import _weight_f32, qkv_prologue
 from .lightning_reference import (
     lightning_decode_reference,
     lightning_prefill_reference,
@@ -265,8 +266,6 @@ class QKPrologue:
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k [T, H, d] raw -> through qkv_prologue (its kernel on the GPU, its twin elsewhere), bf16."""
-        from .elementwise import qkv_prologue
-
         T, H, d = q.shape
         qkv = torch.cat([q.reshape(T, H * d), k.reshape(T, H * d), torch.zeros_like(k).reshape(T, H * d)], 1)
         q, k, _ = qkv_prologue(qkv, self.positions, H, H, d, silu=False, q_norm_weight=self.q_norm_weight,
@@ -284,8 +283,6 @@ class QKPrologue:
         if cos.stride(1) != 1 or cos.stride(0) % 4 or cos.stride(0) != sin.stride(0) \
                 or cos.data_ptr() % 16 or sin.data_ptr() % 16:
             cos, sin = cos.contiguous(), sin.contiguous()
-        from .elementwise import _weight_f32
-
         for name, w in (("q_norm_weight", self.q_norm_weight), ("k_norm_weight", self.k_norm_weight)):
             if not (torch.is_tensor(w) and w.dim() == 1 and w.shape[0] == 128):
                 raise ValueError(f"QKPrologue: {name} must be [128], got {tuple(getattr(w, 'shape', ()))}")

@@ -66,6 +66,18 @@ RL_DEVICE float warp_sum(float x) {
   return x;
 }
 
+// An RMSNorm's scale rsqrt(sum / D + eps) for a row whose threads each hold a partial sum of squares, reduced in one
+// fixed order (each warp by shuffles, then the warps' sums in warp order): kernels that share it agree bitwise
+// (add_rms_norm and moe_combine's add + norm). warp_ss: shared [blockDim / 32]; every thread of the block calls it.
+RL_DEVICE float block_rms_scale(float ss, float* warp_ss, int D, float eps) {
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int w = 0; w < (int)(blockDim.x / 32); ++w) ss += warp_ss[w];
+  return rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)D), eps));
+}
+
 // The fp32 SwiGLU of the grouped GEMMs' fused epilogues (moe_stream.cu, moe_wide.cu, moe_tma.cu): silu(bf16 g) *
 // bf16 u, with g and u rounded to bf16 first - the rounding of the grouped path, which writes g and u before
 // moe_swiglu - so every path's h is bitwise the same (tested).

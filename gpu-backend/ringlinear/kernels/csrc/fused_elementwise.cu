@@ -388,12 +388,7 @@ __global__ void __launch_bounds__(kAddNormThreads)
       for (int j = 0; j < V; ++j) ss += f[i][j] * f[i][j];
     }
   }
-  ss = warp_sum(ss);
-  if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
-  __syncthreads();
-  ss = 0.f;
-  for (int w = 0; w < (int)(blockDim.x / 32); ++w) ss += warp_ss[w];
-  const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)D), eps));
+  const float r = block_rms_scale(ss, warp_ss, D, eps);
 
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {

@@ -964,12 +964,7 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(const TY* __restrict__
         for (int i = 0; i < 8; ++i) ss += sv[it][i] * sv[it][i];
       }
     }
-    ss = warp_sum(ss);
-    if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
-    __syncthreads();
-    ss = 0.f;
-    for (int wi = 0; wi < (int)(blockDim.x / 32); ++wi) ss += warp_ss[wi];
-    const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)Dm), eps));
+    const float r = block_rms_scale(ss, warp_ss, Dm, eps);
 #pragma unroll
     for (int it = 0; it < MAXV; ++it) {
       const int c = (threadIdx.x + it * blockDim.x) * 8;
