@@ -147,6 +147,15 @@ RL_DEVICE void cp_async_16_s(uint32_t smem, const void* gmem, int src_bytes) {
 RL_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   cp_async_16_s(smem_addr(smem), gmem, src_bytes);
 }
+// The same through L1 (.ca): data several copies of a block (or of the same 32-byte sector) read again. Without
+// src_bytes: always 16 bytes.
+RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
 RL_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> RL_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 

@@ -45,12 +45,10 @@ RL_DEVICE float round_to(float x) {
   return x;
 }
 
-// Global->shared copies through L1 (.ca): the RoPE tables of a token, read by every warp of the block that takes it.
+// Global->shared copies through L1 (.ca, also cp_async_16_ca in common.cuh): the RoPE tables of a token, read by every
+// warp of the block that takes it.
 RL_DEVICE void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
-}
-RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 
 // 16 bytes of T (V = 16 / sizeof(T) elements) -> floats.
