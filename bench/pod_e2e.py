@@ -64,11 +64,18 @@ def twin_config(cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- rooflines
-def prefill_flops(cfg: RingLinearConfig, T: int) -> tuple[float, float]:
-    """(active-parameter FLOPs, total FLOPs incl. attention) of a T-token prefill from position 0."""
-    H, d = cfg.num_attention_heads, cfg.d_head
-    param = 2.0 * cfg.parameter_counts()["active_non_embedding"] * T + 2.0 * cfg.hidden_size * cfg.vocab_size
+def prefill_flops(cfg: RingLinearConfig, T: int, last_layer_rows_only: bool = False) -> tuple[float, float]:
+    """(active-parameter FLOPs, total FLOPs incl. attention) of a T-token prefill from position 0. last_layer_rows_only:
+    the FLOPs the runner executes when the last (softmax) layer runs past its QKV projection for the prompt's last row
+    only (ModelRunner.last_layer_logit_rows_only): its attention, output projection, norm and MLP for one row."""
+    H, d, D = cfg.num_attention_heads, cfg.d_head, cfg.hidden_size
+    param = 2.0 * cfg.parameter_counts()["active_non_embedding"] * T + 2.0 * D * cfg.vocab_size
     attn = len(cfg.softmax_layers) * 2.0 * T * T * H * d + len(cfg.linear_layers) * T * H * (4.0 * d * d + 2.0 * 64 * d)
+    last = cfg.num_hidden_layers - 1
+    if last_layer_rows_only and cfg.is_softmax_layer(last):
+        c = cfg.layer_parameter_counts(last)
+        param -= 2.0 * (H * d * D + D + c["ffn_active"]) * (T - 1)  # output projection, post-attention norm, MLP
+        attn -= 2.0 * T * T * H * d - 4.0 * T * H * d  # one query over T keys
     return param, param + attn
 
 
@@ -111,13 +118,13 @@ def set_moe_paths(name: str) -> None:
         setattr(kernels.moe, k, val)
 
 
-def prompt_engine(model, T_max: int) -> Engine:
-    """One request at a time, room for a T_max prompt, every prompt in one step."""
+def prompt_engine(model, T_max: int, step_tokens: int | None = None) -> Engine:
+    """One request at a time, room for a T_max prompt, every prompt in one step (or in eager steps of step_tokens)."""
     cfg = model.config
     block_b = PagedKVCache.bytes_per_block(cfg, BLOCK, model.dtype)
     budget = LinearStatePool.bytes_per_slot(cfg) + (-(-(T_max + 8) // BLOCK) + 1) * block_b
     return Engine(model, EngineConfig(max_batch=1, max_context=T_max + 8, memory_budget=budget, prefix_cache_bytes=0,
-                                      max_step_tokens=T_max, block_size=BLOCK), eos_ids=set())
+                                      max_step_tokens=step_tokens or T_max, block_size=BLOCK), eos_ids=set())
 
 
 def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[dict]:
@@ -150,25 +157,34 @@ def bench_prefill_graphed_moe_ab(model, contexts, dev, reps, rounds=2) -> list[d
     return rows
 
 
-# --v-in-place: the (v in place, q and k raw into the prefill, MoE add + norm in the combine) modes prompts take turns with
-PROLOGUE_AB = {"ab": ((True, True, True), (False, False, True)), "qk-ab": ((True, True, True), (True, False, True)),
-               "moe-ab": ((True, True, True), (True, True, False))}
+# --v-in-place / --last-layer: the (v in place, q and k raw into the prefill, MoE add + norm in the combine, the last layer
+# on the logit rows only) modes prompts take turns with
+SERVED = (True, True, True, True)
+PROLOGUE_AB = {"ab": (SERVED, (False, False, True, True)), "qk-ab": (SERVED, (True, False, True, True)),
+               "moe-ab": (SERVED, (True, True, False, True)), "last-ab": (SERVED, (True, True, True, False))}
 
 
 def _prologue_label(mode) -> str:
-    v_in_place, qk_raw, moe_add_norm = mode
+    v_in_place, qk_raw, moe_add_norm, last_rows = mode
     return (("qk in prefill, " if qk_raw and v_in_place else "") + ("v in place" if v_in_place else "v copied")
-            + ("" if moe_add_norm else ", MoE add + norm apart"))
+            + ("" if moe_add_norm else ", MoE add + norm apart") + ("" if last_rows else ", last layer on every row"))
 
 
-def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=((True, True, True),)) -> list[dict]:
+def set_runner_modes(runner, mode) -> None:
+    runner.v_in_place, runner.qk_prologue_in_prefill, runner.moe_add_norm, runner.last_layer_logit_rows_only = mode
+
+
+def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_modes=(SERVED,),
+                  step_tokens: int | None = None) -> list[dict]:
     """Best of reps per context. A/B variants take turns: MoE paths (moe_paths) and the runner's switches (v_modes:
     (v read in place from the projection or copied by the prologue, q and k handed raw to the prefill kernel or
-    through the prologue, the residual add + norm in the MoE's combine or apart): ModelRunner.v_in_place,
-    ModelRunner.qk_prologue_in_prefill, ModelRunner.moe_add_norm)."""
+    through the prologue, the residual add + norm in the MoE's combine or apart, the last layer past its projection
+    on the prompt's last row or on every row): ModelRunner.v_in_place, qk_prologue_in_prefill, moe_add_norm,
+    last_layer_logit_rows_only). FLOPs count what each variant executes (prefill_flops) in one step; step_tokens: the
+    prompt in eager steps of that many tokens (as the pod's prompt-only steps, --max-prefill-step-tokens)."""
     cfg = model.config
     rows = []
-    eng = prompt_engine(model, max(contexts))
+    eng = prompt_engine(model, max(contexts), step_tokens)
     rng = random.Random(0)
     time_to_first_token(eng, min(contexts), rng, dev)  # warm-up: extension, cuBLAS/cuDNN plans, allocator
     variants = [(m, f) for m in moe_paths for f in v_modes]
@@ -184,17 +200,17 @@ def bench_prefill(model, contexts, dev, reps, deadline, moe_paths=("wide",), v_m
             for _ in range(reps):
                 for v in variants:
                     set_moe_paths(v[0])
-                    eng.runner.v_in_place, eng.runner.qk_prologue_in_prefill, eng.runner.moe_add_norm = v[1]
+                    set_runner_modes(eng.runner, v[1])
                     times[v].append(time_to_first_token(eng, T, rng, dev))
         except torch.OutOfMemoryError:
             print(f"prefill  T={T}: out of memory", flush=True)
             break
         finally:
             set_moe_paths("wide")
-            eng.runner.v_in_place = eng.runner.qk_prologue_in_prefill = eng.runner.moe_add_norm = True
-        p_flops, flops = prefill_flops(cfg, T)
-        roof = T / (flops / BF16_PEAK)
+            set_runner_modes(eng.runner, SERVED)
         for v in variants:
+            p_flops, flops = prefill_flops(cfg, T, v[1][3])
+            roof = T / (flops / BF16_PEAK)
             dt = min(times[v])
             rows.append({"context": T, "seconds": dt, "tok_s": T / dt, "roofline_tok_s": roof,
                          "active_param_tflops": p_flops / dt / 1e12, "pct_peak_active": 100 * p_flops / dt / BF16_PEAK,
@@ -294,11 +310,11 @@ def set_launch(eng, name: str) -> None:
 def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | None = None,
                  overlap: tuple[bool, ...] = (True,), sampling: tuple[float, float] = (0.0, 1.0),
                  prefix_bytes: int = 0, samplers: tuple[str, ...] = ("kernel",),
-                 launches: tuple[str, ...] = ("dependent",)) -> list[dict]:
-    """Decode rows per context and batch; with several `overlap` modes (or `samplers`, or `launches`), each batch
-    runs once per mode, in turn (A/B in one process: the engine's overlapped vs synchronous steps, its sampling kernel
-    vs the torch sampler it replaced, or the LAUNCHES variants - the decode graphs are captured again at each
-    switch)."""
+                 launches: tuple[str, ...] = ("dependent",), moe_add_norm: tuple[bool, ...] = (True,)) -> list[dict]:
+    """Decode rows per context and batch; with several `overlap` modes (or `samplers`, or `launches`, or
+    `moe_add_norm` switches), each batch runs once per mode, in turn (A/B in one process: the engine's overlapped vs
+    synchronous steps, its sampling kernel vs the torch sampler it replaced, the LAUNCHES variants, or the residual
+    add + norm in the MoE's combine vs its own kernel - the decode graphs are captured again at each switch)."""
     cfg = model.config
     rows = []
     rng = random.Random(1)
@@ -321,15 +337,21 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                 t.normal_()
             for s in eng.states.states.values():
                 s.normal_(0.0, 0.01)
-        if len(launches) > 1:
-            modes = [(overlap[0], samplers[0], n) for n in launches]
+        if len(moe_add_norm) > 1:
+            modes = [(overlap[0], samplers[0], launches[0], m) for m in moe_add_norm]
+        elif len(launches) > 1:
+            modes = [(overlap[0], samplers[0], n, moe_add_norm[0]) for n in launches]
         elif len(samplers) > 1:
-            modes = [(ov, smp, launches[0]) for ov, smp in zip(overlap, samplers)]
+            modes = [(ov, smp, launches[0], moe_add_norm[0]) for ov, smp in zip(overlap, samplers)]
         else:
-            modes = [(ov, samplers[0], launches[0]) for ov in overlap]
-        for B, (ov, smp, launch) in ((B, m) for B in sorted(bs, reverse=True) for m in modes):  # the largest first
+            modes = [(ov, samplers[0], launches[0], moe_add_norm[0]) for ov in overlap]
+        for B, (ov, smp, launch, add_norm) in ((B, m) for B in sorted(bs, reverse=True) for m in modes):  # largest first
             eng.overlap = ov
             set_launch(eng, launch)
+            if eng.runner.moe_add_norm != add_norm:
+                eng.runner.moe_add_norm = add_norm
+                if eng.runner.graphs is not None:
+                    eng.runner.graphs.reset()  # captured again by the warm steps
             sampling_module.sample_rows = torch_sample_rows if smp == "torch" else kernel_sample_rows
             if time.monotonic() > deadline:
                 print(f"decode   ctx={ctx} B={B}: skipped (time budget)", flush=True)
@@ -360,11 +382,11 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
                     eng.step()
             toks = eng.generation_tokens_total - n0
             t_roof = decode_bytes(cfg, B, ctx) / COPY_BW
-            rows.append({"context": ctx, "batch": B, "overlap": ov, "sampler": smp, "launch": launch, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
+            rows.append({"context": ctx, "batch": B, "overlap": ov, "sampler": smp, "launch": launch, "moe_add_norm": add_norm, "temperature": sampling[0], "top_p": sampling[1], "max_batch_fitting": int(fit), "step_ms": dt / steps * 1e3,
                          "step_ms_each": [round(t, 2) for t in each], "gc_collections_by_generation": gcs,
                          "tok_s": toks / dt, "roofline_tok_s": B / t_roof, "pct_roofline": 100 * t_roof / (dt / steps)})
             print(f"decode   ctx={ctx:6d} B={B:3d}{' sync' if not ov else ''}{' torch sampler' if smp == 'torch' else ''}"
-                  f"{'' if launch == 'dependent' else ' ' + launch}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
+                  f"{'' if launch == 'dependent' else ' ' + launch}{'' if add_norm else ' MoE add+norm apart'}  {dt / steps * 1e3:8.2f} ms/step  {toks / dt:9.1f} tok/s  "
                   f"roofline {B / t_roof:9.1f} tok/s ({100 * t_roof / (dt / steps):4.1f}%)  [fits {fit}]  "
                   f"steps {min(each):.1f}..{max(each):.1f} ms, gc runs {gcs}", flush=True)
         here = [r for r in rows if r["context"] == ctx]
@@ -374,8 +396,11 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
             print_mode_ratios(here, "sampler", {"kernel": "sampling kernel", "torch": "torch sampler"})
         if len(set(launches)) > 1:
             print_mode_ratios(here, "launch", {n: n for n in LAUNCHES})
+        if len(set(moe_add_norm)) > 1:
+            print_mode_ratios(here, "moe_add_norm", {True: "MoE add + norm in the combine", False: "apart"})
         sampling_module.sample_rows = kernel_sample_rows
         set_launch(eng, "dependent")
+        eng.runner.moe_add_norm = True
         del eng
         gc.collect()
         if dev.type == "cuda":
@@ -385,6 +410,9 @@ def bench_decode(model, contexts, batches, steps, dev, deadline, graphs: bool | 
 
 # ---------------------------------------------------------------------------------------------------------- main
 def ratios(ours: list[dict], twin: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """ours / twin per keys (and per variant label "v" where both sides ran the same variants: --last-layer ab)."""
+    if twin and all("v" in r for r in ours + twin):
+        keys += ("v",)
     t = {tuple(r[k] for k in keys): r for r in twin}
     return [dict({k: r[k] for k in keys}, ours_tok_s=r["tok_s"], twin_tok_s=t[key]["tok_s"],
                  ratio=r["tok_s"] / t[key]["tok_s"], roofline_ratio=r["roofline_tok_s"] / t[key]["roofline_tok_s"],
@@ -446,6 +474,9 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     p.add_argument("--decode-steps", type=int, default=5)
     p.add_argument("--prefill-reps", type=int, default=2)
+    p.add_argument("--prefill-step-tokens", type=int,
+                   help="prompts in eager steps of this many tokens (the pod's prompt-only steps: 16384 on CUDA) "
+                        "instead of one step; %% of peak then still counts one step's FLOPs")
     p.add_argument("--models", default="ours,twin")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds per model; later measurements are skipped")
     p.add_argument("--no-graphs", action="store_true", help="eager decode steps (default: CUDA graphs on CUDA)")
@@ -471,6 +502,9 @@ def main(argv=None) -> None:
                         "dependent-one-row: that, and only one-row steps through linear_small (the fourteenth "
                         "session's tree); dependent-cublas: cuBLAS projections; plain-cublas: nothing dependent; ab: "
                         "all in turn, twice (the decode graphs are captured again at each switch)"),
+    p.add_argument("--moe-add-norm", choices=("on", "ab"), default="on",
+                   help="decode steps: the residual add + next norm in the MoE's combine kernel (as served) or, ab, "
+                        "that and the add + norm as its own kernel in turn, twice (ModelRunner.moe_add_norm)")
     p.add_argument("--temperature", type=float, default=0.0, help="decode requests' temperature (default greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="decode requests' top_p")
     p.add_argument("--prefix-cache-gib", type=float, default=0.0,
@@ -480,6 +514,9 @@ def main(argv=None) -> None:
                         "place from the projection; qk-ab: also with q and k through the prologue instead of raw into "
                         "the prefill kernel (both v in place); moe-ab: also with the residual add + norm after the MoE "
                         "as its own kernel (ModelRunner.moe_add_norm); taking turns (rows labelled v)")
+    p.add_argument("--last-layer", choices=("rows", "ab"), default="rows",
+                   help="rows: the last layer past its projection on the logit rows only (as served); ab: that and "
+                        "every row in turn, both models (ModelRunner.last_layer_logit_rows_only; rows labelled v)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of prefill and decode throughput here (needs matplotlib)")
     p.add_argument("--plot-from", nargs="+", metavar="JSON",
@@ -523,8 +560,10 @@ def main(argv=None) -> None:
         pc = ints(a.prefill_contexts)
         res[name] = {"prefill": bench_prefill(model, pc, dev, a.prefill_reps, deadline,
                                               ("wide", "no-wide") if a.moe_wide.startswith("ab") else ("wide",),
-                                              PROLOGUE_AB.get(a.v_in_place, ((True, True, True),))
-                                              if cfg.linear_layers or a.v_in_place == "moe-ab" else ((True, True, True),))
+                                              PROLOGUE_AB["last-ab"] if a.last_layer == "ab" else
+                                              PROLOGUE_AB.get(a.v_in_place, (SERVED,))
+                                              if cfg.linear_layers or a.v_in_place == "moe-ab" else (SERVED,),
+                                              a.prefill_step_tokens)
                                 if pc else []}
         if a.moe_wide == "ab" and pc and dev.type == "cuda":
             res[name]["prefill_graphed_moe_ab"] = bench_prefill_graphed_moe_ab(model, pc, dev, a.prefill_reps)
@@ -535,7 +574,8 @@ def main(argv=None) -> None:
                                            if a.sampler != "ab" else (True,) * 4,
                                            (a.temperature, a.top_p), int(a.prefix_cache_gib * 2**30),
                                            ("kernel", "torch") * 2 if a.sampler == "ab" else (a.sampler,),
-                                           tuple(LAUNCHES) * 2 if a.decode_launch == "ab" else (a.decode_launch,))
+                                           tuple(LAUNCHES) * 2 if a.decode_launch == "ab" else (a.decode_launch,),
+                                           (True, False) * 2 if a.moe_add_norm == "ab" else (True,))
         if dev.type == "cuda":
             res[name]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             torch.cuda.reset_peak_memory_stats(dev)

@@ -187,29 +187,33 @@ class RingLinearConfig:
 
     # ---------------------------------------------------------------- parameter counts
 
+    def layer_parameter_counts(self, l: int) -> dict[str, int]:
+        """Layer l's parameters from shapes alone: its attention, its two norms, its FFN (all experts) and the part of
+        the FFN one token activates."""
+        D, H, Hkv, d = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.d_head
+        if self.is_softmax_layer(l):
+            attn = (H + 2 * Hkv) * d * D + 2 * d + D * H * d
+        else:
+            attn = 3 * H * d * D + 2 * d + H * d * D + H * d + D * H * d
+        if self.is_dense_layer(l):
+            ffn_total = ffn_active = 3 * D * self.intermediate_size
+        else:
+            expert, shared = 3 * D * self.moe_intermediate_size, 3 * D * self.shared_intermediate
+            router = self.num_experts * D + self.num_experts
+            ffn_total = self.num_experts * expert + shared + router
+            ffn_active = self.num_experts_per_tok * expert + shared + router
+        return {"attention": attn, "norms": 2 * D, "ffn_total": ffn_total, "ffn_active": ffn_active}
+
     def parameter_counts(self) -> dict[str, int]:
         """Total and activated parameter counts from shapes alone (no weights are allocated)."""
-        D, H, Hkv, d, V = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.d_head, self.vocab_size
-        emb = V * D
-        linear_attn = 3 * H * d * D + 2 * d + H * d * D + H * d + D * H * d
-        softmax_attn = (H + 2 * Hkv) * d * D + 2 * d + D * H * d
-        dense_ffn = 3 * D * self.intermediate_size
-        expert = 3 * D * self.moe_intermediate_size
-        shared = 3 * D * self.shared_intermediate
-        router = self.num_experts * D + self.num_experts
-        norms = 2 * D
-        total = 2 * emb + D
+        emb = self.vocab_size * self.hidden_size
+        total = 2 * emb + self.hidden_size
         active = 0
         for l in range(self.num_hidden_layers):
-            attn = softmax_attn if self.is_softmax_layer(l) else linear_attn
-            if self.is_dense_layer(l):
-                ffn_total = ffn_active = dense_ffn
-            else:
-                ffn_total = self.num_experts * expert + shared + router
-                ffn_active = self.num_experts_per_tok * expert + shared + router
-            total += attn + norms + ffn_total
-            active += attn + norms + ffn_active
-        active += D  # final norm
+            c = self.layer_parameter_counts(l)
+            total += c["attention"] + c["norms"] + c["ffn_total"]
+            active += c["attention"] + c["norms"] + c["ffn_active"]
+        active += self.hidden_size  # final norm
         return {"total": total, "active_non_embedding": active, "active_with_embeddings": active + 2 * emb}
 
 

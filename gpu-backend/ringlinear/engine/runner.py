@@ -188,6 +188,12 @@ class ModelRunner:
         # A MoE layer's combine kernel also adds the residual and applies the next layer's input norm (fused_moe's
         # add_norm): the MoE output is never written. Bitwise the same as the separate add_rms_norm (False: A/B).
         self.moe_add_norm = True
+        # Eager steps run the last layer past its attention inputs only for the rows whose logits they return (the
+        # last token of each prompt that ends in the step, and the decodes): its K/V still go to the cache for every
+        # row, but its attention, output projection and MLP skip the rest, whose results nothing reads (the server
+        # has no prompt logprobs). The released models' last layer is always softmax (the HF layer rule), so a 128k
+        # prompt skips one causal attention over 128k queries. False: every row (the A/B switch for the benches).
+        self.last_layer_logit_rows_only = True
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
         self._step_io: dict[int, StepIO] = {}  # rows -> the buffers its pieces were captured on (views of one set)
@@ -344,6 +350,11 @@ class ModelRunner:
             dec.rows = slice(0, len(dec_idx))  # the engine puts the decodes first: views, no gathers
         plan = _StepPlan(segs, offs, dec)
         plan.kv_prefix_rows = dict(zip(prompts, prefix_rows))
+        L = self.cfg.num_hidden_layers
+        # the last layer on the logit rows alone: eager steps (the padded pieces run every row) with rows to skip
+        plan.trim = (self.last_layer_logit_rows_only and pieces is None and self.cfg.is_softmax_layer(L - 1)
+                     and len(last) < n)
+        plan.out_rows = last_rows
         # without linear layers a snapshot is its KV blocks alone: nothing to copy, so every reserved one is taken
         snaps: set[int] = set() if self.cfg.linear_layers else {i for i, s in enumerate(segs) if s.snapshot_slot is not None}
         if pieces is not None:
@@ -352,7 +363,7 @@ class ModelRunner:
             x = self._forward(ids, pos, kv_rows, plan, snaps)
         if not last:
             return None, snaps
-        return self._logits(x[0, last_rows]), snaps
+        return self._logits(x[0] if plan.trim else x[0, last_rows]), snaps
 
     # A step is pieces and attention calls: piece 0, attention 0, piece 1, ..., attention L-1, piece L (`_piece`).
 
@@ -368,10 +379,27 @@ class ModelRunner:
         io.qk_raw = (io.v_in_place and self.qk_prologue_in_prefill and self.use_kernels and cfg.use_qk_norm
                      and (ids.device.type != "cuda" or (cfg.d_head == 128 and cfg.rot_dim == 64)))
         self._piece(0, io)
-        for l in range(self.cfg.num_hidden_layers):
+        L = self.cfg.num_hidden_layers
+        for l in range(L):
+            if plan.trim and l == L - 1:
+                return self._last_layer_logit_rows(io, plan)
             self._attention(l, io, plan, snaps)
             self._piece(l + 1, io)
         return io.x
+
+    def _last_layer_logit_rows(self, io: StepIO, plan: "_StepPlan") -> torch.Tensor | None:
+        """The last (softmax) layer from its attention on, for the step's logit rows only (plan.trim): hidden states
+        [1, n_out, D] in plan.out_rows' order, or None when the step returns no logits. Its K/V are in the cache
+        already (written by the layer's prologue for every row)."""
+        if plan.out_rows.numel() == 0:
+            return None
+        l = self.cfg.num_hidden_layers - 1
+        out = torch.empty_like(io.qs)  # only the logit rows get written
+        self._softmax_core(l, io.qs, plan, out, logit_rows_only=True)
+        rows = plan.out_rows
+        sel = StepIO(x=io.x[:, rows], a=out[rows])
+        self._piece(l + 1, sel)
+        return sel.x
 
     def _forward_pieces(self, pieces, io: StepIO, ids, pos, kv_rows, plan: "_StepPlan", snaps) -> torch.Tensor:
         """_forward with the pieces replayed from `pieces` on the padded buffers `io` (ids, pos and kv_rows come
@@ -711,9 +739,11 @@ class ModelRunner:
         K[io.kv_rows] = apply_partial_rope(k.to(self.acc), io.cos, io.sin).to(h.dtype)[0]  # [N, Hkv, d]
         V[io.kv_rows] = v[0]
 
-    def _softmax_core(self, l, q, plan: "_StepPlan", out) -> None:
+    def _softmax_core(self, l, q, plan: "_StepPlan", out, logit_rows_only: bool = False) -> None:
         """Attention of the step's queries q [N, H, d] over the KV cache into out [N, H, d]: decode rows through the
-        paged kernel (or the padded reference), each prompt chunk causally over its whole prefix."""
+        paged kernel (or the padded reference), each prompt chunk causally over its whole prefix. logit_rows_only:
+        of a prompt chunk only its last row, where the prompt ends in the step (a one-query chunk: it sees every key
+        of its prefix), and nothing of a chunk that does not end its prompt; those rows of out are left unwritten."""
         cfg = self.cfg
         H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
         K, V = self.kv.k[l], self.kv.v[l]
@@ -735,6 +765,10 @@ class ModelRunner:
             out[g.rows] = o[:, :, 0]
         for i in plan.prefill:
             a, b = plan.offs[i], plan.offs[i + 1]
+            if logit_rows_only:
+                if not plan.segs[i].want_logits:
+                    continue
+                a = b - 1
             rows = plan.kv_prefix_rows[i]  # KV cache rows 0..end, sent with the step's indices
             qs = q[a:b].transpose(0, 1)[None]  # [1, H, T, d]
             Ks, Vs = K[rows].transpose(0, 1)[None], V[rows].transpose(0, 1)[None]  # [1, Hkv, end, d]
@@ -793,6 +827,8 @@ class _StepPlan:
         self.prefill = [i for i, s in enumerate(segs) if not s.decode]
         self.rounds: list | None = None  # the kernel path's prefill launches (runner._prefill_rounds)
         self.kv_prefix_rows: dict[int, torch.Tensor] = {}  # prompt segment -> KV cache rows 0..end (softmax layers)
+        self.trim = False  # the last layer runs past its attention inputs for out_rows only (last_layer_logit_rows_only)
+        self.out_rows: torch.Tensor | None = None  # [n_out] the packed rows whose logits the step returns
 
     @classmethod
     def decode_only(cls, batch: int, dec: _DecodeGather) -> "_StepPlan":
