@@ -75,7 +75,8 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, variant: str = "graphs"
     Returns the figures (step times, GPU busy time of the profiled step, warm-up) for --json.
     variant: how the steps run - "graphs" (as served: the pieces between attention calls replayed from the warm-up's
     graphs), "eager" (graphs dropped: every operator launched from Python) or "uncaptured" (the graphs' padded
-    buffers and pieces, run eagerly: the same GPU work as "graphs", with each kernel visible to the profiler)."""
+    buffers and pieces, run eagerly: the same GPU work as "graphs", with each kernel visible to the profiler);
+    "graphs-every-row": graphs with the last layer on every row (ModelRunner.last_layer_logit_rows_only off)."""
     head, step = spec.split("@")
     bc, T = head.split("+")
     B, ctx, T, step = *(int(x) for x in bc.split("x")), int(T), int(step)
@@ -103,6 +104,8 @@ def profile_mixed(model, spec: str, dev, rows: int, rng, variant: str = "graphs"
             print(f"step graphs and their buffers held {rec['graphs_mib']} MiB", flush=True)
     elif variant == "uncaptured":
         eng.runner.capture_step_graphs(eng.config.max_step_tokens, eager=True)
+    elif variant == "graphs-every-row":
+        eng.runner.last_layer_logit_rows_only = False
     elif variant != "graphs":
         raise ValueError(f"unknown variant {variant!r}")
     install_contexts(eng, B, ctx + n_steps, n_steps, rng)
@@ -186,7 +189,8 @@ def main(argv=None):
                    "while a PROMPT-token prompt prefills in STEP-token steps (PROMPT <= STEP: a new short prompt "
                    "before every step)")
     p.add_argument("--variants", default="graphs",
-                   help="comma list of how each --mixed case runs: graphs (as served), eager, uncaptured")
+                   help="comma list of how each --mixed case runs: graphs (as served), eager, uncaptured, "
+                        "graphs-every-row")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--json", default="", help="write the --mixed figures here")
     p.add_argument("--no-graphs", action="store_true", help="decode steps run eagerly (per-kernel rows in the table)")

@@ -20,6 +20,7 @@ for step in "$@"; do
     tests) TAIL=25 run tests python3 -m pytest -q -rf -p no:cacheprovider --import-mode=importlib gpu-backend/tests/kernels \
              gpu-backend/tests/engine/test_kernel_path.py gpu-backend/tests/engine/test_sampling.py \
              gpu-backend/tests/engine/test_overlap.py gpu-backend/tests/engine/test_snapshot_arena.py \
+             gpu-backend/tests/engine/test_last_layer_rows.py \
              gpu-backend/tests/model/test_chunk_attention.py \
              "gpu-backend/tests/model/test_model.py::test_f32_reference_meets_golden_tolerance" ;;
     kernels) TAIL=40 run kernels sh -c "python3 bench/gpu_paged_attention.py --out $OUT && python3 bench/gpu_elementwise.py --out $OUT && python3 bench/gpu_kernels.py --only ceilings,decode,prefill,moe --out $OUT" ;;

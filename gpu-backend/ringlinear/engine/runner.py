@@ -188,11 +188,13 @@ class ModelRunner:
         # A MoE layer's combine kernel also adds the residual and applies the next layer's input norm (fused_moe's
         # add_norm): the MoE output is never written. Bitwise the same as the separate add_rms_norm (False: A/B).
         self.moe_add_norm = True
-        # Eager steps run the last layer past its attention inputs only for the rows whose logits they return (the
+        # Steps run the last layer past its attention inputs only for the rows whose logits they return (the
         # last token of each prompt that ends in the step, and the decodes): its K/V still go to the cache for every
         # row, but its attention, output projection and MLP skip the rest, whose results nothing reads (the server
         # has no prompt logprobs). The released models' last layer is always softmax (the HF layer rule), so a 128k
         # prompt skips one causal attention over 128k queries. False: every row (the A/B switch for the benches).
+        # Steps on the piece graphs run that last piece eagerly (~12 launches): on the H200 never slower than its
+        # replay on every row, 2-4% faster a step at 512-2 048 rows (docs/benchmarks.md, twenty-third session).
         self.last_layer_logit_rows_only = True
         self.graphs: cuda_kernels.DecodeGraphs | None = None
         self.step_graphs: list[tuple[int, cuda_kernels.PieceGraphs]] = []  # (rows, pieces), ascending (capture_step_graphs)
@@ -351,9 +353,8 @@ class ModelRunner:
         plan = _StepPlan(segs, offs, dec)
         plan.kv_prefix_rows = dict(zip(prompts, prefix_rows))
         L = self.cfg.num_hidden_layers
-        # the last layer on the logit rows alone: eager steps (the padded pieces run every row) with rows to skip
-        plan.trim = (self.last_layer_logit_rows_only and pieces is None and self.cfg.is_softmax_layer(L - 1)
-                     and len(last) < n)
+        # the last layer on the logit rows alone, where that skips rows
+        plan.trim = self.last_layer_logit_rows_only and self.cfg.is_softmax_layer(L - 1) and len(last) < n
         plan.out_rows = last_rows
         # without linear layers a snapshot is its KV blocks alone: nothing to copy, so every reserved one is taken
         snaps: set[int] = set() if self.cfg.linear_layers else {i for i, s in enumerate(segs) if s.snapshot_slot is not None}
@@ -390,7 +391,8 @@ class ModelRunner:
     def _last_layer_logit_rows(self, io: StepIO, plan: "_StepPlan") -> torch.Tensor | None:
         """The last (softmax) layer from its attention on, for the step's logit rows only (plan.trim): hidden states
         [1, n_out, D] in plan.out_rows' order, or None when the step returns no logits. Its K/V are in the cache
-        already (written by the layer's prologue for every row)."""
+        already (written by the layer's prologue for every row). io may be a step's padded buffers: the logit rows
+        come before the padding."""
         if plan.out_rows.numel() == 0:
             return None
         l = self.cfg.num_hidden_layers - 1
@@ -411,7 +413,10 @@ class ModelRunner:
         io.kv_rows.copy_(kv_rows)
         io.clear_outputs(n)
         pieces(0)
-        for l in range(self.cfg.num_hidden_layers):
+        L = self.cfg.num_hidden_layers
+        for l in range(L):
+            if plan.trim and l == L - 1:
+                return self._last_layer_logit_rows(io, plan)  # the last piece eagerly, on the logit rows
             self._attention(l, io, plan, snaps, n)
             pieces(l + 1)
         return io.x[:, :n]

@@ -1,7 +1,8 @@
-"""The runner's last layer on the logit rows only (ModelRunner.last_layer_logit_rows_only): eager steps run the last
+"""The runner's last layer on the logit rows only (ModelRunner.last_layer_logit_rows_only): steps run the last
 (softmax) layer's attention, output projection and MLP for the rows whose logits they return, and still write its
 K/V for every row. Against the same engine running every row: the same tokens, logits within rounding, and bitwise the
-same KV cache and linear states; on the reference path, the kernels' twins (CPU) and the kernels (CUDA)."""
+same KV cache and linear states; on the reference path, the kernels' twins (CPU) and the kernels (CUDA), eager and
+on the step pieces' padded buffers (where the last piece then runs eagerly on the logit rows)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def _scenario(eng):
     return [r.output for r in reqs]
 
 
-def _ab(model, tol, **kw):
+def _ab(model, tol, padded=False, **kw):
     on, off = (make_engine(model, max_batch=4, max_step_tokens=64, **kw) for _ in range(2))
     off.runner.last_layer_logit_rows_only = False
+    if padded:  # the piece path (padded buffers; captured graphs on CUDA): the last piece eagerly on the logit rows
+        for e in (on, off):
+            assert e.runner.capture_step_graphs(64, eager=e.runner.model.device.type != "cuda") > 0
     (log_on, trims), (log_off, none) = _watch(on), _watch(off)
     assert _scenario(on) == _scenario(off)
     assert not none
@@ -61,26 +65,18 @@ def _ab(model, tol, **kw):
     return trims
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "twins"])
-def test_last_layer_on_logit_rows_keeps_tokens_cache_and_states(tiny_model, kernels):
+@pytest.mark.parametrize("kernels,padded", [(False, False), (True, False), (True, True)],
+                         ids=["reference", "twins", "twins-padded"])
+def test_last_layer_on_logit_rows_keeps_tokens_cache_and_states(tiny_model, kernels, padded):
     assert tiny_model.config.is_softmax_layer(tiny_model.config.num_hidden_layers - 1)
-    _ab(tiny_model, 1e-5, kernels=kernels)
-
-
-def test_padded_pieces_run_every_row(tiny_model):
-    """Steps replayed on the padded buffers of the step pieces run the whole last layer (fixed shapes)."""
-    eng = make_engine(tiny_model, max_batch=4, max_step_tokens=128, kernels=True)
-    eng.runner.capture_step_graphs(128, eager=True)
-    _, trims = _watch(eng)
-    eng.add_request(random_prompt(100, 1), greedy(2))
-    run_all(eng)
-    assert trims == []
+    _ab(tiny_model, 1e-5, padded=padded, kernels=kernels)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_last_layer_on_logit_rows_on_cuda():
-    """The kernel path (bf16, cuDNN / FlashAttention-2 chunk attention, fused MoE): the same A/B within bf16
-    rounding; the K/V and states bitwise."""
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "graphs"])
+def test_last_layer_on_logit_rows_on_cuda(padded):
+    """The kernel path (bf16, cuDNN / FlashAttention-2 chunk attention, fused MoE), eager and with the step pieces
+    replayed from captured graphs: the same A/B within bf16 rounding; the K/V and states bitwise."""
     from ringlinear import kernels as K
     from ringlinear.engine.weights import random_model
     from ringlinear.tools.make_tiny import TINY
@@ -89,4 +85,4 @@ def test_last_layer_on_logit_rows_on_cuda():
     if not K.available():
         pytest.skip("CUDA extension unavailable")
     model = random_model(RingLinearConfig.from_dict(TINY), "cuda", torch.bfloat16, seed=3)
-    _ab(model, 2e-2, cuda_graphs=False)
+    _ab(model, 2e-2, padded=padded, cuda_graphs=padded)
