@@ -80,14 +80,20 @@ def ceilings():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def fla_op(name: str, error_key: str):
+    """fla.ops.simple_gla.<name> (the peer), or None with the import error recorded under error_key."""
+    try:
+        import fla.ops.simple_gla as simple_gla
+        return getattr(simple_gla, name)
+    except Exception as exc:  # noqa: BLE001
+        record_error(error_key, exc)
+        return None
+
+
 def bench_decode(batches):
     rows = []
     gamma = gammas()
-    try:
-        from fla.ops.simple_gla import fused_recurrent_simple_gla
-    except Exception as exc:  # noqa: BLE001
-        fused_recurrent_simple_gla = None
-        record_error("fla_import", exc)
+    fused_recurrent_simple_gla = fla_op("fused_recurrent_simple_gla", "fla_import")
     for B in batches:
         row = {"B": B, "state_MiB": decode_state_bytes(B, H, D) / 2 / 2**20}
         q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -135,11 +141,7 @@ def bench_decode(batches):
 def bench_prefill(Ts):
     rows = []
     gamma = gammas()
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except Exception as exc:  # noqa: BLE001
-        chunk_simple_gla = None
-        record_error("fla_import_chunk", exc)
+    chunk_simple_gla = fla_op("chunk_simple_gla", "fla_import_chunk")
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
     for T in Ts:
         row = {"T": T}
