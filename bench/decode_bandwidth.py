@@ -7,9 +7,10 @@ Every figure is a CUDA-graph replay timed two ways, side by side:
   zero-flush   triton.testing.do_bench: a 256 MB buffer is zeroed before each repetition, so L2 starts full of
                dirty lines that the timed kernel pays to write back (the figures in docs/benchmarks.md);
   read-flush   CUDA events around each replay after a read of a 256 MB buffer: L2 starts cold and clean.
-Rows: the decode kernel (64 and 32 state columns per block) and two ceilings over the same bytes:
-the in-place scale of the state (`state.mul_`, same addresses read then written, as decode does) and a copy into a
-second buffer. Ratios print against the in-place ceiling.
+Rows: the decode kernel (64 and 32 state columns per block, the rows' slots shuffled; 64 with the rows in slot order,
+as the engine schedules them) and two ceilings over the same bytes: the in-place scale of the state (`state.mul_`,
+same addresses read then written, as decode does) and a copy into a second buffer. Ratios print against the in-place
+ceiling.
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ def main():
         state = torch.randn(B, H, D, D, device="cuda")
         other = torch.empty_like(state)
         slots = torch.randperm(B, device="cuda")
+        in_order = torch.sort(slots).values
         out = torch.empty(B, H, D, device="cuda")
         nbytes = 2 * state.numel() * 4
         fns = {
             "cols64": lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, cols_per_block=64),
+            # the rows in slot order, as the engine schedules decodes: ascending state addresses
+            "cols64_slot_order": lambda: L.lightning_decode(q, k, v, state, in_order, gamma, out=out),
             "cols32": lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, cols_per_block=32),
             "inplace_ceiling": lambda: state.mul_(0.9999),
             "copy_ceiling": lambda: other.copy_(state),
