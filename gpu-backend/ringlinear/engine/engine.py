@@ -468,13 +468,13 @@ class Engine:
         # Decodes in slot order: the lightning decode kernel walks the state pool in row order, and ascending slots
         # keep its reads and writes in ascending addresses (2.5% faster at 256 rows than a shuffled order on the
         # H200; docs/kernels.md). Slots are recycled, so admission order is not slot order after the first requests.
-        for req in sorted(self.running, key=lambda r: r.slot if r.slot is not None else -1):
-            if req.prefill_done and len(req.output) + req.pending < req.params.max_tokens:
-                if req.pending:  # its last token is still on the device: row sampled_row of the in-flight samples
-                    segs.append(Segment(req.slot, req.blocks, req.computed, [0], True, True, feed=req.sampled_row))
-                else:
-                    segs.append(Segment(req.slot, req.blocks, req.computed, [req.output[-1]], True, True))
-                reqs.append(req)
+        decoding = [r for r in self.running if r.prefill_done and len(r.output) + r.pending < r.params.max_tokens]
+        for req in sorted(decoding, key=lambda r: r.slot):
+            if req.pending:  # its last token is still on the device: row sampled_row of the in-flight samples
+                segs.append(Segment(req.slot, req.blocks, req.computed, [0], True, True, feed=req.sampled_row))
+            else:
+                segs.append(Segment(req.slot, req.blocks, req.computed, [req.output[-1]], True, True))
+            reqs.append(req)
         # a step that carries decodes is bounded for the streams' sake; one of prompt chunks alone may be larger
         budget = (ec.max_step_tokens if segs else ec.max_prefill_step_tokens or ec.max_step_tokens) - len(segs)
         for req in self.running:
