@@ -8,7 +8,9 @@ Every figure is a CUDA-graph replay timed two ways, side by side:
                dirty lines that the timed kernel pays to write back (the figures in docs/benchmarks.md);
   read-flush   CUDA events around each replay after a read of a 256 MB buffer: L2 starts cold and clean.
 Rows: the decode kernel (64 and 32 state columns per block, the rows' slots shuffled; 64 with the rows in slot order,
-as the engine schedules them) and two ceilings over the same bytes: the in-place scale of the state (`state.mul_`,
+as the engine schedules them; 64 with its L2 read-ahead off and at each --prefetch-mib distance; 64 launched
+without the dependent-launch attribute) and two ceilings
+over the same bytes: the in-place scale of the state (`state.mul_`,
 same addresses read then written, as decode does) and a copy into a second buffer. Ratios print against the in-place
 ceiling.
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT / "gpu-backend"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_timing import graph_of  # noqa: E402
+from ringlinear import kernels  # noqa: E402
 from ringlinear.kernels import lightning as L  # noqa: E402
 
 H, D = 16, 128
@@ -60,10 +63,21 @@ def read_flush_ms(fn, reps: int = 200) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in times)
 
 
+def plain(fn, *args, **kw):
+    saved = kernels.programmatic_launch()
+    kernels.set_programmatic_launch(False)
+    try:
+        return fn(*args, **kw)
+    finally:
+        kernels.set_programmatic_launch(saved)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--prefetch-mib", default="0,4,6,8,10,12",
+                    help="L2 read-ahead distances to sweep, rows in slot order (MiB of state; 0 = off)")
     args = ap.parse_args()
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
     gamma = torch.exp(-slopes * 0.5).float().cuda()
@@ -80,10 +94,16 @@ def main():
             "cols64": lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, cols_per_block=64),
             # the rows in slot order, as the engine schedules decodes: ascending state addresses
             "cols64_slot_order": lambda: L.lightning_decode(q, k, v, state, in_order, gamma, out=out),
+            "cols64_no_prefetch": lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, prefetch_bytes=0),
+            # the same launched plainly (no programmatic-dependent-launch attribute), as with --no-dependent-launch
+            "cols64_slot_order_plain_launch": lambda: plain(L.lightning_decode, q, k, v, state, in_order, gamma, out=out),
             "cols32": lambda: L.lightning_decode(q, k, v, state, slots, gamma, out=out, cols_per_block=32),
             "inplace_ceiling": lambda: state.mul_(0.9999),
             "copy_ceiling": lambda: other.copy_(state),
         }
+        for mib in [int(x) for x in args.prefetch_mib.split(",") if x]:
+            fns[f"slot_order_pf{mib}MiB"] = lambda mib=mib: L.lightning_decode(q, k, v, state, in_order, gamma, out=out,
+                                                                               prefetch_bytes=mib << 20)
         row = {"B": B, "bytes": nbytes}
         for name, fn in fns.items():
             g = graph_of(fn)

@@ -117,6 +117,10 @@ def bench_decode(batches):
         sorted_ = lambda: L.lightning_decode(q, k, v, state, in_order, gamma, out=out)  # noqa: E731
         row["ours_slot_order_graph_ms"] = do_bench(graph_of(sorted_))
         row["ours_slot_order_GBps"] = nbytes / row["ours_slot_order_graph_ms"] / 1e6
+        # the same without the L2 read-ahead (lightning.DECODE_PREFETCH_BYTES), side by side
+        no_pf = lambda: L.lightning_decode(q, k, v, state, in_order, gamma, out=out, prefetch_bytes=0)  # noqa: E731
+        row["ours_slot_order_no_prefetch_graph_ms"] = do_bench(graph_of(no_pf))
+        row["ours_slot_order_no_prefetch_GBps"] = nbytes / row["ours_slot_order_no_prefetch_graph_ms"] / 1e6
         if fused_recurrent_simple_gla is not None:
             try:
                 g_gamma = torch.log(gamma)
@@ -137,7 +141,8 @@ def bench_decode(batches):
                 record_error(f"fla_decode_B{B}", exc)
         rows.append(row)
         print(f"decode B={B}: ours {row['ours_graph_ms']*1e3:.1f} us ({row['ours_GBps']:.0f} GB/s), in slot order "
-              f"{row['ours_slot_order_graph_ms']*1e3:.1f} us ({row['ours_slot_order_GBps']:.0f} GB/s); "
+              f"{row['ours_slot_order_graph_ms']*1e3:.1f} us ({row['ours_slot_order_GBps']:.0f} GB/s), without the "
+              f"read-ahead {row['ours_slot_order_no_prefetch_GBps']:.0f} GB/s; "
               f"fla {row.get('fla_graph_ms', float('nan'))*1e3:.1f} us ({row.get('fla_GBps', float('nan')):.0f} GB/s)", flush=True)
         del q, k, v, state
     RESULTS["decode"] = rows

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pod_e2e import BLOCK, install_contexts, sync  # noqa: E402
 from ringlinear import kernels  # noqa: E402
+from ringlinear.kernels import lightning  # noqa: E402
 from ringlinear.config import RingLinearConfig  # noqa: E402
 from ringlinear.engine import Engine, EngineConfig, SamplingParams, random_model  # noqa: E402
 from ringlinear.engine.pools import LinearStatePool, PagedKVCache  # noqa: E402
@@ -194,6 +195,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--json", default="", help="write the --mixed figures here")
     p.add_argument("--no-graphs", action="store_true", help="decode steps run eagerly (per-kernel rows in the table)")
+    p.add_argument("--decode-prefetch-mib", default="",
+                   help="comma list: profile each --decode case once per lightning decode L2 read-ahead distance "
+                        "(MiB; 0 = off; default: as served)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -217,14 +221,16 @@ def main(argv=None):
         run_profiled(prefill, dev, a.rows, f"prefill T={T}")
         del eng
 
-    for spec in [s for s in a.decode.split(",") if s]:
+    prefetch = [int(x) << 20 for x in a.decode_prefetch_mib.split(",") if x] or [lightning.DECODE_PREFETCH_BYTES]
+    for spec, pf in [(s, pf) for s in a.decode.split(",") if s for pf in prefetch]:
         B, ctx = (int(x) for x in spec.split("x"))
+        lightning.DECODE_PREFETCH_BYTES = pf  # read when the decode graphs are captured, by this engine's first steps
         budget = B * (LinearStatePool.bytes_per_slot(cfg) + -(-ctx // BLOCK) * block_b) + block_b  # + scratch block
         eng = Engine(model, EngineConfig(max_batch=B, max_context=ctx, memory_budget=budget, prefix_cache_bytes=0,
                                          max_step_tokens=max(64, B), max_queue=B, block_size=BLOCK,
                                          cuda_graphs=False if a.no_graphs else None), eos_ids=set())
         install_contexts(eng, B, ctx, 8, rng)
-        run_profiled(eng.step, dev, a.rows, f"decode B={B} ctx={ctx}")
+        run_profiled(eng.step, dev, a.rows, f"decode B={B} ctx={ctx}, L2 read-ahead {pf >> 20} MiB")
         del eng
 
     mixed = []

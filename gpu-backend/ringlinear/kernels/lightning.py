@@ -21,6 +21,11 @@ from .lightning_reference import (
 CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 DECODE_COLS = 64  # state columns per decode block (64 or 32; 32 = twice the blocks, a shorter last wave)
+# How far ahead (bytes of state, in launch order) each decode block prefetches into L2; 0 = off. H200, slot order,
+# do_bench timing: 3.88 -> 3.99 TB/s at 256 requests, 3.30 -> 3.42-3.49 at 64; 6-8 MiB best at 64-512 requests, 12 MiB
+# and more thrash the L2 (bench/decode_bandwidth.py --prefetch-mib). Read per call: decode graphs keep the value
+# they were captured with.
+DECODE_PREFETCH_BYTES = 8 << 20
 JSPLIT = 1  # CTAs sharing one (block, head) at d=128, each owning d/JSPLIT state rows (2: each recomputes the scores; slower)
 # Prefill block length L: the smallest (a multiple of CHUNK, at least MIN_BLOCK_CHUNKS chunks) whose output pass is one
 # wave, heads x blocks <= SMs (one 8-warp CTA fits per SM), or one block per sequence when the sequences alone exceed
@@ -87,6 +92,7 @@ def lightning_decode(
     rope_theta: float = 1e6,
     out: torch.Tensor | None = None,
     cols_per_block: int | None = None,
+    prefetch_bytes: int | None = None,
 ) -> torch.Tensor:
     """One lightning decode step for B requests, updating ``state[slots]`` in place.
 
@@ -95,7 +101,8 @@ def lightning_decode(
     output on the GPU path); gamma: [H] per-head decay. Optional fused prologue: per-head RMSNorm of q and k with
     ``q_norm_weight`` / ``k_norm_weight`` [d] and NeoX RoPE on the first ``rotary_dim`` dims at ``positions`` [B].
     Returns o = (d^-1/2 q) S_new as fp32 [B, H, d] (into ``out`` when given). No host synchronisation and, with
-    ``out`` given and fp32 weights, no allocation: safe inside CUDA-graph capture.
+    ``out`` given and fp32 weights, no allocation: safe inside CUDA-graph capture. ``prefetch_bytes`` (None:
+    DECODE_PREFETCH_BYTES) is the GPU kernel's L2 read-ahead distance; it changes no result.
     """
     _check_qkv("lightning_decode", q, k, v, 3)
     B, H, d = q.shape
@@ -113,6 +120,8 @@ def lightning_decode(
         scale = d**-0.5
     if out is not None and (out.shape != (B, H, d) or out.dtype != torch.float32 or not out.is_contiguous()):
         raise ValueError(f"lightning_decode: out must be contiguous float32 [{B}, {H}, {d}]")
+    if prefetch_bytes is not None and prefetch_bytes < 0:
+        raise ValueError(f"lightning_decode: prefetch_bytes must be >= 0, got {prefetch_bytes}")
 
     if d in SUPPORTED_HEAD_DIMS and _use_cuda(q, k, v, state, slots):
         if out is None:
@@ -133,6 +142,7 @@ def lightning_decode(
             None if positions is None else positions.to(torch.int64),
             inv_freq,
             DECODE_COLS if cols_per_block is None else int(cols_per_block),
+            (DECODE_PREFETCH_BYTES if prefetch_bytes is None else int(prefetch_bytes)) // (d * d * 4),
         )
         return out
     o = lightning_decode_reference(

@@ -227,3 +227,5 @@ def test_decode_rejects_bad_input():
     with pytest.raises(ValueError, match="rotary_dim"):
         lightning_decode(q, q, q, torch.zeros(4, H, d, d), torch.arange(3), torch.ones(H), rotary_dim=3,
                          positions=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        lightning_decode(q, q, q, torch.zeros(4, H, d, d), torch.arange(3), torch.ones(H), prefetch_bytes=-1)

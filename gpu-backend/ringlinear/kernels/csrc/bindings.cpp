@@ -6,7 +6,7 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& slots, const at::Tensor& gamma, at::Tensor& out, double scale,
                       const c10::optional<at::Tensor>& q_norm_w, const c10::optional<at::Tensor>& k_norm_w,
                       double eps, const c10::optional<at::Tensor>& positions, const c10::optional<at::Tensor>& inv_freq,
-                      int64_t cols);
+                      int64_t cols, int64_t ahead);
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
                        const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit,

@@ -156,6 +156,10 @@ RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem, int src_bytes) {
 RL_DEVICE void cp_async_16_ca(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
+// Fire-and-forget read of `bytes` (a multiple of 16, 16-byte aligned) from global memory into L2 (sm_90).
+RL_DEVICE void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
 RL_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> RL_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 

@@ -7,6 +7,10 @@
 // columns); a warp reads two full 256-byte row segments per load, and every thread keeps D/16 independent 16-byte
 // loads in flight before the first use. Plain loads and stores: the streaming hints (__ldcs/__stcs) measured 4-5%
 // slower on the H200 at 256 requests (3.63 vs 3.80 TB/s; bench/results/decode_bandwidth.json).
+// L2 read-ahead: each block also prefetches its share of the state `ahead` (request, head) pairs further in launch
+// order (cp.async.bulk.prefetch.L2), so the DRAM reads run ahead of the blocks' own load / compute / store phases.
+// H200, 256 requests in slot order: 3.88 -> 3.99 TB/s at 8 MB ahead (in a served step 135 -> 131 us a layer); 16 MB
+// ahead thrash the L2 (3.48 TB/s). bench/results/decode_bandwidth_prefetch*.json, decode_prefetch_probe.json.
 // No allocation, no host sync: capturable in a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,6 +30,7 @@ struct DecodeArgs {
   const float* gamma;       // [H]
   float* out;               // [B, H, d] fp32 contiguous
   int H; float scale;
+  int ahead;                // L2 read-ahead distance in (request, head) pairs; 0: none
   const float* q_norm_w; const float* k_norm_w; float eps;   // fused prologue (may be null)
   const int64_t* positions; const float* inv_freq; int rot_half;  // rot_half = rotary_dim / 2 (0: no RoPE)
 };
@@ -51,6 +56,17 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   // this one (the prologue that makes q, k, v): under a dependent launch the state loads are issued before pdl_wait,
   // so their latency overlaps the prologue's tail.
   const int64_t slot = a.slots[b];
+  // The read-ahead's target: its slot is read beside this block's own, so the two reads' latencies overlap.
+  int64_t ahead_slot = -1;
+  int ahead_h = 0;
+  if (a.ahead > 0 && tid == 0) {
+    const int n = b * a.H + h + a.ahead;
+    if (n < (int)gridDim.z * a.H) {
+      const int b2 = n / a.H;
+      ahead_h = n - b2 * a.H;
+      ahead_slot = a.slots[b2];
+    }
+  }
   if (slot < 0 || slot >= a.num_slots) {
     pdl_wait();
     pdl_launch_dependents();
@@ -62,6 +78,8 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   float4 st[PASSES];
 #pragma unroll
   for (int p = 0; p < PASSES; ++p) st[p] = *reinterpret_cast<const float4*>(S + (int64_t)(r0 + RPP * p) * D);
+  if (ahead_slot >= 0 && ahead_slot < a.num_slots)  // (only thread 0 has a target)
+    prefetch_l2(a.state + (ahead_slot * a.H + ahead_h) * D * D + (int64_t)blockIdx.x * D * COLS, D * COLS * 4);
   pdl_wait();
   pdl_launch_dependents();
 
@@ -145,7 +163,7 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& slots, const at::Tensor& gamma, at::Tensor& out, double scale,
                       const c10::optional<at::Tensor>& q_norm_w, const c10::optional<at::Tensor>& k_norm_w,
                       double eps, const c10::optional<at::Tensor>& positions,
-                      const c10::optional<at::Tensor>& inv_freq, int64_t cols) {
+                      const c10::optional<at::Tensor>& inv_freq, int64_t cols, int64_t ahead) {
   const int B = q.size(0), H = q.size(1), D = q.size(2);
   RL_CHECK(D == 64 || D == 128, "lightning_decode: head dim must be 64 or 128, got ", D);
   RL_CHECK(cols == 64 || cols == 32, "lightning_decode: cols per block must be 64 or 32");
@@ -162,6 +180,8 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   a.state = state.data_ptr<float>(); a.num_slots = state.size(0);
   a.slots = slots.data_ptr<int64_t>(); a.gamma = gamma.data_ptr<float>(); a.out = out.data_ptr<float>();
   a.H = H; a.scale = (float)scale; a.eps = (float)eps;
+  RL_CHECK(ahead >= 0, "lightning_decode: prefetch distance must be >= 0");
+  a.ahead = (int)std::min<int64_t>(ahead, (int64_t)B * H);  // farther targets are past the batch's end
   a.q_norm_w = q_norm_w ? q_norm_w->data_ptr<float>() : nullptr;
   a.k_norm_w = k_norm_w ? k_norm_w->data_ptr<float>() : nullptr;
   a.positions = positions ? positions->data_ptr<int64_t>() : nullptr;
