@@ -64,12 +64,8 @@ def read_flush_ms(fn, reps: int = 200) -> float:
 
 
 def plain(fn, *args, **kw):
-    saved = kernels.programmatic_launch()
-    kernels.set_programmatic_launch(False)
-    try:
+    with kernels.plain_launches():
         return fn(*args, **kw)
-    finally:
-        kernels.set_programmatic_launch(saved)
 
 
 def main():

@@ -277,12 +277,8 @@ LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS, False),
             "dependent-one-row": (True, 1, True), "dependent-cublas": (True, 0, True), "plain-cublas": (False, 0, True)}
 def _plain_launches(fn):
     def plain(*args, **kw):
-        saved = kernels.programmatic_launch()
-        kernels.set_programmatic_launch(False)
-        try:
+        with kernels.plain_launches():
             return fn(*args, **kw)
-        finally:
-            kernels.set_programmatic_launch(saved)
     return plain
 
 

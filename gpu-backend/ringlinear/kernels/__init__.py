@@ -21,7 +21,7 @@ from ._build import KernelUnavailable, available
 from .elementwise import add_rms_norm, gated_group_rmsnorm, qkv_prologue
 from .gemv import linear_small
 from .graphs import DecodeGraphs, PieceGraphs
-from .launch import programmatic_launch, set_programmatic_launch
+from .launch import plain_launches, programmatic_launch, set_programmatic_launch
 from .lightning import (QKPrologue, lightning_decode, lightning_prefill, plan_prefill, prepare_prefill,
                         run_prepared_prefill)
 from .moe import fused_moe, pack_experts, route
@@ -41,6 +41,7 @@ __all__ = [
     "PieceGraphs",
     "linear_small",
     "programmatic_launch",
+    "plain_launches",
     "set_programmatic_launch",
     "lightning_decode",
     "QKPrologue",

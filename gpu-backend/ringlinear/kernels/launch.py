@@ -9,6 +9,9 @@ launch, so a CUDA graph keeps the setting it was captured with (DecodeGraphs.res
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from . import _build
 
 
@@ -24,4 +27,16 @@ def programmatic_launch() -> bool:
     return _build.available() and bool(_build.extension().programmatic_launch())
 
 
-__all__ = ["set_programmatic_launch", "programmatic_launch"]
+@contextlib.contextmanager
+def plain_launches() -> Iterator[None]:
+    """Launch plainly inside the block (benchmarks' side-by-side rows, graphs captured that way), then restore the
+    setting it found."""
+    saved = programmatic_launch()
+    set_programmatic_launch(False)
+    try:
+        yield
+    finally:
+        set_programmatic_launch(saved)
+
+
+__all__ = ["set_programmatic_launch", "programmatic_launch", "plain_launches"]

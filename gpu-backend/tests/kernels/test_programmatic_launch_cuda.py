@@ -115,3 +115,6 @@ def test_switch_is_read_at_launch():
     assert not K.programmatic_launch()
     K.set_programmatic_launch(True)
     assert K.programmatic_launch()
+    with K.plain_launches():
+        assert not K.programmatic_launch()
+    assert K.programmatic_launch()  # restored
