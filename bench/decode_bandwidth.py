@@ -9,10 +9,9 @@ Every figure is a CUDA-graph replay timed two ways, side by side:
   read-flush   CUDA events around each replay after a read of a 256 MB buffer: L2 starts cold and clean.
 Rows: the decode kernel (64 and 32 state columns per block, the rows' slots shuffled; 64 with the rows in slot order,
 as the engine schedules them; 64 with its L2 read-ahead off and at each --prefetch-mib distance; 64 launched
-without the dependent-launch attribute) and two ceilings
-over the same bytes: the in-place scale of the state (`state.mul_`,
-same addresses read then written, as decode does) and a copy into a second buffer. Ratios print against the in-place
-ceiling.
+without the dependent-launch attribute) and two ceilings over the same bytes: the in-place scale of the state
+(`state.mul_`, same addresses read then written, as decode does) and a copy into a second buffer. Ratios print
+against the in-place ceiling.
 """
 
 from __future__ import annotations
