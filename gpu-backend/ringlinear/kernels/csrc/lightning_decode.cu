@@ -9,12 +9,16 @@
 // slower on the H200 at 256 requests (3.63 vs 3.80 TB/s; bench/results/decode_bandwidth.json).
 // L2 read-ahead: each block also prefetches its share of the state `ahead` (request, head) pairs further in launch
 // order (cp.async.bulk.prefetch.L2), so the DRAM reads run ahead of the blocks' own load / compute / store phases.
-// H200, 256 requests in slot order: 3.88 -> 3.99 TB/s at 8 MB ahead (in a served step 135 -> 131 us a layer); 16 MB
-// ahead thrash the L2 (3.48 TB/s). bench/results/decode_bandwidth_prefetch*.json, decode_prefetch_probe.json.
+// H200, 256 requests in slot order: 3.88 -> ~4.0 TB/s at 6-8 MB ahead (in a served step 135 -> 131 us a layer); 16 MB
+// ahead thrash the L2 (3.48 TB/s). bench/results/decode_bandwidth_prefetch*.json, decode_prefetch_probe.json,
+// decode_variants*.json.
 // No allocation, no host sync: capturable in a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
 
 #include "common.cuh"
 
@@ -31,6 +35,7 @@ struct DecodeArgs {
   float* out;               // [B, H, d] fp32 contiguous
   int H; float scale;
   int ahead;                // L2 read-ahead distance in (request, head) pairs; 0: none
+  int first_wave;           // pairs the launch's first wave of blocks holds: their state is not prefetched
   const float* q_norm_w; const float* k_norm_w; float eps;   // fused prologue (may be null)
   const int64_t* positions; const float* inv_freq; int rot_half;  // rot_half = rotary_dim / 2 (0: no RoPE)
 };
@@ -56,17 +61,6 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   // this one (the prologue that makes q, k, v): under a dependent launch the state loads are issued before pdl_wait,
   // so their latency overlaps the prologue's tail.
   const int64_t slot = a.slots[b];
-  // The read-ahead's target: its slot is read beside this block's own, so the two reads' latencies overlap.
-  int64_t ahead_slot = -1;
-  int ahead_h = 0;
-  if (a.ahead > 0 && tid == 0) {
-    const int n = b * a.H + h + a.ahead;
-    if (n < (int)gridDim.z * a.H) {
-      const int b2 = n / a.H;
-      ahead_h = n - b2 * a.H;
-      ahead_slot = a.slots[b2];
-    }
-  }
   if (slot < 0 || slot >= a.num_slots) {
     pdl_wait();
     pdl_launch_dependents();
@@ -78,8 +72,18 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   float4 st[PASSES];
 #pragma unroll
   for (int p = 0; p < PASSES; ++p) st[p] = *reinterpret_cast<const float4*>(S + (int64_t)(r0 + RPP * p) * D);
-  if (ahead_slot >= 0 && ahead_slot < a.num_slots)  // (only thread 0 has a target)
-    prefetch_l2(a.state + (ahead_slot * a.H + ahead_h) * D * D + (int64_t)blockIdx.x * D * COLS, D * COLS * 4);
+  // The read-ahead's target slot is read only now: the prefetch then leaves one slot read after the block's own
+  // loads, which gives those the DRAM first. Targets in the first wave are skipped: those blocks are already
+  // loading their state themselves. (H200, 64-512 rows: each +0.2-1%; bench/results/decode_variants*.json.)
+  if (a.ahead > 0 && tid == 0) {
+    const int n = b * a.H + h + a.ahead;
+    if (n < (int)gridDim.z * a.H && n >= a.first_wave) {
+      const int b2 = n / a.H;
+      const int64_t ahead_slot = a.slots[b2];
+      if (ahead_slot >= 0 && ahead_slot < a.num_slots)
+        prefetch_l2(a.state + (ahead_slot * a.H + (n - b2 * a.H)) * D * D + (int64_t)blockIdx.x * D * COLS, D * COLS * 4);
+    }
+  }
   pdl_wait();
   pdl_launch_dependents();
 
@@ -147,13 +151,35 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   }
 }
 
+// (request, head) pairs that the first wave of blocks covers: SMs x resident blocks per SM / blocks per pair. Queried
+// once per kernel and device into `cache` (by device index; 0 = not yet known): the occupancy call would otherwise
+// cost host time on every eager decode step.
+static int first_wave_pairs(const void* kernel, int blocks_per_pair, std::atomic<int> (&cache)[64]) {
+  const int dev = at::cuda::current_device();
+  int pairs = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (pairs == 0) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kDecodeThreads, 0));
+    pairs = std::max(1, at::cuda::getCurrentDeviceProperties()->multiProcessorCount * per_sm / blocks_per_pair);
+    if (dev < 64) cache[dev].store(pairs, std::memory_order_relaxed);
+  }
+  return pairs;
+}
+
+template <int D, int COLS, bool FUSE, typename in_t>
+static void launch_decode(DecodeArgs a, int B, cudaStream_t stream) {
+  static std::atomic<int> first_wave[64];  // one cache per kernel instantiation
+  const auto kernel = lightning_decode_kernel<D, COLS, FUSE, in_t>;
+  if (a.ahead > 0) a.first_wave = first_wave_pairs(reinterpret_cast<const void*>(kernel), D / COLS, first_wave);
+  C10_CUDA_CHECK(launch_dependent(kernel, dim3(D / COLS, a.H, B), kDecodeThreads, 0, stream, a));
+}
+
 template <int D, int COLS, bool FUSE>
 static void launch_decode_typed(const DecodeArgs& a, at::ScalarType dt, int B, cudaStream_t stream) {
-  dim3 grid(D / COLS, a.H, B);
   switch (dt) {
-    case at::kFloat: C10_CUDA_CHECK(launch_dependent(lightning_decode_kernel<D, COLS, FUSE, float>, grid, kDecodeThreads, 0, stream, a)); break;
-    case at::kBFloat16: C10_CUDA_CHECK(launch_dependent(lightning_decode_kernel<D, COLS, FUSE, __nv_bfloat16>, grid, kDecodeThreads, 0, stream, a)); break;
-    case at::kHalf: C10_CUDA_CHECK(launch_dependent(lightning_decode_kernel<D, COLS, FUSE, __half>, grid, kDecodeThreads, 0, stream, a)); break;
+    case at::kFloat: launch_decode<D, COLS, FUSE, float>(a, B, stream); break;
+    case at::kBFloat16: launch_decode<D, COLS, FUSE, __nv_bfloat16>(a, B, stream); break;
+    case at::kHalf: launch_decode<D, COLS, FUSE, __half>(a, B, stream); break;
     default: RL_CHECK(false, "lightning_decode: q/k/v dtype must be float32, bfloat16 or float16");
   }
 }
