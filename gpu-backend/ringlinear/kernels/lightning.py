@@ -22,7 +22,7 @@ CHUNK = 64  # tokens per tensor-core chunk inside the prefill kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 DECODE_COLS = 64  # state columns per decode block (64 or 32; 32 = twice the blocks, a shorter last wave)
 # How far ahead (bytes of state, in launch order) each decode block prefetches into L2; 0 = off. H200, slot order,
-# do_bench timing: 3.88 -> 4.02-4.04 TB/s at 256 requests, 3.30 -> 3.53-3.55 at 64; 6-8 MiB best at 64-512 requests,
+# do_bench timing: 3.88 -> 4.02-4.04 TB/s at 256 requests, 3.30 -> 3.41-3.56 at 64; 6-8 MiB best at 64-512 requests,
 # 12 MiB and more thrash the L2 (bench/decode_bandwidth.py --prefetch-mib). Read per call: decode graphs keep the
 # value they were captured with.
 DECODE_PREFETCH_BYTES = 8 << 20

@@ -9,7 +9,7 @@
 // slower on the H200 at 256 requests (3.63 vs 3.80 TB/s; bench/results/decode_bandwidth.json).
 // L2 read-ahead: each block also prefetches its share of the state `ahead` (request, head) pairs further in launch
 // order (cp.async.bulk.prefetch.L2), so the DRAM reads run ahead of the blocks' own load / compute / store phases.
-// H200, 256 requests in slot order: 3.88 -> ~4.0 TB/s at 6-8 MB ahead (in a served step 135 -> 131 us a layer); 16 MB
+// H200, 256 requests in slot order: 3.88 -> 4.02-4.04 TB/s at 6-8 MB ahead (a served step: 133.6 -> 130.3 us); 16 MB
 // ahead thrash the L2 (3.48 TB/s). bench/results/decode_bandwidth_prefetch*.json, decode_prefetch_probe.json,
 // decode_variants*.json.
 // No allocation, no host sync: capturable in a CUDA graph.
@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
   for (int p = 0; p < PASSES; ++p) st[p] = *reinterpret_cast<const float4*>(S + (int64_t)(r0 + RPP * p) * D);
   // The read-ahead's target slot is read only now: the prefetch then leaves one slot read after the block's own
   // loads, which gives those the DRAM first. Targets in the first wave are skipped: those blocks are already
-  // loading their state themselves. (H200, 64-512 rows: each +0.2-1%; bench/results/decode_variants*.json.)
+  // loading their state themselves. (H200, both together: +0.4-0.5% at 256 rows, +2.5-3% at 64;
+  // bench/results/decode_first_wave_ab*.json.)
   if (a.ahead > 0 && tid == 0) {
     const int n = b * a.H + h + a.ahead;
     if (n < (int)gridDim.z * a.H && n >= a.first_wave) {
