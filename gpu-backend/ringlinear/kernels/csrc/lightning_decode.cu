@@ -81,8 +81,9 @@ __global__ void __launch_bounds__(kDecodeThreads) lightning_decode_kernel(Decode
     if (n < (int)gridDim.z * a.H && n >= a.first_wave) {
       const int b2 = n / a.H;
       const int64_t ahead_slot = a.slots[b2];
+      const int ahead_h = n - b2 * a.H;
       if (ahead_slot >= 0 && ahead_slot < a.num_slots)
-        prefetch_l2(a.state + (ahead_slot * a.H + (n - b2 * a.H)) * D * D + (int64_t)blockIdx.x * D * COLS, D * COLS * 4);
+        prefetch_l2(a.state + (ahead_slot * a.H + ahead_h) * D * D + (int64_t)blockIdx.x * D * COLS, D * COLS * 4);
     }
   }
   pdl_wait();
