@@ -275,16 +275,11 @@ def print_mode_ratios(rows: list[dict], key: str, labels: dict) -> None:
 LAUNCHES = {"dependent": (True, runner_module.LINEAR_SMALL_ROWS, False),
             "dependent-moe-plain": (True, runner_module.LINEAR_SMALL_ROWS, True),
             "dependent-one-row": (True, 1, True), "dependent-cublas": (True, 0, True), "plain-cublas": (False, 0, True)}
-def _plain_launches(fn):
-    def plain(*args, **kw):
-        with kernels.plain_launches():
-            return fn(*args, **kw)
-    return plain
-
 
 # fused_moe looks these up at each call: as served, and the stream path as before (cuBLAS logits, plain launches)
 _MOE = {name: getattr(kernels.moe, name) for name in ("route", "_experts_stream", "skinny_ok")}
-_MOE_PLAIN = {"route": _plain_launches(_MOE["route"]), "_experts_stream": _plain_launches(_MOE["_experts_stream"]),
+_MOE_PLAIN = {"route": kernels.plain_launches()(_MOE["route"]),
+              "_experts_stream": kernels.plain_launches()(_MOE["_experts_stream"]),
               "skinny_ok": lambda *a: False}
 
 

@@ -30,7 +30,7 @@ def programmatic_launch() -> bool:
 @contextlib.contextmanager
 def plain_launches() -> Iterator[None]:
     """Launch plainly inside the block (benchmarks' side-by-side rows, graphs captured that way), then restore the
-    setting it found."""
+    setting it found. Also a decorator: ``plain_launches()(fn)`` runs each call of fn that way."""
     saved = programmatic_launch()
     set_programmatic_launch(False)
     try:

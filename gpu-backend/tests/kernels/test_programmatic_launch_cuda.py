@@ -118,3 +118,5 @@ def test_switch_is_read_at_launch():
     with K.plain_launches():
         assert not K.programmatic_launch()
     assert K.programmatic_launch()  # restored
+    assert not K.plain_launches()(K.programmatic_launch)()  # as a decorator: plain during each call
+    assert K.programmatic_launch()
