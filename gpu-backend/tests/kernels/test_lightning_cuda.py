@@ -199,6 +199,32 @@ def test_prefill_jsplit_variants_agree(lens, block_len, jsplit):
         assert _rel(state[i], ref_state[i]) < STATE_REL, f"state of sequence {i}"
 
 
+@pytest.mark.parametrize("d,jsplit", [(128, 1), (128, 2), (64, 1)])
+def test_prefill_rows_past_a_sequence_never_reach_its_state(d, jsplit):
+    """A chunk that ends a sequence mid-tile is loaded whole (the kernel reads 64-token boxes), so its tail holds the
+    next sequence's rows. Here those rows are inf: the neighbours' outputs and states must be bitwise what each
+    sequence gives alone, and only the poisoned sequence goes non-finite."""
+    torch.manual_seed(d + jsplit)
+    H, dev = 16, "cuda"
+    lens = [100, 50, 70]
+    cu = _cu(lens)
+    q, k, v = (torch.randn(cu[-1], H, d, device=dev).to(torch.bfloat16) for _ in range(3))
+    k[cu[1]:cu[2]] = float("inf")
+    v[cu[1]:cu[2]] = float("-inf")
+    gamma = _gamma(H, dev)
+    state0 = torch.randn(3, H, d, d, device=dev) * 0.1
+    state = state0.clone()
+    o = lightning_prefill(q, k, v, state, cu, [0, 1, 2], gamma, block_len=64, jsplit=jsplit)
+    for i in (0, 2):
+        a, b = cu[i], cu[i + 1]
+        alone = state0[i:i + 1].clone()
+        o_alone = lightning_prefill(q[a:b].clone(), k[a:b].clone(), v[a:b].clone(), alone, [0, b - a], [0], gamma,
+                                    block_len=64, jsplit=jsplit)
+        assert torch.equal(o[a:b], o_alone), f"output of sequence {i}"
+        assert torch.equal(state[i], alone[0]), f"state of sequence {i}"
+    assert not torch.isfinite(state[1]).all()
+
+
 def test_prefill_then_decode_continues_the_sequence():
     H, d, T = 16, 128, 777
     torch.manual_seed(3)

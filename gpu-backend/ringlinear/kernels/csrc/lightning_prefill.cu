@@ -24,6 +24,7 @@
 #include <torch/extension.h>
 
 #include "common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace ringlinear {
@@ -37,10 +38,15 @@ struct PrefillItem {
   int32_t slot_out;    // pass 3 only: >= 0 -> write the final state to state[slot_out] (last block of a sequence)
 };
 
+// q, k, v as [T_total, H, D] bf16 tensor maps (each with its own token stride: v may be read in place from the qkv
+// projection), boxes of 64 tokens x 1 head x 64 columns with the 128-byte swizzle: a box is one swizzled half of a
+// chunk tile (swz).
+struct PrefillMaps {
+  CUtensorMap q, k, v;
+};
+
 struct PrefillArgs {
-  const __nv_bfloat16* q; const __nv_bfloat16* k; const __nv_bfloat16* v;  // [T_total, H, D], token strides below
-  __nv_bfloat16* o;                                                        // [T_total, H, D] contiguous
-  int64_t qk_stride, v_stride;  // elements between tokens: v may be read in place from the qkv projection
+  __nv_bfloat16* o;                                                        // [T_total, H, D] contiguous (q, k, v: maps)
   float* ws;                                                               // [n_ws, H, D, D]
   float* state;                                                            // [slots, H, D, D]
   const PrefillItem* items;
@@ -60,7 +66,9 @@ struct PrefillArgs {
 //   inter   O^T = S^T Q^T        RS (S^T from registers, rounded to bf16), then scaled by gamma^{t+1} per column t
 //   intra   O^T += V^T P^T       RS (V^T fragments from ldmatrix.trans)
 //   state   S^T = g^C S^T + (V^T diag(gamma^{Lc-1-s})) K   RS, the decay folded into the A fragments (no Kd tile)
-// Tiles are [64, D] bf16 in 128-byte-swizzled halves of 64 columns (swz), loaded NBUF - 1 chunks ahead by cp.async.
+// Tiles are [64, D] bf16 in 128-byte-swizzled halves of 64 columns (swz), loaded NBUF - 1 chunks ahead as TMA boxes
+// that one thread issues (an mbarrier per stage). The per-thread cp.async copies this replaced cost the compute warps
+// issue slots: the output pass was 7-11% slower at 16k-128k, the state pass 3-8% (H200, bitwise the same results).
 RL_DEVICE int swz(int r, int c) { return (c >> 6) * (kChunk * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7); }
 
 template <int D, bool STATE_ONLY, int JS, bool PRO = false>
@@ -79,32 +87,10 @@ struct PrefillSmem {
   // q and k norm weights [2][D] (bytes from the aligned start)
   static constexpr int TAB_B = (POW_AT * 2 + 2 * (kChunk + 1) * 4 + 15) / 16 * 16;
   static constexpr int NW_B = TAB_B + (PRO ? 2 * 4 * THREADS * 16 : 0);
-  static constexpr int BYTES = NW_B + (PRO ? 2 * D * 4 : 0) + 1024;  // + alignment slack
+  static constexpr int BAR_B = (NW_B + (PRO ? 2 * D * 4 : 0) + 7) / 8 * 8;  // NBUF mbarriers: stage b's tiles landed
+  static constexpr int BYTES = BAR_B + 8 * NBUF + 1024;                       // + alignment slack
   static constexpr int MIN_BLOCKS = STATE_ONLY && !PRO ? 2 : 1;
   static_assert(BYTES <= 227 * 1024, "shared memory");
-};
-
-// One thread's share of copying a [C, D] chunk into a swizzled tile: NT threads cover ROWS rows per step, so each
-// thread always copies the same 16-byte piece p of rows r0, r0 + ROWS, ...; with ROWS a multiple of 8 the swizzle
-// XOR (r % 8) is fixed too, and every copy is a precomputed offset plus a compile-time step.
-template <int D, int NT>
-struct ChunkCopier {
-  static constexpr int PIECES = D / 8, ROWS = NT / PIECES, STEPS = kChunk / ROWS;
-  static_assert(NT % PIECES == 0 && ROWS % 8 == 0 && kChunk % ROWS == 0, "copier shape");
-  int r0, smem_off;
-  int64_t gmem_off, gmem_step;
-  RL_DEVICE ChunkCopier(int tid, int64_t tok_stride)
-      : r0(tid / PIECES), smem_off(swz(tid / PIECES, 8 * (tid % PIECES))),
-        gmem_off((int64_t)(tid / PIECES) * tok_stride + 8 * (tid % PIECES)), gmem_step((int64_t)ROWS * tok_stride) {}
-  // rows past `rows` are zero-filled
-  RL_DEVICE void load(__nv_bfloat16* tile, const __nv_bfloat16* src, int rows) const {
-    const __nv_bfloat16* g = src + gmem_off;
-#pragma unroll
-    for (int i = 0; i < STEPS; ++i) {
-      const bool ok = r0 + i * ROWS < rows;
-      cp_async_16(tile + smem_off + i * ROWS * 64, ok ? g + i * gmem_step : src, ok ? 16 : 0);
-    }
-  }
 };
 
 RL_DEVICE uint32_t scale_bf16x2(uint32_t x, float f0, float f1) {
@@ -114,23 +100,16 @@ RL_DEVICE uint32_t scale_bf16x2(uint32_t x, float f0, float f1) {
 }
 
 // The fused QK prologue's share of one thread (PRO; D = 128, 256 threads, the rotary dims 0..63): thread (row, j)
-// holds 16-byte pieces j, j + 4 (dims e < 32 and their RoPE partners e + 32), 8 + j and 12 + j of one row of a chunk's
-// q / k tile. It copies those pieces and its rows' cos / sin pieces itself, so it reads them after its own
-// cp.async wait, without a barrier. The 4 threads of a row are adjacent lanes; the 8 threads of a 16-byte shared-memory
-// phase take rows r and r + 4, whose swizzled pieces fall in different banks.
+// normalises 16-byte pieces j, j + 4 (dims e < 32 and their RoPE partners e + 32), 8 + j and 12 + j of one row of a
+// chunk's q / k tile, once the stage's mbarrier says the tile landed. It copies its rows' cos / sin pieces itself
+// (cp.async), so it reads them after its own wait, without a barrier. The 4 threads of a row are adjacent lanes; the 8
+// threads of a 16-byte shared-memory phase take rows r and r + 4, whose swizzled pieces fall in different banks.
 struct QkPrologue {
   int row, j;
   RL_DEVICE explicit QkPrologue(int tid) {
     const int g4 = (tid & 31) >> 2;
     row = (tid >> 5) * 8 + ((g4 >> 1) | ((g4 & 1) << 2));
     j = tid & 3;
-  }
-  // Row `row` of a chunk (rows past `rows` zero-filled) from src (the chunk's first token, token stride `stride`).
-  RL_DEVICE void load(__nv_bfloat16* tile, const __nv_bfloat16* src, int64_t stride, int rows) const {
-    const bool ok = row < rows;
-    const __nv_bfloat16* g = src + (ok ? (int64_t)row * stride : 0);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async_16(tile + swz(row, 8 * (j + 4 * i)), g + 8 * (j + 4 * i), ok ? 16 : 0);
   }
   // cos[8j .. 8j+7], sin[8j .. 8j+7] of the row's token into tab[4][THREADS] float4 (tab + tid). Through L1 (.ca): a
   // thread's two 16-byte pieces share a 32-byte sector, which the second copy then finds there instead of in L2 (the
@@ -202,7 +181,7 @@ struct QkPrologue {
 template <int D, bool STATE_ONLY, int JS, bool PRO>
 __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
                                   PrefillSmem<D, STATE_ONLY, JS, PRO>::MIN_BLOCKS)
-    lightning_prefill_kernel(PrefillArgs a) {
+    lightning_prefill_kernel(PrefillArgs a, const __grid_constant__ PrefillMaps maps) {
   using SM = PrefillSmem<D, STATE_ONLY, JS, PRO>;
   static_assert(!PRO || (D == 128 && SM::THREADS == 256), "the fused QK prologue: head dim 128, one CTA per state");
   constexpr int NT = SM::THREADS, NBUF = SM::NBUF, JW = SM::JW, NWG = SM::NWG;
@@ -227,8 +206,6 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   const int jl = 16 * w + g;  // this thread's S^T rows jl, jl + 8 (CTA-local)
   const int64_t tok_stride = (int64_t)a.H * D;  // of o
   const int64_t base = (int64_t)it.start * tok_stride + (int64_t)h * D;
-  const int64_t qk_base = (int64_t)it.start * a.qk_stride + (int64_t)h * D;
-  const int64_t v_base = (int64_t)it.start * a.v_stride + (int64_t)h * D;
   if (tid <= kChunk) {  // visible after the loop's first barrier
     pw[tid] = exp2f((float)tid * log2f(a.gamma[h]));
     pws[tid] = pw[tid] * a.scale;
@@ -256,42 +233,63 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
 
   const int nchunks = (it.len + kChunk - 1) / kChunk;
   auto tile = [&](int buf, int which) { return smem + (buf * SM::TILES + which) * SM::TILE; };
-  const ChunkCopier<D, NT> copier(tid, a.qk_stride), copier_v(tid, a.v_stride);
+  const uint32_t bar0 = smem_addr(smem_b + SM::BAR_B);
+  auto stage_bar = [&](int c) { return bar0 + 8 * (c % NBUF); };
+  // Chunk c into stage c % NBUF: thread 0 issues the tiles' TMA boxes (rows past the tensor's end arrive as zeros);
+  // PRO: every thread copies its share of the chunk's rope tables (cp.async, one group per chunk).
   auto issue = [&](int c) {
     if (c < nchunks) {
-      const int buf = c % NBUF;
-      const int rows = min(kChunk, it.len - c * kChunk);
-      const int64_t off = qk_base + (int64_t)c * kChunk * a.qk_stride;
-      if constexpr (PRO) {  // each thread copies what its own prologue share reads (QkPrologue)
-        if constexpr (!STATE_ONLY) pro.load(tile(buf, 0), a.q + off, a.qk_stride, rows);
-        pro.load(tile(buf, KI), a.k + off, a.qk_stride, rows);
-        pro.load_tables(tabs + (c & 1) * 4 * NT, tid, NT, a.cos, a.sin, it.start + (int64_t)c * kChunk, a.tab_stride,
-                        rows);
-      } else {
-        if constexpr (!STATE_ONLY) copier.load(tile(buf, 0), a.q + off, rows);
-        copier.load(tile(buf, KI), a.k + off, rows);
+      const int buf = c % NBUF, t0 = it.start + c * kChunk;
+      if (tid == 0) {
+        mbar_expect_tx(stage_bar(c), SM::TILES * SM::TILE * 2);
+#pragma unroll
+        for (int which = 0; which < SM::TILES; ++which) {
+          const CUtensorMap* map = which == VI ? &maps.v : which == KI ? &maps.k : &maps.q;
+#pragma unroll
+          for (int hf = 0; hf < D / 64; ++hf)
+            tma_load_3d(smem_addr(tile(buf, which)) + hf * kChunk * 128, map, stage_bar(c), 64 * hf, h, t0);
+        }
       }
-      copier_v.load(tile(buf, VI), a.v + v_base + (int64_t)c * kChunk * a.v_stride, rows);
+      if constexpr (PRO)
+        pro.load_tables(tabs + (c & 1) * 4 * NT, tid, NT, a.cos, a.sin, t0, a.tab_stride,
+                        min(kChunk, it.len - c * kChunk));
     }
-    cp_async_commit();  // empty groups keep the wait count uniform
+    if constexpr (PRO) cp_async_commit();  // empty groups keep the wait count uniform
   };
-  // PRO: chunk c's q / k tiles through the prologue, once this thread's copies of the chunk have landed. Chunk c's
-  // tables sit in buffer c % 2: loaded with the chunk's tiles, two chunks ahead of use at most (the loop issues chunk
-  // c + 2 after chunk c - 1's prologue, past a barrier).
+  // Rows past the block's end in chunk c's k and v tiles: zeros (TMA brought whatever follows; with zero decay
+  // factors those rows add nothing to the state unless they hold inf or nan).
+  auto zero_tail = [&](int c) {
+    const int rows = min(kChunk, it.len - c * kChunk);
+    if (rows == kChunk) return;
+    const int pieces = (kChunk - rows) * (D / 8);
+    for (int i = tid; i < 2 * pieces; i += NT) {
+      const int p = i % pieces;
+      *reinterpret_cast<uint4*>(tile(c % NBUF, i < pieces ? KI : VI) + swz(rows + p / (D / 8), 8 * (p % (D / 8)))) =
+          make_uint4(0, 0, 0, 0);
+    }
+  };
+  // PRO: chunk c's q / k tiles through the prologue, once they have landed (the stage's mbarrier; this thread's table
+  // copies by its own cp.async wait before the call). Chunk c's tables sit in buffer c % 2: loaded with the chunk's
+  // tiles, two chunks ahead of use at most (the loop issues chunk c + 2 after chunk c - 1's prologue, past a barrier).
   auto prologue = [&](int c) {
     if constexpr (PRO) {
+      mbar_wait(stage_bar(c), (c / NBUF) & 1);
       const int buf = c % NBUF, rows = min(kChunk, it.len - c * kChunk);
       const float4* tab = tabs + (c & 1) * 4 * NT;
       if constexpr (!STATE_ONLY) pro.apply(tile(buf, 0), qk_w, tab, tid, NT, a.eps, rows);
       pro.apply(tile(buf, KI), qk_w + D, tab, tid, NT, a.eps, rows);
     }
   };
+  if (tid == 0) {
+    for (int i = 0; i < NBUF; ++i) mbar_init(bar0 + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();  // the barriers (and with PRO the norm weights)
 #pragma unroll
   for (int c = 0; c < NBUF - 1; ++c) issue(c);
   if constexpr (PRO) {
-    __syncthreads();  // the norm weights
     if (nchunks > 0) {
-      cp_async_wait<NBUF - 2>();  // chunk 0 (this thread's copies)
+      cp_async_wait<NBUF - 2>();  // chunk 0's rope tables (this thread's copies)
       prologue(0);
     }
   }
@@ -313,7 +311,8 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   };
 
   for (int c = 0; c < nchunks; ++c) {
-    cp_async_wait<NBUF - 2>();
+    mbar_wait(stage_bar(c), (c / NBUF) & 1);
+    zero_tail(c);
     fence_proxy_async();
     __syncthreads();  // chunk c landed everywhere; every warp is done with chunk c - 1's buffers, P and Os
     issue(c + NBUF - 1);
@@ -425,7 +424,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     }
     if constexpr (PRO) {  // the next chunk's prologue while the state update runs on the tensor cores
       if (c + 1 < nchunks) {
-        cp_async_wait<NBUF - 2>();  // chunk c + 1 (issued before c + 2)
+        cp_async_wait<NBUF - 2>();  // chunk c + 1's rope tables (issued before c + 2's)
         prologue(c + 1);
       }
     }
@@ -499,16 +498,23 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
 }
 
 template <int D, bool STATE_ONLY, int JS, bool PRO = false>
-static void launch_prefill(const PrefillArgs& a, int n_items, cudaStream_t stream) {
+static void launch_prefill(const PrefillArgs& a, const PrefillMaps& maps, int n_items, cudaStream_t stream) {
   if (n_items == 0) return;
   using SM = PrefillSmem<D, STATE_ONLY, JS, PRO>;
   auto kern = lightning_prefill_kernel<D, STATE_ONLY, JS, PRO>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SM::BYTES));
-  kern<<<dim3(n_items, a.H, JS), SM::THREADS, SM::BYTES, stream>>>(a);
+  kern<<<dim3(n_items, a.H, JS), SM::THREADS, SM::BYTES, stream>>>(a, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// x: bf16 [T, H, D] rows (unit channel stride, head stride D, its own token stride) in boxes of one chunk's half tile.
+static CUtensorMap chunk_map(const at::Tensor& x) {
+  const int64_t dims[3] = {x.size(2), x.size(1), x.size(0)}, strides[2] = {x.stride(1), x.stride(0)};
+  const uint32_t box[3] = {64, 1, kChunk};
+  return bf16_map(x.data_ptr(), 3, dims, strides, box);
+}
 
 // items_state / items_out: int32 [n, 4] (PrefillItem); scan_seqs: int32 [N, 6] (ScanSeq, slot as two int32 words).
 // q, k, v: bf16 [T, H, D] with unit channel stride and head stride D, 16-byte aligned token strides (q and k one
@@ -537,11 +543,7 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const at::cuda::CUDAGuard guard(q.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   PrefillArgs a{};
-  a.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
-  a.k = reinterpret_cast<const __nv_bfloat16*>(k.data_ptr());
-  a.v = reinterpret_cast<const __nv_bfloat16*>(v.data_ptr());
   a.o = reinterpret_cast<__nv_bfloat16*>(o.data_ptr());
-  a.qk_stride = q.stride(0), a.v_stride = v.stride(0);
   a.ws = ws.data_ptr<float>(); a.state = state.data_ptr<float>();
   RL_CHECK(gamma.is_contiguous() && gamma.scalar_type() == at::kFloat && gamma.numel() == H, "lightning_prefill: gamma must be fp32 [H]");
   a.gamma = gamma.data_ptr<float>(); a.H = H; a.scale = (float)scale;
@@ -563,11 +565,13 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
 
   a.items = reinterpret_cast<const PrefillItem*>(items_state.data_ptr<int32_t>());
-  const int n_state = items_state.size(0);
-  if (pro) launch_prefill<128, true, 1, true>(a, n_state, stream);
-  else if (D == 64) launch_prefill<64, true, 1>(a, n_state, stream);
-  else if (jsplit == 1) launch_prefill<128, true, 1>(a, n_state, stream);
-  else launch_prefill<128, true, 2>(a, n_state, stream);
+  const int n_state = items_state.size(0), n_out = items_out.size(0);
+  PrefillMaps maps{};
+  if (n_state + n_out > 0) maps = PrefillMaps{chunk_map(q), chunk_map(k), chunk_map(v)};
+  if (pro) launch_prefill<128, true, 1, true>(a, maps, n_state, stream);
+  else if (D == 64) launch_prefill<64, true, 1>(a, maps, n_state, stream);
+  else if (jsplit == 1) launch_prefill<128, true, 1>(a, maps, n_state, stream);
+  else launch_prefill<128, true, 2>(a, maps, n_state, stream);
 
   const int n_seq = scan_seqs.size(0);
   if (n_seq > 0) {
@@ -578,11 +582,10 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   a.items = reinterpret_cast<const PrefillItem*>(items_out.data_ptr<int32_t>());
-  const int n_out = items_out.size(0);
-  if (pro) launch_prefill<128, false, 1, true>(a, n_out, stream);
-  else if (D == 64) launch_prefill<64, false, 1>(a, n_out, stream);
-  else if (jsplit == 1) launch_prefill<128, false, 1>(a, n_out, stream);
-  else launch_prefill<128, false, 2>(a, n_out, stream);
+  if (pro) launch_prefill<128, false, 1, true>(a, maps, n_out, stream);
+  else if (D == 64) launch_prefill<64, false, 1>(a, maps, n_out, stream);
+  else if (jsplit == 1) launch_prefill<128, false, 1>(a, maps, n_out, stream);
+  else launch_prefill<128, false, 2>(a, maps, n_out, stream);
 }
 
 }  // namespace ringlinear
