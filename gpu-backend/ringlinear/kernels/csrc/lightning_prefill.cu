@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   }
   // Output chunk c: staging buffer c % 2 -> rows of o (16-byte stores, the JW columns of this CTA).
   auto out_stage = [&](int c) { return smem + SM::OS_AT + (c & 1) * kChunk * SM::OS_ROW; };
-  // (fixed piece per thread, as in ChunkCopier)
+  // (each thread always stores the same 16-byte piece of every OUT_ROWS-th row: a precomputed offset plus a step)
   constexpr int OUT_PIECES = JW / 8, OUT_ROWS = NT / OUT_PIECES;
   static_assert(NT % OUT_PIECES == 0 && kChunk % OUT_ROWS == 0, "output copy shape");
   const int out_t0 = tid / OUT_PIECES, out_p = 8 * (tid % OUT_PIECES);
