@@ -24,7 +24,6 @@
 // or on the ring depth (tested).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cudaTypedefs.h>
 #include <torch/extension.h>
 
 #include "common.cuh"
@@ -253,7 +252,6 @@ __global__ void __launch_bounds__(kTmaThreads, 1) moe_tma_kernel(
   }
   if (tid == 128 + wg * 128) bulk_wait();  // the stores have landed before the CTA (and its shared memory) ends
 }
-
 
 // Down: x [A, K] bf16 rows in expert order, no gather / w_up. Gate+up: x [N, K], gather [A], w = w_gate and w_up,
 // y = SwiGLU. w / w_up [E, F, K] (contiguous 16-byte aligned K rows; any expert stride that is a multiple of 8),
