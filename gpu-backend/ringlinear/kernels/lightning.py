@@ -331,9 +331,7 @@ def run_prepared_prefill(prep: PreparedPrefill, q, k, v, state, gamma, scale: fl
             pro_args = qk_prologue.kernel_args(T)
         else:
             q, k = qk_prologue.apply(q, k)
-    qb, kb, vb = (_rows_in_place(x) for x in (q, k, v))
-    if qb.stride(0) != kb.stride(0):  # the kernel reads q and k with one token stride
-        qb, kb = qb.contiguous(), kb.contiguous()
+    qb, kb, vb = (_rows_in_place(x) for x in (q, k, v))  # each has its own tensor map: strides may differ
     o = torch.empty(T, H, d, dtype=torch.bfloat16, device=q.device)
     _build.extension().lightning_prefill(qb, kb, vb, o, state, prep.ws, prep.items_state, prep.items_out, prep.scan,
                                          gamma, float(d**-0.5 if scale is None else scale),

@@ -5,7 +5,9 @@ import torch
 
 from ringlinear.kernels import DecodeGraphs, available
 from ringlinear.kernels.elementwise import qkv_prologue
-from ringlinear.kernels.lightning import lightning_decode, lightning_prefill, prepare_prefill, run_prepared_prefill
+from ringlinear.kernels.lightning import (
+    _rows_in_place, lightning_decode, lightning_prefill, prepare_prefill, run_prepared_prefill,
+)
 from ringlinear.kernels.lightning_reference import (
     lightning_decode_reference,
     lightning_prefill_reference,
@@ -242,16 +244,19 @@ def test_prefill_then_decode_continues_the_sequence():
 @pytest.mark.parametrize("lens,block_len", [([1], None), ([4097, 700], 128), ([20000], None), ([3, 0, 2048], 64)])
 @pytest.mark.parametrize("jsplit", [1, 2])
 def test_prefill_reads_projection_views_in_place(lens, block_len, jsplit):
-    """q, k, v as views of a projection's columns (v at the [T, 4 H d] qkv + gate GEMM output's stride, as
-    qkv_prologue(v_in_place=True) returns it; q and k at another stride) give bitwise the output and states of
-    contiguous copies, and the wrapper reads them without copying."""
+    """q, k, v as views of a projection's columns, each at a token stride of its own (v at the [T, 4 H d] qkv + gate
+    GEMM output's stride, as qkv_prologue(v_in_place=True) returns it; q and k at two others) give bitwise the output
+    and states of contiguous copies, and the wrapper reads them without copying."""
     torch.manual_seed(len(lens) + jsplit)
     H, d, dev = 16, 128, "cuda"
     T = sum(lens)
     proj = torch.randn(T, 4 * H * d, device=dev).to(torch.bfloat16)
-    qk = torch.randn(T, 3 * H * d, device=dev).to(torch.bfloat16)
-    views = (qk[:, :H * d].unflatten(1, (H, d)), qk[:, H * d:2 * H * d].unflatten(1, (H, d)),
+    qbuf = torch.randn(T, 3 * H * d, device=dev).to(torch.bfloat16)
+    kbuf = torch.randn(T, H * d + 64, device=dev).to(torch.bfloat16)
+    views = (qbuf[:, H * d:2 * H * d].unflatten(1, (H, d)), kbuf[:, 64:].unflatten(1, (H, d)),
              proj[:, 2 * H * d:3 * H * d].unflatten(1, (H, d)))
+    assert T == 1 or len({t.stride(0) for t in views}) == 3
+    assert all(_rows_in_place(t).data_ptr() == t.data_ptr() for t in views)
     prep = prepare_prefill(lens, list(range(len(lens))), [True] * len(lens), H, d, dev, block_len, jsplit)
     state0 = torch.randn(len(lens), H, d, d, device=dev) * 0.1
     gamma = _gamma(H, dev)
