@@ -127,6 +127,57 @@ def test_plan_covers_every_token_once(lens, block):
     assert plan.n_ws == len(plan.items_out)
 
 
+def _run_plan_in_float64(plan, q, k, v, state, gamma):
+    """The CUDA kernel's three passes over a plan, each block through the chunked twin: pass 1 writes every block's
+    delta but the last's, the scan turns them into entering states (reading each sequence's initial state from its
+    slot), pass 3 runs the blocks in reverse, so that a block reading a slot its sequence's last block already
+    overwrote, or a workspace entry nobody wrote, would show."""
+    H, d = q.shape[1], q.shape[2]
+    ws = torch.full((max(plan.n_ws, 1), H, d, d), float("nan"), dtype=torch.float64)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
+    for start, n, w, _ in plan.items_state:
+        ws[w] = lightning_chunked_reference(q[start:start + n], k[start:start + n], v[start:start + n], gamma, None,
+                                            None)[1]
+    for w0, nblk, blk_len, use_init, slot in plan.scan:
+        S = state[slot].clone() if use_init else torch.zeros(H, d, d, dtype=torch.float64)
+        if nblk == 0:
+            state[slot] = S
+        for b in range(nblk):
+            delta, ws[w0 + b] = ws[w0 + b].clone(), S
+            S = (gamma ** blk_len)[:, None, None] * S + delta
+    for start, n, w, slot in reversed(plan.items_out):
+        r = slice(start, start + n)
+        out[r], S = lightning_chunked_reference(q[r], k[r], v[r], gamma, None, ws[w].clone())
+        if slot >= 0:
+            state[slot] = S
+    return out
+
+
+@pytest.mark.parametrize("lens,block", [([700], 128), ([1, 0, 130, 64], 64), ([300, 0, 5, 129], 64), ([0, 0], 64)])
+@pytest.mark.parametrize("init", [False, True, "mixed"])
+def test_plan_passes_give_the_whole_sequences_results(lens, block, init):
+    """The plan's three passes (block deltas, their scan onto each sequence's initial state, the blocks' outputs)
+    reproduce the twin run over whole sequences: outputs, final states, empty sequences (zeroed without an initial
+    state, kept with one) and untouched slots."""
+    H, d = 2, 64
+    T = sum(lens)
+    q, k, v = (_rand(T, H, d, seed=s) for s in (1, 2, 3))
+    gamma = _gamma(H)
+    slots = [2 * i + 1 for i in range(len(lens))]  # the even slots are never named
+    use = [init is True or (init == "mixed" and i % 2 == 0) for i in range(len(lens))]
+    state = _rand(2 * len(lens) + 1, H, d, d, seed=4) * 0.1
+    ref_state = state.clone()
+    plan = plan_prefill(lens, slots, use, heads=H, num_sms=132, block_len=block)
+    assert [nblk for _, nblk, *_ in plan.scan] == [-(-n // block) for n in lens]
+    o = _run_plan_in_float64(plan, q, k, v, state, gamma)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    o_ref = lightning_prefill_reference(q, k, v, ref_state, cu, slots, gamma, use_initial_state=use)
+    assert torch.allclose(o, o_ref, atol=FP64_TOL, rtol=0)
+    assert torch.allclose(state, ref_state, atol=FP64_TOL, rtol=0)
+
+
 @pytest.mark.parametrize(
     "lens,expected",
     [([4096], 512), ([8192], 1024), ([16384], 2048), ([32768], 4096), ([65536], 8192), ([131072], 16384),
