@@ -120,3 +120,70 @@ def test_switch_is_read_at_launch():
     assert K.programmatic_launch()  # restored
     assert not K.plain_launches()(K.programmatic_launch)()  # as a decorator: plain during each call
     assert K.programmatic_launch()
+
+
+def _prefill_layers(x, prep, pos, cos, sin, states, w, fused: bool):
+    """LAYERS prompt-step lightning layers: add + norm, qkv projection (cuBLAS), then either qkv_prologue (q, k
+    written, v read in place) and the prefill, or the prefill with the QK prologue inside; the gated norm and output
+    projection read its output. The prefill's state pass, scan and output pass sit in the middle of the chain."""
+    from ringlinear.kernels.lightning import QKPrologue, run_prepared_prefill
+
+    T = x.shape[0]
+    delta = None
+    for layer in range(LAYERS):
+        s, h = K.add_rms_norm(x, delta, w["norm"][0], 1e-6)
+        qkv = h @ w["w_qkv"].T
+        if fused:
+            q, k, v = qkv.unflatten(1, (3 * H, HD)).split(H, 1)
+            o = run_prepared_prefill(prep, q, k, v, states[layer], w["gamma"],
+                                     qk_prologue=QKPrologue(w["qn"], w["kn"], 1e-6, cos, sin, pos, 1e6))
+        else:
+            q, k, v = K.qkv_prologue(qkv, pos, H, H, HD, silu=False, q_norm_weight=w["qn"], k_norm_weight=w["kn"],
+                                     eps=1e-6, rotary_dim=64, rope_theta=1e6, out_dtype=torch.bfloat16,
+                                     v_in_place=True)
+            o = run_prepared_prefill(prep, q, k, v, states[layer], w["gamma"])
+        g = K.gated_group_rmsnorm(o.reshape(T, H * HD).float(), h @ w["w_gate"].T, w["gate_norm"], 4, 1e-6)
+        x, delta = s, g @ w["w_o"].T
+    return x + delta
+
+
+@pytest.mark.parametrize("graphed", [True, False], ids=["graph", "eager"])
+@pytest.mark.parametrize("fused", [True, False], ids=["qk-in-prefill", "qkv-prologue"])
+def test_dependent_prefill_launches_change_no_bit(fused, graphed):
+    """A prompt step's lightning layers (sequences of one and of several blocks, with and without an initial state):
+    the scan and the output pass launched as dependents (the output pass loading its first tiles before the scan is
+    done) give bitwise the plain launches' outputs and states."""
+    from ringlinear.kernels.lightning import prepare_prefill
+    from ringlinear.ops.rope import rope_cos_sin
+
+    w = _weights(11)
+    lens = [700, 64, 0, 333]
+    T = sum(lens)
+    pos = torch.cat([torch.arange(n, device="cuda") for n in lens])
+    cos, sin = rope_cos_sin(pos, 64, 1e6)
+    slots = list(range(1, len(lens) + 1))  # slot 0 stays untouched
+    prep = prepare_prefill(lens, slots, [i % 2 == 0 for i in range(len(lens))], H, HD, "cuda", block_len=128)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x0 = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
+    states0 = [torch.randn(len(lens) + 1, H, HD, HD, device="cuda", generator=g) * 0.01 for _ in range(LAYERS)]
+    results = []
+    for dependent in (False, True):
+        K.set_programmatic_launch(dependent)
+        states = [s.clone() for s in states0]
+        x_in = x0.clone()
+        fn = lambda: _prefill_layers(x_in, prep, pos, cos, sin, states, w, fused)  # noqa: E731
+        if graphed:
+            graph, out = K.graphs.capture_graph(fn)  # its warm-up call ran on the states: put them back
+            for s, s0 in zip(states, states0):
+                s.copy_(s0)
+            graph.replay()
+        else:
+            out = fn()
+        torch.cuda.synchronize()
+        results.append((out.clone(), states))
+    (a, sa), (b, sb) = results
+    assert torch.isfinite(a.float()).all()
+    assert torch.equal(a, b), "dependent launches changed the prompt step's output"
+    for layer, (x, y) in enumerate(zip(sa, sb)):
+        assert torch.equal(x, y), f"layer {layer}: dependent launches changed the lightning states"
+        assert torch.equal(x[0], states0[layer][0])  # the untouched slot

@@ -219,9 +219,15 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   // st[4n + x]: S^T[jbase + jl + 8 (x >> 1)][8n + 2 tig + (x & 1)]
   float st[NS];
   if constexpr (STATE_ONLY) {
+    // Launched plainly: what it reads is complete. Letting the scan launch now puts its blocks on the idle SMs, where
+    // they wait for this pass to finish (common.cuh's contract: pdl_wait, then pdl_launch_dependents).
+    pdl_wait();
+    pdl_launch_dependents();
 #pragma unroll
     for (int i = 0; i < NS; ++i) st[i] = 0.f;
-  } else {
+  }
+  // Output pass, a dependent of the scan: its entering state is the scan's output, read after pdl_wait.
+  auto load_entering_state = [&]() {
     const float* S = a.ws + ((int64_t)it.ws * a.H + h) * D * D + jbase + jl;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -229,7 +235,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       st[4 * n] = S[i * D]; st[4 * n + 1] = S[(i + 1) * D];
       st[4 * n + 2] = S[i * D + 8]; st[4 * n + 3] = S[(i + 1) * D + 8];
     }
-  }
+  };
 
   const int nchunks = (it.len + kChunk - 1) / kChunk;
   auto tile = [&](int buf, int which) { return smem + (buf * SM::TILES + which) * SM::TILE; };
@@ -292,6 +298,13 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       cp_async_wait<NBUF - 2>();  // chunk 0's rope tables (this thread's copies)
       prologue(0);
     }
+  }
+  if constexpr (!STATE_ONLY) {
+    // Everything above reads q, k, v, the tables and weights: made before the state pass (two launches back), so
+    // under a dependent launch it overlaps the scan. The entering states and every global write wait for the scan.
+    pdl_wait();
+    pdl_launch_dependents();
+    load_entering_state();
   }
   // Output chunk c: staging buffer c % 2 ([C, JW] in swizzled halves, as swz) -> the JW columns of this CTA in o.
   // A whole chunk leaves as JW / 64 TMA boxes that thread 0 stores (a bulk group; before the buffer is written again,
@@ -482,6 +495,8 @@ struct ScanSeq {
 __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, float* state, const ScanSeq* seqs,
                                                                      const float* gamma, int H, int DD) {
   constexpr int U = 4;  // deltas in flight per thread
+  pdl_wait();  // the state pass's deltas (a dependent launch of it)
+  pdl_launch_dependents();
   const ScanSeq sq = seqs[blockIdx.z];
   const int h = blockIdx.y;
   const int e = blockIdx.x * blockDim.x + threadIdx.x;  // float4 index inside one [D, D] state
@@ -513,13 +528,16 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
   }
 }
 
+// The state pass launches plainly (it reads q, k, v as soon as it starts); the output pass as a dependent of the scan.
 template <int D, bool STATE_ONLY, int JS, bool PRO = false>
 static void launch_prefill(const PrefillArgs& a, const PrefillMaps& maps, int n_items, cudaStream_t stream) {
   if (n_items == 0) return;
   using SM = PrefillSmem<D, STATE_ONLY, JS, PRO>;
   auto kern = lightning_prefill_kernel<D, STATE_ONLY, JS, PRO>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SM::BYTES));
-  kern<<<dim3(n_items, a.H, JS), SM::THREADS, SM::BYTES, stream>>>(a, maps);
+  const dim3 grid(n_items, a.H, JS);
+  if constexpr (STATE_ONLY) kern<<<grid, SM::THREADS, SM::BYTES, stream>>>(a, maps);
+  else C10_CUDA_CHECK(launch_dependent(kern, grid, SM::THREADS, SM::BYTES, stream, a, maps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -592,9 +610,8 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   if (n_seq > 0) {
     const int DD = D * D;
     dim3 grid((DD / 4 + 255) / 256, H, n_seq);
-    lightning_prefill_scan_kernel<<<grid, 256, 0, stream>>>(a.ws, a.state, reinterpret_cast<const ScanSeq*>(scan_seqs.data_ptr<int32_t>()),
-                                                            a.gamma, H, DD);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(launch_dependent(lightning_prefill_scan_kernel, grid, 256, 0, stream, a.ws, a.state,
+                                    reinterpret_cast<const ScanSeq*>(scan_seqs.data_ptr<int32_t>()), a.gamma, H, DD));
   }
   a.items = reinterpret_cast<const PrefillItem*>(items_out.data_ptr<int32_t>());
   if (pro) launch_prefill<128, false, 1, true>(a, maps, n_out, stream);
