@@ -35,7 +35,7 @@ from ringlinear.kernels import lightning as L  # noqa: E402
 from ringlinear.kernels import moe as M  # noqa: E402
 from ringlinear import kernels as K  # noqa: E402
 from ringlinear.kernels.gemv_reference import linear_small_bytes  # noqa: E402
-from gpu_timing import events_ms, graph_of  # noqa: E402
+from gpu_timing import ClockLog, events_ms, graph_of  # noqa: E402
 from ringlinear.kernels._build import extension  # noqa: E402
 from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops  # noqa: E402
 from ringlinear.kernels.moe_reference import RING_MINI_ROUTER, experts_touched_bytes, moe_reference  # noqa: E402
@@ -148,6 +148,13 @@ def bench_decode(batches):
     RESULTS["decode"] = rows
 
 
+def clock_note(row) -> str:
+    """'; SM MHz (min / median) and max W during ours' and fla's graph timings', where nvidia-smi gave samples."""
+    parts = [f"{side} {c['sm_mhz_min']:.0f}/{c['sm_mhz_median']:.0f} MHz {c['power_w_max']:.0f} W"
+             for side, c in (("ours", row.get("clocks_ours_graph")), ("fla", row.get("clocks_fla_graph"))) if c]
+    return "; clocks: " + ", ".join(parts) if parts else ""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def bench_prefill(Ts):
     rows = []
@@ -190,7 +197,9 @@ def bench_prefill(Ts):
         # As a CUDA-graph replay too: at 4k-16k an eager call can be bound by the host's launches (fla's more so: a
         # chain of Triton kernels), which then measures the CPU rather than the kernels. Both sides are timed both ways.
         prep_g = L.prepare_prefill([T], [0], [True], H, D, "cuda", auto)
-        row["ours_graph_ms"] = do_bench(graph_of(lambda: L.run_prepared_prefill(prep_g, q, k, v, state, gamma)))
+        with ClockLog() as clocks:  # SM clock and board power beside the figure (a board at its power limit clocks down)
+            row["ours_graph_ms"] = do_bench(graph_of(lambda: L.run_prepared_prefill(prep_g, q, k, v, state, gamma)))
+        row["clocks_ours_graph"] = clocks.summary()
         if chunk_simple_gla is not None:
             try:
                 g_gamma = torch.log(gamma)
@@ -210,7 +219,9 @@ def bench_prefill(Ts):
                 record_error(f"fla_prefill_T{T}", exc)
             if "fla_ms" in row:
                 try:
-                    row["fla_graph_ms"] = do_bench(graph_of(peer))
+                    with ClockLog() as clocks:
+                        row["fla_graph_ms"] = do_bench(graph_of(peer))
+                    row["clocks_fla_graph"] = clocks.summary()
                     row["speedup_vs_fla_graphs"] = row["fla_graph_ms"] / row["ours_graph_ms"]
                 except Exception as exc:  # noqa: BLE001
                     record_error(f"fla_prefill_graph_T{T}", exc)
@@ -218,8 +229,8 @@ def bench_prefill(Ts):
         print(f"prefill T={T}: ours {row['ours_ms']:.3f} ms (best {row['ours_best_ms']:.3f} @L={row['block_len_best']}, "
               f"{row['ours_TFLOPs']:.0f} TFLOP/s) fla {row.get('fla_ms', float('nan')):.3f} ms "
               f"-> {row.get('speedup_vs_fla', float('nan')):.2f}x; graph replays: ours {row['ours_graph_ms']:.3f} ms "
-              f"fla {row.get('fla_graph_ms', float('nan')):.3f} ms -> {row.get('speedup_vs_fla_graphs', float('nan')):.2f}x",
-              flush=True)
+              f"fla {row.get('fla_graph_ms', float('nan')):.3f} ms -> {row.get('speedup_vs_fla_graphs', float('nan')):.2f}x"
+              f"{clock_note(row)}", flush=True)
         del q, k, v
     RESULTS["prefill"] = rows
 

@@ -4,6 +4,7 @@
     events_ms(fn, reps)                 # median milliseconds by CUDA events, no L2 flush
     replay = graph_of(fn)               # fn captured once, replayed (fn itself off CUDA)
     copy_gbs(device, ms)                # device-to-device copy, read + write bytes, GB/s
+    with ClockLog() as log: ...         # log.summary(): SM clock and board power over the block (nvidia-smi)
 
 On CUDA the timer is triton.testing.do_bench (L2 flushed between repetitions) when triton imports, else CUDA events;
 on a CPU it is perf_counter, so the benches' --quick modes smoke-test their harness without a GPU.
@@ -11,7 +12,9 @@ on a CPU it is perf_counter, so the benches' --quick modes smoke-test their harn
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -82,3 +85,50 @@ def copy_gbs(device: torch.device, ms: Callable[[Callable[[], object]], float], 
     t = ms(lambda: b.copy_(a))
     del a, b
     return 2 * n / t / 1e6
+
+
+class ClockLog:
+    """nvidia-smi samples of the GPU's SM clock (MHz) and board power (W) every period_ms while the block runs, to tell
+    a figure taken at full clocks from one taken while the board held its power limit (the same prefill kernel measured
+    0.805-1.01 ms at 128k on different H200s). summary() is {} without nvidia-smi or samples."""
+
+    def __init__(self, period_ms: int = 50):
+        self.period_ms = period_ms
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+
+    def __enter__(self) -> "ClockLog":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        index = visible if visible.isdigit() else str(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", index, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 f"-lms={self.period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                out, _ = self.proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, _ = self.proc.communicate()
+            self.lines = out.splitlines()
+
+    def summary(self) -> dict:
+        clocks, watts = [], []
+        for line in self.lines:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                mhz, w = float(parts[0]), float(parts[1])
+            except (IndexError, ValueError):  # "[N/A]", a partial last line
+                continue
+            clocks.append(mhz)
+            watts.append(w)
+        if not clocks:
+            return {}
+        return {"samples": len(clocks), "sm_mhz_min": min(clocks), "sm_mhz_median": statistics.median(clocks),
+                "power_w_max": max(watts)}
