@@ -1,5 +1,6 @@
 """CPU tests of the lightning reference twins, the prefill planner and the wrappers' validation / CPU fallback."""
 
+import itertools
 import math
 
 import pytest
@@ -21,6 +22,11 @@ FP64_TOL = 1e-10  # chunked vs recurrent in float64: only rounding differs
 def _gamma(H, dtype=torch.float64):
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=dtype)
     return torch.exp(-slopes * 0.7)
+
+
+def _cu(lens):
+    """cu_seqlens of sequences of these lengths."""
+    return [0, *itertools.accumulate(lens)]
 
 
 def _rand(*shape, seed, dtype=torch.float64):
@@ -90,9 +96,7 @@ def test_rope_matches_complex_rotation():
 def test_prefill_reference_varlen_with_empty_segment():
     H, d = 2, 8
     lens = [5, 0, 70, 1]
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    cu = _cu(lens)
     T = cu[-1]
     q, k, v = (_rand(T, H, d, seed=s) for s in (12, 13, 14))
     gamma = _gamma(H)
@@ -170,9 +174,7 @@ def test_plan_passes_give_the_whole_sequences_results(lens, block, init):
     plan = plan_prefill(lens, slots, use, heads=H, num_sms=132, block_len=block)
     assert [nblk for _, nblk, *_ in plan.scan] == [-(-n // block) for n in lens]
     o = _run_plan_in_float64(plan, q, k, v, state, gamma)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    cu = _cu(lens)
     o_ref = lightning_prefill_reference(q, k, v, ref_state, cu, slots, gamma, use_initial_state=use)
     assert torch.allclose(o, o_ref, atol=FP64_TOL, rtol=0)
     assert torch.allclose(state, ref_state, atol=FP64_TOL, rtol=0)

@@ -12,6 +12,7 @@ from ringlinear import kernels as K
 from ringlinear.kernels import _build
 from ringlinear.kernels.moe import pack_moe
 from ringlinear.kernels.moe_reference import RING_MINI_ROUTER
+from ringlinear.ops.rope import rope_cos_sin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -126,8 +127,6 @@ def _prefill_layers(x, prep, pos, cos, sin, states, w, fused: bool):
     """LAYERS prompt-step lightning layers: add + norm, qkv projection (cuBLAS), then either qkv_prologue (q, k
     written, v read in place) and the prefill, or the prefill with the QK prologue inside; the gated norm and output
     projection read its output. The prefill's state pass, scan and output pass sit in the middle of the chain."""
-    from ringlinear.kernels.lightning import QKPrologue, run_prepared_prefill
-
     T = x.shape[0]
     delta = None
     for layer in range(LAYERS):
@@ -135,13 +134,13 @@ def _prefill_layers(x, prep, pos, cos, sin, states, w, fused: bool):
         qkv = h @ w["w_qkv"].T
         if fused:
             q, k, v = qkv.unflatten(1, (3 * H, HD)).split(H, 1)
-            o = run_prepared_prefill(prep, q, k, v, states[layer], w["gamma"],
-                                     qk_prologue=QKPrologue(w["qn"], w["kn"], 1e-6, cos, sin, pos, 1e6))
+            o = K.run_prepared_prefill(prep, q, k, v, states[layer], w["gamma"],
+                                       qk_prologue=K.QKPrologue(w["qn"], w["kn"], 1e-6, cos, sin, pos, 1e6))
         else:
             q, k, v = K.qkv_prologue(qkv, pos, H, H, HD, silu=False, q_norm_weight=w["qn"], k_norm_weight=w["kn"],
                                      eps=1e-6, rotary_dim=64, rope_theta=1e6, out_dtype=torch.bfloat16,
                                      v_in_place=True)
-            o = run_prepared_prefill(prep, q, k, v, states[layer], w["gamma"])
+            o = K.run_prepared_prefill(prep, q, k, v, states[layer], w["gamma"])
         g = K.gated_group_rmsnorm(o.reshape(T, H * HD).float(), h @ w["w_gate"].T, w["gate_norm"], 4, 1e-6)
         x, delta = s, g @ w["w_o"].T
     return x + delta
@@ -153,16 +152,13 @@ def test_dependent_prefill_launches_change_no_bit(fused, graphed):
     """A prompt step's lightning layers (sequences of one and of several blocks, with and without an initial state):
     the scan and the output pass launched as dependents (the output pass loading its first tiles before the scan is
     done) give bitwise the plain launches' outputs and states."""
-    from ringlinear.kernels.lightning import prepare_prefill
-    from ringlinear.ops.rope import rope_cos_sin
-
     w = _weights(11)
     lens = [700, 64, 0, 333]
     T = sum(lens)
     pos = torch.cat([torch.arange(n, device="cuda") for n in lens])
     cos, sin = rope_cos_sin(pos, 64, 1e6)
     slots = list(range(1, len(lens) + 1))  # slot 0 stays untouched
-    prep = prepare_prefill(lens, slots, [i % 2 == 0 for i in range(len(lens))], H, HD, "cuda", block_len=128)
+    prep = K.prepare_prefill(lens, slots, [i % 2 == 0 for i in range(len(lens))], H, HD, "cuda", block_len=128)
     g = torch.Generator(device="cuda").manual_seed(5)
     x0 = torch.randn(T, D, device="cuda", generator=g).to(torch.bfloat16)
     states0 = [torch.randn(len(lens) + 1, H, HD, HD, device="cuda", generator=g) * 0.01 for _ in range(LAYERS)]
