@@ -5,7 +5,8 @@
 //   S    <- gamma^{C} S + sum_s gamma^{C-1-s} k_s^T v_s
 //
 // A single sequence is cut into blocks of L tokens (a multiple of C) so that batch 1 fills the GPU:
-//   pass 1 (state kernel, STATE_ONLY): every block but the last computes its local state delta from zero;
+//   pass 1 (state kernel, STATE_ONLY): every block but the last computes its local state delta from zero (walking
+//           its chunks last to first, so that pass 3 finds its first chunks' k and v still in L2);
 //   pass 2 (scan kernel): walks the blocks of a sequence in order, turning deltas into the state entering each
 //           block (the initial state comes from the request's slot, or zeros);
 //   pass 3 (output kernel): every block starts from its entering state and walks its chunks, writing outputs;
@@ -206,8 +207,9 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   const int jl = 16 * w + g;  // this thread's S^T rows jl, jl + 8 (CTA-local)
   const int64_t tok_stride = (int64_t)a.H * D;  // of o
   const int64_t base = (int64_t)it.start * tok_stride + (int64_t)h * D;
+  const float log2_gamma = log2f(a.gamma[h]);
   if (tid <= kChunk) {  // visible after the loop's first barrier
-    pw[tid] = exp2f((float)tid * log2f(a.gamma[h]));
+    pw[tid] = exp2f((float)tid * log2_gamma);
     pws[tid] = pw[tid] * a.scale;
   }
   if constexpr (PRO) {  // read by every thread's first prologue: this block's barrier below
@@ -238,6 +240,10 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   };
 
   const int nchunks = (it.len + kChunk - 1) / kChunk;
+  // The state pass walks its block backwards (its delta is a sum, each chunk's term scaled by the decay to the block's
+  // end), so the chunks it read last are the ones the output pass reads first: still in L2 when that pass starts.
+  auto chunk_at = [&](int c) { return STATE_ONLY ? nchunks - 1 - c : c; };
+  auto rows_of = [&](int c) { return min(kChunk, it.len - chunk_at(c) * kChunk); };
   auto tile = [&](int buf, int which) { return smem + (buf * SM::TILES + which) * SM::TILE; };
   const uint32_t bar0 = smem_addr(smem_b + SM::BAR_B);
   auto stage_bar = [&](int c) { return bar0 + 8 * (c % NBUF); };
@@ -245,7 +251,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   // PRO: every thread copies its share of the chunk's rope tables (cp.async, one group per chunk).
   auto issue = [&](int c) {
     if (c < nchunks) {
-      const int buf = c % NBUF, t0 = it.start + c * kChunk;
+      const int buf = c % NBUF, t0 = it.start + chunk_at(c) * kChunk;
       if (tid == 0) {
         mbar_expect_tx(stage_bar(c), SM::TILES * SM::TILE * 2);
 #pragma unroll
@@ -257,15 +263,14 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
         }
       }
       if constexpr (PRO)
-        pro.load_tables(tabs + (c & 1) * 4 * NT, tid, NT, a.cos, a.sin, t0, a.tab_stride,
-                        min(kChunk, it.len - c * kChunk));
+        pro.load_tables(tabs + (c & 1) * 4 * NT, tid, NT, a.cos, a.sin, t0, a.tab_stride, rows_of(c));
     }
     if constexpr (PRO) cp_async_commit();  // empty groups keep the wait count uniform
   };
   // Rows past the block's end in chunk c's k and v tiles: zeros (TMA brought whatever follows; with zero decay
   // factors those rows add nothing to the state unless they hold inf or nan).
   auto zero_tail = [&](int c) {
-    const int rows = min(kChunk, it.len - c * kChunk);
+    const int rows = rows_of(c);
     if (rows == kChunk) return;
     const int pieces = (kChunk - rows) * (D / 8);
     for (int i = tid; i < 2 * pieces; i += NT) {
@@ -280,7 +285,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   auto prologue = [&](int c) {
     if constexpr (PRO) {
       mbar_wait(stage_bar(c), (c / NBUF) & 1);
-      const int buf = c % NBUF, rows = min(kChunk, it.len - c * kChunk);
+      const int buf = c % NBUF, rows = rows_of(c);
       const float4* tab = tabs + (c & 1) * 4 * NT;
       if constexpr (!STATE_ONLY) pro.apply(tile(buf, 0), qk_w, tab, tid, NT, a.eps, rows);
       pro.apply(tile(buf, KI), qk_w + D, tab, tid, NT, a.eps, rows);
@@ -345,7 +350,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     issue(c + NBUF - 1);
     if constexpr (!STATE_ONLY) if (c > 0) store_out(c - 1);  // its staging buffer is complete (the barrier above)
     const int buf = c % NBUF;
-    const int Lc = min(kChunk, it.len - c * kChunk);
+    const int Lc = rows_of(c);
     const uint32_t k_addr = smem_addr(tile(buf, KI));
     const __nv_bfloat16* V = tile(buf, VI);
 
@@ -412,17 +417,23 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       wgmma_commit();
     }
 
-    // State update with the per-row decay gamma^{Lc-1-s} applied to the V^T fragments (0 past the chunk's end).
-    const float fc = pw[Lc];
+    // State update with the per-row decay gamma^{Lc-1-s} applied to the V^T fragments (0 past the chunk's end); the
+    // state pass scales them by the decay over the tokens after the chunk instead of decaying the sum.
+    float fb = 1.f;
+    if constexpr (STATE_ONLY) {
+      fb = exp2f((float)(it.len - chunk_at(c) * kChunk - Lc) * log2_gamma);
+      load_va();
+    } else {
+      const float fc = pw[Lc];
 #pragma unroll
-    for (int i = 0; i < NS; ++i) st[i] *= fc;
-    if constexpr (STATE_ONLY) load_va();
+      for (int i = 0; i < NS; ++i) st[i] *= fc;
+    }
     uint32_t vd_own[STATE_ONLY ? 1 : kChunk / 16][4];  // the state pass scales va in place
     auto& vd = *reinterpret_cast<uint32_t(*)[kChunk / 16][4]>(STATE_ONLY ? &va[0][0] : &vd_own[0][0]);
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk) {
       const int s = 16 * kk + 2 * tig;
-      auto f = [&](int x) { return x < Lc ? pw[Lc - 1 - x] : 0.f; };
+      auto f = [&](int x) { return x < Lc ? fb * pw[Lc - 1 - x] : 0.f; };
       const float f0 = f(s), f1 = f(s + 1), f8 = f(s + 8), f9 = f(s + 9);
       vd[kk][0] = scale_bf16x2(va[kk][0], f0, f1); vd[kk][1] = scale_bf16x2(va[kk][1], f0, f1);
       vd[kk][2] = scale_bf16x2(va[kk][2], f8, f9); vd[kk][3] = scale_bf16x2(va[kk][3], f8, f9);
