@@ -157,6 +157,27 @@ def _run_plan_in_float64(plan, q, k, v, state, gamma):
     return out
 
 
+@pytest.mark.parametrize("n", [1, 64, 65, 200, 512])
+def test_state_delta_walked_backwards_equals_the_forward_recurrence(n):
+    """The CUDA state pass's order (csrc/lightning_prefill.cu): chunks last to first, each chunk's term scaled by
+    gamma^(tokens after the chunk) * gamma^(Lc - 1 - s) per row s, summed without decaying the running sum. It must give
+    the delta that the forward chunked recurrence leaves from a zero state."""
+    H, d, C = 3, 16, 64
+    q, k, v = (_rand(n, H, d, seed=s) for s in (21, 22, 23))
+    gamma = _gamma(H)
+    forward = lightning_chunked_reference(q, k, v, gamma, chunk=C)[1]
+    lg2 = torch.log2(gamma)[:, None]
+    S = torch.zeros(H, d, d, dtype=torch.float64)
+    nchunks = -(-n // C)
+    for c in reversed(range(nchunks)):
+        Lc = min(C, n - c * C)
+        after = n - c * C - Lc
+        f = torch.exp2(after * lg2) * torch.exp2((Lc - 1 - torch.arange(Lc, dtype=torch.float64)) * lg2)  # [H, Lc]
+        K, V = k[c * C:c * C + Lc].transpose(0, 1), v[c * C:c * C + Lc].transpose(0, 1)  # [H, Lc, d]
+        S += K.transpose(1, 2) @ (V * f[..., None])
+    assert torch.allclose(S, forward, atol=FP64_TOL, rtol=0)
+
+
 @pytest.mark.parametrize("lens,block", [([700], 128), ([1, 0, 130, 64], 64), ([300, 0, 5, 129], 64), ([0, 0], 64)])
 @pytest.mark.parametrize("init", [False, True, "mixed"])
 def test_plan_passes_give_the_whole_sequences_results(lens, block, init):
