@@ -4,7 +4,7 @@ another revision's, each built into its own extension dir, timed in alternating 
 limit clocks down as a run goes on, so each side gets every position). H=16, D=128, one sequence, the auto plan.
 
     git archive REV gpu-backend | tar -x -C build/ab/base          # here: the other side (carry build/ab)
-    PYTHONPATH=gpu-backend python3 bench/prefill_ab.py --base build/ab/base --out $OUT   # on the GPU machine
+    python3 bench/prefill_ab.py --base build/ab/base --out $OUT   # on the GPU machine (each side gets its PYTHONPATH)
 
 Per side and length: eager (do_bench, L2 flushed), graph replay, the state pass + scan alone, SM clock / power during
 the graph timing; and the two sides' outputs and final states compared (relative L2 difference). Figures in
