@@ -38,7 +38,9 @@ def measure(tag: str, Ts: list[int]) -> dict:
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")  # noqa: E731
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
-    gamma = torch.exp(-slopes * (1 - 10 / 19 + 1e-5)).float().cuda()  # a middle layer of Ring-mini, as gpu_kernels.py
+    # a middle layer of Ring-mini, as gpu_kernels.gammas() (not imported: that module puts the tree's gpu-backend first
+    # on sys.path, and the base side must load its own)
+    gamma = torch.exp(-slopes * (1 - 10 / 19 + 1e-5)).float().cuda()
     none = torch.empty(0, 4, dtype=torch.int32, device="cuda")
     res = {}
     for T in Ts:
