@@ -3,6 +3,7 @@
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
 #                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots] [launch] [gemv]
 #                                  [moe-tests] [moe-mid] [moe-wide-e2e] [moe-profile] [prefill-v] [e2e-v-ab]
+#                                  [prefill-profile]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -61,6 +62,9 @@ for step in "$@"; do
     moe-profile) TAIL=12 run moe_profile sh -c "ncu --clock-control none --profile-from-start off --set full \
              -o $OUT/moe_wide python3 bench/profile_moe_wide.py --tokens 16384 && \
              ncu --import $OUT/moe_wide.ncu-rep --page details > $OUT/moe_wide_details.txt" ;;
+    prefill-profile) TAIL=12 run prefill_profile sh -c "ncu --clock-control none --profile-from-start off --set full \
+             -o $OUT/prefill python3 bench/profile_prefill.py --T 4096,16384,131072 && \
+             ncu --import $OUT/prefill.ncu-rep --page details > $OUT/prefill_details.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
