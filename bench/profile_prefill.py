@@ -21,7 +21,6 @@ def main():
     ap.add_argument("--fused", action="store_true", help="the fused QK prologue (the served path)")
     args = ap.parse_args()
     gamma = gammas()
-    nsm = torch.cuda.get_device_properties(0).multi_processor_count
     runs = []
     for T in (int(x) for x in args.T.split(",")):
         q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
