@@ -5,6 +5,7 @@
     replay = graph_of(fn)               # fn captured once, replayed (fn itself off CUDA)
     copy_gbs(device, ms)                # device-to-device copy, read + write bytes, GB/s
     with ClockLog() as log: ...         # log.summary(): SM clock and board power over the block (nvidia-smi)
+    profile_once(runs)                  # each run warmed, then once more each inside a CUDA profiler range (ncu)
 
 On CUDA the timer is triton.testing.do_bench (L2 flushed between repetitions) when triton imports, else CUDA events;
 on a CPU it is perf_counter, so the benches' --quick modes smoke-test their harness without a GPU.
@@ -75,6 +76,19 @@ def graph_of(fn: Callable[[], object], cuda: bool = True) -> Callable[[], object
     with torch.cuda.graph(g):
         fn()
     return g.replay
+
+
+def profile_once(runs: list[Callable[[], object]]) -> None:
+    """Each run once to warm it (built, allocated), then once more each inside one CUDA profiler range: what
+    `ncu --profile-from-start off` (or nsys with the cudaProfilerApi capture range) records."""
+    for run in runs:
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for run in runs:
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 def copy_gbs(device: torch.device, ms: Callable[[Callable[[], object]], float], quick: bool = False) -> float:

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import M, RING_MINI_ROUTER, moe_weights  # noqa: E402
+from gpu_timing import profile_once  # noqa: E402
 
 
 def main():
@@ -41,14 +42,7 @@ def main():
     if "tma" in groups:
         runs += [lambda: M.tma_gemm(x, tok, W["w_gate"], W["w_up"], offsets),
                  lambda: M.tma_gemm(h, None, W["w_down"], None, offsets)]
-    for run in runs:  # warm: compiled, allocated
-        run()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for run in runs:
-        run()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    profile_once(runs)
     print(f"{args.tokens} tokens, max {int((offsets[1:] - offsets[:-1]).max())} rows per expert: profiled {len(runs)} GEMMs")
 
 

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_kernels import D, H, L, gammas  # noqa: E402
+from gpu_timing import profile_once  # noqa: E402
 
 
 def main():
@@ -38,14 +39,7 @@ def main():
                     L.run_prepared_prefill(prep, q, k, v, s, gamma, qk_prologue=pro))
         print(f"T={T}: block_len {prep.plan.block_len}, {len(prep.plan.items_state)} state + "
               f"{len(prep.plan.items_out)} output items a head")
-    for run in runs:  # warm: built, tensor maps encoded once
-        run()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    for run in runs:
-        run()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+    profile_once(runs)
 
 
 if __name__ == "__main__":
