@@ -74,11 +74,11 @@ def main():
     ap.add_argument("--side", help=argparse.SUPPRESS)  # worker mode: measure one side, print JSON
     args = ap.parse_args()
     Ts = [int(x) for x in args.T.split(",")]
-    args.out.mkdir(parents=True, exist_ok=True)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     if args.side:
         print(json.dumps(measure(args.side, Ts)))
         return
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.base is None:
         ap.error("--base is required")
     sides = {"base": (args.base.resolve() / "gpu-backend", Path("/tmp/prefill_ab_ext_base")),
@@ -96,7 +96,7 @@ def main():
     rounds = {s: [] for s in sides}
     for _ in range(args.rounds):
         for side in sides:
-            line = subprocess.run([sys.executable, __file__, "--side", side, "--T", args.T, "--out", str(args.out)],
+            line = subprocess.run([sys.executable, __file__, "--side", side, "--T", args.T],
                                   env=env(side), check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             rounds[side].append(json.loads(line))
     import torch
