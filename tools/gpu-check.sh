@@ -3,7 +3,7 @@
 #   bash tools/gpu-check.sh OUTDIR [build] [tests] [kernels] [elementwise] [e2e] [e2e-prefill] [e2e-decode] [chunked]
 #                                  [mixed] [sampling] [latency] [overlap] [sampler] [snapshots] [launch] [gemv]
 #                                  [moe-tests] [moe-mid] [moe-wide-e2e] [moe-profile] [prefill-v] [e2e-v-ab]
-#                                  [prefill-profile]
+#                                  [prefill-profile] [prefill-phases]
 # Wheels not on that machine (fla for the kernel benchmarks) are carried in .whl/ (see docs/kernels.md).
 # Each step writes OUTDIR/<step>.log; a failing step does not stop the next.
 set -u
@@ -65,6 +65,8 @@ for step in "$@"; do
     prefill-profile) TAIL=12 run prefill_profile sh -c "ncu --clock-control none --profile-from-start off --set full \
              -o $OUT/prefill python3 bench/profile_prefill.py --T 4096,16384,131072 && \
              ncu --import $OUT/prefill.ncu-rep --page details > $OUT/prefill_details.txt" ;;
+    prefill-phases) TAIL=30 run prefill_phases sh -c "python3 bench/profile_prefill_phases.py --T 4096,16384,131072 \
+             --out $OUT && python3 bench/profile_prefill_phases.py --T 4096,131072 --fused --out $OUT" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

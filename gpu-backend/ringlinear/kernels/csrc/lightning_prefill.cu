@@ -179,6 +179,14 @@ struct QkPrologue {
   }
 };
 
+// Timestamps of a CTA's phases, in a profiling build only (-DRL_PREFILL_STAMPS; bench/profile_prefill_phases.py):
+// thread 0 reads the GPU's ns timer at each STAMP and prints them all when the CTA ends.
+#ifdef RL_PREFILL_STAMPS
+#define STAMP(i) do { if (threadIdx.x == 0) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(stamps[i])); } while (0)
+#else
+#define STAMP(i) do { } while (0)
+#endif
+
 template <int D, bool STATE_ONLY, int JS, bool PRO>
 __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
                                   PrefillSmem<D, STATE_ONLY, JS, PRO>::MIN_BLOCKS)
@@ -200,6 +208,8 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   float4* tabs = reinterpret_cast<float4*>(smem_b + SM::TAB_B);  // PRO: [2][4][THREADS]
   float* qk_w = reinterpret_cast<float*>(smem_b + SM::NW_B);      // PRO: q weights [D], k weights [D]
 
+  [[maybe_unused]] unsigned long long stamps[8] = {};
+  STAMP(0);
   const PrefillItem it = a.items[blockIdx.x];
   const int h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -310,6 +320,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     pdl_wait();
     pdl_launch_dependents();
     load_entering_state();
+    STAMP(4);
   }
   // Output chunk c: staging buffer c % 2 ([C, JW] in swizzled halves, as swz) -> the JW columns of this CTA in o.
   // A whole chunk leaves as JW / 64 TMA boxes that thread 0 stores (a bulk group; before the buffer is written again,
@@ -343,6 +354,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
 
   for (int c = 0; c < nchunks; ++c) {
     mbar_wait(stage_bar(c), (c / NBUF) & 1);
+    if (c == 0) STAMP(5);
     zero_tail(c);
     if constexpr (!STATE_ONLY) if (tid == 0) bulk_wait_read();  // chunk c - 2's boxes have left staging buffer c % 2
     fence_proxy_async();  // zero_tail's and chunk c - 1's staging writes, before wgmma / TMA (async proxy) read them
@@ -469,6 +481,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     wgmma_wait<0>();
     fence_regs(st);
   }
+  STAMP(6);
   if constexpr (!STATE_ONLY) {
     if (nchunks > 0) {
       fence_proxy_async();
@@ -493,6 +506,12 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       dst[i * D + 8] = st[4 * n + 2]; dst[(i + 1) * D + 8] = st[4 * n + 3];
     }
   }
+#ifdef RL_PREFILL_STAMPS
+  STAMP(7);
+  if (tid == 0)
+    printf("STAMP %d %d %d %llu %llu %llu %llu %llu %llu %llu %llu\n", STATE_ONLY ? 0 : 1, blockIdx.x, h, stamps[0],
+           stamps[1], stamps[2], stamps[3], stamps[4], stamps[5], stamps[6], stamps[7]);
+#endif
 }
 
 // One sequence of the scan: blocks b = 0..nblk-1 at workspace [ws_begin, ws_begin + nblk); every block but the last

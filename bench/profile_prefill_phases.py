@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Where a lightning prefill spends its time, CTA by CTA (H200). Builds the extension a second time with
+-DRL_PREFILL_STAMPS (its own TORCH_EXTENSIONS_DIR): each CTA of the state and output passes then reads the GPU's ns
+timer at its phase boundaries and prints them when it ends (csrc/lightning_prefill.cu, STAMP). One layer, B=1, H=16,
+D=128, the auto plan; after warm-up, one launch eagerly and one as a CUDA-graph replay (where the output pass starts
+under the scan, as a dependent launch). --fused: the served variant (QK-norm + RoPE in the kernel).
+
+    python3 bench/profile_prefill_phases.py --out $OUT [--T 4096,16384] [--fused]
+
+Stamps, us from the first CTA's start (min / median / max over a pass's CTAs): 0 start, 4 entering state in registers
+(output pass), 5 first chunk landed, 6 walk done, 7 end. Read each pass from its own start: in the stamped build the
+printf buffer separates the launches (~0.24 ms from the state pass to the output pass, graph or not), so the gap
+between passes is not the real one. Figures in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H, D = 16, 128
+PASSES = {0: "state pass", 1: "output pass"}
+
+
+def worker(T: int, fused: bool) -> None:
+    """In this process: the stamped build, warm-up launches, then a marker before each timed launch."""
+    sys.path.insert(0, str(ROOT / "gpu-backend"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+
+    from gpu_timing import graph_of
+    from ringlinear.kernels import _build
+    from ringlinear.kernels import lightning as L
+
+    _build.NVCC_FLAGS = _build.NVCC_FLAGS + ["-DRL_PREFILL_STAMPS"]
+    _build.extension()
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    gamma = torch.exp(-slopes * (1 - 10 / 19 + 1e-5)).float().cuda()  # gpu_kernels.gammas()
+    q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    state = torch.randn(1, H, D, D, device="cuda") * 0.01
+    prep = L.prepare_prefill([T], [0], [True], H, D, "cuda")
+    pro = None
+    if fused:
+        from ringlinear.ops.rope import rope_cos_sin
+
+        pos = torch.arange(T, device="cuda")
+        cos, sin = rope_cos_sin(pos, D // 2, 1e6)
+        w = torch.rand(D, device="cuda") + 0.5
+        pro = L.QKPrologue(w, w, 1e-6, cos, sin, pos, 1e6)
+    run = lambda: L.run_prepared_prefill(prep, q, k, v, state, gamma, qk_prologue=pro)  # noqa: E731
+    replay = graph_of(run)
+    for fn in (run, replay):
+        for _ in range(5):
+            fn()
+    torch.cuda.synchronize()
+    for name, fn in (("eager", run), ("graph", replay)):
+        sys.stdout.flush()
+        os.write(1, f"MARK {name}\n".encode())
+        fn()
+        torch.cuda.synchronize()
+
+
+def summarize(lines: list[str]) -> dict:
+    rows = [[int(x) for x in ln.split()[1:]] for ln in lines if ln.startswith("STAMP")]
+    t0 = min(r[3] for r in rows)
+    out = {}
+    for kind in sorted({r[0] for r in rows}):
+        ks = [r for r in rows if r[0] == kind]
+        stamps = {}
+        for i in range(8):
+            vals = [(r[3 + i] - t0) / 1e3 for r in ks if r[3 + i]]
+            if vals:
+                stamps[i] = (min(vals), statistics.median(vals), max(vals))
+        out[PASSES[kind]] = {"ctas": len(ks), "stamps_us": stamps}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", default="4096,16384")
+    ap.add_argument("--fused", action="store_true", help="the served variant: QK-norm + RoPE inside the kernel")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], bool(args.worker[1]))
+        return
+    ext = Path(os.environ.get("TORCH_EXTENSIONS_DIR", ROOT / "build" / "torch_ext")).parent / "torch_ext_stamps"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
+    result = {}
+    for T in [int(x) for x in args.T.split(",")]:
+        out = subprocess.run([sys.executable, __file__, "--worker", str(T), str(int(args.fused))], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        parts = out.split("MARK ")[1:]
+        for part in parts:
+            mode, _, body = part.partition("\n")
+            s = summarize(body.splitlines())
+            name = f"T={T} {'served (QK prologue in the kernel)' if args.fused else 'plain'} {mode}"
+            result[name] = s
+            print(name)
+            for kind, v in s.items():
+                cells = "  ".join(f"{i}: {a:.1f}/{m:.1f}/{b:.1f}" for i, (a, m, b) in v["stamps_us"].items())
+                print(f"  {kind:<12} ({v['ctas']} CTAs)  {cells}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"prefill_phases{'_fused' if args.fused else ''}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
