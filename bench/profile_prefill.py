@@ -16,6 +16,16 @@ from gpu_kernels import D, H, L, gammas  # noqa: E402
 from gpu_timing import profile_once  # noqa: E402
 
 
+def served_prologue(T: int):
+    """The served variant's QK-norm + RoPE for T positions (norm weights away from 1), as L.QKPrologue."""
+    from ringlinear.ops.rope import rope_cos_sin
+
+    pos = torch.arange(T, device="cuda")
+    cos, sin = rope_cos_sin(pos, D // 2, 1e6)
+    w = torch.rand(D, device="cuda") + 0.5
+    return L.QKPrologue(w, w, 1e-6, cos, sin, pos, 1e6)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="16384,131072")
@@ -27,14 +37,7 @@ def main():
         q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         state = torch.randn(1, H, D, D, device="cuda") * 0.01
         prep = L.prepare_prefill([T], [0], [True], H, D, "cuda")
-        pro = None
-        if args.fused:
-            from ringlinear.ops.rope import rope_cos_sin
-
-            pos = torch.arange(T, device="cuda")
-            cos, sin = rope_cos_sin(pos, D // 2, 1e6)
-            w = torch.rand(D, device="cuda") + 0.5
-            pro = L.QKPrologue(w, w, 1e-6, cos, sin, pos, 1e6)
+        pro = served_prologue(T) if args.fused else None
         runs.append(lambda prep=prep, q=q, k=k, v=v, s=state, pro=pro:
                     L.run_prepared_prefill(prep, q, k, v, s, gamma, qk_prologue=pro))
         print(f"T={T}: block_len {prep.plan.block_len}, {len(prep.plan.items_state)} state + "

@@ -24,35 +24,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-H, D = 16, 128
 PASSES = {0: "state pass", 1: "output pass"}
 
 
 def worker(T: int, fused: bool) -> None:
     """In this process: the stamped build, warm-up launches, then a marker before each timed launch."""
-    sys.path.insert(0, str(ROOT / "gpu-backend"))
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
 
+    from gpu_kernels import D, H, L, gammas  # (puts the tree's gpu-backend on sys.path)
     from gpu_timing import graph_of
+    from profile_prefill import served_prologue
     from ringlinear.kernels import _build
-    from ringlinear.kernels import lightning as L
 
-    _build.NVCC_FLAGS = _build.NVCC_FLAGS + ["-DRL_PREFILL_STAMPS"]
+    _build.NVCC_FLAGS = _build.NVCC_FLAGS + ["-DRL_PREFILL_STAMPS"]  # read when extension() first builds
     _build.extension()
-    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
-    gamma = torch.exp(-slopes * (1 - 10 / 19 + 1e-5)).float().cuda()  # gpu_kernels.gammas()
+    gamma = gammas()
     q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     state = torch.randn(1, H, D, D, device="cuda") * 0.01
     prep = L.prepare_prefill([T], [0], [True], H, D, "cuda")
-    pro = None
-    if fused:
-        from ringlinear.ops.rope import rope_cos_sin
-
-        pos = torch.arange(T, device="cuda")
-        cos, sin = rope_cos_sin(pos, D // 2, 1e6)
-        w = torch.rand(D, device="cuda") + 0.5
-        pro = L.QKPrologue(w, w, 1e-6, cos, sin, pos, 1e6)
+    pro = served_prologue(T) if fused else None
     run = lambda: L.run_prepared_prefill(prep, q, k, v, state, gamma, qk_prologue=pro)  # noqa: E731
     replay = graph_of(run)
     for fn in (run, replay):
