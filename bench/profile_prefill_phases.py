@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """Where a lightning prefill spends its time, CTA by CTA (H200). Builds the extension a second time with
--DRL_PREFILL_STAMPS (its own TORCH_EXTENSIONS_DIR): each CTA of the state and output passes then reads the GPU's ns
-timer at its phase boundaries and prints them when it ends (csrc/lightning_prefill.cu, STAMP). One layer, B=1, H=16,
-D=128, the auto plan; after warm-up, one launch eagerly and one as a CUDA-graph replay (where the output pass starts
-under the scan, as a dependent launch). --fused: the served variant (QK-norm + RoPE in the kernel).
+-DRL_PREFILL_STAMPS (its own TORCH_EXTENSIONS_DIR): each CTA of the state pass, the scan and the output pass then reads
+the GPU's ns timer at its phase boundaries and stores them in a device buffer, read back by the extension's
+prefill_stamps() (csrc/lightning_prefill.cu, STAMP). One layer, B=1, H=16, D=128, the auto plan; after warm-up, one
+launch eagerly and one as a CUDA-graph replay (where the scan and the output pass start early, as dependent launches).
+--fused: the served variant (QK-norm + RoPE in the kernel).
 
     python3 bench/profile_prefill_phases.py --out $OUT [--T 4096,16384] [--fused]
 
-Stamps, us from the first CTA's start (min / median / max over a pass's CTAs): 0 start, 4 entering state in registers
-(output pass), 5 first chunk landed, 6 walk done, 7 end. Read each pass from its own start: in the stamped build the
-printf buffer separates the launches (~0.24 ms from the state pass to the output pass, graph or not), so the gap
-between passes is not the real one. Figures in docs/benchmarks.md.
+Stamps, us from the state pass's first CTA start (min / median / max over a pass's CTAs). State and output passes:
+0 start, 4 entering state in registers (output pass), 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start, 1 its
+wait returned (the state pass is complete), 7 end. Figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PASSES = {0: "state pass", 1: "output pass"}
+PASSES = ("state pass", "scan", "output pass")
 
 
 def worker(T: int, fused: bool) -> None:
-    """In this process: the stamped build, warm-up launches, then a marker before each timed launch."""
+    """In this process: the stamped build, warm-up launches, then each timed launch's stamps as one JSON line."""
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
 
@@ -38,7 +38,7 @@ def worker(T: int, fused: bool) -> None:
     from ringlinear.kernels import _build
 
     _build.NVCC_FLAGS = _build.NVCC_FLAGS + ["-DRL_PREFILL_STAMPS"]  # read when extension() first builds
-    _build.extension()
+    ext = _build.extension()
     gamma = gammas()
     q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     state = torch.randn(1, H, D, D, device="cuda") * 0.01
@@ -50,25 +50,29 @@ def worker(T: int, fused: bool) -> None:
         for _ in range(5):
             fn()
     torch.cuda.synchronize()
+    ext.prefill_stamps()  # clears the warm-up's
+    out = {}
     for name, fn in (("eager", run), ("graph", replay)):
-        sys.stdout.flush()
-        os.write(1, f"MARK {name}\n".encode())
         fn()
         torch.cuda.synchronize()
+        out[name] = summarize(ext.prefill_stamps())
+    print(json.dumps(out))
 
 
-def summarize(lines: list[str]) -> dict:
-    rows = [[int(x) for x in ln.split()[1:]] for ln in lines if ln.startswith("STAMP")]
-    t0 = min(r[3] for r in rows)
+def summarize(stamps) -> dict:
+    """[pass][CTA][stamp] ns -> per pass: CTAs that ran, and (min, median, max) us of each stamp from the first start."""
+    ran = [stamps[p][stamps[p][:, 0] > 0] for p in range(len(PASSES))]
+    t0 = min(int(r[:, 0].min()) for r in (ran[:1] if len(ran[0]) else ran) if len(r))  # the state pass's first start
     out = {}
-    for kind in sorted({r[0] for r in rows}):
-        ks = [r for r in rows if r[0] == kind]
-        stamps = {}
+    for p, rows in enumerate(ran):
+        if not len(rows):
+            continue
+        st = {}
         for i in range(8):
-            vals = [(r[3 + i] - t0) / 1e3 for r in ks if r[3 + i]]
+            vals = sorted((int(x) - t0) / 1e3 for x in rows[:, i] if x > 0)
             if vals:
-                stamps[i] = (min(vals), statistics.median(vals), max(vals))
-        out[PASSES[kind]] = {"ctas": len(ks), "stamps_us": stamps}
+                st[i] = (vals[0], statistics.median(vals), vals[-1])
+        out[PASSES[p]] = {"ctas": len(rows), "stamps_us": st}
     return out
 
 
@@ -88,10 +92,7 @@ def main():
     for T in [int(x) for x in args.T.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--worker", str(T), str(int(args.fused))], env=env, check=True,
                              capture_output=True, text=True).stdout
-        parts = out.split("MARK ")[1:]
-        for part in parts:
-            mode, _, body = part.partition("\n")
-            s = summarize(body.splitlines())
+        for mode, s in json.loads(out.splitlines()[-1]).items():
             name = f"T={T} {'served (QK prologue in the kernel)' if args.fused else 'plain'} {mode}"
             result[name] = s
             print(name)

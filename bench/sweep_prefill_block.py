@@ -2,6 +2,10 @@
 """Sweep the lightning prefill block length L (H=16, D=128) on the GPU; prints ms per L and the planner's pick.
 
     PYTHONPATH=gpu-backend python3 bench/sweep_prefill_block.py [--T 8192,16384,...] [--seqs N] [--L 1024,2048,...]
+        [--graph]
+
+--graph: time CUDA-graph replays (what the pod's steps run) instead of eager calls; both with the L2 flushed between
+repetitions.
 
 Used to fit `plan_prefill` (ringlinear/kernels/lightning.py); figures in docs/benchmarks.md.
 """
@@ -15,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import graph_of  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu-backend"))
 from ringlinear.kernels import lightning as L  # noqa: E402
 
@@ -24,6 +31,7 @@ def main():
     ap.add_argument("--T", default="4096,8192,16384,32768,65536,131072", help="tokens per sequence")
     ap.add_argument("--seqs", type=int, default=1, help="equal sequences in the varlen batch")
     ap.add_argument("--L", default="512,768,1024,1536,2048,3072,3968,4096,6144,8192", help="block lengths to try")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import triton.testing
@@ -42,10 +50,11 @@ def main():
         res = {}
         for bl in cands:
             prep = L.prepare_prefill(lens, slots, init, H, D, "cuda", bl)
-            res[bl] = triton.testing.do_bench(lambda: L.run_prepared_prefill(prep, q, k, v, state, gamma), warmup=25,
-                                              rep=200, return_mode="median")
+            run = lambda: L.run_prepared_prefill(prep, q, k, v, state, gamma)  # noqa: E731
+            res[bl] = triton.testing.do_bench(graph_of(run) if args.graph else run, warmup=25, rep=200,
+                                              return_mode="median")
         best = min(res, key=res.get)
-        rows.append({"T": T, "seqs": n, "auto": auto, "ms": res, "best": best})
+        rows.append({"T": T, "seqs": n, "auto": auto, "ms": res, "best": best, "graph": args.graph})
         print(f"{n} x T={T:6d} auto L={auto} {res[auto]:.4f} ms | best L={best} {res[best]:.4f} ms "
               f"({res[auto] / res[best]:.2f}x the auto L) | "
               + " ".join(f"{bl}:{ms:.4f}" for bl, ms in res.items()), flush=True)

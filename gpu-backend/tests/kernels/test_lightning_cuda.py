@@ -325,6 +325,13 @@ def test_prefill_applies_the_qk_prologue_bitwise(lens, block_len, jsplit):
     assert _rel(s_fused, ref_state) < STATE_REL
 
 
+def test_prefill_stamps_are_empty_in_the_normal_build():
+    """The phase stamps (bench/profile_prefill_phases.py) exist only in a -DRL_PREFILL_STAMPS build."""
+    from ringlinear.kernels import _build
+
+    assert _build.extension().prefill_stamps().numel() == 0
+
+
 def test_prefill_qk_prologue_rejects_bad_tables():
     """A QKPrologue whose tables do not match the rows fails by name before any launch."""
     from ringlinear.kernels.lightning import QKPrologue

@@ -180,11 +180,22 @@ struct QkPrologue {
 };
 
 // Timestamps of a CTA's phases, in a profiling build only (-DRL_PREFILL_STAMPS; bench/profile_prefill_phases.py):
-// thread 0 reads the GPU's ns timer at each STAMP and prints them all when the CTA ends.
+// thread 0 reads the GPU's ns timer at each STAMP and, when the CTA ends, stores them in prefill_stamps' buffer
+// [pass: state, scan, output][CTA][stamp] (read back by prefill_stamps(); a device buffer, not printf, so that the
+// gaps between the launches are the real ones).
+constexpr int kStampCtas = 4096;
 #ifdef RL_PREFILL_STAMPS
+__device__ unsigned long long g_prefill_stamps[3][kStampCtas][8];
 #define STAMP(i) do { if (threadIdx.x == 0) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(stamps[i])); } while (0)
+#define STAMPS_STORE(pass)                                                                                          \
+  do {                                                                                                              \
+    const unsigned cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);                           \
+    if (threadIdx.x == 0 && cta < kStampCtas)                                                                       \
+      for (int i_ = 0; i_ < 8; ++i_) g_prefill_stamps[pass][cta][i_] = stamps[i_];                                \
+  } while (0)
 #else
 #define STAMP(i) do { } while (0)
+#define STAMPS_STORE(pass) do { } while (0)
 #endif
 
 template <int D, bool STATE_ONLY, int JS, bool PRO>
@@ -506,12 +517,8 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       dst[i * D + 8] = st[4 * n + 2]; dst[(i + 1) * D + 8] = st[4 * n + 3];
     }
   }
-#ifdef RL_PREFILL_STAMPS
   STAMP(7);
-  if (tid == 0)
-    printf("STAMP %d %d %d %llu %llu %llu %llu %llu %llu %llu %llu\n", STATE_ONLY ? 0 : 1, blockIdx.x, h, stamps[0],
-           stamps[1], stamps[2], stamps[3], stamps[4], stamps[5], stamps[6], stamps[7]);
-#endif
+  STAMPS_STORE(STATE_ONLY ? 0 : 2);
 }
 
 // One sequence of the scan: blocks b = 0..nblk-1 at workspace [ws_begin, ws_begin + nblk); every block but the last
@@ -532,6 +539,8 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
                                                                      const float* gamma, int H, int DD,
                                                                      bool after_state_pass) {
   constexpr int U = 8;  // deltas in flight per thread
+  [[maybe_unused]] unsigned long long stamps[8] = {};
+  STAMP(0);
   if (!after_state_pass) pdl_wait();  // the slot states may be the previous kernel's outputs
   const ScanSeq sq = seqs[blockIdx.z];
   const int h = blockIdx.y;
@@ -542,9 +551,12 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
   const float gL = exp2f((float)sq.blk_len * log2f(gamma[h]));
   if (after_state_pass) pdl_wait();  // the state pass's deltas
   pdl_launch_dependents();
+  STAMP(1);
   if (!live) return;
   if (sq.nblk == 0) {
     if (!sq.use_init) *slot_state = S;
+    STAMP(7);
+    STAMPS_STORE(1);
     return;
   }
   auto at = [&](int b) { return reinterpret_cast<float4*>(ws + ((int64_t)(sq.ws_begin + b) * H + h) * DD) + e; };
@@ -565,6 +577,8 @@ __global__ void __launch_bounds__(256) lightning_prefill_scan_kernel(float* ws, 
       }
     }
   }
+  STAMP(7);
+  STAMPS_STORE(1);
 }
 
 // The state pass launches plainly (it reads q, k, v as soon as it starts); the output pass as a dependent of the scan.
@@ -578,6 +592,23 @@ static void launch_prefill(const PrefillArgs& a, const PrefillMaps& maps, int n_
   if constexpr (STATE_ONLY) kern<<<grid, SM::THREADS, SM::BYTES, stream>>>(a, maps);
   else C10_CUDA_CHECK(launch_dependent(kern, grid, SM::THREADS, SM::BYTES, stream, a, maps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The stamps of the prefill launches since the last call (int64 [3 passes: state, scan, output][CTA][8], ns; 0 where a
+// CTA or stamp did not run), and the buffer cleared; empty unless built with -DRL_PREFILL_STAMPS.
+at::Tensor prefill_stamps() {
+#ifdef RL_PREFILL_STAMPS
+  at::Tensor out = at::empty({3, kStampCtas, 8}, at::kLong);
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr(), g_prefill_stamps, sizeof(g_prefill_stamps)));
+  void* dev = nullptr;
+  C10_CUDA_CHECK(cudaGetSymbolAddress(&dev, g_prefill_stamps));
+  C10_CUDA_CHECK(cudaMemset(dev, 0, sizeof(g_prefill_stamps)));
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  return out;
+#else
+  return at::empty({0}, at::kLong);
+#endif
 }
 
 static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
