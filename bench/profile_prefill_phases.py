@@ -62,7 +62,8 @@ def worker(T: int, fused: bool) -> None:
 def summarize(stamps) -> dict:
     """[pass][CTA][stamp] ns -> per pass: CTAs that ran, and (min, median, max) us of each stamp from the first start."""
     ran = [stamps[p][stamps[p][:, 0] > 0] for p in range(len(PASSES))]
-    t0 = min(int(r[:, 0].min()) for r in (ran[:1] if len(ran[0]) else ran) if len(r))  # the state pass's first start
+    first = next(r for r in ran if len(r))  # the state pass (the scan when a plan has no state pass)
+    t0 = int(first[:, 0].min())
     out = {}
     for p, rows in enumerate(ran):
         if not len(rows):
