@@ -10,7 +10,8 @@ launch eagerly and one as a CUDA-graph replay (where the scan and the output pas
 
 Stamps, us from the state pass's first CTA start (min / median / max over a pass's CTAs). State and output passes:
 0 start, 4 entering state in registers (output pass), 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start, 1 its
-wait returned (the state pass is complete), 7 end. Figures in docs/benchmarks.md.
+wait returned (the state pass is complete), 7 end. Then the chunk loop's phases (CLK): median cycles of each, per pass.
+Figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def worker(T: int, fused: bool) -> None:
             fn()
     torch.cuda.synchronize()
     ext.prefill_stamps()  # clears the warm-up's
+    ext.prefill_chunk_clocks()
     out = {}
     for name, fn in (("eager", run), ("graph", replay)):
         fn()
         torch.cuda.synchronize()
         out[name] = summarize(ext.prefill_stamps())
+        out[name]["chunk phases"] = summarize_chunks(ext.prefill_chunk_clocks())
     print(json.dumps(out))
 
 
@@ -74,6 +77,39 @@ def summarize(stamps) -> dict:
             if vals:
                 st[i] = (vals[0], statistics.median(vals), vals[-1])
         out[PASSES[p]] = {"ctas": len(rows), "stamps_us": st}
+    return out
+
+
+# The chunk loop's phase boundaries (csrc/lightning_prefill.cu, CLK): each phase ends at its stamp and starts at the
+# previous stamp the pass records (the state pass has no score / output phases).
+CHUNK_PHASES = {0: "loop top", 1: "tiles landed (mbarrier)", 2: "CTA barrier 1", 3: "next loads, last chunk's store",
+                4: "S packed, scores + inter issued", 5: "scores + inter done", 6: "mask, P stored, inter scaled",
+                7: "CTA barrier 2 (P complete)", 8: "intra + state update issued", 9: "intra done",
+                10: "O staged (stmatrix)", 11: "state update done"}
+
+
+def summarize_chunks(clk) -> dict:
+    """[pass][CTA][warpgroup][chunk][phase] cycles -> per pass: the median cycles of each phase and of a whole chunk
+    (loop top to the next loop top), over CTAs, both warpgroups and chunks 1..6 (chunk 0 apart: its ramp)."""
+    out = {}
+    for p, name in ((0, "state pass"), (1, "output pass")):
+        rows = clk[p][clk[p][:, 0, 0, 0] != 0].long() & 0xFFFFFFFF  # CTAs that ran
+        if not len(rows):
+            continue
+        present = [i for i in range(clk.shape[-1]) if bool((rows[:, :, 1, i] != 0).any())]
+        res = {"ctas": len(rows)}
+        for label, chunks in (("chunk 0", [0]), ("chunks 1-6", list(range(1, 7)))):
+            ph = {}
+            for a, b in zip(present, present[1:]):
+                d = ((rows[:, :, chunks, b] - rows[:, :, chunks, a]) & 0xFFFFFFFF).flatten()
+                d = d[(rows[:, :, chunks, b].flatten() != 0) & (rows[:, :, chunks, a].flatten() != 0)]
+                if len(d):
+                    ph[CHUNK_PHASES[b]] = float(d.float().median())
+            nxt = [c + 1 for c in chunks]
+            d = ((rows[:, :, nxt, 0] - rows[:, :, chunks, 0]) & 0xFFFFFFFF).flatten()
+            d = d[(rows[:, :, nxt, 0].flatten() != 0)]
+            res[label] = {"phases": ph, "chunk": float(d.float().median()) if len(d) else None}
+        out[name] = res
     return out
 
 
@@ -98,6 +134,13 @@ def main():
             result[name] = s
             print(name)
             for kind, v in s.items():
+                if kind == "chunk phases":
+                    for pname, r in v.items():
+                        for label in ("chunk 0", "chunks 1-6"):
+                            c = r[label]
+                            print(f"  {pname}, {label}: {c['chunk']} cycles a chunk (median); phases: "
+                                  + "; ".join(f"{k} {x:.0f}" for k, x in c["phases"].items()), flush=True)
+                    continue
                 cells = "  ".join(f"{i}: {a:.1f}/{m:.1f}/{b:.1f}" for i, (a, m, b) in v["stamps_us"].items())
                 print(f"  {kind:<12} ({v['ctas']} CTAs)  {cells}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -326,10 +326,12 @@ def test_prefill_applies_the_qk_prologue_bitwise(lens, block_len, jsplit):
 
 
 def test_prefill_stamps_are_empty_in_the_normal_build():
-    """The phase stamps (bench/profile_prefill_phases.py) exist only in a -DRL_PREFILL_STAMPS build."""
+    """The phase stamps and chunk-loop clocks (bench/profile_prefill_phases.py) exist only in a -DRL_PREFILL_STAMPS
+    build."""
     from ringlinear.kernels import _build
 
     assert _build.extension().prefill_stamps().numel() == 0
+    assert _build.extension().prefill_chunk_clocks().numel() == 0
 
 
 def test_prefill_qk_prologue_rejects_bad_tables():

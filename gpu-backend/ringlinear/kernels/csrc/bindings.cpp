@@ -8,6 +8,7 @@ void lightning_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       double eps, const c10::optional<at::Tensor>& positions, const c10::optional<at::Tensor>& inv_freq,
                       int64_t cols, int64_t ahead);
 at::Tensor prefill_stamps();
+at::Tensor prefill_chunk_clocks();
 void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& state,
                        at::Tensor& ws, const at::Tensor& items_state, const at::Tensor& items_out,
                        const at::Tensor& scan_seqs, const at::Tensor& gamma, double scale, int64_t jsplit,
@@ -67,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lightning_prefill", &ringlinear::lightning_prefill, "lightning varlen prefill (three passes)");
   m.def("prefill_stamps", &ringlinear::prefill_stamps,
         "the prefill passes' per-CTA phase stamps since the last call (a -DRL_PREFILL_STAMPS build; else empty)");
+  m.def("prefill_chunk_clocks", &ringlinear::prefill_chunk_clocks,
+        "the prefill chunk loop's per-phase cycle stamps since the last call (a -DRL_PREFILL_STAMPS build; else empty)");
   m.def("moe_route", &ringlinear::moe_route, "sigmoid group-limited top-k routing");
   m.def("moe_align", &ringlinear::moe_align, "sort assignments by expert");
   m.def("moe_route_align_small", &ringlinear::moe_route_align_small,

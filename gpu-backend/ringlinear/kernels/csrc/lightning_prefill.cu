@@ -193,9 +193,29 @@ __device__ unsigned long long g_prefill_stamps[3][kStampCtas][8];
     if (threadIdx.x == 0 && cta < kStampCtas)                                                                       \
       for (int i_ = 0; i_ < 8; ++i_) g_prefill_stamps[pass][cta][i_] = stamps[i_];                                \
   } while (0)
+// Inside the chunk loop, the first warp of each warpgroup also reads the SM's cycle counter at the loop's phase
+// boundaries (CLK) for the first kClockChunks chunks: [pass: state, output][CTA][warpgroup][chunk][phase], read back
+// by prefill_chunk_clocks(). Cycles, not ns: the phases of a chunk last tens to hundreds of cycles.
+constexpr int kClockChunks = 8, kClockPhases = 12;
+__device__ unsigned g_prefill_chunk_clocks[2][kStampCtas][2][kClockChunks][kClockPhases];
+#define CLK_ROW(pass)                                                                                               \
+  const unsigned clk_cta_ = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);                        \
+  unsigned* clk_row = clk_cta_ < kStampCtas && threadIdx.x < 256                                                    \
+                          ? &g_prefill_chunk_clocks[pass][clk_cta_][threadIdx.x >> 7][0][0]                        \
+                          : nullptr
+#define CLK(c, i)                                                                                                   \
+  do {                                                                                                              \
+    if ((threadIdx.x & 127) == 0 && clk_row != nullptr && (c) < kClockChunks) {                                     \
+      unsigned t_;                                                                                                  \
+      asm volatile("mov.u32 %0, %%clock;" : "=r"(t_)::"memory");                                                   \
+      clk_row[(c) * kClockPhases + (i)] = t_;                                                                       \
+    }                                                                                                               \
+  } while (0)
 #else
 #define STAMP(i) do { } while (0)
 #define STAMPS_STORE(pass) do { } while (0)
+#define CLK_ROW(pass) do { } while (0)
+#define CLK(c, i) do { } while (0)
 #endif
 
 template <int D, bool STATE_ONLY, int JS, bool PRO>
@@ -221,6 +241,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
 
   [[maybe_unused]] unsigned long long stamps[8] = {};
   STAMP(0);
+  CLK_ROW(STATE_ONLY ? 0 : 1);
   const PrefillItem it = a.items[blockIdx.x];
   const int h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -317,6 +338,26 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers (and with PRO the norm weights)
+  // The decay factors of this thread's score fragments (scale * gamma^{t-s}, 0 where s > t) and of its inter-product
+  // columns t (scale * gamma^{t+1}): the same every chunk, so read once. Looked up per chunk, with the comparisons,
+  // they made the mask phase ~660 cycles of a ~3 470-cycle chunk, the tensor cores idle meanwhile (-DRL_PREFILL_STAMPS
+  // chunk clocks, H200); held in registers it takes ~250.
+  [[maybe_unused]] float mf[STATE_ONLY ? 1 : SCN / 2], af[STATE_ONLY ? 1 : 16];
+  if constexpr (!STATE_ONLY) {
+    const int s0 = (w >> 2) * SCN;
+#pragma unroll
+    for (int n = 0; n < SCN / 8; ++n)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int t = 16 * (w & 3) + g + 8 * (x >> 1), s = s0 + 8 * n + 2 * tig + (x & 1);
+        mf[4 * n + x] = s <= t ? pws[t - s] : 0.f;
+      }
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      af[2 * n] = pws[8 * n + 2 * tig + 1];
+      af[2 * n + 1] = pws[8 * n + 2 * tig + 2];
+    }
+  }
 #pragma unroll
   for (int c = 0; c < NBUF - 1; ++c) issue(c);
   if constexpr (PRO) {
@@ -364,14 +405,18 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   };
 
   for (int c = 0; c < nchunks; ++c) {
+    CLK(c, 0);
     mbar_wait(stage_bar(c), (c / NBUF) & 1);
+    CLK(c, 1);
     if (c == 0) STAMP(5);
     zero_tail(c);
     if constexpr (!STATE_ONLY) if (tid == 0) bulk_wait_read();  // chunk c - 2's boxes have left staging buffer c % 2
     fence_proxy_async();  // zero_tail's and chunk c - 1's staging writes, before wgmma / TMA (async proxy) read them
     __syncthreads();  // chunk c landed everywhere; every warp is done with chunk c - 1's buffers, P and Os
+    CLK(c, 2);
     issue(c + NBUF - 1);
     if constexpr (!STATE_ONLY) if (c > 0) store_out(c - 1);  // its staging buffer is complete (the barrier above)
+    CLK(c, 3);
     const int buf = c % NBUF;
     const int Lc = rows_of(c);
     const uint32_t k_addr = smem_addr(tile(buf, KI));
@@ -409,8 +454,10 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
         wgmma_m64n64k16_rs<0>(acc, sa[kk][0], sa[kk][1], sa[kk][2], sa[kk][3], dq, kk > 0);
       }
       wgmma_commit();
+      CLK(c, 4);
       load_va();
       wgmma_wait<0>();
+      CLK(c, 5);
       fence_regs(sc);
       fence_regs(acc);
 #pragma unroll
@@ -419,19 +466,19 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int t = 16 * (w & 3) + g + 8 * half;
-          const float p0 = s <= t ? sc[4 * n + 2 * half] * pws[t - s] : 0.f;
-          const float p1 = s + 1 <= t ? sc[4 * n + 2 * half + 1] * pws[t - s - 1] : 0.f;
-          *reinterpret_cast<uint32_t*>(Ps + swz(t, s)) = pack_bf16(p0, p1);
+          *reinterpret_cast<uint32_t*>(Ps + swz(t, s)) =
+              pack_bf16(sc[4 * n + 2 * half] * mf[4 * n + 2 * half], sc[4 * n + 2 * half + 1] * mf[4 * n + 2 * half + 1]);
         }
       }
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        const int t = 8 * n + 2 * tig;
-        const float f0 = pws[t + 1], f1 = pws[t + 2];
-        acc[4 * n] *= f0; acc[4 * n + 1] *= f1; acc[4 * n + 2] *= f0; acc[4 * n + 3] *= f1;
+        acc[4 * n] *= af[2 * n]; acc[4 * n + 1] *= af[2 * n + 1];
+        acc[4 * n + 2] *= af[2 * n]; acc[4 * n + 3] *= af[2 * n + 1];
       }
+      CLK(c, 6);
       fence_proxy_async();
       __syncthreads();  // the whole score tile is in P
+      CLK(c, 7);
       const uint32_t p_addr = smem_addr(Ps);
       wgmma_fence();
 #pragma unroll
@@ -469,9 +516,11 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       else wgmma_m64n64k16_rs<1>(st, vd[kk][0], vd[kk][1], vd[kk][2], vd[kk][3], dk, 1);
     }
     wgmma_commit();
+    CLK(c, 8);
 
     if constexpr (!STATE_ONLY) {
       wgmma_wait<1>();  // the intra-chunk product is done (the state update may still run)
+      CLK(c, 9);
       fence_regs(acc);
       // O^T fragments -> staging rows t (stmatrix.trans: each 8x8 block of (j, t) lands as 8 rows t of 8 columns j).
       __nv_bfloat16* Os = out_stage(c);
@@ -482,6 +531,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
         stmatrix_x4_trans(Os + swz(16 * pp + (m >> 1) * 8 + r, 16 * w + (m & 1) * 8), pack_bf16(x[0], x[1]),
                           pack_bf16(x[2], x[3]), pack_bf16(x[4], x[5]), pack_bf16(x[6], x[7]));
       }
+      CLK(c, 10);
     }
     if constexpr (PRO) {  // the next chunk's prologue while the state update runs on the tensor cores
       if (c + 1 < nchunks) {
@@ -490,6 +540,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
       }
     }
     wgmma_wait<0>();
+    CLK(c, 11);
     fence_regs(st);
   }
   STAMP(6);
@@ -594,20 +645,38 @@ static void launch_prefill(const PrefillArgs& a, const PrefillMaps& maps, int n_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+#ifdef RL_PREFILL_STAMPS
+// A profiling buffer (a __device__ array) as a CPU tensor of `sizes`, and the buffer cleared.
+template <typename Buf>
+static at::Tensor read_and_clear(const Buf& buf, at::IntArrayRef sizes, at::ScalarType dtype) {
+  at::Tensor out = at::empty(sizes, dtype);
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr(), buf, sizeof(buf)));
+  void* dev = nullptr;
+  C10_CUDA_CHECK(cudaGetSymbolAddress(&dev, buf));
+  C10_CUDA_CHECK(cudaMemset(dev, 0, sizeof(buf)));
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  return out;
+}
+#endif
+
 // The stamps of the prefill launches since the last call (int64 [3 passes: state, scan, output][CTA][8], ns; 0 where a
 // CTA or stamp did not run), and the buffer cleared; empty unless built with -DRL_PREFILL_STAMPS.
 at::Tensor prefill_stamps() {
 #ifdef RL_PREFILL_STAMPS
-  at::Tensor out = at::empty({3, kStampCtas, 8}, at::kLong);
-  C10_CUDA_CHECK(cudaDeviceSynchronize());
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr(), g_prefill_stamps, sizeof(g_prefill_stamps)));
-  void* dev = nullptr;
-  C10_CUDA_CHECK(cudaGetSymbolAddress(&dev, g_prefill_stamps));
-  C10_CUDA_CHECK(cudaMemset(dev, 0, sizeof(g_prefill_stamps)));
-  C10_CUDA_CHECK(cudaDeviceSynchronize());
-  return out;
+  return read_and_clear(g_prefill_stamps, {3, kStampCtas, 8}, at::kLong);
 #else
   return at::empty({0}, at::kLong);
+#endif
+}
+
+// The chunk loop's cycle stamps since the last call (int32 [2 passes: state, output][CTA][warpgroup][chunk][phase]
+// holding uint32 cycles; 0 where not run), and the buffer cleared; empty unless built with -DRL_PREFILL_STAMPS.
+at::Tensor prefill_chunk_clocks() {
+#ifdef RL_PREFILL_STAMPS
+  return read_and_clear(g_prefill_chunk_clocks, {2, kStampCtas, 2, kClockChunks, kClockPhases}, at::kInt);
+#else
+  return at::empty({0}, at::kInt);
 #endif
 }
 

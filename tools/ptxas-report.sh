@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Compiles one CUDA source of the extension for sm_90a on a machine without a GPU and prints, per kernel, its
+# registers and spills and any ptxas performance advisory (C75xx: e.g. a wgmma.wait_group it injected). The CUDA 13.2
+# compiler comes from PyPI wheels (nvcc, nvvm, crt, cccl, runtime, cuobjdump), unpacked once into a cache directory;
+# the torch headers from the project's .venv.
+#   bash tools/ptxas-report.sh [lightning_prefill.cu] [--sass]     # --sass: also the kernels' SASS in $CACHE/out.sass
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=${1:-lightning_prefill.cu}
+PY=${PYTHON:-$PWD/.venv/bin/python}
+CACHE=${PTXAS_CACHE:-$HOME/.cache/ringlinear-nvcc}
+TK=$CACHE/nvidia/cu13
+if [ ! -x "$TK/bin/nvcc" ]; then
+  mkdir -p "$CACHE/wheels"
+  "$PY" -m pip download -q --no-deps -d "$CACHE/wheels" "nvidia-cuda-nvcc==13.2.*" "nvidia-nvvm==13.2.*" \
+    "nvidia-cuda-crt==13.2.*" "nvidia-cuda-cccl==13.2.*" "nvidia-cuda-runtime==13.2.*" "nvidia-cuda-cuobjdump==13.2.*"
+  for w in "$CACHE"/wheels/*.whl; do "$PY" -m zipfile -e "$w" "$CACHE"; done
+  chmod +x "$TK"/bin/* "$TK"/nvvm/bin/*
+fi
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+INC=$(CUDA_HOME=$TK "$PY" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))" 2>/dev/null)
+PYINC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+cd gpu-backend/ringlinear/kernels/csrc
+# -std=c++20: recent torch headers need it (the GPU machine's build uses torch's own flags). The math libraries'
+# headers that torch includes (cusparse, cublas) come from torch's own nvidia wheels, searched last.
+PATH=$TK/bin:$PATH "$TK/bin/nvcc" -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -std=c++20 -cubin \
+  -Xptxas -v $INC "-I$PYINC" -I. -Xcompiler -idirafter -Xcompiler "$SITE/nvidia/cu13/include" \
+  -o "$CACHE/out.cubin" "$SRC" > "$CACHE/ptxas.log" 2>&1 || { tail -30 "$CACHE/ptxas.log"; exit 1; }
+grep -E "C75[0-9]{2}" "$CACHE/ptxas.log" | sed -E 's/ in function .*//' | sort | uniq -c || true
+# "Compiling entry function 'NAME'", then its stack / spill line, then its register line
+grep -E "Compiling entry|bytes spill|Used [0-9]+ registers" "$CACHE/ptxas.log" |
+  sed -E "s/.*Compiling entry function '([^']+)'.*/\1/; s/ptxas info *: //" | paste - - - |
+  awk -F'\t' '{ printf "%-100s %s | %s\n", substr($1, 1, 100), $3, $2 }'
+if [ "${2:-}" = "--sass" ]; then "$TK/bin/cuobjdump" -sass "$CACHE/out.cubin" > "$CACHE/out.sass" && echo "SASS: $CACHE/out.sass"; fi
