@@ -90,7 +90,8 @@ CHUNK_PHASES = {0: "loop top", 1: "tiles landed (mbarrier)", 2: "CTA barrier 1",
 
 def summarize_chunks(clk) -> dict:
     """[pass][CTA][warpgroup][chunk][phase] cycles -> per pass: the median cycles of each phase and of a whole chunk
-    (loop top to the next loop top), over CTAs, both warpgroups and chunks 1..6 (chunk 0 apart: its ramp)."""
+    (loop top to the next loop top), over CTAs, both warpgroups and chunks 1..6 (chunk 0 apart: its ramp); and the
+    same per warpgroup ("warpgroup 0/1", chunks 1..6), whose phases differ where one of its threads does work alone."""
     out = {}
     for p, name in ((0, "state pass"), (1, "output pass")):
         rows = clk[p][clk[p][:, 0, 0, 0] != 0].long() & 0xFFFFFFFF  # CTAs that ran
@@ -98,16 +99,21 @@ def summarize_chunks(clk) -> dict:
             continue
         present = [i for i in range(clk.shape[-1]) if bool((rows[:, :, 1, i] != 0).any())]
         res = {"ctas": len(rows)}
-        for label, chunks in (("chunk 0", [0]), ("chunks 1-6", list(range(1, 7)))):
+        groups = [("chunk 0", [0], slice(None)), ("chunks 1-6", list(range(1, 7)), slice(None))]
+        groups += [(f"warpgroup {g}, chunks 1-6", list(range(1, 7)), slice(g, g + 1)) for g in range(rows.shape[1])]
+        for label, chunks, wgs in groups:
+            sel = rows[:, wgs]
+            if not bool((sel[:, :, chunks[0], 0] != 0).any()):
+                continue
             ph = {}
             for a, b in zip(present, present[1:]):
-                d = ((rows[:, :, chunks, b] - rows[:, :, chunks, a]) & 0xFFFFFFFF).flatten()
-                d = d[(rows[:, :, chunks, b].flatten() != 0) & (rows[:, :, chunks, a].flatten() != 0)]
+                d = ((sel[:, :, chunks, b] - sel[:, :, chunks, a]) & 0xFFFFFFFF).flatten()
+                d = d[(sel[:, :, chunks, b].flatten() != 0) & (sel[:, :, chunks, a].flatten() != 0)]
                 if len(d):
                     ph[CHUNK_PHASES[b]] = float(d.float().median())
             nxt = [c + 1 for c in chunks]
-            d = ((rows[:, :, nxt, 0] - rows[:, :, chunks, 0]) & 0xFFFFFFFF).flatten()
-            d = d[(rows[:, :, nxt, 0].flatten() != 0)]
+            d = ((sel[:, :, nxt, 0] - sel[:, :, chunks, 0]) & 0xFFFFFFFF).flatten()
+            d = d[(sel[:, :, nxt, 0].flatten() != 0)]
             res[label] = {"phases": ph, "chunk": float(d.float().median()) if len(d) else None}
         out[name] = res
     return out

@@ -39,11 +39,16 @@ struct PrefillItem {
   int32_t slot_out;    // pass 3 only: >= 0 -> write the final state to state[slot_out] (last block of a sequence)
 };
 
-// q, k, v, o as [T_total, H, D] bf16 tensor maps (each with its own token stride: v may be read in place from the qkv
-// projection), boxes of 64 tokens x 1 head x 64 columns with the 128-byte swizzle: a box is one swizzled half of a
-// chunk tile (swz). The output pass stores o's whole chunks from swizzled staging through its map.
+// q, k, v, o as bf16 tensor maps of [T_total, H, D] (each with its own token stride: v may be read in place from the
+// qkv projection), with the 128-byte swizzle. The output pass reads whole chunk tiles, both 64-column halves in one box
+// of a 4-d view [64 columns][T][halves][H] (its halves land one after the other, as swz lays them out), and stores o's
+// whole chunks from swizzled staging the same way. Each TMA instruction holds its issuing thread ~60 cycles, on the
+// critical path of its warpgroup: one box per tile instead of one per half took the first warpgroup's loads and store
+// from ~570 to ~390 cycles of a chunk (-DRL_PREFILL_STAMPS clocks, H200). The state pass reads k and v as 3-d boxes of
+// one half each (64 tokens x 1 head x 64 columns): the 4-d boxes measured no faster there.
 struct PrefillMaps {
-  CUtensorMap q, k, v, o;
+  CUtensorMap k_half, v_half;  // state pass
+  CUtensorMap q, k, v, o;      // output pass
 };
 
 struct PrefillArgs {
@@ -298,10 +303,15 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
         mbar_expect_tx(stage_bar(c), SM::TILES * SM::TILE * 2);
 #pragma unroll
         for (int which = 0; which < SM::TILES; ++which) {
-          const CUtensorMap* map = which == VI ? &maps.v : which == KI ? &maps.k : &maps.q;
+          if constexpr (STATE_ONLY) {
+            const CUtensorMap* map = which == VI ? &maps.v_half : &maps.k_half;
 #pragma unroll
-          for (int hf = 0; hf < D / 64; ++hf)
-            tma_load_3d(smem_addr(tile(buf, which)) + hf * kChunk * 128, map, stage_bar(c), 64 * hf, h, t0);
+            for (int hf = 0; hf < D / 64; ++hf)
+              tma_load_3d(smem_addr(tile(buf, which)) + hf * kChunk * 128, map, stage_bar(c), 64 * hf, h, t0);
+          } else {
+            const CUtensorMap* map = which == VI ? &maps.v : which == KI ? &maps.k : &maps.q;
+            tma_load_4d(smem_addr(tile(buf, which)), map, stage_bar(c), 0, t0, 0, h);
+          }
         }
       }
       if constexpr (PRO)
@@ -338,11 +348,14 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers (and with PRO the norm weights)
-  // The decay factors of this thread's score fragments (scale * gamma^{t-s}, 0 where s > t) and of its inter-product
-  // columns t (scale * gamma^{t+1}): the same every chunk, so read once. Looked up per chunk, with the comparisons,
-  // they made the mask phase ~660 cycles of a ~3 470-cycle chunk, the tensor cores idle meanwhile (-DRL_PREFILL_STAMPS
-  // chunk clocks, H200); held in registers it takes ~250.
-  [[maybe_unused]] float mf[STATE_ONLY ? 1 : SCN / 2], af[STATE_ONLY ? 1 : 16];
+  // The decay factors of this thread's score fragments (scale * gamma^{t-s}, 0 where s > t), of its inter-product
+  // columns t (scale * gamma^{t+1}) and of its V^T fragments' rows s in a full chunk (gamma^{C-1-s}, the state update):
+  // the same every chunk, so read once. Looked up per chunk, with the comparisons, the mask's made the mask phase ~660
+  // cycles of a ~3 470-cycle chunk, the tensor cores idle meanwhile (-DRL_PREFILL_STAMPS chunk clocks, H200); held in
+  // registers it takes ~250. The V^T factors in registers took ~70 cycles more off a chunk; the jsplit-2 kernel still
+  // looks them up (with 16 more registers it spilled).
+  constexpr bool VF = !STATE_ONLY && JS == 1;
+  [[maybe_unused]] float mf[STATE_ONLY ? 1 : SCN / 2], af[STATE_ONLY ? 1 : 16], vf[VF ? 16 : 1];
   if constexpr (!STATE_ONLY) {
     const int s0 = (w >> 2) * SCN;
 #pragma unroll
@@ -356,6 +369,14 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     for (int n = 0; n < 8; ++n) {
       af[2 * n] = pws[8 * n + 2 * tig + 1];
       af[2 * n + 1] = pws[8 * n + 2 * tig + 2];
+    }
+  }
+  if constexpr (VF) {
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {  // s = 16 kk + 2 tig + {0, 1, 8, 9}
+      const int s = 16 * kk + 2 * tig;
+      vf[4 * kk] = pw[kChunk - 1 - s]; vf[4 * kk + 1] = pw[kChunk - 2 - s];
+      vf[4 * kk + 2] = pw[kChunk - 9 - s]; vf[4 * kk + 3] = pw[kChunk - 10 - s];
     }
   }
 #pragma unroll
@@ -388,9 +409,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     const int rows = min(kChunk, it.len - c * kChunk);
     if (rows == kChunk) {
       if (tid == 0) {
-#pragma unroll
-        for (int hf = 0; hf < JW / 64; ++hf)
-          tma_store_3d(&maps.o, smem_addr(out_stage(c)) + hf * kChunk * 128, jbase + 64 * hf, h, it.start + c * kChunk);
+        tma_store_4d(&maps.o, smem_addr(out_stage(c)), 0, it.start + c * kChunk, jbase / 64, h);
         bulk_commit();
       }
       return;
@@ -504,7 +523,12 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     for (int kk = 0; kk < kChunk / 16; ++kk) {
       const int s = 16 * kk + 2 * tig;
       auto f = [&](int x) { return x < Lc ? fb * pw[Lc - 1 - x] : 0.f; };
-      const float f0 = f(s), f1 = f(s + 1), f8 = f(s + 8), f9 = f(s + 9);
+      float f0, f1, f8, f9;
+      if (VF && Lc == kChunk) {
+        f0 = vf[4 * kk]; f1 = vf[4 * kk + 1]; f8 = vf[4 * kk + 2]; f9 = vf[4 * kk + 3];
+      } else {
+        f0 = f(s); f1 = f(s + 1); f8 = f(s + 8); f9 = f(s + 9);
+      }
       vd[kk][0] = scale_bf16x2(va[kk][0], f0, f1); vd[kk][1] = scale_bf16x2(va[kk][1], f0, f1);
       vd[kk][2] = scale_bf16x2(va[kk][2], f8, f9); vd[kk][3] = scale_bf16x2(va[kk][3], f8, f9);
     }
@@ -683,10 +707,17 @@ at::Tensor prefill_chunk_clocks() {
 static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // x: bf16 [T, H, D] rows (unit channel stride, head stride D, its own token stride) in boxes of one chunk's half tile.
-static CUtensorMap chunk_map(const at::Tensor& x) {
+static CUtensorMap half_tile_map(const at::Tensor& x) {
   const int64_t dims[3] = {x.size(2), x.size(1), x.size(0)}, strides[2] = {x.stride(1), x.stride(0)};
   const uint32_t box[3] = {64, 1, kChunk};
   return bf16_map(x.data_ptr(), 3, dims, strides, box);
+}
+// The same rows as the 4-d view [64 columns][T][D / 64 halves][H] (a half's stride is 64 columns), in boxes of one
+// chunk's `halves` consecutive halves: the box lands half after half, each 64 rows of 128 bytes.
+static CUtensorMap tile_map(const at::Tensor& x, int halves) {
+  const int64_t dims[4] = {64, x.size(0), x.size(2) / 64, x.size(1)}, strides[3] = {x.stride(0), 64, x.stride(1)};
+  const uint32_t box[4] = {64, kChunk, (uint32_t)halves, 1};
+  return bf16_map(x.data_ptr(), 4, dims, strides, box);
 }
 
 // items_state / items_out: int32 [n, 4] (PrefillItem); scan_seqs: int32 [N, 6] (ScanSeq, slot as two int32 words).
@@ -739,7 +770,9 @@ void lightning_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.items = reinterpret_cast<const PrefillItem*>(items_state.data_ptr<int32_t>());
   const int n_state = items_state.size(0), n_out = items_out.size(0);
   PrefillMaps maps{};
-  if (n_state + n_out > 0) maps = PrefillMaps{chunk_map(q), chunk_map(k), chunk_map(v), chunk_map(o)};
+  if (n_state + n_out > 0)  // o: each CTA of a jsplit stores its own D / jsplit columns
+    maps = PrefillMaps{half_tile_map(k), half_tile_map(v), tile_map(q, D / 64), tile_map(k, D / 64),
+                       tile_map(v, D / 64), tile_map(o, D / 64 / (int)jsplit)};
   if (pro) launch_prefill<128, true, 1, true>(a, maps, n_state, stream);
   else if (D == 64) launch_prefill<64, true, 1>(a, maps, n_state, stream);
   else if (jsplit == 1) launch_prefill<128, true, 1>(a, maps, n_state, stream);

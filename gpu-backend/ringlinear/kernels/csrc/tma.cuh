@@ -35,6 +35,12 @@ RL_DEVICE void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, i
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2) : "memory");
 }
 
+RL_DEVICE void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
+}
+
 // A box of shared memory to the tensor map at (c0, c1[, c2]) (rows / columns out of bounds are not written), as a bulk
 // group of this thread.
 RL_DEVICE void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
@@ -44,6 +50,10 @@ RL_DEVICE void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1
 RL_DEVICE void tma_store_3d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2) {
   asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
                ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
+RL_DEVICE void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
 }
 RL_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 RL_DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }  // smem reusable
@@ -64,8 +74,9 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // A bf16 tensor of `rank` dims (innermost first, strides in elements of the outer dims) read in boxes of 64 columns.
 inline CUtensorMap bf16_map(const void* base, int rank, const int64_t* dims, const int64_t* strides, const uint32_t* box) {
   CUtensorMap map;
-  cuuint64_t gdim[3], gstride[2];
-  cuuint32_t gbox[3], estride[3] = {1, 1, 1};
+  RL_CHECK(rank >= 1 && rank <= 5, "bf16_map: rank must be 1..5, got ", rank);
+  cuuint64_t gdim[5], gstride[4];
+  cuuint32_t gbox[5], estride[5] = {1, 1, 1, 1, 1};
   for (int i = 0; i < rank; ++i) {
     gdim[i] = (cuuint64_t)dims[i];
     gbox[i] = box[i];
