@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles one CUDA source of the extension for sm_90a on a machine without a GPU and prints, per kernel, its
 # registers and spills and any ptxas performance advisory (C75xx: e.g. a wgmma.wait_group it injected). The CUDA 13.2
-# compiler comes from PyPI wheels (nvcc, nvvm, crt, cccl, runtime, cuobjdump), unpacked once into a cache directory;
+# compiler comes from PyPI wheels (nvcc, nvvm, crt, cccl, runtime, cuobjdump, nvdisasm), unpacked once into a cache;
 # the torch headers from the project's .venv.
 #   bash tools/ptxas-report.sh [lightning_prefill.cu] [--sass]     # --sass: also the kernels' SASS in $CACHE/out.sass
 set -euo pipefail
@@ -10,10 +10,11 @@ SRC=${1:-lightning_prefill.cu}
 PY=${PYTHON:-$PWD/.venv/bin/python}
 CACHE=${PTXAS_CACHE:-$HOME/.cache/ringlinear-nvcc}
 TK=$CACHE/nvidia/cu13
-if [ ! -x "$TK/bin/nvcc" ]; then
+if [ ! -x "$TK/bin/nvcc" ] || [ ! -x "$TK/bin/nvdisasm" ]; then  # (nvdisasm: cuobjdump -sass needs it)
   mkdir -p "$CACHE/wheels"
   "$PY" -m pip download -q --no-deps -d "$CACHE/wheels" "nvidia-cuda-nvcc==13.2.*" "nvidia-nvvm==13.2.*" \
-    "nvidia-cuda-crt==13.2.*" "nvidia-cuda-cccl==13.2.*" "nvidia-cuda-runtime==13.2.*" "nvidia-cuda-cuobjdump==13.2.*"
+    "nvidia-cuda-crt==13.2.*" "nvidia-cuda-cccl==13.2.*" "nvidia-cuda-runtime==13.2.*" "nvidia-cuda-cuobjdump==13.2.*" \
+    "nvidia-cuda-nvdisasm==13.2.*"
   for w in "$CACHE"/wheels/*.whl; do "$PY" -m zipfile -e "$w" "$CACHE"; done
   chmod +x "$TK"/bin/* "$TK"/nvvm/bin/*
 fi
@@ -31,4 +32,17 @@ grep -E "C75[0-9]{2}" "$CACHE/ptxas.log" | sed -E 's/ in function .*//' | sort |
 grep -E "Compiling entry|bytes spill|Used [0-9]+ registers" "$CACHE/ptxas.log" |
   sed -E "s/.*Compiling entry function '([^']+)'.*/\1/; s/ptxas info *: //" | paste - - - |
   awk -F'\t' '{ printf "%-100s %s | %s\n", substr($1, 1, 100), $3, $2 }'
-if [ "${2:-}" = "--sass" ]; then "$TK/bin/cuobjdump" -sass "$CACHE/out.cubin" > "$CACHE/out.sass" && echo "SASS: $CACHE/out.sass"; fi
+if [ "${2:-}" = "--sass" ]; then
+  PATH=$TK/bin:$PATH "$TK/bin/cuobjdump" -sass "$CACHE/out.cubin" > "$CACHE/out.sass" && echo "SASS: $CACHE/out.sass"
+  # per kernel: the highest register the code names (past the launch count where setmaxnreg raises it), the
+  # setmaxnreg, wgmma and local-memory store instructions
+  "$PY" - "$CACHE/out.sass" <<'PYEOF'
+import re, sys
+for f in re.split(r"\n\s*Function : ", open(sys.argv[1]).read())[1:]:
+    name, body = f.split("\n", 1)
+    regs = [int(r) for r in re.findall(r"\bR(\d+)\b", body)]
+    stl = len(re.findall(r"\bSTL", body))
+    print(f"{name[:100]:<100} max R{max(regs, default=0)} | SETMAXREG {body.count('SETMAXREG')} "
+          f"HGMMA {body.count('HGMMA')} STL {stl}")
+PYEOF
+fi
