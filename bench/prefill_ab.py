@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""A/B of the lightning prefill kernel between two builds on the GPU, in one call: the working tree's gpu-backend and
-another revision's, each built into its own extension dir, timed in alternating processes (a board near its power
-limit clocks down as a run goes on, so each side gets every position). H=16, D=128, one sequence, the auto plan.
+"""A/B of the lightning prefill kernel between builds on the GPU, in one call: the working tree's gpu-backend and
+another revision's (and optionally more), each built into its own extension dir, timed in alternating processes (a
+board near its power limit clocks down as a run goes on, so each side gets every position). H=16, D=128, one
+sequence, the auto plan.
 
     git archive REV gpu-backend | tar -x -C build/ab/base          # here: the other side (carry build/ab)
     python3 bench/prefill_ab.py --base build/ab/base --out $OUT   # on the GPU machine (each side gets its PYTHONPATH)
+    ... --also wip=build/ab/wip                                     # more sides, each against the base
 
 Per side and length: eager (do_bench, L2 flushed), graph replay, the state pass + scan alone, SM clock / power during
-the graph timing; and the two sides' outputs and final states compared (relative L2 difference). Figures in
+the graph timing, fla's chunk_simple_gla as a graph replay in the same process when fla imports (the peer of issue
+6 a); and each side's outputs and final states compared with the base's (relative L2 difference, bitwise). Figures in
 docs/benchmarks.md.
 """
 
@@ -41,7 +44,10 @@ def measure(tag: str, Ts: list[int]) -> dict:
     # a middle layer of Ring-mini, as gpu_kernels.gammas() (not imported: that module puts the tree's gpu-backend first
     # on sys.path, and the base side must load its own)
     gamma = torch.exp(-slopes * (1 - 10 / 19 + 1e-5)).float().cuda()
-    none = torch.empty(0, 4, dtype=torch.int32, device="cuda")
+    try:  # the peer, timed in every side's process (its figure moves with the board like ours)
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # noqa: BLE001 - fla absent: ours only
+        chunk_simple_gla = None
     res = {}
     for T in Ts:
         g = torch.Generator("cuda").manual_seed(T)
@@ -55,8 +61,13 @@ def measure(tag: str, Ts: list[int]) -> dict:
             r["graph_ms"] = bench(graph_of(run))
         r["clocks"] = clocks.summary()
         scratch = state.clone()
-        states_only = dataclasses.replace(prep, items_out=none)
+        states_only = dataclasses.replace(prep, items_out=prep.items_out[:0])  # (a side's own table width)
         r["state_pass_plus_scan_ms"] = bench(lambda: L.run_prepared_prefill(states_only, q, k, v, scratch, gamma))
+        if chunk_simple_gla is not None:
+            s_fla, g_log = state.clone(), torch.log(gamma)
+            r["fla_graph_ms"] = bench(graph_of(lambda: chunk_simple_gla(
+                q[None], k[None], v[None], g_gamma=g_log, scale=D**-0.5, initial_state=s_fla,
+                output_final_state=True)))
         s_once = state.clone()
         o = L.run_prepared_prefill(prep, q, k, v, s_once, gamma)
         torch.save({"o": o.cpu(), "state": s_once.cpu()}, SCRATCH / f"ab_{tag}_{T}.pt")
@@ -68,6 +79,8 @@ def measure(tag: str, Ts: list[int]) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, help="the other side: a directory holding a gpu-backend tree")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR",
+                    help="one more side (a directory holding a gpu-backend tree), compared with the base too")
     ap.add_argument("--T", default="4096,16384,65536,131072")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -83,13 +96,19 @@ def main():
         ap.error("--base is required")
     sides = {"base": (args.base.resolve() / "gpu-backend", Path("/tmp/prefill_ab_ext_base")),
              "tree": (ROOT / "gpu-backend", Path(os.environ.get("TORCH_EXTENSIONS_DIR", ROOT / "build" / "torch_ext")))}
+    for spec in args.also:
+        name, _, path = spec.partition("=")
+        if not name or not path or name in sides:
+            ap.error(f"--also wants a new NAME=DIR, got {spec!r}")
+        sides[name] = (Path(path).resolve() / "gpu-backend", Path(f"/tmp/prefill_ab_ext_{name}"))
 
-    def env(side):
+    def env(side):  # the side's tree first; what PYTHONPATH held (fla's wheels) after it
         path, ext = sides[side]
-        return {**os.environ, "PYTHONPATH": str(path), "TORCH_EXTENSIONS_DIR": str(ext)}
+        rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT / "gpu-backend"]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), *rest]), "TORCH_EXTENSIONS_DIR": str(ext)}
 
     build = "from ringlinear.kernels import _build; _build.extension()"
-    jobs = max(1, (os.cpu_count() or 2) // 2)
+    jobs = max(1, (os.cpu_count() or 2) // len(sides))
     procs = [subprocess.Popen([sys.executable, "-c", build], env={**env(s), "MAX_JOBS": str(jobs)}) for s in sides]
     if any(p.wait() for p in procs):
         sys.exit("prefill_ab: a build failed")
@@ -102,16 +121,24 @@ def main():
     import torch
 
     result = {"rounds": rounds, "diff": {}}
-    print(f"{'T':>7} | {'base eager / graph ms':>24} | {'tree eager / graph ms':>24} | tree speed (graph) | o rel diff")
+    others = [s for s in sides if s != "base"]
+    rel = lambda x, y: ((x.double() - y.double()).norm() / y.double().norm()).item()  # noqa: E731
+    print(f"{'T':>7} | {'side':>8} | {'eager / graph ms':>20} | speed vs base (graph) | vs fla (graph) | o rel diff, bitwise")
     for T in Ts:
         best = {s: {k: min(r[str(T)][k] for r in rounds[s]) for k in ("eager_ms", "graph_ms")} for s in sides}
-        a, b = (torch.load(SCRATCH / f"ab_{s}_{T}.pt") for s in sides)
-        rel = lambda x, y: ((x.double() - y.double()).norm() / y.double().norm()).item()  # noqa: E731
-        result["diff"][T] = {"o_rel": rel(b["o"], a["o"]), "state_rel": rel(b["state"], a["state"]),
-                             "bitwise": torch.equal(a["o"], b["o"]) and torch.equal(a["state"], b["state"])}
-        print(f"{T:>7} | {best['base']['eager_ms']:>11.4f} / {best['base']['graph_ms']:<10.4f} | "
-              f"{best['tree']['eager_ms']:>11.4f} / {best['tree']['graph_ms']:<10.4f} | "
-              f"{best['base']['graph_ms'] / best['tree']['graph_ms']:>17.3f}x | {result['diff'][T]['o_rel']:.2e}")
+        flas = [r[str(T)]["fla_graph_ms"] for s in sides for r in rounds[s] if "fla_graph_ms" in r[str(T)]]
+        base = torch.load(SCRATCH / f"ab_base_{T}.pt")
+        for side in ["base", *others]:
+            b = torch.load(SCRATCH / f"ab_{side}_{T}.pt")
+            d = {"o_rel": rel(b["o"], base["o"]), "state_rel": rel(b["state"], base["state"]),
+                 "bitwise": torch.equal(base["o"], b["o"]) and torch.equal(base["state"], b["state"])}
+            result["diff"].setdefault(side, {})[T] = d
+            vs_fla = f"{min(flas) / best[side]['graph_ms']:>13.2f}x" if flas else f"{'-':>14}"
+            print(f"{T:>7} | {side:>8} | {best[side]['eager_ms']:>8.4f} / {best[side]['graph_ms']:<9.4f} | "
+                  f"{best['base']['graph_ms'] / best[side]['graph_ms']:>20.3f}x | {vs_fla} | "
+                  f"{d['o_rel']:.2e}, {d['bitwise']}")
+        if flas:
+            result.setdefault("fla_graph_ms_best", {})[T] = min(flas)
     (args.out / "prefill_ab.json").write_text(json.dumps(result, indent=1))
 
 
