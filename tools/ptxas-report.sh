@@ -4,6 +4,7 @@
 # compiler comes from PyPI wheels (nvcc, nvvm, crt, cccl, runtime, cuobjdump, nvdisasm), unpacked once into a cache;
 # the torch headers from the project's .venv.
 #   bash tools/ptxas-report.sh [lightning_prefill.cu] [--sass]     # --sass: also the kernels' SASS in $CACHE/out.sass
+#   NVCC_EXTRA=-DRL_PREFILL_STAMPS bash tools/ptxas-report.sh     # extra nvcc flags (here: the profiling build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${1:-lightning_prefill.cu}
@@ -25,7 +26,7 @@ cd gpu-backend/ringlinear/kernels/csrc
 # -std=c++20: recent torch headers need it (the GPU machine's build uses torch's own flags). The math libraries'
 # headers that torch includes (cusparse, cublas) come from torch's own nvidia wheels, searched last.
 PATH=$TK/bin:$PATH "$TK/bin/nvcc" -O3 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -std=c++20 -cubin \
-  -Xptxas -v $INC "-I$PYINC" -I. -Xcompiler -idirafter -Xcompiler "$SITE/nvidia/cu13/include" \
+  -Xptxas -v ${NVCC_EXTRA:-} $INC "-I$PYINC" -I. -Xcompiler -idirafter -Xcompiler "$SITE/nvidia/cu13/include" \
   -o "$CACHE/out.cubin" "$SRC" > "$CACHE/ptxas.log" 2>&1 || { tail -30 "$CACHE/ptxas.log"; exit 1; }
 grep -E "C75[0-9]{2}" "$CACHE/ptxas.log" | sed -E 's/ in function .*//' | sort | uniq -c || true
 # "Compiling entry function 'NAME'", then its stack / spill line, then its register line

@@ -348,6 +348,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers (and with PRO the norm weights)
+  STAMP(1);         // (the decays read: pw needed them)
   // The decay factors of this thread's score fragments (scale * gamma^{t-s}, 0 where s > t), of its inter-product
   // columns t (scale * gamma^{t+1}) and of its V^T fragments' rows s in a full chunk (gamma^{C-1-s}, the state update):
   // the same every chunk, so read once. Looked up per chunk, with the comparisons, the mask's made the mask phase ~660
@@ -381,6 +382,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
   }
 #pragma unroll
   for (int c = 0; c < NBUF - 1; ++c) issue(c);
+  STAMP(2);  // thread 0's first boxes issued (the item row read)
   if constexpr (PRO) {
     if (nchunks > 0) {
       cp_async_wait<NBUF - 2>();  // chunk 0's rope tables (this thread's copies)
@@ -391,6 +393,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     // Everything above reads q, k, v, the tables and weights: made before the state pass (two launches back), so
     // under a dependent launch it overlaps the scan. The entering states and every global write wait for the scan.
     pdl_wait();
+    STAMP(3);
     pdl_launch_dependents();
     load_entering_state();
     STAMP(4);
