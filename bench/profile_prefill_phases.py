@@ -9,10 +9,10 @@ launch eagerly and one as a CUDA-graph replay (where the scan and the output pas
     python3 bench/profile_prefill_phases.py --out $OUT [--T 4096,16384] [--fused]
 
 Stamps, us from the state pass's first CTA start (min / median / max over a pass's CTAs). State and output passes:
-0 start, 1 barriers set up (the decays read), 2 the first boxes issued (the item row read), 3 (output pass)
-pdl_wait returned, 4 (output pass) entering state's loads issued, 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start, 1 its
-wait returned (the state pass is complete), 7 end. Then the chunk loop's phases (CLK): median cycles of each, per pass.
-Figures in docs/benchmarks.md.
+0 start, 1 barriers set up (the decays read), 2 the first boxes issued (the item row read), 3 (output pass) pdl_wait
+returned, 4 (output pass) entering state's loads issued, 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start,
+1 its wait returned (the state pass is complete), 7 end. Then the chunk loop's phases (CLK): median cycles of each,
+per pass. Figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations

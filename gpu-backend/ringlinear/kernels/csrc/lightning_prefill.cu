@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(PrefillSmem<D, STATE_ONLY, JS, PRO>::THREADS,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();  // the barriers (and with PRO the norm weights)
-  STAMP(1);         // (the decays read: pw needed them)
+  STAMP(1);  // (the decays read: pw needed them)
   // The decay factors of this thread's score fragments (scale * gamma^{t-s}, 0 where s > t), of its inter-product
   // columns t (scale * gamma^{t+1}) and of its V^T fragments' rows s in a full chunk (gamma^{C-1-s}, the state update):
   // the same every chunk, so read once. Looked up per chunk, with the comparisons, the mask's made the mask phase ~660
