@@ -11,8 +11,9 @@ launch eagerly and one as a CUDA-graph replay (where the scan and the output pas
 Stamps, us from the state pass's first CTA start (min / median / max over a pass's CTAs). State and output passes:
 0 start, 1 barriers set up (the decays read), 2 the first boxes issued (the item row read), 3 (output pass) pdl_wait
 returned, 4 (output pass) entering state's loads issued, 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start,
-1 its wait returned (the state pass is complete), 7 end. Then the chunk loop's phases (CLK): median cycles of each,
-per pass. Figures in docs/benchmarks.md.
+1 its wait returned (the state pass is complete), 7 end. Then the output pass's tail (walk done -> end of the CTAs that
+write a slot and of the others, and the stamps of the CTA that ended last), and the chunk loop's phases (CLK): median
+cycles of each, per pass. Figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def worker(T: int, fused: bool) -> None:
     for name, fn in (("eager", run), ("graph", replay)):
         fn()
         torch.cuda.synchronize()
-        out[name] = summarize(ext.prefill_stamps())
+        stamps = ext.prefill_stamps()
+        out[name] = summarize(stamps)
+        out[name]["output tail"] = output_tail(stamps, [slot >= 0 for (_, _, _, slot) in prep.plan.items_out])
         out[name]["chunk phases"] = summarize_chunks(ext.prefill_chunk_clocks())
     print(json.dumps(out))
 
@@ -79,6 +82,27 @@ def summarize(stamps) -> dict:
                 st[i] = (vals[0], statistics.median(vals), vals[-1])
         out[PASSES[p]] = {"ctas": len(rows), "stamps_us": st}
     return out
+
+
+def output_tail(stamps, writes_slot: list[bool]) -> dict:
+    """What makes the output pass end late: walk done -> end (us, median) for the CTAs that write a sequence's final
+    state to its slot and for the others, and the stamps of the CTA that ended last (CTA i runs item i % items)."""
+    state = stamps[0][stamps[0][:, 0] > 0]
+    t0 = int((state if len(state) else stamps[1][stamps[1][:, 0] > 0])[:, 0].min())
+    rows = stamps[2]
+    ran = [i for i in range(rows.shape[0]) if rows[i, 0] > 0]
+    if not ran:
+        return {}
+    us = lambda i, k: (int(rows[i, k]) - t0) / 1e3 if rows[i, k] > 0 else None  # noqa: E731
+    tail = {True: [], False: []}
+    for i in ran:
+        if rows[i, 6] > 0 and rows[i, 7] > 0:
+            tail[writes_slot[i % len(writes_slot)]].append((int(rows[i, 7]) - int(rows[i, 6])) / 1e3)
+    last = max(ran, key=lambda i: int(rows[i, 7]))
+    return {"walk done -> end, slot writers": statistics.median(tail[True]) if tail[True] else None,
+            "walk done -> end, others": statistics.median(tail[False]) if tail[False] else None,
+            "last CTA": {"writes slot": writes_slot[last % len(writes_slot)],
+                         "stamps_us": {k: us(last, k) for k in range(8) if rows[last, k] > 0}}}
 
 
 # The chunk loop's phase boundaries (csrc/lightning_prefill.cu, CLK): each phase ends at its stamp and starts at the
@@ -141,6 +165,9 @@ def main():
             result[name] = s
             print(name)
             for kind, v in s.items():
+                if kind == "output tail":
+                    print(f"  output tail: {json.dumps(v)}", flush=True)
+                    continue
                 if kind == "chunk phases":
                     for pname, r in v.items():
                         for label in ("chunk 0", "chunks 1-6"):

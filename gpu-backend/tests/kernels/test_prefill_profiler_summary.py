@@ -1,0 +1,44 @@
+"""CPU tests: the prefill phase profiler's summaries (bench/profile_prefill_phases.py) on made-up stamps."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
+from profile_prefill_phases import output_tail, summarize  # noqa: E402
+
+
+def _stamps(n_items, heads, slot_tail_ns, other_tail_ns):
+    """[pass][CTA][stamp] ns: state CTAs start at 1000; output CTA i (item i % n_items) walks to 20 000, then ends
+    after a tail that depends on whether its item writes a slot (the last item here)."""
+    st = torch.zeros(3, 4096, 8, dtype=torch.long)
+    st[0, :4, 0] = 1000
+    for cta in range(n_items * heads):
+        last_item = cta % n_items == n_items - 1
+        st[2, cta] = torch.tensor([2000 + cta, 3000, 4000, 5000, 6000, 7000, 20000,
+                                   20000 + (slot_tail_ns if last_item else other_tail_ns)])
+    return st
+
+
+def test_output_tail_splits_slot_writers_from_the_others():
+    st = _stamps(n_items=4, heads=3, slot_tail_ns=1600, other_tail_ns=450)
+    tail = output_tail(st, [False, False, False, True])
+    assert tail["walk done -> end, slot writers"] == 1.6
+    assert tail["walk done -> end, others"] == 0.45
+    assert tail["last CTA"]["writes slot"] is True
+    # the last CTA's stamps, us from the first state CTA's start (1000 ns)
+    assert tail["last CTA"]["stamps_us"][6] == 19.0 and tail["last CTA"]["stamps_us"][7] == 20.6
+
+
+def test_output_tail_when_others_end_last():
+    tail = output_tail(_stamps(n_items=2, heads=2, slot_tail_ns=100, other_tail_ns=900), [False, True])
+    assert tail["last CTA"]["writes slot"] is False
+    assert tail["walk done -> end, slot writers"] == 0.1
+
+
+def test_summarize_counts_the_ctas_that_ran():
+    st = _stamps(n_items=4, heads=3, slot_tail_ns=1600, other_tail_ns=450)
+    s = summarize(st)
+    assert s["state pass"]["ctas"] == 4 and s["output pass"]["ctas"] == 12
+    assert s["output pass"]["stamps_us"][7][2] == 20.6  # the max end
