@@ -66,11 +66,16 @@ def worker(T: int, fused: bool) -> None:
     print(json.dumps(out))
 
 
+def first_start(stamps) -> int:
+    """ns of the first CTA's start: the state pass's (the scan's when a plan has no state pass)."""
+    ran = (stamps[p][stamps[p][:, 0] > 0] for p in range(len(PASSES)))
+    return int(next(r for r in ran if len(r))[:, 0].min())
+
+
 def summarize(stamps) -> dict:
     """[pass][CTA][stamp] ns -> per pass: CTAs that ran, and (min, median, max) us of each stamp from the first start."""
     ran = [stamps[p][stamps[p][:, 0] > 0] for p in range(len(PASSES))]
-    first = next(r for r in ran if len(r))  # the state pass (the scan when a plan has no state pass)
-    t0 = int(first[:, 0].min())
+    t0 = first_start(stamps)
     out = {}
     for p, rows in enumerate(ran):
         if not len(rows):
@@ -87,12 +92,11 @@ def summarize(stamps) -> dict:
 def output_tail(stamps, writes_slot: list[bool]) -> dict:
     """What makes the output pass end late: walk done -> end (us, median) for the CTAs that write a sequence's final
     state to its slot and for the others, and the stamps of the CTA that ended last (CTA i runs item i % items)."""
-    state = stamps[0][stamps[0][:, 0] > 0]
-    t0 = int((state if len(state) else stamps[1][stamps[1][:, 0] > 0])[:, 0].min())
     rows = stamps[2]
     ran = [i for i in range(rows.shape[0]) if rows[i, 0] > 0]
     if not ran:
         return {}
+    t0 = first_start(stamps)
     us = lambda i, k: (int(rows[i, k]) - t0) / 1e3 if rows[i, k] > 0 else None  # noqa: E731
     tail = {True: [], False: []}
     for i in ran:

@@ -42,3 +42,7 @@ def test_summarize_counts_the_ctas_that_ran():
     s = summarize(st)
     assert s["state pass"]["ctas"] == 4 and s["output pass"]["ctas"] == 12
     assert s["output pass"]["stamps_us"][7][2] == 20.6  # the max end
+
+
+def test_output_tail_of_no_output_ctas_is_empty():
+    assert output_tail(torch.zeros(3, 4096, 8, dtype=torch.long), [True]) == {}
