@@ -12,8 +12,9 @@ Stamps, us from the state pass's first CTA start (min / median / max over a pass
 0 start, 1 barriers set up (the decays read), 2 the first boxes issued (the item row read), 3 (output pass) pdl_wait
 returned, 4 (output pass) entering state's loads issued, 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start,
 1 its wait returned (the state pass is complete), 7 end. Then the output pass's tail (walk done -> end of the CTAs that
-write a slot and of the others, and the stamps of the CTA that ended last), and the chunk loop's phases (CLK): median
-cycles of each, per pass. Figures in docs/benchmarks.md.
+write a slot and of the others, and the stamps of the CTA that ended last), the chunk loop's phases (CLK): median
+cycles of each, per pass, and the SM clock during each walk (its cycles over its ns, where the clocks cover a whole
+walk: blocks of at most 8 chunks, e.g. T=4096). Figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def worker(T: int, fused: bool) -> None:
         stamps = ext.prefill_stamps()
         out[name] = summarize(stamps)
         out[name]["output tail"] = output_tail(stamps, [slot >= 0 for (_, _, _, slot) in prep.plan.items_out])
-        out[name]["chunk phases"] = summarize_chunks(ext.prefill_chunk_clocks())
+        clocks = ext.prefill_chunk_clocks()
+        out[name]["chunk phases"] = summarize_chunks(clocks)
+        items = {"state pass": prep.plan.items_state, "output pass": prep.plan.items_out}
+        out[name]["walk clock"] = walk_clock(stamps, clocks, items)
     print(json.dumps(out))
 
 
@@ -148,6 +152,29 @@ def summarize_chunks(clk) -> dict:
     return out
 
 
+def walk_clock(stamps, clk, items: dict) -> dict:
+    """The SM clock during each pass's chunk walk, from the two timers: per CTA whose whole walk the chunk clocks cover
+    (at most kClockChunks chunks), SM cycles from its first chunk's landing (CLK 1) to its last chunk's end (CLK 11),
+    over ns from stamp 5 to stamp 6 (read at those points). Median MHz over CTAs, and how many CTAs gave one; a pass
+    whose blocks are longer gives none. Tells a walk slowed by a lower clock from one that takes more cycles."""
+    out = {}
+    for p_stamp, p_clk, name in ((0, 0, "state pass"), (2, 1, "output pass")):
+        rows, n_items = items.get(name, []), len(items.get(name, []))
+        mhz = []
+        for cta in range(min(stamps.shape[1], clk.shape[1])):
+            if not n_items or stamps[p_stamp, cta, 5] <= 0 or stamps[p_stamp, cta, 6] <= 0:
+                continue
+            n = -(-rows[cta % n_items][1] // 64)  # chunks of its item
+            if n < 1 or n > clk.shape[3]:
+                continue
+            cyc = (int(clk[p_clk, cta, 0, n - 1, 11]) - int(clk[p_clk, cta, 0, 0, 1])) & 0xFFFFFFFF
+            ns = int(stamps[p_stamp, cta, 6]) - int(stamps[p_stamp, cta, 5])
+            if clk[p_clk, cta, 0, n - 1, 11] != 0 and ns > 0:
+                mhz.append(cyc / ns * 1e3)
+        out[name] = {"ctas": len(mhz), "MHz": statistics.median(mhz) if mhz else None}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", default="4096,16384")
@@ -169,8 +196,8 @@ def main():
             result[name] = s
             print(name)
             for kind, v in s.items():
-                if kind == "output tail":
-                    print(f"  output tail: {json.dumps(v)}", flush=True)
+                if kind in ("output tail", "walk clock"):
+                    print(f"  {kind}: {json.dumps(v)}", flush=True)
                     continue
                 if kind == "chunk phases":
                     for pname, r in v.items():

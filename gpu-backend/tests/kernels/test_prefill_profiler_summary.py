@@ -46,3 +46,20 @@ def test_summarize_counts_the_ctas_that_ran():
 
 def test_output_tail_of_no_output_ctas_is_empty():
     assert output_tail(torch.zeros(3, 4096, 8, dtype=torch.long), [True]) == {}
+
+
+def test_walk_clock_is_cycles_over_ns_of_whole_walks():
+    from profile_prefill_phases import walk_clock
+
+    st = torch.zeros(3, 4096, 8, dtype=torch.long)
+    clk = torch.zeros(2, 4096, 2, 8, 12, dtype=torch.int)
+    items_out = [(0, 512, 0, -1), (512, 100, 1, 0)]  # 8 chunks, then 2
+    for cta, chunks in ((0, 8), (1, 2), (2, 8), (3, 2)):
+        st[2, cta, 5], st[2, cta, 6] = 10_000, 10_000 + 1000 * chunks  # 1 us a chunk
+        clk[1, cta, 0, 0, 1] = 500
+        clk[1, cta, 0, chunks - 1, 11] = 500 + 1700 * chunks  # 1 700 cycles a chunk: 1 700 MHz
+    res = walk_clock(st, clk, {"state pass": [], "output pass": items_out})
+    assert res["output pass"] == {"ctas": 4, "MHz": 1700.0}
+    assert res["state pass"] == {"ctas": 0, "MHz": None}
+    # a block longer than the clocked chunks gives no figure
+    assert walk_clock(st, clk, {"output pass": [(0, 4096, 0, 0)]})["output pass"]["ctas"] == 0
