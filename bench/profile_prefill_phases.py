@@ -159,18 +159,16 @@ def walk_clock(stamps, clk, items: dict) -> dict:
     whose blocks are longer gives none. Tells a walk slowed by a lower clock from one that takes more cycles."""
     out = {}
     for p_stamp, p_clk, name in ((0, 0, "state pass"), (2, 1, "output pass")):
-        rows, n_items = items.get(name, []), len(items.get(name, []))
+        rows = items.get(name, [])
         mhz = []
-        for cta in range(min(stamps.shape[1], clk.shape[1])):
-            if not n_items or stamps[p_stamp, cta, 5] <= 0 or stamps[p_stamp, cta, 6] <= 0:
-                continue
-            n = -(-rows[cta % n_items][1] // 64)  # chunks of its item
-            if n < 1 or n > clk.shape[3]:
+        for cta in range(min(stamps.shape[1], clk.shape[1]) if rows else 0):
+            n = -(-rows[cta % len(rows)][1] // 64)  # chunks of 64 tokens in its item
+            ns = int(stamps[p_stamp, cta, 6]) - int(stamps[p_stamp, cta, 5])
+            ran = stamps[p_stamp, cta, 5] > 0 and ns > 0
+            if not (1 <= n <= clk.shape[3] and ran and clk[p_clk, cta, 0, n - 1, 11] != 0):
                 continue
             cyc = (int(clk[p_clk, cta, 0, n - 1, 11]) - int(clk[p_clk, cta, 0, 0, 1])) & 0xFFFFFFFF
-            ns = int(stamps[p_stamp, cta, 6]) - int(stamps[p_stamp, cta, 5])
-            if clk[p_clk, cta, 0, n - 1, 11] != 0 and ns > 0:
-                mhz.append(cyc / ns * 1e3)
+            mhz.append(cyc / ns * 1e3)
         out[name] = {"ctas": len(mhz), "MHz": statistics.median(mhz) if mhz else None}
     return out
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-from profile_prefill_phases import output_tail, summarize  # noqa: E402
+from profile_prefill_phases import output_tail, summarize, walk_clock  # noqa: E402
 
 
 def _stamps(n_items, heads, slot_tail_ns, other_tail_ns):
@@ -49,8 +49,6 @@ def test_output_tail_of_no_output_ctas_is_empty():
 
 
 def test_walk_clock_is_cycles_over_ns_of_whole_walks():
-    from profile_prefill_phases import walk_clock
-
     st = torch.zeros(3, 4096, 8, dtype=torch.long)
     clk = torch.zeros(2, 4096, 2, 8, 12, dtype=torch.int)
     items_out = [(0, 512, 0, -1), (512, 100, 1, 0)]  # 8 chunks, then 2
