@@ -13,6 +13,8 @@ import json
 
 import torch
 from torch.utils.cpp_extension import load_inline
+
+# The scratch kernel: CS CTAs a cluster, timestamps t0..t4 at the phases the docstring names (CTA's thread 0).
 src = r'''
 #include <torch/extension.h>
 #include <cooperative_groups.h>
@@ -94,10 +96,11 @@ def main():
     out = torch.zeros(16 * 16 * 256, device="cuda"); t = torch.zeros(16 * 16 * 5, dtype=torch.int64, device="cuda")
     for smem in (197 * 1024, 100 * 1024):
         for cs in (2, 4, 8, 16):
+            key = f"max_active_clusters cs={cs} smem={smem//1024}K"
             try:
-                res[f"max_active_clusters cs={cs} smem={smem//1024}K"] = m.run_cs(cs, out, t, smem, 0)[0]
+                res[key] = m.run_cs(cs, out, t, smem, 0)[0]
             except Exception as e:
-                res[f"max_active_clusters cs={cs} smem={smem//1024}K"] = str(e)[:200]
+                res[key] = str(e)[:200]
     print(json.dumps(res, indent=1))  # clusters the GPU holds at once
     for cs, ncl in ((8, 16), (4, 32)):
         meds = []
