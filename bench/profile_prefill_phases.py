@@ -13,8 +13,9 @@ Stamps, us from the state pass's first CTA start (min / median / max over a pass
 returned, 4 (output pass) entering state's loads issued, 5 first chunk landed, 6 walk done, 7 end. Scan: 0 start,
 1 its wait returned (the state pass is complete), 7 end. Then the output pass's tail (walk done -> end of the CTAs that
 write a slot and of the others, and the stamps of the CTA that ended last), the chunk loop's phases (CLK): median
-cycles of each, per pass, and the SM clock during each walk (its cycles over its ns, where the clocks cover a whole
-walk: blocks of at most 8 chunks, e.g. T=4096). Figures in docs/benchmarks.md.
+cycles of each, per pass, the SM clock during each walk (its cycles over its ns, where the clocks cover a whole
+walk: blocks of at most 8 chunks, e.g. T=4096), and how many cycles the output pass's second warpgroup runs behind its
+first at each phase boundary. Figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def worker(T: int, fused: bool) -> None:
         out[name]["chunk phases"] = summarize_chunks(clocks)
         items = {"state pass": prep.plan.items_state, "output pass": prep.plan.items_out}
         out[name]["walk clock"] = walk_clock(stamps, clocks, items)
+        out[name]["warpgroup 1 behind 0, cycles"] = warpgroup_lag(clocks)
     print(json.dumps(out))
 
 
@@ -152,6 +154,26 @@ def summarize_chunks(clk) -> dict:
     return out
 
 
+def warpgroup_lag(clk) -> dict:
+    """How far warpgroup 1 runs behind warpgroup 0 in the output pass: per phase boundary (CLK point), the median over
+    CTAs and chunks 1..6 of warpgroup 1's cycle count minus warpgroup 0's at the same point (signed; the two read one
+    SM's counter). ~0 where the two run in lockstep; about half a chunk where they take turns at the tensor cores."""
+    import torch
+
+    rows = clk[1][clk[1][:, 0, 0, 0] != 0].long() & 0xFFFFFFFF
+    if not len(rows) or rows.shape[1] < 2:
+        return {}
+    out = {}
+    for i in range(clk.shape[-1]):
+        a, b = rows[:, 0, 1:7, i].flatten(), rows[:, 1, 1:7, i].flatten()
+        ok = (a != 0) & (b != 0)
+        if bool(ok.any()):
+            d = (b[ok] - a[ok]) & 0xFFFFFFFF
+            d = torch.where(d >= 2**31, d - 2**32, d)  # signed
+            out[CHUNK_PHASES[i]] = float(d.float().median())
+    return out
+
+
 def walk_clock(stamps, clk, items: dict) -> dict:
     """The SM clock during each pass's chunk walk, from the two timers: per CTA whose whole walk the chunk clocks cover
     (at most kClockChunks chunks), SM cycles from its first chunk's landing (CLK 1) to its last chunk's end (CLK 11),
@@ -194,7 +216,7 @@ def main():
             result[name] = s
             print(name)
             for kind, v in s.items():
-                if kind in ("output tail", "walk clock"):
+                if kind in ("output tail", "walk clock", "warpgroup 1 behind 0, cycles"):
                     print(f"  {kind}: {json.dumps(v)}", flush=True)
                     continue
                 if kind == "chunk phases":

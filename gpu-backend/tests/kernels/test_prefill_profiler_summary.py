@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-from profile_prefill_phases import output_tail, summarize, walk_clock  # noqa: E402
+from profile_prefill_phases import output_tail, summarize, walk_clock, warpgroup_lag  # noqa: E402
 
 
 def _stamps(n_items, heads, slot_tail_ns, other_tail_ns):
@@ -61,3 +61,15 @@ def test_walk_clock_is_cycles_over_ns_of_whole_walks():
     assert res["state pass"] == {"ctas": 0, "MHz": None}
     # a block longer than the clocked chunks gives no figure
     assert walk_clock(st, clk, {"output pass": [(0, 4096, 0, 0)]})["output pass"]["ctas"] == 0
+
+
+def test_warpgroup_lag_is_signed_and_per_phase():
+    clk = torch.zeros(2, 4096, 2, 8, 12, dtype=torch.int)
+    for cta in range(3):
+        for c in range(8):
+            t0 = 10_000 + 3000 * c
+            clk[1, cta, 0, c, 0], clk[1, cta, 0, c, 4] = t0, t0 + 500
+            clk[1, cta, 1, c, 0], clk[1, cta, 1, c, 4] = t0 + 1500, t0 + 400  # behind at the top, ahead at point 4
+    lag = warpgroup_lag(clk)
+    assert lag == {"loop top": 1500.0, "S packed, scores + inter issued": -100.0}
+    assert warpgroup_lag(torch.zeros(2, 4096, 2, 8, 12, dtype=torch.int)) == {}

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""How fast do the prefill's wgmma shapes run on their own (H200)? A scratch kernel (not the extension, though it
+includes the extension's wgmma wrappers) keeps 1, 2 or 3 warpgroups of one CTA an SM issuing batches of 8 k16-steps
+(a K = 128 product, like the output pass's batches) of one shape, each batch committed and waited for before the
+next, as the chunk loop does; operands are zeros in 128-byte-swizzled tiles, laid out as the kernel lays them. Prints
+MACs per SM cycle for each shape and warpgroup count, and that as a share of the bf16 dense peak (2 048 MACs a cycle
+an SM: 989 TFLOP/s at 1.83 GHz on 132 SMs). Tells a chunk loop bound by its wgmma from one whose tensor cores idle.
+
+    python3 bench/probe_wgmma_rate.py [--out DIR]
+
+Shapes: m64n64k16 with A and B from shared memory (the scores), m64n64k16 with A from registers (the inter and
+intra products), m64n128k16 with A from registers and B MN-major (the state update), m64n256k16 from shared memory
+(a GEMM's shape, for reference). Figures in docs/benchmarks.md ("Fortieth session")."""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load_inline
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = r'''
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include "wgmma.cuh"
+using namespace ringlinear;
+
+// SHAPE: 0 m64n64k16 ss, 1 m64n64k16 rs, 2 m64n128k16 rs (B MN-major), 3 m64n256k16 ss.
+template <int SHAPE>
+__global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* sink, int nwg, int iters) {
+  extern __shared__ __align__(16) uint8_t raw[];
+  uint8_t* sm = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
+  for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x) reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
+  fence_proxy_async();
+  __syncthreads();
+  const int wg = threadIdx.x >> 7;
+  if (wg >= nwg) return;
+  const uint32_t a_addr = smem_addr(sm), b_addr = smem_addr(sm + 32 * 1024);  // a [64 x 128], b [up to 256 x 128]
+  constexpr int N = SHAPE == 3 ? 256 : SHAPE == 2 ? 128 : 64;
+  float d[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
+  const uint32_t z = 0;
+  const unsigned t0 = clock();
+  for (int it = 0; it < iters; ++it) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint32_t koff = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // k-steps through the 64-column atoms
+      if constexpr (SHAPE == 0) wgmma_m64n64k16_ss(d, smem_desc(a_addr + koff, 16, 1024), smem_desc(b_addr + koff, 16, 1024), 1);
+      if constexpr (SHAPE == 1) wgmma_m64n64k16_rs<0>(d, z, z, z, z, smem_desc(b_addr + koff, 16, 1024), 1);
+      if constexpr (SHAPE == 2) wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
+      if constexpr (SHAPE == 3) wgmma_m64n256k16_ss(d, smem_desc(a_addr + koff, 16, 1024), smem_desc(b_addr + (kk >> 2) * (256 * 128) + (kk & 3) * 32, 16, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(d);
+  }
+  const unsigned t1 = clock();
+  if ((threadIdx.x & 127) == 0) cycles[blockIdx.x * 3 + wg] = t1 - t0;
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) s += d[i];
+  if (s != 0.f) sink[threadIdx.x] = s;  // zeros in, zeros out: never stored, but d stays live
+}
+
+torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
+  auto cyc = torch::zeros({ctas * 3}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+  auto sink = torch::zeros({384}, torch::dtype(torch::kFloat32).device(torch::kCUDA));
+  const int bytes = 97 * 1024;
+  auto go = [&](auto kern) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    kern<<<ctas, 384, bytes>>>(reinterpret_cast<unsigned*>(cyc.data_ptr<int>()), sink.data_ptr<float>(), nwg, iters);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (shape == 0) go(rate_kernel<0>);
+  if (shape == 1) go(rate_kernel<1>);
+  if (shape == 2) go(rate_kernel<2>);
+  if (shape == 3) go(rate_kernel<3>);
+  return cyc.view({ctas, 3}).cpu();
+}
+'''
+SHAPES = {0: ("m64n64k16 ss (scores)", 64), 1: ("m64n64k16 rs (inter, intra)", 64),
+          2: ("m64n128k16 rs, B MN-major (state update)", 128), 3: ("m64n256k16 ss (reference)", 256)}
+PEAK = 2048  # bf16 dense MACs a cycle an SM
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--iters", type=int, default=2000)
+    args = ap.parse_args()
+    ext = load_inline("probe_wgmma_rate", cpp_sources="torch::Tensor rate(int shape, int nwg, int iters, int ctas);",
+                      cuda_sources=SRC, functions=["rate"],
+                      extra_include_paths=[str(ROOT / "gpu-backend" / "ringlinear" / "kernels" / "csrc")],
+                      extra_cuda_cflags=["-O3", "-gencode", "arch=compute_90a,code=sm_90a"])
+    ctas = torch.cuda.get_device_properties(0).multi_processor_count
+    res = []
+    for shape, (name, n) in SHAPES.items():
+        for nwg in (1, 2, 3):
+            ext.rate(shape, nwg, 50, ctas)  # warm-up
+            cyc = ext.rate(shape, nwg, args.iters, ctas)[:, :nwg].float()
+            span = float(cyc.max(dim=1).values.median())  # the CTA's slowest warpgroup, median over SMs
+            macs = nwg * args.iters * 8 * 64 * n * 16
+            r = {"shape": name, "warpgroups": nwg, "cycles per batch": span / args.iters,
+                 "MAC per cycle": macs / span, "share of peak": macs / span / PEAK}
+            res.append(r)
+            print(f"{name:<42} x{nwg}: {r['cycles per batch']:7.1f} cycles a batch of 8, {r['MAC per cycle']:6.0f} "
+                  f"MAC/cycle, {r['share of peak']:.0%} of peak", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "wgmma_rate.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
