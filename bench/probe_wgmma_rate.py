@@ -10,7 +10,8 @@ an SM: 989 TFLOP/s at 1.83 GHz on 132 SMs). Tells a chunk loop bound by its wgmm
 
 Shapes: m64n64k16 with A and B from shared memory (the scores), m64n64k16 with A from registers (the inter and
 intra products), m64n128k16 with A from registers and B MN-major (the state update), m64n256k16 from shared memory
-(a GEMM's shape, for reference). Figures in docs/benchmarks.md ("Fortieth session")."""
+(a GEMM's shape, for reference); and two warpgroups of the inter product's shape while a third streams 16-byte
+shared-memory reads (does the output pass's other shared-memory traffic slow its wgmma?). Figures in docs/benchmarks.md ("Fortieth session")."""
 import argparse
 import json
 from pathlib import Path
@@ -30,13 +31,34 @@ template <int SHAPE>
 __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* sink, int nwg, int iters) {
   extern __shared__ __align__(16) uint8_t raw[];
   uint8_t* sm = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
-  for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x) reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x)  // (the last 16 bytes: the stream's stop flag) reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
   fence_proxy_async();
   __syncthreads();
   const int wg = threadIdx.x >> 7;
   if (wg >= nwg) return;
+  volatile int* done = reinterpret_cast<volatile int*>(sm + 96 * 1024 - 16);
+  if (SHAPE == 4 && wg == 2) {  // streams 16-byte shared-memory reads (conflict-free) until warpgroup 0 is done
+    const uint32_t base = smem_addr(sm + 32 * 1024);
+    uint32_t x = 0;
+    unsigned n = 0;
+    const unsigned s0 = clock();
+    while (*done == 0) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        uint32_t r0, r1, r2, r3;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                     : "r"(base + ((threadIdx.x & 127) * 16 + j * 2048) % (32 * 1024)));
+        x ^= r0 ^ r1 ^ r2 ^ r3;
+      }
+      n += 16;
+    }
+    const unsigned s1 = clock();
+    if ((threadIdx.x & 127) == 0) { cycles[blockIdx.x * 3 + 2] = s1 - s0; reinterpret_cast<unsigned*>(sink)[384 + blockIdx.x] = n; }
+    if (x == 12345u) sink[threadIdx.x] = 1.f;
+    return;
+  }
   const uint32_t a_addr = smem_addr(sm), b_addr = smem_addr(sm + 32 * 1024);  // a [64 x 128], b [up to 256 x 128]
-  constexpr int N = SHAPE == 3 ? 256 : SHAPE == 2 ? 128 : 64;
+  constexpr int N = SHAPE == 3 ? 256 : SHAPE == 2 ? 128 : 64;  // (4: as 1, beside the stream)
   float d[N / 2];
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
@@ -48,7 +70,7 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
     for (int kk = 0; kk < 8; ++kk) {
       const uint32_t koff = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // k-steps through the 64-column atoms
       if constexpr (SHAPE == 0) wgmma_m64n64k16_ss(d, smem_desc(a_addr + koff, 16, 1024), smem_desc(b_addr + koff, 16, 1024), 1);
-      if constexpr (SHAPE == 1) wgmma_m64n64k16_rs<0>(d, z, z, z, z, smem_desc(b_addr + koff, 16, 1024), 1);
+      if constexpr (SHAPE == 1 || SHAPE == 4) wgmma_m64n64k16_rs<0>(d, z, z, z, z, smem_desc(b_addr + koff, 16, 1024), 1);
       if constexpr (SHAPE == 2) wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
       if constexpr (SHAPE == 3) wgmma_m64n256k16_ss(d, smem_desc(a_addr + koff, 16, 1024), smem_desc(b_addr + (kk >> 2) * (256 * 128) + (kk & 3) * 32, 16, 1024), 1);
     }
@@ -58,6 +80,7 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
   }
   const unsigned t1 = clock();
   if ((threadIdx.x & 127) == 0) cycles[blockIdx.x * 3 + wg] = t1 - t0;
+  if (SHAPE == 4 && threadIdx.x == 0) *done = 1;
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) s += d[i];
@@ -66,7 +89,7 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
 
 torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
   auto cyc = torch::zeros({ctas * 3}, torch::dtype(torch::kInt32).device(torch::kCUDA));
-  auto sink = torch::zeros({384}, torch::dtype(torch::kFloat32).device(torch::kCUDA));
+  auto sink = torch::zeros({384 + ctas}, torch::dtype(torch::kFloat32).device(torch::kCUDA));
   const int bytes = 97 * 1024;
   auto go = [&](auto kern) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -77,11 +100,14 @@ torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
   if (shape == 1) go(rate_kernel<1>);
   if (shape == 2) go(rate_kernel<2>);
   if (shape == 3) go(rate_kernel<3>);
+  if (shape == 4) go(rate_kernel<4>);
+  if (shape == 4) return torch::cat({cyc.view({ctas, 3}), sink.slice(0, 384, 384 + ctas).view(torch::kInt32).view({ctas, 1})}, 1).cpu();
   return cyc.view({ctas, 3}).cpu();
 }
 '''
 SHAPES = {0: ("m64n64k16 ss (scores)", 64), 1: ("m64n64k16 rs (inter, intra)", 64),
-          2: ("m64n128k16 rs, B MN-major (state update)", 128), 3: ("m64n256k16 ss (reference)", 256)}
+          2: ("m64n128k16 rs, B MN-major (state update)", 128), 3: ("m64n256k16 ss (reference)", 256),
+          4: ("m64n64k16 rs beside a shared-memory read stream", 64)}
 PEAK = 2048  # bf16 dense MACs a cycle an SM
 
 
@@ -97,16 +123,20 @@ def main():
     ctas = torch.cuda.get_device_properties(0).multi_processor_count
     res = []
     for shape, (name, n) in SHAPES.items():
-        for nwg in (1, 2, 3):
-            ext.rate(shape, nwg, 50, ctas)  # warm-up
-            cyc = ext.rate(shape, nwg, args.iters, ctas)[:, :nwg].float()
+        for nwg in (1, 2, 3) if shape < 4 else (2,):
+            ext.rate(shape, nwg + (shape == 4), 50, ctas)  # warm-up
+            raw = ext.rate(shape, nwg + (shape == 4), args.iters, ctas)
+            cyc = raw[:, :nwg].float()
             span = float(cyc.max(dim=1).values.median())  # the CTA's slowest warpgroup, median over SMs
             macs = nwg * args.iters * 8 * 64 * n * 16
             r = {"shape": name, "warpgroups": nwg, "cycles per batch": span / args.iters,
                  "MAC per cycle": macs / span, "share of peak": macs / span / PEAK}
+            if shape == 4:  # the stream's 16-byte reads over its cycles, 128 threads
+                r["stream bytes per cycle"] = float((raw[:, 3].double() * 128 * 16 / raw[:, 2].double()).median())
             res.append(r)
             print(f"{name:<42} x{nwg}: {r['cycles per batch']:7.1f} cycles a batch of 8, {r['MAC per cycle']:6.0f} "
-                  f"MAC/cycle, {r['share of peak']:.0%} of peak", flush=True)
+                  f"MAC/cycle, {r['share of peak']:.0%} of peak"
+                  + (f"; stream {r['stream bytes per cycle']:.0f} B/cycle" if shape == 4 else ""), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "wgmma_rate.json").write_text(json.dumps(res, indent=1))
 
