@@ -3,15 +3,17 @@
 includes the extension's wgmma wrappers) keeps 1, 2 or 3 warpgroups of one CTA an SM issuing batches of 8 k16-steps
 (a K = 128 product, like the output pass's batches) of one shape, each batch committed and waited for before the
 next, as the chunk loop does; operands are zeros in 128-byte-swizzled tiles, laid out as the kernel lays them. Prints
-MACs per SM cycle for each shape and warpgroup count, and that as a share of the bf16 dense peak (2 048 MACs a cycle
-an SM: 989 TFLOP/s at 1.83 GHz on 132 SMs). Tells a chunk loop bound by its wgmma from one whose tensor cores idle.
+MACs per SM cycle for each shape and warpgroup count, as a share of the bf16 dense peak (2 048 MACs a cycle an SM:
+989 TFLOP/s at 1.83 GHz on 132 SMs), and the cycles a warpgroup takes to issue a batch (fence to commit). Tells a
+chunk loop bound by its wgmma from one whose tensor cores idle.
 
     python3 bench/probe_wgmma_rate.py [--out DIR]
 
 Shapes: m64n64k16 with A and B from shared memory (the scores), m64n64k16 with A from registers (the inter and
 intra products), m64n128k16 with A from registers and B MN-major (the state update), m64n256k16 from shared memory
 (a GEMM's shape, for reference); and two warpgroups of the inter product's shape while a third streams 16-byte
-shared-memory reads (does the output pass's other shared-memory traffic slow its wgmma?). Figures in docs/benchmarks.md ("Fortieth session")."""
+shared-memory reads (does the output pass's other shared-memory traffic slow its wgmma?). Figures in
+docs/benchmarks.md ("Fortieth session")."""
 import argparse
 import json
 from pathlib import Path
@@ -31,12 +33,15 @@ template <int SHAPE>
 __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* sink, int nwg, int iters) {
   extern __shared__ __align__(16) uint8_t raw[];
   uint8_t* sm = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
-  for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x)  // (the last 16 bytes: the stream's stop flag) reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x)
+    reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
   fence_proxy_async();
   __syncthreads();
   const int wg = threadIdx.x >> 7;
   if (wg >= nwg) return;
-  volatile int* done = reinterpret_cast<volatile int*>(sm + 96 * 1024 - 16);
+  // (in global memory, zeroed by the host: with the flag in shared memory the stream stopped at once from the
+  // second launch on, H200, cause not found)
+  volatile int* done = reinterpret_cast<volatile int*>(sink) + 384 + gridDim.x + blockIdx.x;
   if (SHAPE == 4 && wg == 2) {  // streams 16-byte shared-memory reads (conflict-free) until warpgroup 0 is done
     const uint32_t base = smem_addr(sm + 32 * 1024);
     uint32_t x = 0;
@@ -44,16 +49,19 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
     const unsigned s0 = clock();
     while (*done == 0) {
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < 64; ++j) {
         uint32_t r0, r1, r2, r3;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                     : "r"(base + ((threadIdx.x & 127) * 16 + j * 2048) % (32 * 1024)));
+                     : "r"(base + ((threadIdx.x & 127) * 16 + (j & 15) * 2048) % (32 * 1024)));
         x ^= r0 ^ r1 ^ r2 ^ r3;
       }
-      n += 16;
+      n += 64;
     }
     const unsigned s1 = clock();
-    if ((threadIdx.x & 127) == 0) { cycles[blockIdx.x * 3 + 2] = s1 - s0; reinterpret_cast<unsigned*>(sink)[384 + blockIdx.x] = n; }
+    if ((threadIdx.x & 127) == 0) {
+      cycles[blockIdx.x * 6 + 2] = s1 - s0;
+      reinterpret_cast<unsigned*>(sink)[384 + blockIdx.x] = n;
+    }
     if (x == 12345u) sink[threadIdx.x] = 1.f;
     return;
   }
@@ -63,23 +71,30 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
   const uint32_t z = 0;
-  const unsigned t0 = clock();
+  auto now = [] { unsigned t; asm volatile("mov.u32 %0, %%clock;" : "=r"(t)::"memory"); return t; };
+  unsigned issue = 0;  // cycles from the fence to the commit: does issuing wait for the tensor cores?
+  const unsigned t0 = now();
   for (int it = 0; it < iters; ++it) {
+    const unsigned i0 = now();
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const uint32_t koff = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // k-steps through the 64-column atoms
-      if constexpr (SHAPE == 0) wgmma_m64n64k16_ss(d, smem_desc(a_addr + koff, 16, 1024), smem_desc(b_addr + koff, 16, 1024), 1);
-      if constexpr (SHAPE == 1 || SHAPE == 4) wgmma_m64n64k16_rs<0>(d, z, z, z, z, smem_desc(b_addr + koff, 16, 1024), 1);
-      if constexpr (SHAPE == 2) wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
-      if constexpr (SHAPE == 3) wgmma_m64n256k16_ss(d, smem_desc(a_addr + koff, 16, 1024), smem_desc(b_addr + (kk >> 2) * (256 * 128) + (kk & 3) * 32, 16, 1024), 1);
+      const uint64_t a_desc = smem_desc(a_addr + koff, 16, 1024), b_desc = smem_desc(b_addr + koff, 16, 1024);
+      if constexpr (SHAPE == 0) wgmma_m64n64k16_ss(d, a_desc, b_desc, 1);
+      if constexpr (SHAPE == 1 || SHAPE == 4) wgmma_m64n64k16_rs<0>(d, z, z, z, z, b_desc, 1);
+      if constexpr (SHAPE == 2)  // B [64 tokens x 128] MN-major, as the state update reads K
+        wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
+      if constexpr (SHAPE == 3)
+        wgmma_m64n256k16_ss(d, a_desc, smem_desc(b_addr + (kk >> 2) * (256 * 128) + (kk & 3) * 32, 16, 1024), 1);
     }
     wgmma_commit();
+    issue += now() - i0;
     wgmma_wait<0>();
     fence_regs(d);
   }
-  const unsigned t1 = clock();
-  if ((threadIdx.x & 127) == 0) cycles[blockIdx.x * 3 + wg] = t1 - t0;
+  const unsigned t1 = now();
+  if ((threadIdx.x & 127) == 0) cycles[blockIdx.x * 6 + wg] = t1 - t0, cycles[blockIdx.x * 6 + 3 + wg] = issue;
   if (SHAPE == 4 && threadIdx.x == 0) *done = 1;
   float s = 0.f;
 #pragma unroll
@@ -88,8 +103,8 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
 }
 
 torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
-  auto cyc = torch::zeros({ctas * 3}, torch::dtype(torch::kInt32).device(torch::kCUDA));
-  auto sink = torch::zeros({384 + ctas}, torch::dtype(torch::kFloat32).device(torch::kCUDA));
+  auto cyc = torch::zeros({ctas * 6}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+  auto sink = torch::zeros({384 + 2 * ctas}, torch::dtype(torch::kFloat32).device(torch::kCUDA));
   const int bytes = 97 * 1024;
   auto go = [&](auto kern) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -101,8 +116,12 @@ torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
   if (shape == 2) go(rate_kernel<2>);
   if (shape == 3) go(rate_kernel<3>);
   if (shape == 4) go(rate_kernel<4>);
-  if (shape == 4) return torch::cat({cyc.view({ctas, 3}), sink.slice(0, 384, 384 + ctas).view(torch::kInt32).view({ctas, 1})}, 1).cpu();
-  return cyc.view({ctas, 3}).cpu();
+  // [CTA]: each warpgroup's span, its issue cycles (summed over batches), and (4) the stream's 16-byte reads
+  if (shape == 4) {
+    const auto reads = sink.slice(0, 384, 384 + ctas).view(torch::kInt32).view({ctas, 1});
+    return torch::cat({cyc.view({ctas, 6}), reads}, 1).cpu();
+  }
+  return cyc.view({ctas, 6}).cpu();
 }
 '''
 SHAPES = {0: ("m64n64k16 ss (scores)", 64), 1: ("m64n64k16 rs (inter, intra)", 64),
@@ -129,13 +148,14 @@ def main():
             cyc = raw[:, :nwg].float()
             span = float(cyc.max(dim=1).values.median())  # the CTA's slowest warpgroup, median over SMs
             macs = nwg * args.iters * 8 * 64 * n * 16
+            issue = float(raw[:, 3:3 + nwg].float().mean(dim=1).median()) / args.iters
             r = {"shape": name, "warpgroups": nwg, "cycles per batch": span / args.iters,
-                 "MAC per cycle": macs / span, "share of peak": macs / span / PEAK}
+                 "issue cycles per batch": issue, "MAC per cycle": macs / span, "share of peak": macs / span / PEAK}
             if shape == 4:  # the stream's 16-byte reads over its cycles, 128 threads
-                r["stream bytes per cycle"] = float((raw[:, 3].double() * 128 * 16 / raw[:, 2].double()).median())
+                r["stream bytes per cycle"] = float((raw[:, 6].double() * 128 * 16 / raw[:, 2].double()).median())
             res.append(r)
             print(f"{name:<42} x{nwg}: {r['cycles per batch']:7.1f} cycles a batch of 8, {r['MAC per cycle']:6.0f} "
-                  f"MAC/cycle, {r['share of peak']:.0%} of peak"
+                  f"MAC/cycle, {r['share of peak']:.0%} of peak, {issue:5.0f} cycles to issue"
                   + (f"; stream {r['stream bytes per cycle']:.0f} B/cycle" if shape == 4 else ""), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "wgmma_rate.json").write_text(json.dumps(res, indent=1))
