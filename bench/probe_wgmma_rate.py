@@ -28,7 +28,8 @@ SRC = r'''
 #include "wgmma.cuh"
 using namespace ringlinear;
 
-// SHAPE: 0 m64n64k16 ss, 1 m64n64k16 rs, 2 m64n128k16 rs (B MN-major), 3 m64n256k16 ss.
+// SHAPE: 0 m64n64k16 ss, 1 m64n64k16 rs, 2 m64n128k16 rs (B MN-major), 3 m64n256k16 ss, 4 as 1 beside warpgroup 2
+// streaming shared-memory reads.
 template <int SHAPE>
 __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* sink, int nwg, int iters) {
   extern __shared__ __align__(16) uint8_t raw[];

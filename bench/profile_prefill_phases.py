@@ -123,13 +123,18 @@ CHUNK_PHASES = {0: "loop top", 1: "tiles landed (mbarrier)", 2: "CTA barrier 1",
                 10: "O staged (stmatrix)", 11: "state update done"}
 
 
+def clock_rows(clk, p: int):
+    """Pass p's chunk clocks ([CTA][warpgroup][chunk][phase]) of the CTAs that ran, as unsigned cycle counts."""
+    return clk[p][clk[p][:, 0, 0, 0] != 0].long() & 0xFFFFFFFF
+
+
 def summarize_chunks(clk) -> dict:
     """[pass][CTA][warpgroup][chunk][phase] cycles -> per pass: the median cycles of each phase and of a whole chunk
     (loop top to the next loop top), over CTAs, both warpgroups and chunks 1..6 (chunk 0 apart: its ramp); and the
     same per warpgroup ("warpgroup 0/1", chunks 1..6), whose phases differ where one of its threads does work alone."""
     out = {}
     for p, name in ((0, "state pass"), (1, "output pass")):
-        rows = clk[p][clk[p][:, 0, 0, 0] != 0].long() & 0xFFFFFFFF  # CTAs that ran
+        rows = clock_rows(clk, p)
         if not len(rows):
             continue
         present = [i for i in range(clk.shape[-1]) if bool((rows[:, :, 1, i] != 0).any())]
@@ -158,18 +163,14 @@ def warpgroup_lag(clk) -> dict:
     """How far warpgroup 1 runs behind warpgroup 0 in the output pass: per phase boundary (CLK point), the median over
     CTAs and chunks 1..6 of warpgroup 1's cycle count minus warpgroup 0's at the same point (signed; the two read one
     SM's counter). ~0 where the two run in lockstep; about half a chunk where they take turns at the tensor cores."""
-    import torch
-
-    rows = clk[1][clk[1][:, 0, 0, 0] != 0].long() & 0xFFFFFFFF
-    if not len(rows) or rows.shape[1] < 2:
-        return {}
+    rows = clock_rows(clk, 1)
     out = {}
     for i in range(clk.shape[-1]):
         a, b = rows[:, 0, 1:7, i].flatten(), rows[:, 1, 1:7, i].flatten()
         ok = (a != 0) & (b != 0)
         if bool(ok.any()):
             d = (b[ok] - a[ok]) & 0xFFFFFFFF
-            d = torch.where(d >= 2**31, d - 2**32, d)  # signed
+            d = d - (d >= 2**31).long() * 2**32  # signed
             out[CHUNK_PHASES[i]] = float(d.float().median())
     return out
 
