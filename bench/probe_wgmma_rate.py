@@ -33,16 +33,41 @@ SRC = r'''
 #include "wgmma.cuh"
 using namespace ringlinear;
 
-// SHAPE: 0 m64n64k16 ss, 1 m64n64k16 rs, 2 m64n128k16 rs (B MN-major), 3 m64n256k16 ss, 4 as 1 beside warpgroup 2
-// streaming shared-memory reads.
-template <int SHAPE>
-__global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* sink, int nwg, int iters) {
-  extern __shared__ __align__(16) uint8_t raw[];
+// 96 KB of zeros, 1024-aligned, visible to the async proxy: the operand tiles (a at 0, b at 32 KB) and scratch.
+RL_DEVICE uint8_t* zeroed_operands(uint8_t* raw) {
   uint8_t* sm = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
   for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x)
     reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
   fence_proxy_async();
   __syncthreads();
+  return sm;
+}
+RL_DEVICE unsigned clock_now() { unsigned t; asm volatile("mov.u32 %0, %%clock;" : "=r"(t)::"memory"); return t; }
+
+// One batch of 8 k16-steps (a K = 128 product) of a shape, issued, not committed: 0 m64n64k16 ss, 1 m64n64k16 rs,
+// 2 m64n128k16 rs with B MN-major (as the state update reads K), 3 m64n256k16 ss. Operands are the zeroed tiles.
+template <int SHAPE> constexpr int batch_n() { return SHAPE == 3 ? 256 : SHAPE == 2 ? 128 : 64; }
+template <int SHAPE> RL_DEVICE void issue_batch(float (&d)[batch_n<SHAPE>() / 2], uint32_t a_addr, uint32_t b_addr) {
+  const uint32_t z = 0;
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const uint32_t koff = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // k-steps through the 64-column atoms
+    const uint64_t a_desc = smem_desc(a_addr + koff, 16, 1024), b_desc = smem_desc(b_addr + koff, 16, 1024);
+    if constexpr (SHAPE == 0) wgmma_m64n64k16_ss(d, a_desc, b_desc, 1);
+    if constexpr (SHAPE == 1) wgmma_m64n64k16_rs<0>(d, z, z, z, z, b_desc, 1);
+    if constexpr (SHAPE == 2)
+      wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
+    if constexpr (SHAPE == 3)
+      wgmma_m64n256k16_ss(d, a_desc, smem_desc(b_addr + (kk >> 2) * (256 * 128) + (kk & 3) * 32, 16, 1024), 1);
+  }
+}
+
+// SHAPE: 0 m64n64k16 ss, 1 m64n64k16 rs, 2 m64n128k16 rs (B MN-major), 3 m64n256k16 ss, 4 as 1 beside warpgroup 2
+// streaming shared-memory reads.
+template <int SHAPE>
+__global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* sink, int nwg, int iters) {
+  extern __shared__ __align__(16) uint8_t raw[];
+  uint8_t* sm = zeroed_operands(raw);
   const int wg = threadIdx.x >> 7;
   if (wg >= nwg) return;
   // (in global memory, zeroed by the host: with the flag in shared memory the stream stopped at once from the
@@ -72,34 +97,23 @@ __global__ void __launch_bounds__(384, 1) rate_kernel(unsigned* cycles, float* s
     return;
   }
   const uint32_t a_addr = smem_addr(sm), b_addr = smem_addr(sm + 32 * 1024);  // a [64 x 128], b [up to 256 x 128]
-  constexpr int N = SHAPE == 3 ? 256 : SHAPE == 2 ? 128 : 64;  // (4: as 1, beside the stream)
+  constexpr int BATCH = SHAPE == 4 ? 1 : SHAPE;  // (4: as 1, beside the stream)
+  constexpr int N = batch_n<BATCH>();
   float d[N / 2];
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
-  const uint32_t z = 0;
-  auto now = [] { unsigned t; asm volatile("mov.u32 %0, %%clock;" : "=r"(t)::"memory"); return t; };
   unsigned issue = 0;  // cycles from the fence to the commit: does issuing wait for the tensor cores?
-  const unsigned t0 = now();
+  const unsigned t0 = clock_now();
   for (int it = 0; it < iters; ++it) {
-    const unsigned i0 = now();
+    const unsigned i0 = clock_now();
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const uint32_t koff = (kk >> 2) * (64 * 128) + (kk & 3) * 32;  // k-steps through the 64-column atoms
-      const uint64_t a_desc = smem_desc(a_addr + koff, 16, 1024), b_desc = smem_desc(b_addr + koff, 16, 1024);
-      if constexpr (SHAPE == 0) wgmma_m64n64k16_ss(d, a_desc, b_desc, 1);
-      if constexpr (SHAPE == 1 || SHAPE == 4) wgmma_m64n64k16_rs<0>(d, z, z, z, z, b_desc, 1);
-      if constexpr (SHAPE == 2)  // B [64 tokens x 128] MN-major, as the state update reads K
-        wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
-      if constexpr (SHAPE == 3)
-        wgmma_m64n256k16_ss(d, a_desc, smem_desc(b_addr + (kk >> 2) * (256 * 128) + (kk & 3) * 32, 16, 1024), 1);
-    }
+    issue_batch<BATCH>(d, a_addr, b_addr);
     wgmma_commit();
-    issue += now() - i0;
+    issue += clock_now() - i0;
     wgmma_wait<0>();
     fence_regs(d);
   }
-  const unsigned t1 = now();
+  const unsigned t1 = clock_now();
   if ((threadIdx.x & 127) == 0) cycles[blockIdx.x * 6 + wg] = t1 - t0, cycles[blockIdx.x * 6 + 3 + wg] = issue;
   if (SHAPE == 4 && threadIdx.x == 0) *done = 1;
   float s = 0.f;
@@ -140,14 +154,9 @@ torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
 template <int WORK, int BESIDE, int SWAP = 0, int NMMA = 1>
 __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float* sink, int iters, int fixed) {
   extern __shared__ __align__(16) uint8_t raw[];
-  uint8_t* sm = raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
-  for (int i = threadIdx.x; i < 96 * 1024 / 16; i += blockDim.x)
-    reinterpret_cast<uint4*>(sm)[i] = make_uint4(0, 0, 0, 0);
-  fence_proxy_async();
-  __syncthreads();
+  uint8_t* sm = zeroed_operands(raw);
   const int wg = NMMA == 2 ? (threadIdx.x >> 7 == 2 ? 1 : 0) : (threadIdx.x >> 7) ^ SWAP;  // 1: the worker
   const uint32_t done = smem_addr(sm + 95 * 1024);  // zeroed above; past the operands and the stores
-  auto now = [] { unsigned t; asm volatile("mov.u32 %0, %%clock;" : "=r"(t)::"memory"); return t; };
   if (wg == 1) {
     const float g = sink[0] + 0.999f;  // (0.999: not known to the compiler)
     float a[64];
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float*
     for (int i = 0; i < 64; ++i) a[i] = float(threadIdx.x + i);
     uint32_t x = 0;
     const uint32_t base = smem_addr(sm + 64 * 1024);  // past the wgmma operands
-    const unsigned t0 = now();
+    const unsigned t0 = clock_now();
     for (int it = 0; it < iters; ++it) {
       if constexpr (WORK == 2) {
 #pragma unroll
@@ -177,7 +186,7 @@ __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float*
         for (int i = 0; i < 32; ++i) x ^= p[i];
       }
     }
-    const unsigned t1 = now();
+    const unsigned t1 = clock_now();
     if ((threadIdx.x & 127) == 0) {
       cycles[blockIdx.x * 6 + 0] = t1 - t0;
       asm volatile("st.volatile.shared.u32 [%0], %1;" ::"r"(done), "r"(1) : "memory");
@@ -190,24 +199,15 @@ __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float*
   }
   if (BESIDE == 0) return;
   const uint32_t a_addr = smem_addr(sm), b_addr = smem_addr(sm + 32 * 1024);
-  constexpr int N = BESIDE == 3 ? 128 : 64;
+  constexpr int BATCH = BESIDE ? BESIDE - 1 : 0, N = batch_n<BATCH>();
   float d[N / 2];
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) d[i] = 0.f;
-  const uint32_t z = 0;
   unsigned batches = 0, stop = 0;
-  const unsigned t0 = now();
+  const unsigned t0 = clock_now();
   while (fixed ? batches < unsigned(fixed) : !stop) {
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const uint32_t koff = (kk >> 2) * (64 * 128) + (kk & 3) * 32;
-      const uint64_t a_desc = smem_desc(a_addr + koff, 16, 1024), b_desc = smem_desc(b_addr + koff, 16, 1024);
-      if constexpr (BESIDE == 1) wgmma_m64n64k16_ss(d, a_desc, b_desc, 1);
-      if constexpr (BESIDE == 2) wgmma_m64n64k16_rs<0>(d, z, z, z, z, b_desc, 1);
-      if constexpr (BESIDE == 3)
-        wgmma_m64n128k16_rs<1>(d, z, z, z, z, smem_desc(b_addr + (kk & 3) * 2048, 64 * 128, 1024), 1);
-    }
+    issue_batch<BATCH>(d, a_addr, b_addr);
     wgmma_commit();
     // the poll, under the batch: every thread reads the flag, and an OR over the warpgroup's barrier makes the exit
     // the same for all of them (a thread leaving the loop alone would leave its warpgroup's wgmma half-issued)
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float*
     fence_regs(d);
     ++batches;
   }
-  const unsigned t1 = now();
+  const unsigned t1 = clock_now();
   const int slot = blockIdx.x * 6 + 1 + 2 * (NMMA == 2 ? threadIdx.x >> 7 : 0);
   if ((threadIdx.x & 127) == 0) cycles[slot] = t1 - t0, cycles[slot + 1] = batches;
   float s = 0.f;
