@@ -39,11 +39,29 @@ if [ "${2:-}" = "--sass" ]; then
   # setmaxnreg, wgmma and local-memory store instructions
   "$PY" - "$CACHE/out.sass" <<'PYEOF'
 import re, sys
+
+
+def loop_size(body):
+    """Instructions (every path) of the innermost loop around the first HGMMA: the first backward branch past it
+    whose target lies before it. The chunk loop's size is a CPU-side measure of a thread's work per chunk."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,5})\*/\s+([^;]*);", body)]
+    hg = [a for a, t in ins if "HGMMA" in t]
+    if not hg:
+        return None
+    for a, t in ins:
+        m = re.search(r"BRA (?:\S+ )?0x([0-9a-f]+)", t)
+        if a > hg[0] and m and int(m.group(1), 16) <= hg[0]:
+            top = int(m.group(1), 16)
+            return sum(1 for b, _ in ins if top <= b <= a)
+    return None
+
+
 for f in re.split(r"\n\s*Function : ", open(sys.argv[1]).read())[1:]:
     name, body = f.split("\n", 1)
     regs = [int(r) for r in re.findall(r"\bR(\d+)\b", body)]
     stl = len(re.findall(r"\bSTL", body))
+    loop = loop_size(body)
     print(f"{name[:100]:<100} max R{max(regs, default=0)} | SETMAXREG {body.count('SETMAXREG')} "
-          f"HGMMA {body.count('HGMMA')} STL {stl}")
+          f"HGMMA {body.count('HGMMA')} STL {stl}" + (f" | loop {loop} instructions" if loop else ""))
 PYEOF
 fi
