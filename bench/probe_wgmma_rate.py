@@ -143,8 +143,8 @@ torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
   }
   return cyc.view({ctas, 6}).cpu();
 }
-// Does one warpgroup's wgmma slow the CUDA-core work of the other? (the premise of ping-pong turns: one warpgroup's
-// preparation runs under the other's batch.) Warpgroup 1 runs ITERS rounds of a state warpgroup's preparation:
+// Do one warpgroup's CUDA-core work and another's wgmma slow each other? (The premise of ping-pong turns is that one
+// warpgroup's preparation runs under the other's batch; on the H200 dense work cuts the wgmma rate 3-5x.) Warpgroup 1 runs ITERS rounds of a state warpgroup's preparation:
 // decay 64 fp32 accumulators, pack them to 32 bf16 pairs (WORK 1: and store the pairs to shared memory, 16 bytes a
 // store, conflict-free; WORK 2: as many FMAs as one dependent chain, the same instruction count at a quarter of the
 // issue rate). Warpgroup 0 meanwhile issues batches of 8 k16-steps until warpgroup 1 is done: BESIDE 0 nothing,
