@@ -144,13 +144,14 @@ torch::Tensor rate(int shape, int nwg, int iters, int ctas) {
   return cyc.view({ctas, 6}).cpu();
 }
 // Do one warpgroup's CUDA-core work and another's wgmma slow each other? (The premise of ping-pong turns is that one
-// warpgroup's preparation runs under the other's batch; on the H200 dense work cuts the wgmma rate 3-5x.) Warpgroup 1 runs ITERS rounds of a state warpgroup's preparation:
-// decay 64 fp32 accumulators, pack them to 32 bf16 pairs (WORK 1: and store the pairs to shared memory, 16 bytes a
-// store, conflict-free; WORK 2: as many FMAs as one dependent chain, the same instruction count at a quarter of the
-// issue rate). Warpgroup 0 meanwhile issues batches of 8 k16-steps until warpgroup 1 is done: BESIDE 0 nothing,
-// 1 m64n64k16 ss (the scores), 2 m64n64k16 rs (inter, intra), 3 m64n128k16 rs with B MN-major (the update). SWAP
-// trades the two warpgroups' roles (does the scheduler favour the lower warps?). NMMA 2: two warpgroups issue (0 and
-// 1, as the scores-warpgroup pass's state warpgroups) beside the working warpgroup 2 (its scores warpgroup's mask).
+// warpgroup's preparation runs under the other's batch; on the H200 dense work cuts the wgmma rate 3-5x.)
+// Warpgroup 1 runs ITERS rounds of a state warpgroup's preparation: decay 64 fp32 accumulators, pack them to 32 bf16
+// pairs (WORK 1: and store the pairs to shared memory, 16 bytes a store, conflict-free; WORK 2: as many FMAs as one
+// dependent chain, the same instruction count at a quarter of the issue rate). Warpgroup 0 meanwhile issues batches
+// of 8 k16-steps until warpgroup 1 is done: BESIDE 0 nothing, 1 m64n64k16 ss (the scores), 2 m64n64k16 rs (inter,
+// intra), 3 m64n128k16 rs with B MN-major (the update). SWAP trades the two warpgroups' roles (does the scheduler
+// favour the lower warps?). NMMA 2: two warpgroups issue (0 and 1, as the scores-warpgroup pass's state warpgroups)
+// beside the working warpgroup 2 (its scores warpgroup's mask).
 template <int WORK, int BESIDE, int SWAP = 0, int NMMA = 1>
 __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float* sink, int iters, int fixed) {
   extern __shared__ __align__(16) uint8_t raw[];
@@ -213,7 +214,8 @@ __global__ void __launch_bounds__(384, 1) beside_kernel(unsigned* cycles, float*
     // the same for all of them (a thread leaving the loop alone would leave its warpgroup's wgmma half-issued)
     if (!fixed)
       asm volatile("{\n .reg .pred p, q;\n ld.volatile.shared.u32 %0, [%1];\n setp.ne.u32 p, %0, 0;\n"
-                   " bar.red.or.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q;\n}" : "=r"(stop) : "r"(done), "r"(1 + (threadIdx.x >> 7)) : "memory");
+                   " bar.red.or.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q;\n}"
+                   : "=r"(stop) : "r"(done), "r"(1 + (threadIdx.x >> 7)) : "memory");
     wgmma_wait<0>();
     fence_regs(d);
     ++batches;
@@ -233,7 +235,8 @@ torch::Tensor beside(int work, int beside_shape, int iters, int ctas, int fixed)
   const int bytes = 97 * 1024;
   auto go = [&](auto kern, int threads = 256) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    kern<<<ctas, threads, bytes>>>(reinterpret_cast<unsigned*>(cyc.data_ptr<int>()), sink.data_ptr<float>(), iters, fixed);
+    kern<<<ctas, threads, bytes>>>(reinterpret_cast<unsigned*>(cyc.data_ptr<int>()), sink.data_ptr<float>(), iters,
+                                   fixed);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   const int k = work * 4 + beside_shape;
@@ -306,10 +309,11 @@ def main():
             ext.beside(work, shape, 50, ctas, 0)  # warm-up
             raw = ext.beside(work, shape, args.iters, ctas, 0).double()
             per_round = float((raw[:, 0] / args.iters).median())
-            alone.setdefault(work if work < 3 else 0, per_round)
+            kind = work if work < 3 else 0  # (3 and 4 repeat work 0's rounds: measured alone with it)
+            alone.setdefault(kind, per_round)
             two = work == 4
             r = {"work": WORK[work], "beside": name, "work cycles per round": per_round,
-                 "work slowdown": per_round / alone[work if work < 3 else 0]}
+                 "work slowdown": per_round / alone[kind]}
             if shape:
                 mac = raw[:, 2] * 8 * 64 * n * 16 / raw[:, 1]
                 if two:  # both issuing warpgroups' rates
@@ -317,9 +321,10 @@ def main():
                 r["beside MAC per cycle"] = float(mac.median())
                 r["beside share of peak"] = r["beside MAC per cycle"] / PEAK
             res.append(r)
-            print(f"{WORK[work]:<34} beside {name:<30}: {per_round:6.1f} cycles a round ({r['work slowdown']:.2f}x alone)"
-                  + (f"; the wgmma warpgroup{'s' if two else ''} at {r['beside share of peak']:.0%} of peak" if shape else ""),
-                  flush=True)
+            share = (f"; the wgmma warpgroup{'s' if two else ''} at {r['beside share of peak']:.0%} of peak"
+                     if shape else "")
+            print(f"{WORK[work]:<34} beside {name:<30}: {per_round:6.1f} cycles a round "
+                  f"({r['work slowdown']:.2f}x alone){share}", flush=True)
     # The same without the poll (its barrier could be what slows the wgmma warpgroup): it issues a fixed number of
     # batches, as many as take as long alone as the other's rounds do alone; both spans are printed against alone.
     batch_alone = {shape: next(r["cycles per batch"] for r in res if r.get("shape") == SHAPES[k][0]
@@ -334,7 +339,8 @@ def main():
                  "wgmma span vs alone": mma_span / (fixed * batch_alone[shape])}
             res.append(r)
             print(f"{WORK[work]:<34} beside {name:<30}, {fixed} batches, no poll: its span "
-                  f"{r['work span vs alone']:.2f}x alone, the wgmma warpgroup's {r['wgmma span vs alone']:.2f}x", flush=True)
+                  f"{r['work span vs alone']:.2f}x alone, the wgmma warpgroup's {r['wgmma span vs alone']:.2f}x",
+                  flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "wgmma_rate.json").write_text(json.dumps(res, indent=1))
 
