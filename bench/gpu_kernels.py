@@ -4,7 +4,8 @@
     PYTHONPATH=gpu-backend python3 bench/gpu_kernels.py --out DIR [--quick]
 
 Sections: ceilings (device-to-device copy bandwidth, bf16 matmul rate), lightning decode (ours vs fla
-fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16 D=128 (ours vs fla chunk_simple_gla),
+fused_recurrent_simple_gla, both CUDA-graph replays), lightning prefill B=1 H=16 D=128 (ours vs fla chunk_simple_gla,
+with each size's floors: the DRAM bytes of three passes and of one at the copy rate, the FLOPs at the matmul rate),
 fused MoE at the Ring-mini config with packed gate/up (decode batches vs the torch twin, prefill vs the old
 unpacked layout, the pre-CUDA-glue grouped path and the torch twin), and (--only moe-latency) one- and two-token
 MoE layers as a decode step runs them, per variant of the decode kernels, and (--only gemv) a decode step's dense
@@ -37,7 +38,7 @@ from ringlinear import kernels as K  # noqa: E402
 from ringlinear.kernels.gemv_reference import linear_small_bytes  # noqa: E402
 from gpu_timing import ClockLog, events_ms, graph_of  # noqa: E402
 from ringlinear.kernels._build import extension  # noqa: E402
-from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops  # noqa: E402
+from ringlinear.kernels.lightning_reference import decode_state_bytes, lightning_flops, prefill_dram_bytes  # noqa: E402
 from ringlinear.kernels.moe_reference import RING_MINI_ROUTER, experts_touched_bytes, moe_reference  # noqa: E402
 
 H, D = 16, 128
@@ -166,7 +167,13 @@ def bench_prefill(Ts):
         q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         state = torch.randn(1, H, D, D, device="cuda") * 0.01
         flops = lightning_flops(T, H, D)
-        auto = L.plan_prefill([T], [0], [True], H, nsm).block_len
+        plan = L.plan_prefill([T], [0], [True], H, nsm)
+        auto = plan.block_len
+        # The roofline beside the figure: the DRAM bytes of the auto plan's three passes (k and v read again for every
+        # block but the last) and of one pass, and the FLOPs (table() turns them into ms at the measured ceilings).
+        row["dram_bytes_three_passes"] = prefill_dram_bytes(T, H, D, sum(item[1] for item in plan.items_state))
+        row["dram_bytes_one_pass"] = prefill_dram_bytes(T, H, D)
+        row["flops"] = flops
         best = None
         for bl in sorted({auto, max(64, auto // 2 // 64 * 64), max(64, auto // 4 // 64 * 64), auto * 2}):
             prep = L.prepare_prefill([T], [0], [True], H, D, "cuda", bl)
@@ -405,6 +412,16 @@ def table():
     for r in RESULTS.get("prefill", []):
         print(f"  {r['T']:7d} | {r.get('state_pass_plus_scan_ms', math.nan):.3f} | {r.get('scan_only_ms', math.nan):.3f} |"
               f" {r.get('scan_plus_output_pass_ms', math.nan):.3f} | {r.get('ours_jsplit2_ms', math.nan):.3f} ({r.get('jsplit2_block_len')})")
+    if c:  # each floor: the least time at the measured copy rate / matmul rate; fla's replay over it: the most any
+        # design with those bytes could beat fla by
+        print("prefill  T | floor ms: three passes' bytes / one pass's / FLOPs | ours over the three-pass floor |"
+              " fla over it / over one pass's")
+        for r in RESULTS.get("prefill", []):
+            f3, f1 = (r[key] / c["copy_GBps"] / 1e6 for key in ("dram_bytes_three_passes", "dram_bytes_one_pass"))
+            ff = r["flops"] / c["bf16_matmul_TFLOPs"] / 1e9
+            fla = r.get("fla_graph_ms", math.nan)
+            print(f"  {r['T']:7d} | {f3:.4f} / {f1:.4f} / {ff:.4f} | {r['ours_graph_ms'] / f3:.2f}x |"
+                  f" {fla / f3:.2f}x / {fla / f1:.2f}x")
     print("moe dec  N | auto path  us  GB/s %copy | decode us | stream us (3 / 4 stages) | grouped us | twin us | experts")
     for r in RESULTS.get("moe_decode", []):
         b = r[f"{r['auto_path']}_graph_ms"]

@@ -151,6 +151,13 @@ def lightning_flops(total_tokens: int, heads: int, d: int, chunk: int = 64) -> f
     return heads * (4.0 * total_tokens * d * d + 4.0 * total_tokens * chunk * d)
 
 
+def prefill_dram_bytes(total_tokens: int, heads: int, d: int, state_pass_tokens: int = 0) -> int:
+    """Minimal DRAM traffic of a prefill (bf16 q, k, v read and o written once), plus k and v read again for the tokens
+    that a state pass walks (a split sequence's blocks before its last; 0 for a single pass). The fp32 states between
+    the passes stay in L2 and are not counted; neither are k and v the L2 still holds when the output pass reads them."""
+    return 2 * heads * d * (4 * total_tokens + 2 * state_pass_tokens)
+
+
 def decode_state_bytes(batch: int, heads: int, d: int) -> int:
     """Minimal HBM traffic of one decode step: the fp32 state read and written once per request."""
     return 2 * batch * heads * d * d * 4
@@ -165,5 +172,6 @@ __all__ = [
     "lightning_chunked_reference",
     "lightning_prefill_reference",
     "lightning_flops",
+    "prefill_dram_bytes",
     "decode_state_bytes",
 ]

@@ -12,6 +12,7 @@ from ringlinear.kernels.lightning_reference import (
     lightning_decode_reference,
     lightning_prefill_reference,
     lightning_recurrent_reference,
+    prefill_dram_bytes,
     rope_inv_freq,
     rope_neox_partial,
 )
@@ -199,6 +200,21 @@ def test_plan_passes_give_the_whole_sequences_results(lens, block, init):
     o_ref = lightning_prefill_reference(q, k, v, ref_state, cu, slots, gamma, use_initial_state=use)
     assert torch.allclose(o, o_ref, atol=FP64_TOL, rtol=0)
     assert torch.allclose(state, ref_state, atol=FP64_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("lens", [[4096], [131072], [700, 0, 5000]])
+def test_prefill_dram_floor_counts_each_tensor_and_the_state_pass_reread(lens):
+    """The benchmark's DRAM floor: q, k, v and o once, plus k and v again for every token a state-pass item walks."""
+    H, D = 16, 128
+    plan = plan_prefill(lens, list(range(len(lens))), [False] * len(lens), H, 132)
+    T = sum(lens)
+    state_tokens = sum(ln for _, ln, _, _ in plan.items_state)
+    tile = torch.empty(T, H, D, dtype=torch.bfloat16, device="meta").nbytes
+    kv_again = 2 * torch.empty(state_tokens, H, D, dtype=torch.bfloat16, device="meta").nbytes
+    assert prefill_dram_bytes(T, H, D, state_tokens) == 4 * tile + kv_again
+    assert prefill_dram_bytes(T, H, D) == 4 * tile  # a single pass
+    if lens == [4096]:  # one wave of 16 heads x 8 blocks: the state pass walks all but the last 512 tokens
+        assert state_tokens == 4096 - 512
 
 
 @pytest.mark.parametrize(
